@@ -1,0 +1,147 @@
+"""Training steps/s of Learner.fit against a hand-written PyTorch loop doing the same work (issue 2's target).
+
+Tiny MLP 32->64->10, batch 64, 200 steps per epoch, CPU, AdamW; the two are timed alternately in one run and the
+ratio of medians is printed (this machine is shared and noisy, so only side-by-side ratios mean anything).
+fastai v2 and PyTorch Lightning are timed on the same work when they are installed.
+
+    python benchmarks/overhead.py                # default: 7 rounds of 3 epochs each
+    python benchmarks/overhead.py --rounds 1 --epochs 1 --steps 5   # smoke run
+"""
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from minifast import AdamW, DataBunch, Learner  # noqa: E402
+
+
+def make_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def make_data(steps, bs=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(steps * bs, 32, generator=g)
+    y = torch.randint(0, 10, (steps * bs,), generator=g)
+    return DataBunch.from_tensors(x, y, bs=bs)  # no validation set: training steps only
+
+
+def raw_runner(data):
+    model = make_model(0)
+    opt = AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+
+    def run(epochs):
+        model.train()
+        for _ in range(epochs):
+            for xb, yb in data.train_dl:
+                loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+    return run
+
+
+def minifast_runner(data, silent):
+    learn = Learner(data, make_model(0), wd=1e-2, silent=silent, device='cpu')
+
+    def run(epochs):
+        with contextlib.redirect_stdout(io.StringIO()):  # the epoch table is printed, just not shown here
+            learn.fit(epochs, lr=1e-3)
+    return run
+
+
+def fastai_runner(data):
+    try:
+        from fastai.data.core import DataLoaders
+        from fastai.learner import Learner as FLearner
+        from fastai.optimizer import OptimWrapper
+    except ImportError:
+        return None
+    dls = DataLoaders(data.train_dl, data.train_dl, device='cpu')
+    learn = FLearner(dls, make_model(0), loss_func=F.cross_entropy,
+                     opt_func=lambda p, lr: OptimWrapper(AdamW(p, lr=lr, weight_decay=1e-2)))
+
+    def run(epochs):
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(epochs, lr=1e-3)
+    return run
+
+
+def lightning_runner(data):
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        try:
+            import pytorch_lightning as pl
+        except ImportError:
+            return None
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = make_model(0)
+
+        def training_step(self, batch, i):
+            xb, yb = batch
+            return F.cross_entropy(self.model(xb), yb)
+
+        def configure_optimizers(self):
+            return AdamW(self.parameters(), lr=1e-3, weight_decay=1e-2)
+
+    module = Module()
+
+    def run(epochs):
+        trainer = pl.Trainer(max_epochs=epochs, accelerator='cpu', devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, data.train_dl)
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--rounds', type=int, default=7)
+    p.add_argument('--epochs', type=int, default=3, help='epochs per timed round')
+    p.add_argument('--steps', type=int, default=200, help='steps per epoch')
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch decides)')
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = make_data(args.steps)
+    runners = {'raw loop': raw_runner(data), 'minifast (defaults)': minifast_runner(data, silent=False),
+               'minifast (silent)': minifast_runner(data, silent=True)}
+    for name, make in (('fastai v2', fastai_runner), ('lightning', lightning_runner)):
+        r = make(data)
+        if r is not None:
+            runners[name] = r
+        else:
+            print(f'{name}: not installed, skipped')
+    for run in runners.values():  # warm-up
+        run(1)
+    times = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for name, run in runners.items():  # alternate within each round
+            t0 = time.perf_counter()
+            run(args.epochs)
+            times[name].append(time.perf_counter() - t0)
+    steps = args.epochs * args.steps
+    raw = statistics.median(times['raw loop'])
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {steps} steps')
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f'{name:22s} {steps / med:9.0f} steps/s   ratio to raw loop {raw / med:.3f}x')
+    ratio = raw / statistics.median(times['minifast (defaults)'])
+    print(f'RESULT minifast/raw = {ratio:.3f}x (target >= 0.95x)')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""minifast: a fastai-v1-style training framework on PyTorch: one loop, callbacks, Smith's methods."""
+from functools import partial
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .callbacks.logging import CSVLogger
+from .callbacks.progress import ProgressCallback, ShowGraph
+from .callbacks.recorder import Recorder
+from .data import DataBunch, TensorDataLoader, synthetic_classification
+from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
+                      CancelFitException, CancelTrainException, CancelValidateException, Learner)
+from .metrics import accuracy, error_rate, top_k_accuracy
+from .optim import SGD, AdamW
+
+__version__ = '0.1.0'
+
+__all__ = [
+    # the library
+    'Learner', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException', 'CancelValidateException',
+    'CancelEpochException', 'CancelFitException', 'CallbackException', 'Recorder', 'ProgressCallback',
+    'ShowGraph', 'CSVLogger', 'DataBunch', 'TensorDataLoader', 'synthetic_classification', 'accuracy',
+    'top_k_accuracy', 'error_rate', 'AdamW', 'SGD',
+    # what a fastai v1 notebook expects to have after `from fastai.vision import *`
+    'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
+]

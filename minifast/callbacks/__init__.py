@@ -1,0 +1,1 @@
+"""Callbacks that ship with minifast, one module per family."""

@@ -1,0 +1,49 @@
+"""CSVLogger: one row per epoch in path/filename.csv."""
+import csv
+
+from ..learner import Callback
+
+__all__ = ['CSVLogger']
+
+
+class CSVLogger(Callback):
+    """Writes epoch, train_loss, valid_loss, each metric and time to learn.path/`filename`.csv, flushed per epoch."""
+    order = 55
+
+    def __init__(self, learn=None, filename='history', append=False):
+        super().__init__(learn)
+        self.filename, self.append, self.file = filename, append, None
+
+    def path(self, learn=None):
+        """The CSV file's path."""
+        learn = learn or self.learn
+        return learn.path / f'{self.filename}.csv'
+
+    def before_fit(self, learn):
+        self.learn = learn
+        p = self.path(learn)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        header = ['epoch', 'train_loss', 'valid_loss', *learn.recorder.metrics_names, 'time']
+        new = not (self.append and p.exists() and p.stat().st_size > 0)
+        self.file = open(p, 'w' if new else 'a', newline='')
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(header)
+            self.file.flush()
+
+    def after_epoch(self, learn):
+        r = learn.recorder
+        mets = r.metrics[-1] + [''] * (len(r.metrics_names) - len(r.metrics[-1]))
+        val = '' if r.val_losses[-1] is None else r.val_losses[-1]
+        self.writer.writerow([learn.epoch, r.train_losses[-1], val, *mets, f'{r.times[-1]:.3f}'])
+        self.file.flush()
+
+    def after_fit(self, learn):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def read_logged_file(self):
+        """The logged rows as a list of dicts (column name -> string)."""
+        with open(self.path(), newline='') as f:
+            return list(csv.DictReader(f))

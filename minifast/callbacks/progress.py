@@ -1,0 +1,112 @@
+"""Progress bars and the epoch table (fastprogress), and ShowGraph's live loss curves in notebooks."""
+import sys
+import time
+
+from fastprogress import fastprogress as fp
+from fastprogress.fastprogress import format_time, master_bar, progress_bar
+
+from ..learner import Callback
+
+__all__ = ['ProgressCallback', 'ShowGraph']
+
+
+class ProgressCallback(Callback):
+    """Master bar over epochs, a child bar over batches and one table row per epoch; quiet when `learn.silent`.
+
+    The bar's own update is a counter compare; the smoothed loss shown beside it is read at most every
+    `comment_every` seconds, so the bar costs no per-step host synchronisation. Outside a notebook, when stdout
+    is not a terminal (CI logs, files), only the epoch table is printed.
+    """
+    order = 60
+
+    def __init__(self, comment_every=0.5):
+        self.comment_every, self.mbar, self.pbar = comment_every, None, None
+
+    def before_fit(self, learn):
+        self.mbar = self.pbar = None
+        if learn.silent:
+            return
+        self.mbar = master_bar(range(learn.n_epoch))
+        self.mbar.on_iter_begin()
+        names = ['epoch', 'train_loss', 'valid_loss', *learn.recorder.metrics_names, 'time']
+        self.mbar.write(names, table=True)
+
+    def before_epoch(self, learn):
+        if self.mbar is not None:
+            self.mbar.update(learn.epoch)
+
+    def _start_bar(self, learn):
+        self.pbar = None
+        if learn.silent or not (fp.IN_NOTEBOOK or sys.stdout.isatty()):
+            return
+        n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
+        if n:
+            self.pbar = progress_bar(range(n), parent=self.mbar, leave=False)
+            self.pbar.update(0)
+            self._last = time.monotonic()
+
+    before_train = before_validate = _start_bar
+
+    def after_batch(self, learn):
+        pb = self.pbar
+        if pb is None:
+            return
+        pb.update(learn.iter + 1)
+        if learn.training and pb.last_v is not None:
+            now = time.monotonic()
+            if now - self._last > self.comment_every:
+                self._last, pb.comment = now, f'{learn.recorder.smooth_loss:.4f}'
+
+    def _end_bar(self, learn):
+        if self.pbar is not None and self.pbar.last_v is not None:
+            self.pbar.on_iter_end()
+        self.pbar = None
+
+    after_train = after_validate = _end_bar
+
+    def after_epoch(self, learn):
+        if self.mbar is None:
+            return
+        r = learn.recorder
+        fmt = lambda v: '#na#' if v is None else f'{v:.6f}'  # noqa: E731
+        row = [str(learn.epoch), fmt(r.train_losses[-1]), fmt(r.val_losses[-1])]
+        mets = r.metrics[-1]
+        row += [fmt(v) for v in mets] + ['#na#'] * (len(r.metrics_names) - len(mets))
+        self.mbar.write(row + [format_time(r.times[-1])], table=True)
+
+    def after_fit(self, learn):
+        if self.pbar is not None:
+            self.pbar.on_interrupt() if learn.exception is not None else self._end_bar(learn)
+        if self.mbar is not None:
+            self.mbar.on_iter_end()
+        self.pbar = self.mbar = None
+
+
+class ShowGraph(Callback):
+    """Redraws train and validation loss in the progress bar's graph after each epoch (notebooks only)."""
+    order = 70
+
+    def after_epoch(self, learn):
+        mbar = learn.progress.mbar
+        if mbar is None:
+            return
+        r = learn.recorder
+        losses = r.losses
+        if not losses:
+            return
+        graphs = [(list(range(len(losses))), losses)]
+        ends, val = [], []
+        total = 0
+        for n, v in zip(r.nb_batches, r.val_losses):
+            total += n
+            if v is not None:
+                ends.append(total)
+                val.append(v)
+        if val:
+            graphs.append((ends, val))
+        per_epoch = max(r.nb_batches[-1], 1)
+        x_bounds = (0, max(learn.n_epoch * per_epoch, len(losses)))
+        ys = losses + val
+        y_bounds = (min(ys), max(ys) * 1.05 if max(ys) > 0 else 0.)
+        mbar.names = ['train', 'valid'][:len(graphs)]
+        mbar.update_graph(graphs, x_bounds, y_bounds)

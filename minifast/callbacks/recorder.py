@@ -1,0 +1,181 @@
+"""The Recorder: per-step and per-epoch history of a fit, and its plots."""
+import time
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from ..checks import metric_name
+from ..learner import Callback
+from ..optim import momentum_key
+
+__all__ = ['Recorder', 'new_figure']
+
+
+def new_figure(ax=None, ncols=1, figsize=None):
+    """(Figure, list of ncols axes): the given `ax` (one axes or a sequence of ncols) or a new figure.
+
+    Under Jupyter's inline backend the new figure is released from pyplot so that returning it displays it once.
+    """
+    if ax is not None:
+        axs = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+        if len(axs) != ncols:
+            raise ValueError(f'this plot draws on {ncols} axes; ax= gave {len(axs)}')
+        return axs[0].figure, axs
+    fig, axs = plt.subplots(1, ncols, figsize=figsize or (6 * ncols, 4), squeeze=False)
+    if 'inline' in matplotlib.get_backend():
+        plt.close(fig)
+    return fig, list(axs[0])
+
+
+class Recorder(Callback):
+    """History of the current fit: per step lr, momentum, raw and smoothed loss; per epoch losses, metrics, time.
+
+    Per-step losses stay on the device until read (at epoch end, or when a property asks), so recording costs no
+    host synchronisation. `smooth_loss` is the debiased exponential moving average (beta=0.98) of raw losses.
+    """
+    order = 50
+
+    def __init__(self, beta=0.98):
+        self.beta = beta
+        self.metrics_names = []
+        self._reset()
+
+    def _reset(self):
+        self._pending, self._raw, self._smooth, self._mov = [], [], [], 0.
+        self.bs, self.group_lrs, self.group_moms = [], [], []
+        self.nb_batches, self.train_losses, self.val_losses, self.metrics, self.times = [], [], [], [], []
+
+    # ---- recording -------------------------------------------------------------------------------------------
+    def before_fit(self, learn):
+        self._reset()
+        self.metrics_names = [metric_name(m) for m in learn.metrics]
+        self._pgs, key = learn.opt.param_groups, momentum_key(learn.opt)
+        self._mom = (lambda g: g['betas'][0]) if key == 'betas' else (lambda g: g['momentum']) if key else None
+
+    def before_epoch(self, learn):
+        self._t0, self._start = time.perf_counter(), len(self.bs)
+
+    def after_step(self, learn):
+        self._pending.append(learn.loss.detach())
+        self.bs.append(learn.yb.shape[0] if isinstance(learn.yb, torch.Tensor) else len(learn.yb))
+        pgs = self._pgs
+        self.group_lrs.append([g['lr'] for g in pgs])
+        if self._mom is not None:
+            self.group_moms.append([self._mom(g) for g in pgs])
+
+    def after_epoch(self, learn):
+        raw, bs = self.raw_losses[self._start:], self.bs[self._start:]
+        self.nb_batches.append(len(raw))
+        self.train_losses.append(float(np.average(raw, weights=bs)) if raw else float('nan'))
+        m = learn.last_metrics
+        self.val_losses.append(m[0] if m else None)
+        self.metrics.append(list(m[1:]) if m else [])
+        self.times.append(time.perf_counter() - self._t0)
+
+    def _flush(self):
+        if not self._pending:
+            return
+        vals = torch.stack([t.float() for t in self._pending]).tolist()  # the one host sync
+        self._pending = []
+        b, mov, n = self.beta, self._mov, len(self._raw)
+        for v in vals:
+            n += 1
+            mov = b * mov + (1 - b) * v
+            self._smooth.append(mov / (1 - b ** n))
+        self._mov = mov
+        self._raw.extend(vals)
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+    @property
+    def raw_losses(self):
+        """Training loss of every step, as floats."""
+        self._flush()
+        return self._raw
+
+    @property
+    def losses(self):
+        """Smoothed training loss of every step (debiased EMA), as floats."""
+        self._flush()
+        return self._smooth
+
+    @property
+    def smooth_loss(self):
+        """The latest smoothed loss, or None before the first step."""
+        s = self.losses
+        return s[-1] if s else None
+
+    @property
+    def lrs(self):
+        """Learning rate of the last parameter group at every step."""
+        return [g[-1] for g in self.group_lrs]
+
+    @property
+    def moms(self):
+        """Momentum (beta1 for Adam-type optimizers) of the last parameter group at every step."""
+        return [g[-1] for g in self.group_moms]
+
+    def _need(self, values, what):
+        if not len(values):
+            raise ValueError(f'Recorder.{what}: nothing recorded yet; run learn.fit(...) (or learn.lr_find()) first')
+
+    # ---- plots -----------------------------------------------------------------------------------------------
+    def plot(self, skip_start=10, skip_end=5, ax=None):
+        """Smoothed loss against learning rate (log scale): the LR range test plot. Returns the Figure."""
+        lrs, losses = self.lrs, self.losses
+        self._need(lrs, 'plot')
+        if len(lrs) <= skip_start + skip_end:
+            skip_start = skip_end = 0
+        end = len(lrs) - skip_end
+        fig, (ax,) = new_figure(ax)
+        ax.plot(lrs[skip_start:end], losses[skip_start:end])
+        ax.set_xscale('log')
+        ax.set_xlabel('Learning Rate')
+        ax.set_ylabel('Loss')
+        return fig
+
+    def plot_losses(self, skip_start=0, ax=None):
+        """Smoothed training loss per step and validation loss per epoch. Returns the Figure."""
+        losses = self.losses
+        self._need(losses, 'plot_losses')
+        fig, (ax,) = new_figure(ax)
+        ax.plot(range(skip_start, len(losses)), losses[skip_start:], label='Train')
+        ends = np.cumsum(self.nb_batches)
+        val = [(x, v) for x, v in zip(ends, self.val_losses) if v is not None]
+        if val:
+            ax.plot(*zip(*val), label='Validation')
+        ax.set_xlabel('Batches processed')
+        ax.set_ylabel('Loss')
+        ax.legend()
+        return fig
+
+    def plot_metrics(self, ax=None):
+        """Each metric against epochs, one axes per metric. Returns the Figure."""
+        if not self.metrics_names:
+            raise ValueError('Recorder.plot_metrics: no metrics were recorded; pass metrics=[...] to the Learner')
+        self._need([m for m in self.metrics if m], 'plot_metrics')
+        n = len(self.metrics_names)
+        fig, axs = new_figure(ax, ncols=n, figsize=(5 * n, 4))
+        epochs = [i for i, m in enumerate(self.metrics) if m]
+        for i, (a, name) in enumerate(zip(axs, self.metrics_names)):
+            a.plot(epochs, [self.metrics[e][i] for e in epochs], marker='o')
+            a.set_xlabel('Epoch')
+            a.set_ylabel(name)
+        return fig
+
+    def plot_lr(self, show_moms=False, ax=None):
+        """Learning rate per step (and momentum beside it when show_moms). Returns the Figure."""
+        lrs = self.lrs
+        self._need(lrs, 'plot_lr')
+        if show_moms and not self.group_moms:
+            raise ValueError('Recorder.plot_lr(show_moms=True): the optimizer has no momentum/betas to show')
+        fig, axs = new_figure(ax, ncols=2 if show_moms else 1)
+        axs[0].plot(range(len(lrs)), lrs)
+        axs[0].set_xlabel('Iterations')
+        axs[0].set_ylabel('Learning Rate')
+        if show_moms:
+            axs[1].plot(range(len(lrs)), self.moms)
+            axs[1].set_xlabel('Iterations')
+            axs[1].set_ylabel('Momentum')
+        return fig

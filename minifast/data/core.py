@@ -1,0 +1,79 @@
+"""DataBunch (a train and a validation loader) and TensorDataLoader (batches by indexing in-memory tensors)."""
+import math
+
+import torch
+from torch.utils.data import TensorDataset
+
+__all__ = ['DataBunch', 'TensorDataLoader']
+
+
+class TensorDataLoader:
+    """Yields (x[idx], y[idx]) batches from tensors: no per-item work, no collate, no worker processes.
+
+    The shuffle order comes from torch's global RNG, so torch.manual_seed fixes it.
+    """
+
+    def __init__(self, *tensors, batch_size=64, shuffle=False, drop_last=False):
+        if not tensors:
+            raise ValueError('TensorDataLoader needs at least one tensor')
+        n = len(tensors[0])
+        for i, t in enumerate(tensors[1:], 1):
+            if len(t) != n:
+                raise ValueError(f'TensorDataLoader: tensor 0 has {n} items but tensor {i} has {len(t)}')
+        if batch_size < 1:
+            raise ValueError(f'TensorDataLoader: batch_size must be >= 1, got {batch_size}')
+        self.tensors, self.batch_size, self.shuffle, self.drop_last = tensors, int(batch_size), shuffle, drop_last
+        self.dataset = TensorDataset(*tensors)
+
+    def __len__(self):
+        n = len(self.tensors[0])
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n, bs = len(self.tensors[0]), self.batch_size
+        idx = torch.randperm(n, device=self.tensors[0].device) if self.shuffle else None
+        for i in range(len(self)):
+            if idx is None:
+                yield tuple(t[i * bs:(i + 1) * bs] for t in self.tensors)
+            else:
+                j = idx[i * bs:(i + 1) * bs]
+                yield tuple(t[j] for t in self.tensors)
+
+
+class DataBunch:
+    """A training loader and an optional validation loader, as the Learner expects them."""
+
+    def __init__(self, train_dl, valid_dl=None, classes=None, c=None):
+        self.train_dl, self.valid_dl, self.classes = train_dl, valid_dl, classes
+        self.c = c if c is not None else len(classes) if classes is not None else None
+
+    @property
+    def train_ds(self):
+        """The training dataset (the loader's `dataset`)."""
+        return getattr(self.train_dl, 'dataset', None)
+
+    @property
+    def valid_ds(self):
+        """The validation dataset, or None."""
+        return getattr(self.valid_dl, 'dataset', None)
+
+    @classmethod
+    def from_tensors(cls, x_train, y_train, x_valid=None, y_valid=None, bs=64, val_bs=None, shuffle=True,
+                     drop_last=True, classes=None):
+        """Loaders over in-memory tensors; training batches are shuffled and the last partial one dropped."""
+        for name, x, y in (('train', x_train, y_train), ('valid', x_valid, y_valid)):
+            if (x is None) != (y is None):
+                raise ValueError(f'DataBunch.from_tensors: x_{name} and y_{name} must be given together')
+            if x is not None and len(x) != len(y):
+                raise ValueError(f'DataBunch.from_tensors: x_{name} has {len(x)} items but y_{name} has {len(y)}')
+        train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=shuffle, drop_last=drop_last)
+        valid = None if x_valid is None else TensorDataLoader(x_valid, y_valid, batch_size=val_bs or bs)
+        c = None
+        if classes is None and not y_train.is_floating_point() and y_train.ndim == 1:
+            c = int(max(y_train.max(), y_valid.max() if y_valid is not None and len(y_valid) else 0)) + 1
+        return cls(train, valid, classes=classes, c=c)
+
+    def __repr__(self):
+        n = lambda dl: len(dl.dataset) if getattr(dl, 'dataset', None) is not None else '?'  # noqa: E731
+        return (f'DataBunch(train: {n(self.train_dl)} items, valid: '
+                f'{n(self.valid_dl) if self.valid_dl is not None else "none"}, c={self.c})')

@@ -1,0 +1,388 @@
+"""The Learner, the callback events, the cancel exceptions and the one training loop."""
+import contextlib
+import difflib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import atomic_save, load_state, check_state_dict
+from .optim import AdamW, WeightDecay, lr_per_group, param_groups, set_hyper
+
+__all__ = ['Learner', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException',
+           'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'CallbackException']
+
+EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
+          'after_backward', 'after_step', 'after_batch', 'after_train', 'before_validate', 'after_validate',
+          'after_epoch', 'after_fit')
+
+
+class CancelBatchException(Exception):
+    """Raised in a batch hook: skip the rest of this batch (backward/step/zero_grad not yet done); after_batch runs."""
+
+
+class CancelTrainException(Exception):
+    """Stop this epoch's training phase; after_train, validation and after_epoch still run."""
+
+
+class CancelValidateException(Exception):
+    """Stop the current validation pass; after_validate runs, with metrics over the batches seen so far."""
+
+
+class CancelEpochException(Exception):
+    """Skip the rest of this epoch (validation included); after_epoch runs and the next epoch starts."""
+
+
+class CancelFitException(Exception):
+    """Stop fit; after_fit runs and fit returns normally."""
+
+
+class CallbackException(RuntimeError):
+    """An error raised inside a callback hook; the message names the callback and the event."""
+
+
+_CANCELS = (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
+            CancelFitException, CallbackException)
+_HOOK_PREFIXES = ('before_', 'after_', 'on_')
+
+
+class Callback:
+    """Base class of callbacks: define methods named after `EVENTS`, each taking the learner, e.g. after_batch(learn).
+
+    fastai v1 hooks (on_train_begin(**kwargs) ... on_train_end) are accepted too. `order` sorts callbacks (lower
+    runs first); a method whose name starts with before_/after_/on_ but is no known event is an error.
+    """
+    order = 0
+
+    def __init__(self, learn=None):
+        if learn is not None:
+            self.learn = learn
+
+
+def _cb_order(cb):
+    o = getattr(cb, 'order', 0)
+    return o if o else getattr(cb, '_order', 0)
+
+
+def _check_hooks(cb):
+    from .callbacks.v1 import V1_EVENTS
+    known = set(EVENTS) | set(V1_EVENTS)
+    for name in dir(type(cb)):
+        if name.startswith(_HOOK_PREFIXES) and name not in known and callable(getattr(type(cb), name)):
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ''
+            raise ValueError(f"{type(cb).__name__}.{name} looks like a callback hook but '{name}' is not an event "
+                             f"(see minifast.EVENTS){hint}")
+
+
+def _as_list(x):
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _to(b, device):
+    if isinstance(b, torch.Tensor):
+        return b if b.device == device else b.to(device, non_blocking=True)
+    return type(b)(_to(o, device) for o in b)
+
+
+class Learner:
+    """Trains `model` on `data` (anything with `train_dl` and `valid_dl`) through one loop extended by callbacks."""
+
+    def __init__(self, data, model, loss_func=None, opt_func=AdamW, metrics=None, callbacks=None,
+                 callback_fns=None, wd=1e-2, true_wd=True, bn_wd=True, path='.', model_dir='models', device=None,
+                 bf16=False, channels_last=False, silent=False, layer_groups=None):
+        from .checks import check_data, check_metrics
+        from .callbacks.recorder import Recorder
+        from .callbacks.progress import ProgressCallback
+        check_data(data)
+        self.data, self.metrics = data, check_metrics(metrics)
+        self.device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+        self.bf16, self.channels_last, self.silent = bf16, channels_last, silent
+        self.model = model.to(self.device, memory_format=torch.channels_last) if channels_last else model.to(self.device)
+        self.loss_func = F.cross_entropy if loss_func is None else loss_func
+        self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, wd, true_wd, bn_wd
+        self.path, self.model_dir = Path(path), model_dir
+        self.layer_groups = list(layer_groups) if layer_groups is not None else [self.model]
+        self.opt = self._wd = None
+        self.epoch = self.n_epoch = self.iter = self.n_iter = self.train_iter = 0
+        self.training, self.exception, self.last_metrics, self._hooks = False, None, [], None
+        self.xb = self.yb = self.pred = self.loss = self.dl = None
+        self.recorder, self.progress = Recorder(), ProgressCallback()
+        self.callbacks = []
+        for cb in _as_list(callbacks):
+            self.add_cb(cb)
+        for fn in _as_list(callback_fns):
+            self.add_cb(fn(self))
+
+    # ---- callbacks -----------------------------------------------------------------------------------------
+    def add_cb(self, cb):
+        """Register a callback for every later fit/validate; its hook names are checked now."""
+        if isinstance(cb, type):
+            raise TypeError(f'add_cb got the class {cb.__name__}; pass an instance, or use callback_fns=[{cb.__name__}]')
+        _check_hooks(cb)
+        self.callbacks.append(cb)
+        return cb
+
+    def remove_cb(self, cb):
+        """Unregister a callback."""
+        if cb in self.callbacks:
+            self.callbacks.remove(cb)
+
+    @contextlib.contextmanager
+    def no_bar(self):
+        """Context manager that silences progress bars and the epoch table."""
+        old, self.silent = self.silent, True
+        try:
+            yield self
+        finally:
+            self.silent = old
+
+    def _build_hooks(self, extra=()):
+        from .callbacks.v1 import v1_hooks, v1_stop_epoch_hook
+        cbs = sorted([self.recorder, self.progress, *self.callbacks, *extra], key=_cb_order)
+        hooks, any_v1 = {e: [] for e in EVENTS}, False
+        for cb in cbs:
+            _check_hooks(cb)
+            for e in EVENTS:
+                fn = getattr(cb, e, None)
+                if fn is not None:
+                    hooks[e].append((f'{type(cb).__name__}.{e}', fn))
+            for e, name, fn in v1_hooks(cb):
+                hooks[e].append((name, fn))
+                any_v1 = True
+        if any_v1:
+            hooks['after_batch'].append(('fastai v1 stop_epoch', v1_stop_epoch_hook))
+        self._hooks, self._v1_stop_epoch, self._stop_training = hooks, False, False
+
+    def __call__(self, event):
+        for name, fn in self._hooks[event]:
+            try:
+                fn(self)
+            except _CANCELS:
+                raise
+            except Exception as e:
+                raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
+
+    def _with_events(self, f, name, cancel):
+        try:
+            self(f'before_{name}')
+            f()
+        except cancel:
+            pass
+        self(f'after_{name}')
+
+    def _cleanup(self, event):
+        """Run `event` hooks while an error escapes: every hook runs, and their own errors only warn."""
+        for name, fn in self._hooks[event]:
+            try:
+                fn(self)
+            except Exception as e:  # the escaping exception matters more
+                warnings.warn(f'{name} raised {type(e).__name__}: {e} while handling {self.exception!r}')
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def fit(self, epochs, lr=3e-3, wd=None, callbacks=None):
+        """Train for `epochs` epochs.
+
+        Args:
+            epochs: number of passes over `data.train_dl`.
+            lr: learning rate: a number, one number per layer group, or slice(start, end) (spread geometrically).
+            wd: weight decay (decoupled when `true_wd`); None keeps `learn.wd`.
+            callbacks: callbacks for this call only (an instance or a list); removed when fit ends.
+        """
+        from .checks import check_fit
+        check_fit(self, epochs)
+        extra = _as_list(callbacks)
+        self._build_hooks(extra)
+        self.n_epoch, self.train_iter, self.exception = int(epochs), 0, None
+        self._prepare_opt(lr, self.wd if wd is None else wd)
+        try:
+            try:
+                self('before_fit')
+                for self.epoch in range(self.n_epoch):
+                    self._with_events(self._do_epoch, 'epoch', CancelEpochException)
+                    if self._stop_training:
+                        break
+            except CancelFitException:
+                pass
+        except BaseException as e:
+            self.exception = e
+            self._cleanup('after_fit')
+            raise
+        else:
+            self('after_fit')
+        finally:
+            self._hooks = None
+
+    def _do_epoch(self):
+        self.dl, self.training = self.data.train_dl, True
+        self.model.train()
+        self._with_events(self._all_batches, 'train', CancelTrainException)
+        valid_dl = self.data.valid_dl
+        self.last_metrics = self._validate(valid_dl, self.metrics) if valid_dl is not None else []
+
+    def _validate(self, dl, metrics):
+        self.dl, self.training = dl, False
+        self.model.eval()
+        self._val_metrics, self._vals = metrics, []
+        with torch.no_grad():
+            self._with_events(self._all_batches, 'validate', CancelValidateException)
+        return self._reduce_vals(metrics)
+
+    def _reduce_vals(self, metrics):
+        if not self._vals:
+            return [float('nan')] * (1 + len(metrics))
+        bs = torch.tensor([v[0] for v in self._vals], dtype=torch.float32, device=self.device)
+        as_t = lambda x: torch.as_tensor(x, device=self.device).float().reshape(())  # noqa: E731
+        cols = torch.stack([torch.stack([as_t(v[1]), *map(as_t, v[2])]) for v in self._vals])  # (batches, 1+metrics)
+        return ((cols * bs[:, None]).sum(0) / bs.sum()).tolist()  # the one host sync of a validation pass
+
+    def _all_batches(self):
+        self.n_iter = len(self.dl) if hasattr(self.dl, '__len__') else None
+        self.iter, self._first_batch = -1, True
+        for self.iter, b in enumerate(self.dl):
+            self._one_batch(b)
+        if self.training and self.iter == -1:
+            raise ValueError('the training DataLoader yielded no batches (data.train_dl is empty)')
+
+    def _one_batch(self, b):
+        self.xb, self.yb = _to(b[:-1], self.device), _to(b[-1], self.device)
+        if self.channels_last:
+            self.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in self.xb)
+        try:
+            self('before_batch')
+            self._do_one_batch()
+        except CancelBatchException:
+            pass
+        try:
+            self('after_batch')
+        finally:
+            if self.training:
+                self.train_iter += 1
+
+    def _do_one_batch(self):
+        if self.bf16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                self.pred = self.model(*self.xb)
+        else:
+            self.pred = self.model(*self.xb)
+        self('after_pred')
+        if self._first_batch:
+            from .checks import check_batch
+            check_batch(self)
+        if self.bf16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                self.loss = self.loss_func(self.pred, self.yb)
+        else:
+            self.loss = self.loss_func(self.pred, self.yb)
+        self('after_loss')
+        if not self.training:
+            self._vals.append((self.yb.shape[0], self.loss.detach(), [m(self.pred, self.yb) for m in self._val_metrics]))
+            return
+        self.loss.backward()
+        self('after_backward')
+        self._wd.step()
+        self('after_step')
+        self.opt.zero_grad()
+
+    # ---- optimizer -------------------------------------------------------------------------------------------
+    def create_opt(self, lr=3e-3, wd=None):
+        """Build `learn.opt` from `opt_func` with one group per layer group (two when bn_wd=False)."""
+        groups = param_groups(self.layer_groups, self.bn_wd)
+        lrs = lr_per_group(lr, len(self.layer_groups))
+        for g in groups:
+            g['lr'] = lrs[g['layer_group']]
+        self.opt = self.opt_func(groups, lr=lrs[-1])
+        self._wd = WeightDecay(self.opt, self.true_wd)
+        set_hyper(self.opt, 'wd', self.wd if wd is None else wd)
+        return self.opt
+
+    def _prepare_opt(self, lr, wd):
+        if self.opt is None:
+            self.create_opt(lr, wd)
+        else:
+            set_hyper(self.opt, 'lr', lr_per_group(lr, len(self.layer_groups)))
+            set_hyper(self.opt, 'wd', wd)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def validate(self, dl=None, callbacks=None, metrics=None):
+        """Loss and metrics over `dl` (default: the validation set) as [loss, *metric values] (Python floats)."""
+        from .checks import check_metrics
+        dl = self.data.valid_dl if dl is None else dl
+        if dl is None:
+            raise ValueError('validate() needs a DataLoader: this learner has no validation set (data.valid_dl is None)')
+        metrics = self.metrics if metrics is None else check_metrics(metrics)
+        self._build_hooks(_as_list(callbacks))
+        self.exception, self._first_batch, self.n_epoch = None, True, 0
+        try:
+            return self._validate(dl, metrics)
+        except BaseException as e:
+            self.exception = e
+            self._cleanup('after_validate')
+            raise
+        finally:
+            self._hooks = None
+
+    def get_preds(self, dl=None, activ=None):
+        """(predictions, targets) over `dl` (default: validation set), on CPU; softmax applied for cross-entropy."""
+        dl = self.data.valid_dl if dl is None else dl
+        if activ is None:
+            activ = (lambda o: o.softmax(-1)) if self._is_ce() else (lambda o: o)
+        preds, targs = [], []
+        self.model.eval()
+        with torch.no_grad():
+            for b in dl:
+                xb = _to(b[:-1], self.device)
+                preds.append(activ(self.model(*xb).float()).cpu())
+                targs.append(b[-1].cpu())
+        return torch.cat(preds), torch.cat(targs)
+
+    def predict(self, x):
+        """Predict one item (no batch dimension): (label, class index, probabilities) for classification."""
+        self.model.eval()
+        xs = x if isinstance(x, (tuple, list)) else (x,)
+        with torch.no_grad():
+            out = self.model(*(t.unsqueeze(0).to(self.device) for t in xs))[0].float().cpu()
+        if not self._is_ce():
+            return out, out, out
+        probs = out.softmax(-1)
+        idx = int(probs.argmax())
+        classes = getattr(self.data, 'classes', None)
+        return (classes[idx] if classes is not None else idx), idx, probs
+
+    def _is_ce(self):
+        return self.loss_func is F.cross_entropy or isinstance(self.loss_func, nn.CrossEntropyLoss)
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+    def _model_file(self, name):
+        p = Path(name)
+        return p if p.suffix == '.pth' else self.path / self.model_dir / f'{name}.pth'
+
+    def save(self, name, with_opt=True):
+        """Save the model (and optimizer) to path/model_dir/name.pth atomically; returns the file's path."""
+        state = {'model': self.model.state_dict()}
+        if with_opt and self.opt is not None:
+            state['opt'] = self.opt.state_dict()
+        file = self._model_file(name)
+        atomic_save(state, file)
+        return file
+
+    def load(self, name, with_opt=None, strict=True):
+        """Load path/model_dir/name.pth into the model (and optimizer); a mismatch leaves the model untouched."""
+        file = self._model_file(name)
+        state = load_state(file, self.device)
+        model_sd = state['model'] if isinstance(state, dict) and 'model' in state else state
+        check_state_dict(self.model, model_sd, file, strict)
+        self.model.load_state_dict(model_sd, strict=strict)
+        if 'opt' in state and with_opt is not False:
+            if self.opt is None:
+                self.create_opt()
+            try:
+                self.opt.load_state_dict(state['opt'])
+            except (ValueError, KeyError) as e:
+                raise ValueError(f'{os.fspath(file)}: optimizer state does not match this learner: {e}') from e
+        return self

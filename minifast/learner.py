@@ -47,6 +47,9 @@ class CallbackException(RuntimeError):
 _CANCELS = (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
             CancelFitException, CallbackException)
 _HOOK_PREFIXES = ('before_', 'after_', 'on_')
+# Events that close a level: a cancel raised by one hook still lets the later hooks of that event run, so the
+# Recorder, progress bar and loggers see every batch/epoch that happened; the cancel is raised after them.
+_CLOSING = frozenset({'after_batch', 'after_train', 'after_validate', 'after_epoch', 'after_fit'})
 
 
 class Callback:
@@ -160,13 +163,18 @@ class Learner:
         self._hooks, self._v1_stop_epoch, self._stop_training = hooks, False, False
 
     def __call__(self, event):
+        cancel = None
         for name, fn in self._hooks[event]:
             try:
                 fn(self)
-            except _CANCELS:
-                raise
+            except _CANCELS as e:
+                if event not in _CLOSING or isinstance(e, CallbackException):
+                    raise
+                cancel = cancel or e
             except Exception as e:
                 raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
+        if cancel is not None:
+            raise cancel
 
     def _with_events(self, f, name, cancel):
         try:

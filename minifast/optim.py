@@ -124,18 +124,22 @@ class WeightDecay:
             g['_native_wd'] = self.native
             g['weight_decay'] = g.get('wd', 0.) if self.native else 0.
 
+    @torch.no_grad()
+    def _decay(self):
+        for g in self.opt.param_groups:
+            wd = g['wd']
+            if not wd:
+                continue
+            ps = [p for p in g['params'] if p.grad is not None]
+            if not ps:
+                continue
+            if self.true_wd:
+                torch._foreach_mul_(ps, 1. - g['lr'] * wd)
+            else:
+                torch._foreach_add_([p.grad for p in ps], ps, alpha=wd)
+
     def step(self):
         """Apply the decay (unless native), then step the optimizer."""
         if not self.native:
-            for g in self.opt.param_groups:
-                wd = g['wd']
-                if not wd:
-                    continue
-                ps = [p for p in g['params'] if p.grad is not None]
-                if not ps:
-                    continue
-                if self.true_wd:
-                    torch._foreach_mul_(ps, 1. - g['lr'] * wd)
-                else:
-                    torch._foreach_add_([p.grad for p in ps], ps, alpha=wd)
+            self._decay()
         self.opt.step()

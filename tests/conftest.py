@@ -1,0 +1,34 @@
+import matplotlib
+
+matplotlib.use('Agg')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from minifast import DataBunch  # noqa: E402
+
+
+def make_data(n_train=48, n_valid=20, bs=16, n_in=8, n_out=3, seed=0, **kw):
+    """Generated classification data: n_train // bs training batches, ceil(n_valid / bs) validation batches."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_in, n_out, generator=g)
+    x = torch.randn(n_train + n_valid, n_in, generator=g)
+    y = (x @ w).argmax(1)
+    xv, yv = (x[n_train:], y[n_train:]) if n_valid else (None, None)
+    return DataBunch.from_tensors(x[:n_train], y[:n_train], xv, yv, bs=bs, **kw)
+
+
+def make_mlp(n_in=8, n_out=3, hidden=16, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+
+@pytest.fixture
+def data():
+    return make_data()
+
+
+@pytest.fixture
+def model():
+    return make_mlp()

@@ -28,15 +28,20 @@ def make_model(seed):
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def make_data(steps, bs=64):
+def make_data(steps, bs=64, device='cpu'):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(steps * bs, 32, generator=g)
-    y = torch.randint(0, 10, (steps * bs,), generator=g)
+    x = torch.randn(steps * bs, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (steps * bs,), generator=g).to(device)
     return DataBunch.from_tensors(x, y, bs=bs)  # no validation set: training steps only
 
 
-def raw_runner(data):
-    model = make_model(0)
+def _sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def raw_runner(data, device):
+    model = make_model(0).to(device)
     opt = AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
 
     def run(epochs):
@@ -47,15 +52,17 @@ def raw_runner(data):
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
+        _sync(device)
     return run
 
 
-def minifast_runner(data, silent):
-    learn = Learner(data, make_model(0), wd=1e-2, silent=silent, device='cpu')
+def minifast_runner(data, silent, device):
+    learn = Learner(data, make_model(0), wd=1e-2, silent=silent, device=device)
 
     def run(epochs):
         with contextlib.redirect_stdout(io.StringIO()):  # the epoch table is printed, just not shown here
             learn.fit(epochs, lr=1e-3)
+        _sync(device)
     return run
 
 
@@ -112,13 +119,17 @@ def main(argv=None):
     p.add_argument('--epochs', type=int, default=3, help='epochs per timed round')
     p.add_argument('--steps', type=int, default=200, help='steps per epoch')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch decides)')
+    p.add_argument('--device', default='cpu', help="'cpu' (the target's setting) or 'cuda' (data on the GPU)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = make_data(args.steps)
-    runners = {'raw loop': raw_runner(data), 'minifast (defaults)': minifast_runner(data, silent=False),
-               'minifast (silent)': minifast_runner(data, silent=True)}
+    data = make_data(args.steps, device=args.device)
+    runners = {'raw loop': raw_runner(data, args.device),
+               'minifast (defaults)': minifast_runner(data, silent=False, device=args.device),
+               'minifast (silent)': minifast_runner(data, silent=True, device=args.device)}
     for name, make in (('fastai v2', fastai_runner), ('lightning', lightning_runner)):
+        if args.device != 'cpu':
+            continue
         r = make(data)
         if r is not None:
             runners[name] = r
@@ -134,7 +145,8 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
     steps = args.epochs * args.steps
     raw = statistics.median(times['raw loop'])
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {steps} steps')
+    where = torch.cuda.get_device_name() if args.device != 'cpu' else f'CPU, {torch.get_num_threads()} threads'
+    print(f'torch {torch.__version__}, {where}, {args.rounds} rounds x {steps} steps')
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f'{name:22s} {steps / med:9.0f} steps/s   ratio to raw loop {raw / med:.3f}x')

@@ -80,10 +80,9 @@ def check_batch(learn):
         return
     c = pred.shape[1]
     ignore = getattr(learn.loss_func, 'ignore_index', -100)
-    valid = y[y != ignore]
-    if valid.numel() == 0:
-        return
-    lo, hi = int(valid.min()), int(valid.max())  # one host sync, on the first batch only
+    keep = y != ignore
+    # min and max of the non-ignored targets in one host sync, on the first batch of each pass only
+    lo, hi = torch.stack([y.masked_fill(~keep, c - 1).min(), y.masked_fill(~keep, 0).max()]).tolist()
     if hi >= c or lo < 0:
         bad = hi if hi >= c else lo
         raise ValueError(f'target value {bad} is out of range for a model with {c} outputs (valid targets are '

@@ -10,6 +10,33 @@ from ..learner import Callback
 __all__ = ['ProgressCallback', 'ShowGraph']
 
 
+def _live():
+    """True where bars can redraw in place: a notebook, or a terminal."""
+    return fp.IN_NOTEBOOK or sys.stdout.isatty()
+
+
+class _PlainTable:
+    """Stands in for the master bar where nothing redraws (logs, files): prints the epoch table and nothing else."""
+
+    def __init__(self):
+        self.widths = None
+
+    def write(self, line, table=True):
+        if self.widths is None:
+            self.widths = [max(len(n), 8) for n in line]
+        print('  '.join(str(v).ljust(w) for v, w in zip(line, self.widths)).rstrip(), flush=True)
+
+    def on_iter_begin(self):
+        pass
+
+    on_iter_end = on_iter_begin
+
+    def update(self, *args, **kwargs):
+        pass
+
+    update_graph = update
+
+
 class ProgressCallback(Callback):
     """Master bar over epochs, a child bar over batches and one table row per epoch; quiet when `learn.silent`.
 
@@ -26,7 +53,7 @@ class ProgressCallback(Callback):
         self.mbar = self.pbar = None
         if learn.silent:
             return
-        self.mbar = master_bar(range(learn.n_epoch))
+        self.mbar = master_bar(range(learn.n_epoch)) if _live() else _PlainTable()
         self.mbar.on_iter_begin()
         names = ['epoch', 'train_loss', 'valid_loss', *learn.recorder.metrics_names, 'time']
         self.mbar.write(names, table=True)
@@ -37,7 +64,7 @@ class ProgressCallback(Callback):
 
     def _start_bar(self, learn):
         self.pbar = None
-        if learn.silent or not (fp.IN_NOTEBOOK or sys.stdout.isatty()):
+        if learn.silent or not _live():
             return
         n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
         if n:

@@ -1,0 +1,93 @@
+"""The CUDA path (skipped without a GPU): same results as a hand-written CUDA loop, no per-step host sync."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minifast import Callback, DataBunch, Learner, accuracy
+from conftest import make_data, make_mlp
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+
+
+def test_default_device_is_cuda_and_batches_are_moved_once():
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    seen = []
+
+    class Spy(Callback):
+        def before_batch(self, learn):
+            seen.append((learn.xb[0].device.type, learn.yb.device.type))
+
+    learn.fit(1, callbacks=Spy())
+    assert learn.device.type == 'cuda' and next(learn.model.parameters()).is_cuda
+    assert set(seen) == {('cuda', 'cuda')}
+    probs, targs = learn.get_preds()
+    assert probs.device.type == 'cpu' and targs.device.type == 'cpu'
+
+
+def test_fit_on_cuda_equals_hand_written_cuda_loop():
+    data = make_data(n_train=96)
+    m1, m2 = make_mlp().cuda(), make_mlp().cuda()
+    learn = Learner(data, m1, silent=True, wd=0.1)
+    torch.manual_seed(1)
+    learn.fit(2, 1e-2)
+    opt = torch.optim.AdamW(m2.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    torch.manual_seed(1)
+    for _ in range(2):
+        for xb, yb in data.train_dl:
+            loss = F.cross_entropy(m2(xb.cuda()), yb.cuda())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def _count_syncs(n_train):
+    data = make_data(n_train=n_train, n_valid=64, bs=16)
+    learn = Learner(data, make_mlp(), metrics=[accuracy], silent=True)
+    learn.fit(1)  # warm-up: cuBLAS/cuDNN handles
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            learn.fit(2)
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(x.message) for x in w)
+
+
+def test_no_per_step_host_sync():
+    few, many = _count_syncs(n_train=64), _count_syncs(n_train=640)  # 8 vs 80 training steps in all
+    assert many - few < 4, f'{few} syncs for 8 steps but {many} for 80: something syncs every step'
+    assert few <= 12, f'{few} host syncs in a 2-epoch fit; expected a handful per epoch'
+
+
+def test_target_check_prevents_device_assert():
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    y[3] = 9
+    learn = Learner(DataBunch.from_tensors(x, y, bs=16, shuffle=False), make_mlp(), silent=True)
+    with pytest.raises(ValueError, match='target value 9 is out of range for a model with 3 outputs'):
+        learn.fit(1)
+    torch.ones(1, device='cuda').sum().item()  # the CUDA context is still healthy
+
+
+def test_bf16_autocast_on_cuda_trains():
+    data = make_data(n_train=256, n_valid=64)
+    learn = Learner(data, make_mlp(), bf16=True, silent=True, metrics=[accuracy])
+    before = learn.validate()[0]
+    learn.fit(5, 1e-2)
+    assert learn.validate()[0] < before
+    assert next(learn.model.parameters()).dtype == torch.float32
+
+
+def test_save_on_cuda_load_on_cpu(tmp_path):
+    learn = Learner(make_data(), make_mlp(), path=tmp_path, silent=True)
+    learn.fit(1)
+    learn.save('gpu')
+    cpu = Learner(make_data(), make_mlp(seed=3), path=tmp_path, silent=True, device='cpu')
+    cpu.load('gpu')
+    for p, q in zip(learn.model.parameters(), cpu.model.parameters()):
+        assert torch.equal(p.cpu(), q)

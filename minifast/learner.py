@@ -90,7 +90,7 @@ def _as_list(x):
 def _to(b, device):
     if isinstance(b, torch.Tensor):
         return b if b.device == device else b.to(device, non_blocking=True)
-    return type(b)(_to(o, device) for o in b)
+    return tuple(_to(o, device) for o in b)
 
 
 class Learner:
@@ -206,7 +206,7 @@ class Learner:
         check_fit(self, epochs)
         extra = _as_list(callbacks)
         self._build_hooks(extra)
-        self.n_epoch, self.train_iter, self.exception = int(epochs), 0, None
+        self.n_epoch, self.train_iter, self.exception, self.last_metrics = int(epochs), 0, None, []
         self._prepare_opt(lr, self.wd if wd is None else wd)
         try:
             try:
@@ -227,6 +227,7 @@ class Learner:
             self._hooks = None
 
     def _do_epoch(self):
+        self.last_metrics = []  # a cancelled epoch must not report the previous epoch's validation
         self.dl, self.training = self.data.train_dl, True
         self.model.train()
         self._with_events(self._all_batches, 'train', CancelTrainException)
@@ -258,7 +259,9 @@ class Learner:
             raise ValueError('the training DataLoader yielded no batches (data.train_dl is empty)')
 
     def _one_batch(self, b):
-        self.xb, self.yb = _to(b[:-1], self.device), _to(b[-1], self.device)
+        dev = self.device
+        self.xb = (_to(b[0], dev),) if len(b) == 2 else _to(b[:-1], dev)  # (x, y) is the common case: no slicing
+        self.yb = _to(b[-1], dev)
         if self.channels_last:
             self.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in self.xb)
         try:

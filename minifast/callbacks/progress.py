@@ -82,7 +82,10 @@ class ProgressCallback(Callback):
         if learn.training and pb.last_v is not None:
             now = time.monotonic()
             if now - self._last > self.comment_every:
-                self._last, pb.comment = now, f'{learn.recorder.smooth_loss:.4f}'
+                loss = learn.recorder.smooth_loss  # None until the first optimizer step
+                self._last = now
+                if loss is not None:
+                    pb.comment = f'{loss:.4f}'
 
     def _end_bar(self, learn):
         if self.pbar is not None and self.pbar.last_v is not None:
@@ -115,7 +118,7 @@ class ShowGraph(Callback):
 
     def after_epoch(self, learn):
         mbar = learn.progress.mbar
-        if mbar is None:
+        if mbar is None or not fp.IN_NOTEBOOK:  # the console bar has no graph, and its `names` are table columns
             return
         r = learn.recorder
         losses = r.losses

@@ -51,19 +51,20 @@ class Recorder(Callback):
     def before_fit(self, learn):
         self._reset()
         self.metrics_names = [metric_name(m) for m in learn.metrics]
-        self._pgs, key = learn.opt.param_groups, momentum_key(learn.opt)
-        self._mom = (lambda g: g['betas'][0]) if key == 'betas' else (lambda g: g['momentum']) if key else None
+        self._pgs, self._mom_key = learn.opt.param_groups, momentum_key(learn.opt)
 
     def before_epoch(self, learn):
         self._t0, self._start = time.perf_counter(), len(self.bs)
 
-    def after_step(self, learn):
+    def after_step(self, learn):  # runs every step: kept to a few appends
         self._pending.append(learn.loss.detach())
-        self.bs.append(learn.yb.shape[0] if isinstance(learn.yb, torch.Tensor) else len(learn.yb))
-        pgs = self._pgs
+        self.bs.append(len(learn.yb))
+        pgs, key = self._pgs, self._mom_key
         self.group_lrs.append([g['lr'] for g in pgs])
-        if self._mom is not None:
-            self.group_moms.append([self._mom(g) for g in pgs])
+        if key == 'betas':
+            self.group_moms.append([g['betas'][0] for g in pgs])
+        elif key is not None:
+            self.group_moms.append([g[key] for g in pgs])
 
     def after_epoch(self, learn):
         raw, bs = self.raw_losses[self._start:], self.bs[self._start:]
@@ -152,6 +153,7 @@ class Recorder(Callback):
 
     def plot_metrics(self, ax=None):
         """Each metric against epochs, one axes per metric. Returns the Figure."""
+        self._need(self.nb_batches, 'plot_metrics')
         if not self.metrics_names:
             raise ValueError('Recorder.plot_metrics: no metrics were recorded; pass metrics=[...] to the Learner')
         self._need([m for m in self.metrics if m], 'plot_metrics')

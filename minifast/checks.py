@@ -1,5 +1,6 @@
 """Input checks that fail early with messages naming the thing that is wrong."""
 import functools
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -39,21 +40,26 @@ def check_metrics(metrics):
 
 
 def check_fit(learn, epochs):
-    """Arguments of fit and the training DataLoader, before any batch runs."""
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+    """Arguments of fit and the training DataLoader, before any batch runs; returns epochs as an int."""
+    try:
+        n = operator.index(epochs)  # ints and numpy integers, not floats, strings or bools
+    except TypeError:
+        n = None
+    if n is None or isinstance(epochs, bool) or n < 0:
         raise ValueError(f'fit: epochs must be a non-negative integer, got {epochs!r}')
     dl = learn.data.train_dl
     if dl is None:
         raise ValueError('fit: data.train_dl is None; there is nothing to train on')
     try:
-        n = len(dl)
+        n_batches = len(dl)
     except TypeError:
-        return
-    if n == 0:
+        return n
+    if n_batches == 0:
         ds = getattr(dl, 'dataset', None)
         nds = len(ds) if ds is not None and hasattr(ds, '__len__') else '?'
         raise ValueError(f'fit: the training DataLoader is empty (0 batches from {nds} items with '
                          f'batch_size={getattr(dl, "batch_size", "?")}, drop_last={getattr(dl, "drop_last", "?")})')
+    return n
 
 
 def _is_class_loss(loss_func):

@@ -20,6 +20,11 @@ EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_p
           'after_epoch', 'after_fit')
 
 
+# What one pass of the loop changes on the learner; validate() restores it, so it can be called from a callback.
+_LOOP_STATE = ('_hooks', 'dl', 'training', 'iter', 'n_iter', 'xb', 'yb', 'pred', 'loss', '_vals', '_val_metrics',
+               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_stop_training')
+
+
 class CancelBatchException(Exception):
     """Raised in a batch hook: skip the rest of this batch (backward/step/zero_grad not yet done); after_batch runs."""
 
@@ -203,11 +208,10 @@ class Learner:
             callbacks: callbacks for this call only (an instance or a list); removed when fit ends.
         """
         from .checks import check_fit
-        check_fit(self, epochs)
-        extra = _as_list(callbacks)
-        self._build_hooks(extra)
-        self.n_epoch, self.train_iter, self.exception, self.last_metrics = int(epochs), 0, None, []
+        epochs = check_fit(self, epochs)
         self._prepare_opt(lr, self.wd if wd is None else wd)
+        self._build_hooks(_as_list(callbacks))
+        self.n_epoch, self.train_iter, self.exception, self.last_metrics = epochs, 0, None, []
         try:
             try:
                 self('before_fit')
@@ -327,16 +331,19 @@ class Learner:
         if dl is None:
             raise ValueError('validate() needs a DataLoader: this learner has no validation set (data.valid_dl is None)')
         metrics = self.metrics if metrics is None else check_metrics(metrics)
+        saved, was_training = {k: getattr(self, k, None) for k in _LOOP_STATE}, self.model.training
         self._build_hooks(_as_list(callbacks))
-        self.exception, self._first_batch, self.n_epoch = None, True, 0
+        self.exception = None
         try:
             return self._validate(dl, metrics)
         except BaseException as e:
             self.exception = e
             self._cleanup('after_validate')
             raise
-        finally:
-            self._hooks = None
+        finally:  # validate may run inside a fit (from a callback): leave the fit's state as it was
+            for k, v in saved.items():
+                setattr(self, k, v)
+            self.model.train(was_training)
 
     def get_preds(self, dl=None, activ=None):
         """(predictions, targets) over `dl` (default: validation set), on CPU; softmax applied for cross-entropy."""

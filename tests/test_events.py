@@ -232,3 +232,34 @@ def test_keyboard_interrupt_is_not_wrapped_and_keeps_learner_usable():
     assert isinstance(learn.exception, KeyboardInterrupt)
     learn.fit(1)
     assert learn.exception is None and len(learn.recorder.train_losses) == 1
+
+
+def test_validate_called_from_a_callback_leaves_the_fit_intact():
+    class Probe(Callback):
+        def __init__(self):
+            self.results, self.modes = [], []
+
+        def after_batch(self, learn):
+            if learn.training and learn.iter == 1:
+                self.results.append(learn.validate(learn.data.train_dl))
+                self.modes.append((learn.training, learn.model.training, learn.iter))
+
+        def after_epoch(self, learn):
+            self.results.append(learn.validate())
+
+    log, probe = Log(), Probe()
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    learn.fit(2, 1e-2, callbacks=[log, probe])
+    assert events(log) == ['before_fit', *epoch_events(), *epoch_events(), 'after_fit']  # the fit's own events
+    assert probe.modes == [(True, True, 1)] * 2  # still training, model back in train mode, same batch
+    assert learn.recorder.nb_batches == [3, 3]
+    assert [r[0] for r in probe.results[1::2]] == learn.recorder.val_losses  # after_epoch sees the epoch's numbers
+
+
+def test_numpy_integer_epochs():
+    import numpy as np
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    learn.fit(np.int64(2))
+    assert learn.n_epoch == 2 and len(learn.recorder.train_losses) == 2
+    learn.validate()
+    assert learn.n_epoch == 2

@@ -47,10 +47,11 @@ class ProgressCallback(Callback):
     order = 60
 
     def __init__(self, comment_every=0.5):
-        self.comment_every, self.mbar, self.pbar = comment_every, None, None
+        self.comment_every, self.mbar, self.pbar, self._outer = comment_every, None, None, []
 
     def before_fit(self, learn):
         self.mbar = self.pbar = None
+        self._outer = []
         if learn.silent:
             return
         self.mbar = master_bar(range(learn.n_epoch)) if _live() else _PlainTable()
@@ -63,6 +64,7 @@ class ProgressCallback(Callback):
             self.mbar.update(learn.epoch)
 
     def _start_bar(self, learn):
+        self._outer.append(self.pbar)  # a validate() called from a callback nests inside the training bar
         self.pbar = None
         if learn.silent or not _live():
             return
@@ -90,7 +92,7 @@ class ProgressCallback(Callback):
     def _end_bar(self, learn):
         if self.pbar is not None and self.pbar.last_v is not None:
             self.pbar.on_iter_end()
-        self.pbar = None
+        self.pbar = self._outer.pop() if self._outer else None
 
     after_train = after_validate = _end_bar
 
@@ -110,6 +112,7 @@ class ProgressCallback(Callback):
         if self.mbar is not None:
             self.mbar.on_iter_end()
         self.pbar = self.mbar = None
+        self._outer = []
 
 
 class ShowGraph(Callback):

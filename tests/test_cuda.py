@@ -20,7 +20,8 @@ def test_default_device_is_cuda_and_batches_are_moved_once():
             seen.append((learn.xb[0].device.type, learn.yb.device.type))
 
     learn.fit(1, callbacks=Spy())
-    assert learn.device.type == 'cuda' and next(learn.model.parameters()).is_cuda
+    assert learn.device.type == 'cuda' and learn.device.index is not None  # 'cuda' resolved to 'cuda:N'
+    assert next(learn.model.parameters()).is_cuda
     assert set(seen) == {('cuda', 'cuda')}
     probs, targs = learn.get_preds()
     assert probs.device.type == 'cpu' and targs.device.type == 'cpu'

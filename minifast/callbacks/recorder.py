@@ -145,7 +145,7 @@ class Recorder(Callback):
         ends = np.cumsum(self.nb_batches)
         val = [(x, v) for x, v in zip(ends, self.val_losses) if v is not None]
         if val:
-            ax.plot(*zip(*val), label='Validation')
+            ax.plot(*zip(*val), marker='o', label='Validation')
         ax.set_xlabel('Batches processed')
         ax.set_ylabel('Loss')
         ax.legend()

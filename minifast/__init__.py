@@ -11,7 +11,10 @@ from torch import nn
 from .callbacks.logging import CSVLogger
 from .callbacks.progress import ProgressCallback, ShowGraph
 from .callbacks.recorder import Recorder
-from .data import DataBunch, TensorDataLoader, synthetic_classification
+from .data import (AffineWarp, BatchTransform, DataBunch, FlipLR, FlipUD, ImageDataBunch, ImageList, Lighting,
+                   RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
+                   imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
+                   write_cifar, write_image_folder)
 from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelTrainException, CancelValidateException, Learner)
 from .metrics import accuracy, error_rate, top_k_accuracy
@@ -23,7 +26,10 @@ __all__ = [
     # the library
     'Learner', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException', 'CancelValidateException',
     'CancelEpochException', 'CancelFitException', 'CallbackException', 'Recorder', 'ProgressCallback',
-    'ShowGraph', 'CSVLogger', 'DataBunch', 'TensorDataLoader', 'synthetic_classification', 'accuracy',
+    'ShowGraph', 'CSVLogger', 'DataBunch', 'TensorDataLoader', 'synthetic_classification', 'ImageList',
+    'ImageDataBunch', 'cifar_stats', 'imagenet_stats', 'get_transforms', 'cifar_transforms', 'BatchTransform',
+    'FlipLR', 'FlipUD', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
+    'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder', 'accuracy',
     'top_k_accuracy', 'error_rate', 'AdamW', 'SGD',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_save, load_state, check_state_dict
+from .device import resolve_device
 from .optim import AdamW, WeightDecay, lr_per_group, param_groups, set_hyper
 
 __all__ = ['Learner', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException',
@@ -92,14 +93,6 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _resolve_device(device):
-    """A torch.device with its index: 'cuda' becomes 'cuda:N', so comparing it with a tensor's device works."""
-    d = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
-    if d.type == 'cuda' and d.index is None:
-        d = torch.device('cuda', torch.cuda.current_device())
-    return d
-
-
 def _to(b, device):
     if isinstance(b, torch.Tensor):
         return b if b.device == device else b.to(device, non_blocking=True)
@@ -117,7 +110,7 @@ class Learner:
         from .callbacks.progress import ProgressCallback
         check_data(data)
         self.data, self.metrics = data, check_metrics(metrics)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.bf16, self.channels_last, self.silent = bf16, channels_last, silent
         self.model = model.to(self.device, memory_format=torch.channels_last) if channels_last else model.to(self.device)
         self.loss_func = F.cross_entropy if loss_func is None else loss_func

@@ -4,16 +4,20 @@ import math
 import torch
 from torch.utils.data import TensorDataset
 
+from ..device import resolve_device
+
 __all__ = ['DataBunch', 'TensorDataLoader']
 
 
 class TensorDataLoader:
     """Yields (x[idx], y[idx]) batches from tensors: no per-item work, no collate, no worker processes.
 
-    The shuffle order comes from torch's global RNG, so torch.manual_seed fixes it.
+    The shuffle order comes from torch's global RNG, so torch.manual_seed fixes it. With `device`, each batch is
+    moved there after indexing (tensors already on that device stay put); `after_batch(batch) -> batch` then runs
+    on the batch's device (image loaders convert, augment and normalise there).
     """
 
-    def __init__(self, *tensors, batch_size=64, shuffle=False, drop_last=False):
+    def __init__(self, *tensors, batch_size=64, shuffle=False, drop_last=False, device=None, after_batch=None):
         if not tensors:
             raise ValueError('TensorDataLoader needs at least one tensor')
         n = len(tensors[0])
@@ -23,6 +27,8 @@ class TensorDataLoader:
         if batch_size < 1:
             raise ValueError(f'TensorDataLoader: batch_size must be >= 1, got {batch_size}')
         self.tensors, self.batch_size, self.shuffle, self.drop_last = tensors, int(batch_size), shuffle, drop_last
+        self.device = None if device is None else resolve_device(device)
+        self.after_batch = after_batch
         self.dataset = TensorDataset(*tensors)
 
     def __len__(self):
@@ -32,12 +38,16 @@ class TensorDataLoader:
     def __iter__(self):
         n, bs = len(self.tensors[0]), self.batch_size
         idx = torch.randperm(n, device=self.tensors[0].device) if self.shuffle else None
+        dev, fn = self.device, self.after_batch
         for i in range(len(self)):
             if idx is None:
-                yield tuple(t[i * bs:(i + 1) * bs] for t in self.tensors)
+                b = tuple(t[i * bs:(i + 1) * bs] for t in self.tensors)
             else:
                 j = idx[i * bs:(i + 1) * bs]
-                yield tuple(t[j] for t in self.tensors)
+                b = tuple(t[j] for t in self.tensors)
+            if dev is not None:
+                b = tuple(t if t.device == dev else t.to(dev, non_blocking=True) for t in b)
+            yield b if fn is None else fn(b)
 
 
 class DataBunch:

@@ -1,0 +1,333 @@
+"""The ImageList chain (fastai v1's spelling) and ImageDataBunch: images decoded once, augmented batch-wise on device.
+
+    data = (ImageList.from_folder(path).split_by_folder(train='train', valid='test').label_from_folder()
+            .transform(get_transforms(), size=(32, 32)).databunch(bs=256, val_bs=512).normalize(cifar_stats))
+"""
+import math
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..device import resolve_device
+from .augment import apply_tfms, split_index_only
+from .cache import cached_decode
+from .core import DataBunch, TensorDataLoader
+
+__all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'IMG_EXTENSIONS',
+           'cifar_stats', 'imagenet_stats']
+
+IMG_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'})
+cifar_stats = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
+imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def _size2(size):
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else size
+    return int(h), int(w)
+
+
+def _hidden(rel):
+    return any(part.startswith('.') or part == '__pycache__' for part in rel.parts)
+
+
+class ImageList:
+    """A list of image files under `path`: the start of the chain."""
+
+    def __init__(self, items, path='.', ignore_errors=False):
+        self.items, self.path, self.ignore_errors = [Path(i) for i in items], Path(path), ignore_errors
+
+    @classmethod
+    def from_folder(cls, path='.', extensions=None, recurse=True, ignore_errors=False):
+        """Every image file below `path`; hidden entries (.ipynb_checkpoints, .DS_Store) and other files are skipped."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f'ImageList.from_folder: {path} does not exist')
+        if not path.is_dir():
+            raise NotADirectoryError(f'ImageList.from_folder: {path} is not a folder')
+        exts = IMG_EXTENSIONS if extensions is None else {e.lower() if e.startswith('.') else f'.{e.lower()}'
+                                                          for e in extensions}
+        found = path.rglob('*') if recurse else path.iterdir()
+        items = sorted(p for p in found if p.suffix.lower() in exts and p.is_file()
+                       and not _hidden(p.relative_to(path)))
+        if not items:
+            raise ValueError(f'ImageList.from_folder: no image files ({", ".join(sorted(exts))}) found in {path}')
+        return cls(items, path, ignore_errors)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def __repr__(self):
+        return f'{type(self).__name__} ({len(self)} items) in {self.path}'
+
+    def _sub(self, idx):
+        return ImageList([self.items[i] for i in idx], self.path, self.ignore_errors)
+
+    def split_by_folder(self, train='train', valid='valid'):
+        """Items under path/train and path/valid (the first folder below `path` decides)."""
+        tops = [i.relative_to(self.path).parts[0] for i in self.items]
+        tr = [i for i, t in enumerate(tops) if t == train]
+        va = [i for i, t in enumerate(tops) if t == valid]
+        have = sorted({t for t, i in zip(tops, self.items) if i.parent != self.path})
+        for name, idx in ((train, tr), (valid, va)):
+            if not idx:
+                raise ValueError(f"split_by_folder: no images in {self.path / name}; the folders of {self.path} "
+                                 f"holding images are {have}")
+        return ItemLists(self.path, self._sub(tr), self._sub(va), split_dirs=(train, valid))
+
+    def split_by_rand_pct(self, valid_pct=0.2, seed=None):
+        """A random `valid_pct` of the items for validation (seeded by `seed` when given)."""
+        if not 0 < valid_pct < 1:
+            raise ValueError(f'split_by_rand_pct: valid_pct must be between 0 and 1, got {valid_pct}')
+        rng = random.Random(seed) if seed is not None else random.Random()
+        idx = list(range(len(self)))
+        rng.shuffle(idx)
+        cut = int(round(valid_pct * len(idx)))
+        if cut == 0 or cut == len(idx):
+            raise ValueError(f'split_by_rand_pct: {len(idx)} items with valid_pct={valid_pct} leave an empty split')
+        return ItemLists(self.path, self._sub(sorted(idx[cut:])), self._sub(sorted(idx[:cut])))
+
+    def split_by_idx(self, valid_idx):
+        """The items at `valid_idx` for validation, the rest for training."""
+        v = set(int(i) for i in valid_idx)
+        return ItemLists(self.path, self._sub([i for i in range(len(self)) if i not in v]), self._sub(sorted(v)))
+
+
+class ItemLists:
+    """A training and a validation ImageList."""
+
+    def __init__(self, path, train, valid, split_dirs=None):
+        self.path, self.train, self.valid, self.split_dirs = Path(path), train, valid, split_dirs
+
+    def __repr__(self):
+        return f'ItemLists(train: {len(self.train)} items, valid: {len(self.valid)} items) in {self.path}'
+
+    def _class_roots(self):
+        if self.split_dirs is None:
+            return [self.path]
+        return [self.path / d for d in self.split_dirs]
+
+    def label_from_folder(self):
+        """Label each image by the name of its folder; validation classes unknown to training are dropped, with a
+        warning."""
+        parents = Counter(i.parent for i in (*self.train.items, *self.valid.items))
+        for root in self._class_roots():
+            if parents[root]:
+                flat = next(i for i in (*self.train.items, *self.valid.items) if i.parent == root)
+                raise ValueError(f'label_from_folder: {parents[root]} image(s) lie directly in {root} (e.g. '
+                                 f'{flat.name}); put each class in its own subfolder of {root}')
+            for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')):
+                if not parents[d]:
+                    warnings.warn(f'class folder {d} has no images; it is not a class')
+        ytr = [i.parent.name for i in self.train.items]
+        yva = [i.parent.name for i in self.valid.items]
+        classes = sorted(set(ytr))
+        unknown = Counter(y for y in yva if y not in set(classes))
+        valid = self.valid
+        if unknown:
+            what = ', '.join(f"'{c}' ({n} images)" for c, n in sorted(unknown.items()))
+            warnings.warn(f'validation classes absent from training, their images are dropped: {what}')
+            keep = [k for k, y in enumerate(yva) if y not in unknown]
+            valid, yva = valid._sub(keep), [yva[k] for k in keep]
+        return LabelLists(self.path, self.train, ytr, valid, yva, classes)
+
+
+class LabelLists:
+    """Labelled training and validation lists; `.transform(...)` then `.databunch(...)` finish the chain."""
+
+    def __init__(self, path, train, y_train, valid, y_valid, classes):
+        self.path, self.train, self.valid, self.classes = Path(path), train, valid, classes
+        self.y_train, self.y_valid = y_train, y_valid
+        self.tfms, self.size = ([], []), None
+
+    def __repr__(self):
+        return (f'LabelLists(train: {len(self.train)} items, valid: {len(self.valid)} items, '
+                f'{len(self.classes)} classes) in {self.path}')
+
+    def transform(self, tfms=None, size=None):
+        """Augmentations for training (and validation): a (train, valid) pair as get_transforms() returns, or one
+        list for training; `size` (an int or (H, W)) is what every image is resized to when decoded."""
+        if tfms is None:
+            tfms = ([], [])
+        elif not (isinstance(tfms, tuple) and len(tfms) == 2 and all(isinstance(t, (list, tuple)) for t in tfms)):
+            tfms = (list(tfms), [])
+        self.tfms, self.size = (list(tfms[0]), list(tfms[1])), _size2(size)
+        return self
+
+    def databunch(self, bs=64, val_bs=None, num_workers=None, device=None, ignore_errors=None, cache=True):
+        """Decode every image once (cached on disk) and build an ImageDataBunch.
+
+        num_workers sets the decoding processes (used for large folders only); batches are made by indexing.
+        """
+        ignore = self.train.ignore_errors if ignore_errors is None else ignore_errors
+        size = self.size
+        if size is None:
+            from PIL import Image
+            with Image.open(self.train.items[0]) as im:
+                size = (im.height, im.width)
+        parts = []
+        for name, items, labels in (('train', self.train, self.y_train), ('valid', self.valid, self.y_valid)):
+            x, keep, _ = cached_decode(items.items, self.path, size, name, num_workers, ignore, cache)
+            idx = {c: i for i, c in enumerate(self.classes)}
+            y = torch.tensor([idx[labels[k]] for k in keep], dtype=torch.long)
+            parts += [x, y, [items.items[k] for k in keep]]
+        xt, yt, it, xv, yv, iv = parts
+        return ImageDataBunch(xt, yt, xv, yv, self.classes, bs=bs, val_bs=val_bs, train_tfms=self.tfms[0],
+                              valid_tfms=self.tfms[1], device=device, path=self.path, train_items=it, valid_items=iv)
+
+
+class ImageDataset:
+    """Decoded images `x` (uint8, N×3×H×W), labels `y`, `classes` and the source files `items` (None for arrays)."""
+
+    def __init__(self, x, y, classes, items=None):
+        self.x, self.y, self.classes, self.items = x, y, classes, items
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+    def __repr__(self):
+        return f'ImageDataset({len(self)} images of {tuple(self.x.shape[1:])}, {len(self.classes)} classes)'
+
+
+class _Pipeline:
+    """Per-batch work on the batch's device: index-only transforms on uint8, to float in [0, 1], the other
+    transforms, then normalisation."""
+
+    def __init__(self, tfms, bunch):
+        self.pre, self.post = split_index_only(list(tfms))
+        self.bunch = bunch
+
+    def __call__(self, batch):
+        x, y = batch
+        x = apply_tfms(self.pre, x)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = apply_tfms(self.post, x)
+        return self.bunch._normalize(x), y
+
+
+def _to_uint8_images(x, name):
+    """Tensors or numpy arrays, NCHW or NHWC, uint8 or float in [0, 1] -> a uint8 NCHW tensor."""
+    x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    if x.ndim == 3:
+        x = x[:, None]  # grayscale N×H×W
+    if x.ndim != 4:
+        raise ValueError(f'{name}: expected images as N×C×H×W or N×H×W×C, got shape {tuple(x.shape)}')
+    if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise ValueError(f'{name}: expected 1 or 3 channels, got shape {tuple(x.shape)}')
+    if x.dtype != torch.uint8:
+        if x.is_floating_point() and x.numel() and float(x.max()) > 1.0 + 1e-6:
+            raise ValueError(f'{name}: float images must be in [0, 1] (max is {float(x.max()):.3g}); '
+                             f'pass uint8 for 0..255 values')
+        x = (x.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return x.contiguous()
+
+
+def _resize_uint8(x, size, chunk=1024):
+    if size is None or tuple(x.shape[-2:]) == size:
+        return x
+    out = [F.interpolate(x[i:i + chunk].float(), size=size, mode='bilinear', antialias=True, align_corners=False)
+           .round().clamp(0, 255).to(torch.uint8) for i in range(0, len(x), chunk)]
+    return torch.cat(out)
+
+
+class ImageDataBunch(DataBunch):
+    """Training and validation images held as uint8 tensors; batches are made by indexing and augmented, converted
+    and normalised on the batch's device (the GPU when there is one)."""
+
+    def __init__(self, x_train, y_train, x_valid, y_valid, classes, bs=64, val_bs=None, train_tfms=(), valid_tfms=(),
+                 device=None, path='.', train_items=None, valid_items=None, drop_last=True):
+        if len(x_train) != len(y_train) or len(x_valid) != len(y_valid):
+            raise ValueError(f'ImageDataBunch: {len(x_train)} training images but {len(y_train)} labels, '
+                             f'{len(x_valid)} validation images but {len(y_valid)} labels')
+        self.device, self.path, self.stats, self._stats_on = resolve_device(device), Path(path), None, {}
+        self.train_tfms, self.valid_tfms = list(train_tfms), list(valid_tfms)
+        train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=True, drop_last=drop_last,
+                                 device=self.device, after_batch=_Pipeline(self.train_tfms, self))
+        valid = TensorDataLoader(x_valid, y_valid, batch_size=val_bs or bs, device=self.device,
+                                 after_batch=_Pipeline(self.valid_tfms, self))
+        train.dataset = ImageDataset(x_train, y_train, classes, train_items)
+        valid.dataset = ImageDataset(x_valid, y_valid, classes, valid_items)
+        super().__init__(train, valid, classes=list(classes))
+
+    @classmethod
+    def from_tensors(cls, x_train, y_train, x_valid, y_valid, classes=None, tfms=None, size=None, bs=64,
+                     val_bs=None, device=None, path='.'):
+        """From tensors or numpy arrays (N×C×H×W or N×H×W×C; uint8, or float in [0, 1]), resized to `size`."""
+        size = _size2(size)
+        xt = _resize_uint8(_to_uint8_images(x_train, 'x_train'), size)
+        xv = _resize_uint8(_to_uint8_images(x_valid, 'x_valid'), size)
+        yt, yv = torch.as_tensor(np.asarray(y_train)).long(), torch.as_tensor(np.asarray(y_valid)).long()
+        if classes is None:
+            classes = [str(i) for i in range(int(max(yt.max(), yv.max() if len(yv) else 0)) + 1)]
+        tr, va = (tfms if isinstance(tfms, tuple) and len(tfms) == 2 else (tfms or [], []))
+        return cls(xt, yt, xv, yv, classes, bs=bs, val_bs=val_bs, train_tfms=tr, valid_tfms=va, device=device,
+                   path=path)
+
+    def __repr__(self):
+        x = self.train_ds.x
+        return (f'ImageDataBunch(train: {len(self.train_ds)}, valid: {len(self.valid_ds)}, images '
+                f'{tuple(x.shape[1:])}, {self.c} classes, bs {self.train_dl.batch_size}, device {self.device})')
+
+    def normalize(self, stats=None):
+        """Normalise batches with (mean, std) per channel; None computes them from the training images."""
+        if stats is None:
+            x = self.train_ds.x[:5000].float().div_(255)
+            stats = (x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist())
+        mean, std = (torch.as_tensor(s, dtype=torch.float32).reshape(-1) for s in stats)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f'normalize: stats must be (3 means, 3 stds), got {len(mean)} and {len(std)}')
+        self.stats, self._stats_on = (mean, std), {}
+        return self
+
+    def _normalize(self, x):
+        if self.stats is None:
+            return x
+        dev = x.device
+        if dev not in self._stats_on:  # move the two small tensors once per device, not once per batch
+            self._stats_on[dev] = tuple(s.to(dev)[None, :, None, None] for s in self.stats)
+        mean, std = self._stats_on[dev]
+        return (x - mean) / std
+
+    def denormalize(self, x):
+        """Undo normalize() on a float batch: back to [0, 1] images."""
+        if self.stats is None:
+            return x
+        mean, std = (s.to(x.device)[None, :, None, None] for s in self.stats)
+        return x * std + mean
+
+    def one_batch(self, train=True):
+        """The first batch of the training (or validation) loader, augmented and normalised."""
+        return next(iter(self.train_dl if train else self.valid_dl))
+
+    def show_batch(self, rows=3, figsize=(4, 4), train=True):
+        """A Figure of rows×rows images from a batch (augmented when `train`), de-normalised, titled by class."""
+        from ..callbacks.recorder import new_figure
+        x, y = self.one_batch(train)
+        n = min(rows * rows, len(x))
+        x = self.denormalize(x[:n]).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        cols = rows
+        fig, _ = new_figure(figsize=figsize)
+        fig.clf()
+        for i in range(n):
+            ax = fig.add_subplot(math.ceil(n / cols), cols, i + 1)
+            ax.imshow(x[i])
+            ax.set_title(self.classes[int(y[i])], fontsize=8)
+            ax.axis('off')
+        fig.tight_layout()
+        return fig

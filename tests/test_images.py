@@ -1,0 +1,267 @@
+"""The ImageList chain on small generated folders: decoding, cache, labels, bad input, batches, show_batch."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+import minifast.data.cache as cache_mod
+from minifast import ImageDataBunch, ImageList, Learner, cifar_stats
+from minifast.data.cache import CACHE_DIR_NAME, ImageDecodeError
+
+CLASSES = ['ant', 'bee', 'cat']
+
+
+def pixels(cls_idx, k, size=8):
+    """A deterministic image for class `cls_idx`, item k: every pixel differs, so order and layout are checkable."""
+    r = np.arange(size * size, dtype=np.int64).reshape(size, size)
+    img = np.stack([(r * 3 + k) % 256, (r * 5 + 40 * cls_idx) % 256, (r + 7 * k + cls_idx) % 256], -1)
+    return img.astype(np.uint8)
+
+
+def make_folder(root, n_train=4, n_valid=2, size=8, splits=('train', 'test')):
+    expected = {}
+    for split, n in zip(splits, (n_train, n_valid)):
+        for c, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(pixels(c, k, size)).save(d / f'{k}.png')
+                expected[(split, name, k)] = pixels(c, k, size)
+    return expected
+
+
+def chain(root, size=(8, 8), tfms=None, **kw):
+    return (ImageList.from_folder(root).split_by_folder(train='train', valid='test').label_from_folder()
+            .transform(tfms, size=size).databunch(bs=4, device='cpu', **kw))
+
+
+def test_chain_end_to_end(tmp_path):
+    expected = make_folder(tmp_path)
+    data = chain(tmp_path).normalize(cifar_stats)
+    assert data.classes == CLASSES and data.c == 3
+    assert len(data.train_ds) == 12 and len(data.valid_ds) == 6 and len(data.train_dl) == 3
+    for ds, split in ((data.train_ds, 'train'), (data.valid_ds, 'test')):
+        for i, f in enumerate(ds.items):
+            ref = torch.from_numpy(expected[(split, f.parent.name, int(f.stem))]).permute(2, 0, 1)
+            assert torch.equal(ds.x[i], ref), f
+            assert CLASSES[int(ds.y[i])] == f.parent.name
+    xb, yb = next(iter(data.valid_dl))  # validation: in order, not augmented, normalised
+    mean, std = (torch.tensor(s)[None, :, None, None] for s in cifar_stats)
+    torch.testing.assert_close(xb, (data.valid_ds.x[:4].float() / 255 - mean) / std)
+    assert xb.dtype == torch.float32 and torch.equal(yb, data.valid_ds.y[:4])
+    xt, yt = next(iter(data.train_dl))
+    assert xt.shape == (4, 3, 8, 8) and yt.dtype == torch.int64
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    make_folder(tmp_path)
+    calls = []
+    real = cache_mod.decode_images
+    monkeypatch.setattr(cache_mod, 'decode_images', lambda files, *a, **k: calls.append(len(files)) or
+                        real(files, *a, **k))
+    chain(tmp_path)
+    assert calls == [12, 6]
+    cached = sorted(p.name for p in (tmp_path / CACHE_DIR_NAME).iterdir())
+    assert len(cached) == 2 and all(p.endswith('.pt') for p in cached)
+    data = chain(tmp_path)
+    assert calls == [12, 6]  # both splits from the cache
+    assert len(data.train_ds) == 12
+    f = tmp_path / 'train' / 'ant' / '0.png'
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f)
+    os.utime(f, ns=(1, 1))  # a changed file (mtime and content)
+    data = chain(tmp_path)
+    assert calls == [12, 6, 12]  # only the changed split is decoded again
+    assert data.train_ds.x[list(map(str, data.train_ds.items)).index(str(f))].sum() == 0
+    Image.fromarray(pixels(0, 9)).save(tmp_path / 'test' / 'ant' / '9.png')  # a new file
+    data = chain(tmp_path)
+    assert calls == [12, 6, 12, 7] and len(data.valid_ds) == 7
+    assert len(list((tmp_path / CACHE_DIR_NAME).iterdir())) == 2  # stale cache files are removed
+    chain(tmp_path, size=(4, 4))
+    assert calls[-2:] == [12, 7]  # another size is another cache
+
+
+def test_hidden_entries_and_other_files_are_skipped(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / 'train' / '.ipynb_checkpoints').mkdir()
+    Image.fromarray(pixels(0, 0)).save(tmp_path / 'train' / '.ipynb_checkpoints' / 'x.png')
+    (tmp_path / 'train' / 'ant' / '.DS_Store').write_bytes(b'\0\1')
+    (tmp_path / 'train' / 'bee' / 'notes.txt').write_text('not an image')
+    Image.fromarray(pixels(0, 0)).save(tmp_path / 'train' / 'cat' / '._hidden.png')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        data = chain(tmp_path)
+    assert data.classes == CLASSES and len(data.train_ds) == 12
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf'{tmp_path / "nope"} does not exist'):
+        ImageList.from_folder(tmp_path / 'nope')
+
+
+def test_no_images(tmp_path):
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'a' / 'x.txt').write_text('x')
+    with pytest.raises(ValueError, match=rf'no image files .* found in {tmp_path}'):
+        ImageList.from_folder(tmp_path)
+
+
+def test_missing_split_folder(tmp_path):
+    make_folder(tmp_path, splits=('train', 'valid'))
+    with pytest.raises(ValueError, match=rf"no images in {tmp_path / 'test'}.*\['train', 'valid'\]"):
+        ImageList.from_folder(tmp_path).split_by_folder(train='train', valid='test')
+
+
+def test_images_without_class_subfolders(tmp_path):
+    for split in ('train', 'test'):
+        (tmp_path / split).mkdir()
+        for k in range(3):
+            Image.fromarray(pixels(0, k)).save(tmp_path / split / f'{k}.png')
+    with pytest.raises(ValueError, match=rf'3 image\(s\) lie directly in {tmp_path / "train"}.*own subfolder'):
+        ImageList.from_folder(tmp_path).split_by_folder(valid='test').label_from_folder()
+
+
+def test_class_folder_without_images_warns(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / 'train' / 'dog').mkdir()
+    (tmp_path / 'train' / 'dog' / 'readme.txt').write_text('no images here')
+    with pytest.warns(UserWarning, match=rf'class folder {tmp_path / "train" / "dog"} has no images'):
+        data = chain(tmp_path)
+    assert data.classes == CLASSES
+
+
+def test_corrupt_image_names_the_file_or_is_skipped(tmp_path):
+    make_folder(tmp_path)
+    bad = tmp_path / 'train' / 'bee' / '1.png'
+    bad.write_bytes(bad.read_bytes()[:30])  # truncated
+    (tmp_path / 'train' / 'cat' / 'junk.jpg').write_bytes(b'not a jpeg at all')
+    with pytest.raises(ImageDecodeError, match=rf'cannot read image {bad}.*and 1 more.*ignore_errors=True'):
+        chain(tmp_path)
+    with pytest.warns(UserWarning, match=r'skipped 2 unreadable image file\(s\)') as w:
+        data = chain(tmp_path, ignore_errors=True)
+    assert str(bad) in str(w[0].message) and 'junk.jpg' in str(w[0].message)
+    assert len(data.train_ds) == 12 - 1 and bad not in data.train_ds.items
+    ImageList.from_folder(tmp_path, ignore_errors=True).split_by_folder(valid='test')  # also settable at the start
+
+
+def test_validation_class_absent_from_training(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / 'test' / 'dog').mkdir()
+    for k in range(2):
+        Image.fromarray(pixels(1, k)).save(tmp_path / 'test' / 'dog' / f'{k}.png')
+    with pytest.warns(UserWarning, match=r"validation classes absent from training.*'dog' \(2 images\)"):
+        data = chain(tmp_path)
+    assert data.classes == CLASSES and len(data.valid_ds) == 6
+
+
+def test_other_sizes_and_modes_become_rgb_of_size(tmp_path):
+    make_folder(tmp_path)
+    big = np.random.default_rng(0).integers(0, 255, (16, 12, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / 'train' / 'ant' / 'big.png')
+    Image.fromarray(np.full((8, 8), 77, np.uint8), mode='L').save(tmp_path / 'train' / 'bee' / 'gray.png')
+    Image.fromarray(np.full((8, 8, 4), 200, np.uint8), mode='RGBA').save(tmp_path / 'train' / 'cat' / 'rgba.png')
+    pal = Image.fromarray(np.full((8, 8, 3), (10, 20, 30), np.uint8)).convert('P', palette=Image.ADAPTIVE)
+    pal.save(tmp_path / 'train' / 'cat' / 'pal.png')
+    data = chain(tmp_path)
+    names = [f.name for f in data.train_ds.items]
+    x = data.train_ds.x
+    assert x.shape == (16, 3, 8, 8)
+    assert torch.equal(x[names.index('gray.png')], torch.full((3, 8, 8), 77, dtype=torch.uint8))
+    assert torch.equal(x[names.index('rgba.png')], torch.full((3, 8, 8), 200, dtype=torch.uint8))
+    assert x[names.index('pal.png')][:, 0, 0].tolist() == [10, 20, 30]
+    ref = np.asarray(Image.fromarray(big).resize((8, 8), Image.BILINEAR)).transpose(2, 0, 1)
+    assert torch.equal(x[names.index('big.png')], torch.from_numpy(ref.copy()))
+
+
+def test_split_by_rand_pct(tmp_path):
+    make_folder(tmp_path, n_train=10, n_valid=0, splits=('all', 'none'))
+    il = ImageList.from_folder(tmp_path / 'all')
+    a, b = il.split_by_rand_pct(0.2, seed=1), il.split_by_rand_pct(0.2, seed=1)
+    assert a.valid.items == b.valid.items and len(a.valid) == 6 and len(a.train) == 24
+    assert not set(a.valid.items) & set(a.train.items)
+    assert il.split_by_rand_pct(0.2, seed=2).valid.items != a.valid.items
+    data = a.label_from_folder().transform(size=8).databunch(bs=8, device='cpu')
+    assert data.classes == CLASSES and len(data.valid_ds) == 6
+    with pytest.raises(ValueError, match='valid_pct must be between 0 and 1'):
+        il.split_by_rand_pct(1.5)
+
+
+def test_show_batch_returns_titled_figure(tmp_path):
+    make_folder(tmp_path)
+    data = chain(tmp_path).normalize(cifar_stats)
+    fig = data.show_batch(rows=2, figsize=(4, 4))
+    assert isinstance(fig, Figure) and len(fig.axes) == 4
+    assert all(ax.get_title() in CLASSES for ax in fig.axes)
+    img = fig.axes[0].images[0].get_array()
+    assert img.shape == (8, 8, 3) and 0 <= img.min() and img.max() <= 1  # de-normalised
+
+
+def test_normalize_from_data_and_bad_stats(tmp_path):
+    make_folder(tmp_path)
+    data = chain(tmp_path).normalize()
+    x = data.train_ds.x.float() / 255
+    torch.testing.assert_close(data.stats[0], x.mean((0, 2, 3)))
+    with pytest.raises(ValueError, match=r'3 means, 3 stds'):
+        data.normalize(([0.5], [0.2]))
+
+
+def test_from_tensors_numpy_nhwc_and_resize():
+    rng = np.random.default_rng(0)
+    xt = rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    xv = rng.random((6, 16, 16, 3)).astype(np.float32)
+    data = ImageDataBunch.from_tensors(xt, rng.integers(0, 4, 20), xv, rng.integers(0, 4, 6), size=8, bs=5,
+                                       device='cpu')
+    assert data.train_ds.x.shape == (20, 3, 8, 8) and data.train_ds.x.dtype == torch.uint8
+    assert data.c == 4 and len(data.train_dl) == 4
+    with pytest.raises(ValueError, match=r'float images must be in \[0, 1\]'):
+        ImageDataBunch.from_tensors(xv * 255, [0] * 6, xv, [0] * 6)
+
+
+def test_learner_fits_an_image_folder(tmp_path):
+    make_folder(tmp_path, n_train=16, n_valid=4)
+    data = chain(tmp_path).normalize()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    learn = Learner(data, model, silent=True)
+    before = learn.validate(data.train_dl)[0]
+    learn.fit(8, 1e-2)
+    assert learn.validate(data.train_dl)[0] < before
+
+
+def test_cifar100_bunch_from_a_tiny_pickle_on_disk(tmp_path):
+    from minifast import cifar100, write_cifar
+    g = torch.Generator().manual_seed(0)
+    xt, xv = (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8) for n in (64, 32))
+    yt, yv = torch.arange(64) % 100, torch.arange(32) % 100
+    classes = [f'c{i}' for i in range(100)]
+    write_cifar(tmp_path, 'cifar100', xt, yt, xv, yv, classes)
+    data = cifar100(tmp_path, download=False, bs=16, device='cpu')
+    assert torch.equal(data.train_ds.x, xt) and torch.equal(data.valid_ds.y, yv)
+    assert data.classes == classes and data.c == 100 and len(data.train_dl) == 4
+    mean, std = (torch.tensor(s)[None, :, None, None] for s in cifar_stats)
+    xb, _ = next(iter(data.valid_dl))
+    torch.testing.assert_close(xb, (xv[:16].float() / 255 - mean) / std)
+    with pytest.raises(FileNotFoundError, match='cifar-10-batches-py'):
+        from minifast import cifar10
+        cifar10(tmp_path, download=False)
+
+
+def test_fit_on_the_builtin_dataset_reduces_the_loss():
+    from minifast import accuracy, synthetic_cifar
+    torch.manual_seed(0)
+    data = synthetic_cifar(n_classes=10, n_train=2048, n_valid=256, bs=64, device='cpu')
+    assert data.c == 10 and data.train_ds.x.shape == (2048, 3, 32, 32)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 10))
+    learn = Learner(data, model, metrics=[accuracy], silent=True)
+    before = learn.validate()
+    learn.fit(4, 5e-3)
+    after = learn.validate()
+    assert after[0] < before[0] - 0.05 and after[1] > 0.15  # chance is 0.10; the set is built to need real training
+    assert learn.recorder.train_losses[-1] < learn.recorder.train_losses[0]

@@ -39,9 +39,9 @@ def make_folder(root, n, n_classes):
     marker.touch()
 
 
-def minifast_bunch(root, tfms, bs, cache=True):
+def minifast_bunch(root, tfms, bs, device='cpu'):
     return (ImageList.from_folder(root).split_by_folder(train='train', valid='valid').label_from_folder()
-            .transform(tfms, size=(32, 32)).databunch(bs=bs, device='cpu', cache=cache).normalize(cifar_stats))
+            .transform(tfms, size=(32, 32)).databunch(bs=bs, device=device).normalize(cifar_stats))
 
 
 def torchvision_loader(root, bs, workers):
@@ -69,6 +69,8 @@ def epoch(dl):
     n = 0
     for xb, _ in dl:
         n += len(xb)
+    if xb.is_cuda:
+        torch.cuda.synchronize()
     return n
 
 
@@ -80,6 +82,8 @@ def main(argv=None):
     p.add_argument('--bs', type=int, default=256)
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--workers', type=int, default=2, help='DataLoader workers for torchvision and fastai')
+    p.add_argument('--device', default='cpu', help="where minifast's batches are augmented: 'cpu' (the targets' "
+                   "setting) or 'cuda' (torchvision's loader still works on the CPU, as it would in training)")
     args = p.parse_args(argv)
     root = Path(args.root)
     t0 = time.perf_counter()
@@ -88,10 +92,10 @@ def main(argv=None):
 
     shutil.rmtree(root / '.minifast_cache', ignore_errors=True)
     t0 = time.perf_counter()
-    data = minifast_bunch(root, cifar_transforms(), args.bs)
+    data = minifast_bunch(root, cifar_transforms(), args.bs, args.device)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    minifast_bunch(root, cifar_transforms(), args.bs)
+    minifast_bunch(root, cifar_transforms(), args.bs, args.device)
     cached = time.perf_counter() - t0
     n_files = len(data.train_ds) + len(data.valid_ds)
     print(f'minifast first pass: decode {n_files} PNGs + write cache {first:.2f}s ({n_files / first:.0f} images/s); '
@@ -99,7 +103,7 @@ def main(argv=None):
 
     loaders = {'torchvision (per-item)': torchvision_loader(root, args.bs, args.workers),
                'minifast cifar_transforms': data.train_dl,
-               'minifast get_transforms': minifast_bunch(root, get_transforms(), args.bs).train_dl}
+               'minifast get_transforms': minifast_bunch(root, get_transforms(), args.bs, args.device).train_dl}
     fa = fastai_loader(root, args.bs, args.workers)
     if fa is not None:
         loaders['fastai v2 aug_transforms'] = fa
@@ -114,7 +118,9 @@ def main(argv=None):
             t0 = time.perf_counter()
             n = epoch(loaders[name])
             rates[name].append(n / (time.perf_counter() - t0))
-    print(f'torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, bs {args.bs}, {args.rounds} rounds')
+    where = torch.cuda.get_device_name() if args.device != 'cpu' else 'CPU'
+    print(f'torch {torch.__version__}, minifast on {where}, {torch.get_num_threads()} CPU threads, bs {args.bs}, '
+          f'{args.rounds} rounds')
     base = statistics.median(rates['torchvision (per-item)'])
     for name, rs in rates.items():
         med = statistics.median(rs)

@@ -92,3 +92,19 @@ def test_save_on_cuda_load_on_cpu(tmp_path):
     cpu.load('gpu')
     for p, q in zip(learn.model.parameters(), cpu.model.parameters()):
         assert torch.equal(p.cpu(), q)
+
+
+def test_image_batches_are_augmented_and_normalised_on_the_gpu():
+    from minifast import ImageDataBunch, get_transforms
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    y = torch.arange(64) % 4
+    data = ImageDataBunch.from_tensors(x, y, x[:16], y[:16], tfms=get_transforms(), bs=16).normalize()
+    assert data.device.type == 'cuda' and not data.train_ds.x.is_cuda  # decoded images stay in host memory
+    xb, yb = next(iter(data.train_dl))
+    assert xb.is_cuda and yb.is_cuda and xb.dtype == torch.float32 and xb.shape == (16, 3, 16, 16)
+    xv, _ = next(iter(data.valid_dl))
+    mean, std = (s.cuda()[None, :, None, None] for s in data.stats)
+    torch.testing.assert_close(xv, (x[:16].cuda().float() / 255 - mean) / std)  # validation: not augmented
+    learn = Learner(data, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 4)), silent=True)
+    learn.fit(1)
+    assert len(learn.recorder.raw_losses) == 4

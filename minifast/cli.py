@@ -1,4 +1,4 @@
-"""The `minifast` command: `minifast demo` trains a small model on generated data and writes its plots."""
+"""The `minifast` command: `minifast demo` trains a small CNN on the built-in image set and writes its plots."""
 import argparse
 import sys
 import time
@@ -8,29 +8,41 @@ __all__ = ['main']
 
 
 def demo(args):
-    """Fit an MLP on a generated 10-class problem; print the epoch table and save loss/lr/metric plots."""
+    """Fit a small CNN on the built-in image set (or CIFAR-10 when it is on disk under --data); save the plots."""
     import matplotlib
     matplotlib.use('Agg')
     import torch
     from torch import nn
-    from . import DataBunch, Learner, accuracy, synthetic_classification, top_k_accuracy
+    from . import Learner, accuracy, cifar10, cifar_transforms, synthetic_cifar, top_k_accuracy
     torch.manual_seed(args.seed)
-    data = DataBunch.from_tensors(*synthetic_classification(n_train=4096, n_valid=1024, seed=args.seed), bs=64,
-                                  val_bs=256)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    if args.data:
+        data = cifar10(args.data, download=False, tfms=cifar_transforms(), bs=args.bs)
+        what = f'CIFAR-10 from {args.data}'
+    else:
+        data = synthetic_cifar(n_classes=10, n_train=args.n_train, n_valid=args.n_train // 5, seed=args.seed,
+                               tfms=cifar_transforms(), bs=args.bs)
+        what = f'the built-in 32x32 shapes set ({args.n_train} training images, 10 classes)'
+
+    def block(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                             nn.MaxPool2d(2))
+    model = nn.Sequential(block(3, 16), block(16, 32), block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, data.c))
     out = Path(args.out)
+    print(f'demo: {what}, {data.device}')
     learn = Learner(data, model, metrics=[accuracy, top_k_accuracy], path=out, silent=args.quiet)
     t0 = time.perf_counter()
     learn.fit(args.epochs, lr=args.lr)
     dt = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
+    data.show_batch(rows=3, figsize=(5, 5)).savefig(out / 'batch.png')
     learn.recorder.plot_losses().savefig(out / 'losses.png')
     learn.recorder.plot_lr(show_moms=True).savefig(out / 'lr.png')
     learn.recorder.plot_metrics().savefig(out / 'metrics.png')
     file = learn.save('demo')
     loss, acc, top5 = learn.validate()
     print(f'demo: {args.epochs} epochs in {dt:.1f}s; valid loss {loss:.4f}, accuracy {acc:.4f}, top-5 {top5:.4f}')
-    print(f'demo: plots in {out}/ (losses.png, lr.png, metrics.png), weights in {file}')
+    print(f'demo: plots in {out}/ (batch.png, losses.png, lr.png, metrics.png), weights in {file}')
     return 0
 
 
@@ -38,9 +50,12 @@ def main(argv=None):
     """Entry point of the `minifast` console script."""
     p = argparse.ArgumentParser(prog='minifast', description=__doc__)
     sub = p.add_subparsers(dest='cmd', required=True)
-    d = sub.add_parser('demo', help='short fit on generated data (the main job until `minifast smith` lands)')
-    d.add_argument('--epochs', type=int, default=5)
+    d = sub.add_parser('demo', help='short fit on the built-in image set (the main job until `minifast smith` lands)')
+    d.add_argument('--epochs', type=int, default=3)
     d.add_argument('--lr', type=float, default=3e-3)
+    d.add_argument('--bs', type=int, default=64)
+    d.add_argument('--n-train', type=int, default=5000, help='images in the built-in training set')
+    d.add_argument('--data', default=None, help='a folder holding cifar-10-batches-py (default: the built-in set)')
     d.add_argument('--seed', type=int, default=0)
     d.add_argument('--out', default='runs/demo', help='folder for plots and weights (default: runs/demo)')
     d.add_argument('--quiet', action='store_true', help='no progress bars or epoch table')

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .callbacks.logging import CSVLogger
+from .callbacks.lr_finder import LRFinder, LRFindResult
 from .callbacks.progress import ProgressCallback, ShowGraph
 from .callbacks.recorder import Recorder
+from .callbacks.schedule import ParamScheduler
 from .data import (AffineWarp, BatchTransform, DataBunch, FlipLR, FlipUD, ImageDataBunch, ImageList, Lighting,
                    RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
                    imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
@@ -19,6 +21,8 @@ from .learner import (EVENTS, CallbackException, Callback, CancelBatchException,
                       CancelFitException, CancelTrainException, CancelValidateException, Learner)
 from .metrics import accuracy, error_rate, top_k_accuracy
 from .optim import SGD, AdamW
+from .schedules import (PhaseSchedule, Phase, annealing_cos, annealing_exp, annealing_linear, annealing_no,
+                        one_cycle_schedule)
 
 __version__ = '0.1.0'
 
@@ -30,7 +34,8 @@ __all__ = [
     'ImageDataBunch', 'cifar_stats', 'imagenet_stats', 'get_transforms', 'cifar_transforms', 'BatchTransform',
     'FlipLR', 'FlipUD', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
     'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder', 'accuracy',
-    'top_k_accuracy', 'error_rate', 'AdamW', 'SGD',
+    'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
+    'Phase', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no', 'one_cycle_schedule',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

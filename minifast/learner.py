@@ -231,6 +231,42 @@ class Learner:
         finally:
             self._hooks = None
 
+    def fit_one_cycle(self, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25., pct_start=0.3, final_div=None,
+                      wd=None, callbacks=None, tot_epochs=None, start_epoch=None):
+        """Train with Smith's 1cycle policy (fastai v1 semantics; every step equals torch's OneCycleLR).
+
+        Args:
+            cyc_len: epochs to train.
+            max_lr: peak learning rate (a number, one per layer group, or slice(start, end) / slice(end)).
+            moms: (max, min) momentum (beta1 for Adam): moms[0] -> moms[1] while the lr rises, back as it falls.
+            div_factor: the lr starts at max_lr / div_factor.
+            pct_start: fraction of the steps spent warming up.
+            final_div: the lr ends at max_lr / final_div (default div_factor * 1e4).
+            wd: weight decay (None keeps learn.wd).
+            callbacks: callbacks for this call only.
+            tot_epochs, start_epoch: lay the cycle over tot_epochs and start at start_epoch (to continue a run).
+        """
+        from .callbacks.schedule import fit_one_cycle
+        fit_one_cycle(self, cyc_len, max_lr, moms, div_factor, pct_start, final_div, wd, callbacks, tot_epochs,
+                      start_epoch)
+
+    def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
+        """LR range test: one step per learning rate, exponentially from start_lr to end_lr; restores everything.
+
+        Args:
+            start_lr, end_lr: the sweep's ends (numbers, or one per layer group).
+            num_it: steps in the sweep (over as many epochs as that needs; no validation).
+            stop_div: stop once the smoothed loss exceeds 4x its best, or any loss is not finite.
+            wd: weight decay during the sweep (None keeps learn.wd).
+
+        Model parameters and buffers, optimizer state and hyper-parameters, and the RNG states (torch, CUDA, numpy,
+        random) are restored afterwards, also when the sweep is interrupted, and nothing is written to disk. The
+        sweep stays in `learn.recorder` for `learn.recorder.plot(suggestion=True)`; the returned LRFindResult holds
+        the 'steep', 'valley' and 'minimum' suggestions.
+        """
+        from .callbacks.lr_finder import lr_find
+        return lr_find(self, start_lr, end_lr, num_it, stop_div, wd)
+
     def _do_epoch(self):
         self.last_metrics = []  # a cancelled epoch must not report the previous epoch's validation
         self.dl, self.training = self.data.train_dl, True

@@ -122,8 +122,9 @@ class Recorder(Callback):
             raise ValueError(f'Recorder.{what}: nothing recorded yet; run learn.fit(...) (or learn.lr_find()) first')
 
     # ---- plots -----------------------------------------------------------------------------------------------
-    def plot(self, skip_start=10, skip_end=5, ax=None):
-        """Smoothed loss against learning rate (log scale): the LR range test plot. Returns the Figure."""
+    def plot(self, skip_start=10, skip_end=5, suggestion=False, ax=None):
+        """Smoothed loss against learning rate (log scale): the LR range test plot; with `suggestion`, lr_find's
+        'steep', 'valley' and 'minimum' suggestions are marked. Returns the Figure."""
         lrs, losses = self.lrs, self.losses
         self._need(lrs, 'plot')
         if len(lrs) <= skip_start + skip_end:
@@ -131,6 +132,13 @@ class Recorder(Callback):
         end = len(lrs) - skip_end
         fig, (ax,) = new_figure(ax)
         ax.plot(lrs[skip_start:end], losses[skip_start:end])
+        if suggestion:
+            from .lr_finder import suggestions
+            for (name, lr), m in zip(suggestions(lrs, losses).items(), 'o^s'):
+                if lr is not None:
+                    y = float(np.interp(np.log10(lr), np.log10(lrs), losses))
+                    ax.plot([lr], [y], m, markersize=8, label=f'{name}: {lr:.2e}')
+            ax.legend()
         ax.set_xscale('log')
         ax.set_xlabel('Learning Rate')
         ax.set_ylabel('Loss')

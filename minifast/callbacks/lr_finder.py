@@ -1,0 +1,181 @@
+"""The LR range test: an exponential learning-rate sweep that leaves the learner exactly as it found it."""
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..learner import Callback, CancelFitException, CancelValidateException
+from ..optim import lr_per_group, set_hyper
+
+__all__ = ['LRFinder', 'LRFindResult', 'lr_find', 'suggest_steep', 'suggest_valley', 'suggest_minimum']
+
+
+class LRFinder(Callback):
+    """Sets lr = start_lr * (end_lr / start_lr) ** (i / (num_it - 1)) at step i; no validation; stops after num_it
+    steps, or (stop_div) once the smoothed loss exceeds 4x its best or a loss is not finite."""
+    order = 10
+
+    def __init__(self, start_lr, end_lr, num_it=100, stop_div=True, beta=0.98):
+        self.start_lr, self.end_lr, self.num_it, self.stop_div, self.beta = start_lr, end_lr, num_it, stop_div, beta
+
+    def before_fit(self, learn):
+        self.best, self._mov, self.diverged = math.inf, 0., False
+        n = len(learn.layer_groups)
+        self._start, self._end = lr_per_group(self.start_lr, n), lr_per_group(self.end_lr, n)
+
+    def before_batch(self, learn):
+        if not learn.training:
+            return
+        pos = learn.train_iter / max(self.num_it - 1, 1)
+        set_hyper(learn.opt, 'lr', [s * (e / s) ** pos for s, e in zip(self._start, self._end)])
+
+    def after_step(self, learn):
+        i = learn.train_iter + 1
+        if self.stop_div:
+            loss = learn.loss.item()  # the stop test needs the value now: one host sync per sweep step
+            self._mov = self.beta * self._mov + (1 - self.beta) * loss
+            smooth = self._mov / (1 - self.beta ** i)
+            if not math.isfinite(loss) or smooth > 4 * self.best:
+                self.diverged = True
+                raise CancelFitException()
+            self.best = min(self.best, smooth)
+        if i >= self.num_it:
+            raise CancelFitException()
+
+    def before_validate(self, learn):
+        raise CancelValidateException()
+
+
+def _finite(lrs, losses):
+    lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    keep = np.isfinite(losses) & np.isfinite(lrs) & (lrs > 0)
+    return lrs[keep], losses[keep]
+
+
+def suggest_steep(lrs, losses):
+    """The lr where the smoothed loss falls fastest per decade of lr; None with fewer than 3 finite points."""
+    lrs, losses = _finite(lrs, losses)
+    if len(lrs) < 3:
+        return None
+    slope = np.gradient(losses, np.log10(lrs))
+    return float(lrs[int(np.argmin(slope))])
+
+
+def suggest_minimum(lrs, losses):
+    """A tenth of the lr at the lowest smoothed loss; None without finite points."""
+    lrs, losses = _finite(lrs, losses)
+    return float(lrs[int(np.argmin(losses))] / 10) if len(lrs) else None
+
+
+def suggest_valley(lrs, losses):
+    """fastai v2's 'valley' rule: take the longest (not necessarily contiguous) run of ever lower losses, and
+    suggest the lr about halfway along it; None with fewer than 3 finite points."""
+    lrs, losses = _finite(lrs, losses)
+    n = len(losses)
+    if n < 3:
+        return None
+    run = np.ones(n, dtype=int)  # run[i]: length of the longest decreasing subsequence ending at i
+    for i in range(1, n):
+        lower = losses[:i] > losses[i]
+        if lower.any():
+            run[i] = run[:i][lower].max() + 1
+    end = int(np.argmax(run))  # first index reaching the longest run
+    start = end - int(run[end])
+    third = (end - start) / 3
+    return float(lrs[max(start + int(third) + int(third / 2), 0)])
+
+
+@dataclass
+class LRFindResult:
+    """What lr_find measured and suggests (each suggestion None when the data cannot support it)."""
+    lrs: list
+    losses: list
+    steep: float = None
+    valley: float = None
+    minimum: float = None
+    diverged: bool = False
+    suggestions: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        fmt = lambda v: 'None' if v is None else f'{v:.2e}'  # noqa: E731
+        return (f'LRFindResult({len(self.lrs)} steps, steep={fmt(self.steep)}, valley={fmt(self.valley)}, '
+                f'minimum={fmt(self.minimum)})')
+
+
+def suggestions(lrs, losses, skip_start=None, skip_end=5):
+    """The three suggestions on lrs/losses after dropping the first tenth (skip_start) and last `skip_end` points."""
+    n = len(lrs)
+    skip_start = n // 10 if skip_start is None else skip_start
+    if n - skip_start - skip_end < 3:
+        skip_start = skip_end = 0
+    lr, ls = lrs[skip_start:n - skip_end], losses[skip_start:n - skip_end]
+    return {'steep': suggest_steep(lr, ls), 'valley': suggest_valley(lr, ls), 'minimum': suggest_minimum(lr, ls)}
+
+
+def _snapshot(learn):
+    model = learn.model
+    return {
+        'params': {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()},
+        'grads': [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
+        'modes': [m.training for m in model.modules()],
+        'opt': None if learn.opt is None else (learn.opt, _deep_clone(learn.opt.state_dict()), learn._wd),
+        'rng': (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                np.random.get_state(), random.getstate()),
+    }
+
+
+def _deep_clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _deep_clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_deep_clone(v) for v in obj)
+    return obj
+
+
+def _restore(learn, snap):
+    model = learn.model
+    with torch.no_grad():
+        for k, v in model.state_dict(keep_vars=True).items():
+            v.copy_(snap['params'][k])
+    for p, g in zip(model.parameters(), snap['grads']):
+        p.grad = g
+    for m, mode in zip(model.modules(), snap['modes']):
+        m.training = mode
+    if snap['opt'] is None:
+        learn.opt = learn._wd = None  # the next fit builds a fresh optimizer, as it would have without lr_find
+    else:
+        opt, state, wd = snap['opt']
+        opt.load_state_dict(state)  # moments and per-group hyper-parameters (lr, betas, wd) as they were
+        learn.opt, learn._wd = opt, wd
+    cpu, cuda, np_state, py_state = snap['rng']
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
+    """Learner.lr_find's implementation (see its docstring)."""
+    if num_it < 2:
+        raise ValueError(f'lr_find: num_it must be at least 2, got {num_it}')
+    n = len(learn.data.train_dl)
+    if n == 0:
+        from ..checks import check_fit
+        check_fit(learn, 1)
+    epochs = math.ceil(num_it / n)
+    finder = LRFinder(start_lr, end_lr, num_it, stop_div)
+    snap = _snapshot(learn)
+    try:
+        learn.fit(epochs, start_lr, wd=wd, callbacks=[finder])
+    finally:
+        _restore(learn, snap)
+    rec = learn.recorder
+    lrs, losses = rec.lrs, rec.losses
+    sug = suggestions(lrs, losses)
+    print('LR Finder is complete, type learn.recorder.plot() to see the graph.')
+    return LRFindResult(lrs, losses, diverged=finder.diverged, suggestions=sug, **sug)

@@ -397,11 +397,16 @@ class Learner:
         return torch.cat(preds), torch.cat(targs)
 
     def predict(self, x):
-        """Predict one item (no batch dimension): (label, class index, probabilities) for classification."""
+        """Predict one item (no batch dimension; raw, as in data.valid_ds): (label, class index, probabilities) for
+        classification. Data with a `preprocess` method (images) converts and normalises the item first."""
         self.model.eval()
         xs = x if isinstance(x, (tuple, list)) else (x,)
+        pre = getattr(self.data, 'preprocess', None)  # e.g. images: uint8 -> float, normalised like validation
         with torch.no_grad():
-            out = self.model(*(t.unsqueeze(0).to(self.device) for t in xs))[0].float().cpu()
+            xs = [t.unsqueeze(0).to(self.device) for t in xs]
+            if pre is not None:
+                xs = [pre(t) for t in xs]
+            out = self.model(*xs)[0].float().cpu()
         if not self._is_ce():
             return out, out, out
         probs = out.softmax(-1)

@@ -32,3 +32,16 @@ def data():
 @pytest.fixture
 def model():
     return make_mlp()
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _decode_cache_in_tmp(tmp_path_factory):
+    """Keep the image decode cache of the whole test session out of ~/.cache."""
+    import os
+    old = os.environ.get('MINIFAST_CACHE')
+    os.environ['MINIFAST_CACHE'] = str(tmp_path_factory.mktemp('decode_cache'))
+    yield
+    if old is None:
+        os.environ.pop('MINIFAST_CACHE', None)
+    else:
+        os.environ['MINIFAST_CACHE'] = old

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minifast.data.augment import (AffineWarp, BatchTransform, FlipLR, FlipUD, Lighting, RandomCropPad, apply_tfms,
-                                   cifar_transforms, get_transforms, split_index_only)
+from minifast.data.augment import (AffineWarp, BatchTransform, Dihedral, FlipLR, FlipUD, Lighting, RandomCropPad,
+                                   apply_tfms, cifar_transforms, get_transforms, split_index_only)
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
@@ -349,7 +349,7 @@ def test_get_transforms_defaults_are_fastai_v1s():
 
 
 def test_get_transforms_options():
-    assert [type(t) for t in get_transforms(flip_vert=True)[0]] == [FlipLR, FlipUD, AffineWarp, Lighting]
+    assert [type(t) for t in get_transforms(flip_vert=True)[0]] == [Dihedral, AffineWarp, Lighting]
     assert [type(t) for t in get_transforms(do_flip=False)[0]] == [AffineWarp, Lighting]
     assert [type(t) for t in get_transforms(max_lighting=0)[0]] == [FlipLR, AffineWarp]
     assert [type(t) for t in get_transforms(max_rotate=0, max_zoom=1., max_warp=0)[0]] == [FlipLR, Lighting]
@@ -388,3 +388,20 @@ def test_split_index_only_and_the_loader_pipeline():
     for t in tfms[2:]:
         ref = t(ref)
     assert torch.equal(y, ref) and y.dtype == torch.float32 and 0 <= y.min() and y.max() <= 1
+
+
+def test_dihedral_gives_each_of_the_8_symmetries():
+    torch.manual_seed(0)
+    img = torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4).expand(1, 3, 4, 4)
+    refs = []
+    for t in (img, img.transpose(2, 3)):
+        refs += [t, t.flip(3), t.flip(2), t.flip(2).flip(3)]
+    assert len({r.numpy().tobytes() for r in refs}) == 8  # all distinct on this image
+    out = Dihedral()(img.expand(200, 3, 4, 4).contiguous())
+    seen = set()
+    for o in out:
+        match = [i for i, r in enumerate(refs) if torch.equal(o, r[0])]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == set(range(8))
+    assert torch.equal(Dihedral(p=0)(img), img)

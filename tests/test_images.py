@@ -10,7 +10,7 @@ from PIL import Image
 
 import minifast.data.cache as cache_mod
 from minifast import ImageDataBunch, ImageList, Learner, cifar_stats
-from minifast.data.cache import CACHE_DIR_NAME, ImageDecodeError
+from minifast.data.cache import ImageDecodeError
 
 CLASSES = ['ant', 'bee', 'cat']
 
@@ -58,30 +58,39 @@ def test_chain_end_to_end(tmp_path):
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
-    make_folder(tmp_path)
+    data_dir, cache_dir = tmp_path / 'data', tmp_path / 'cache'
+    monkeypatch.setenv('MINIFAST_CACHE', str(cache_dir))
+    make_folder(data_dir)
     calls = []
     real = cache_mod.decode_images
     monkeypatch.setattr(cache_mod, 'decode_images', lambda files, *a, **k: calls.append(len(files)) or
                         real(files, *a, **k))
-    chain(tmp_path)
-    assert calls == [12, 6]
-    cached = sorted(p.name for p in (tmp_path / CACHE_DIR_NAME).iterdir())
-    assert len(cached) == 2 and all(p.endswith('.pt') for p in cached)
-    data = chain(tmp_path)
-    assert calls == [12, 6]  # both splits from the cache
-    assert len(data.train_ds) == 12
-    f = tmp_path / 'train' / 'ant' / '0.png'
+    chain(data_dir)
+    assert calls == [18]  # both splits in one decode
+    assert len(list(cache_dir.glob('*.pt'))) == 1 and not any(p.name.startswith('.') for p in data_dir.iterdir())
+    data = chain(data_dir)
+    assert calls == [18] and len(data.train_ds) == 12  # from the cache
+    il = ImageList.from_folder(data_dir)
+    il.split_by_rand_pct(0.3, seed=0).label_from_folder().transform(size=(8, 8)).databunch(device='cpu')
+    assert calls == [18]  # another split of the same files shares the entry
+    f = data_dir / 'train' / 'ant' / '0.png'
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f)
-    os.utime(f, ns=(1, 1))  # a changed file (mtime and content)
-    data = chain(tmp_path)
-    assert calls == [12, 6, 12]  # only the changed split is decoded again
-    assert data.train_ds.x[list(map(str, data.train_ds.items)).index(str(f))].sum() == 0
-    Image.fromarray(pixels(0, 9)).save(tmp_path / 'test' / 'ant' / '9.png')  # a new file
-    data = chain(tmp_path)
-    assert calls == [12, 6, 12, 7] and len(data.valid_ds) == 7
-    assert len(list((tmp_path / CACHE_DIR_NAME).iterdir())) == 2  # stale cache files are removed
-    chain(tmp_path, size=(4, 4))
-    assert calls[-2:] == [12, 7]  # another size is another cache
+    data = chain(data_dir)
+    assert calls == [18, 18]  # a changed file
+    assert data.train_ds.x[data.train_ds.items.index(f)].sum() == 0
+    st = f.stat()
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(f)  # same size, mtime put back (cp -p, rsync -a)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    data = chain(data_dir)
+    assert calls == [18, 18, 18] and data.train_ds.x[data.train_ds.items.index(f)].max() == 9
+    Image.fromarray(pixels(0, 9)).save(data_dir / 'test' / 'ant' / '9.png')  # a new file
+    data = chain(data_dir)
+    assert calls[-1] == 19 and len(data.valid_ds) == 7
+    assert len(list(cache_dir.glob('*.pt'))) == 1  # stale entries are removed
+    chain(data_dir, size=(4, 4))
+    assert calls[-1] == 19 and len(list(cache_dir.glob('*.pt'))) == 2  # another size is another entry
+    chain(data_dir, cache=False)
+    assert calls[-1] == 19 and len(calls) == 6  # no cache: decoded every time
 
 
 def test_hidden_entries_and_other_files_are_skipped(tmp_path):
@@ -181,6 +190,10 @@ def test_split_by_rand_pct(tmp_path):
     il = ImageList.from_folder(tmp_path / 'all')
     a, b = il.split_by_rand_pct(0.2, seed=1), il.split_by_rand_pct(0.2, seed=1)
     assert a.valid.items == b.valid.items and len(a.valid) == 6 and len(a.train) == 24
+    torch.manual_seed(5)
+    c = il.split_by_rand_pct(0.2)
+    torch.manual_seed(5)
+    assert il.split_by_rand_pct(0.2).valid.items == c.valid.items  # unseeded: torch.manual_seed fixes it
     assert not set(a.valid.items) & set(a.train.items)
     assert il.split_by_rand_pct(0.2, seed=2).valid.items != a.valid.items
     data = a.label_from_folder().transform(size=8).databunch(bs=8, device='cpu')
@@ -265,3 +278,84 @@ def test_fit_on_the_builtin_dataset_reduces_the_loss():
     after = learn.validate()
     assert after[0] < before[0] - 0.05 and after[1] > 0.15  # chance is 0.10; the set is built to need real training
     assert learn.recorder.train_losses[-1] < learn.recorder.train_losses[0]
+
+
+def test_transform_accepts_fastai_forms_and_names_a_bad_one(tmp_path):
+    from minifast import FlipLR, RandomCropPad
+    make_folder(tmp_path)
+    ll = ImageList.from_folder(tmp_path).split_by_folder(valid='test').label_from_folder()
+    assert [type(t) for t in ll.transform([[RandomCropPad(1)], [FlipLR()]], size=8).tfms[0]] == [RandomCropPad]
+    assert [type(t) for t in ll.transform(FlipLR(), size=8).tfms[0]] == [FlipLR]
+    assert [type(t) for t in ll.transform((RandomCropPad(1), FlipLR()), size=8).tfms[0]] == [RandomCropPad, FlipLR]
+    with pytest.raises(TypeError, match=r"transform: train transform 1 is 'flip' \(str\), which is not callable"):
+        ll.transform([FlipLR(), 'flip'])
+
+
+def test_labels_must_fit_the_classes():
+    x = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r'training label 9 is outside 0\.\.2 \(3 classes\)'):
+        ImageDataBunch.from_tensors(x, [0, 1, 9, 0, 1, 2], x, [0] * 6, classes=['a', 'b', 'c'])
+    with pytest.raises(ValueError, match=r'validation label -1 is outside'):
+        ImageDataBunch.from_tensors(x, [0] * 6, x, [0, -1, 0, 0, 0, 0], classes=['a', 'b', 'c'])
+
+
+def test_normalize_without_stats_uses_every_image():
+    x = torch.cat([torch.full((100, 3, 2, 2), 25 * k, dtype=torch.uint8) for k in range(10)])
+    y = torch.arange(1000) // 100
+    data = ImageDataBunch.from_tensors(x, y, x[:10], y[:10], bs=10, device='cpu').normalize()
+    v = x.double() / 255
+    torch.testing.assert_close(data.stats[0].double(), v.mean((0, 2, 3)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(data.stats[1].double(), v.std((0, 2, 3), unbiased=False), atol=1e-6, rtol=0)
+
+
+def test_predict_takes_a_raw_image_like_the_dataset_holds(tmp_path):
+    make_folder(tmp_path)
+    data = chain(tmp_path).normalize(cifar_stats)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
+    learn = Learner(data, model, silent=True)
+    img, _ = data.valid_ds[2]
+    label, idx, probs = learn.predict(img)
+    xb, _ = next(iter(data.valid_dl))
+    with torch.no_grad():
+        ref = model(xb[2:3])[0].softmax(-1)
+    torch.testing.assert_close(probs, ref)
+    assert label == CLASSES[idx]
+
+
+def test_split_by_idx_checks_bounds(tmp_path):
+    make_folder(tmp_path)
+    il = ImageList.from_folder(tmp_path)
+    with pytest.raises(IndexError, match=r'indices \[-1, 99\] are outside 0\.\.17 \(18 items\)'):
+        il.split_by_idx([0, -1, 99])
+    assert len(il.split_by_idx([0, 1]).valid) == 2
+
+
+def test_random_split_of_a_train_test_layout_warns_nothing(tmp_path):
+    make_folder(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ll = ImageList.from_folder(tmp_path).split_by_rand_pct(0.25, seed=0).label_from_folder()
+    assert ll.classes == CLASSES
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    make_folder(tmp_path)
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(ramp).save(tmp_path / 'train' / 'ant' / 'deep.png')
+    data = chain(tmp_path)
+    x = data.train_ds.x[[f.name for f in data.train_ds.items].index('deep.png')]
+    assert torch.equal(x[0], torch.from_numpy(np.round(ramp / 65535 * 255).astype(np.uint8)))
+
+
+def test_int_size_keeps_the_aspect_ratio_with_a_centre_crop(tmp_path):
+    make_folder(tmp_path)
+    wide = np.zeros((8, 16, 3), np.uint8)
+    wide[:, 4:12] = 200  # the middle half of a 2:1 image
+    Image.fromarray(wide).save(tmp_path / 'train' / 'ant' / 'wide.png')
+    data = chain(tmp_path, size=8)
+    x = data.train_ds.x[[f.name for f in data.train_ds.items].index('wide.png')]
+    assert torch.equal(x, torch.full((3, 8, 8), 200, dtype=torch.uint8))  # cropped, not squished
+    squished = chain(tmp_path, size=(8, 8))
+    x = squished.train_ds.x[[f.name for f in squished.train_ds.items].index('wide.png')]
+    assert x[:, :, 0].max() < 200 and x[:, :, 4].min() == 200

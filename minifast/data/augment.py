@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['BatchTransform', 'FlipLR', 'FlipUD', 'RandomCropPad', 'AffineWarp', 'Lighting', 'get_transforms',
+__all__ = ['BatchTransform', 'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting', 'get_transforms',
            'cifar_transforms', 'apply_tfms', 'split_index_only']
 
 
@@ -49,11 +49,15 @@ def _rand(x):
     return torch.rand(x.shape[0], device=x.device)
 
 
-def _pick_flipped(x, flip, dim):
-    # Selecting rows of cat((x, flipped)) copies whole samples; torch.where on uint8 is ~4x slower on CPU.
+def _pick_flipped_by(x, pick, op):
+    # Selecting rows of cat((x, op(x))) copies whole samples; torch.where on uint8 is ~4x slower on CPU.
     n = x.shape[0]
-    idx = torch.arange(n, device=x.device) + n * flip.long()
-    return torch.cat((x, x.flip(dim))).index_select(0, idx)
+    idx = torch.arange(n, device=x.device) + n * pick.long()
+    return torch.cat((x, op(x))).index_select(0, idx)
+
+
+def _pick_flipped(x, flip, dim):
+    return _pick_flipped_by(x, flip, lambda t: t.flip(dim))
 
 
 class _Flip(BatchTransform):
@@ -80,6 +84,27 @@ class FlipLR(_Flip):
 class FlipUD(_Flip):
     """Flips a random subset of samples upside down, each with probability `p`."""
     dim = 2
+
+
+class Dihedral(BatchTransform):
+    """One of the 8 symmetries of the square (flips, transposes, quarter turns), uniformly at random, for a random
+    subset of samples (probability `p`); non-square images get one of the 4 flips. fastai v1's flip_vert=True."""
+    index_only = True
+
+    def __init__(self, p=1.0):
+        self.p = _check_p('Dihedral', p)
+
+    def __call__(self, x):
+        self._check(x)
+        n = x.shape[0]
+        k = torch.randint(0, 8, (n,), device=x.device) * (_rand(x) < self.p)  # 0: identity
+        self.last_params = {'k': k}
+        if self.p == 0:
+            return x
+        if x.shape[2] == x.shape[3]:
+            x = _pick_flipped_by(x, (k & 4) > 0, lambda t: t.transpose(2, 3))
+        x = _pick_flipped(x, (k & 1) > 0, 3)
+        return _pick_flipped(x, (k & 2) > 0, 2)
 
 
 _CROP_PAD_MODES = {'zeros': 'zeros', 'reflect': 'reflect', 'reflection': 'reflect'}
@@ -300,9 +325,7 @@ def get_transforms(do_flip=True, flip_vert=False, max_rotate=10., max_zoom=1.1, 
     """fastai v1's default augmentation as batch transforms: (train_tfms, valid_tfms), the validation list empty."""
     train = []
     if do_flip:
-        train.append(FlipLR(0.5))
-        if flip_vert:
-            train.append(FlipUD(0.5))
+        train.append(Dihedral() if flip_vert else FlipLR(0.5))
     if max_rotate or max_zoom > 1 or max_warp:
         train.append(AffineWarp(max_rotate, max(max_zoom, 1.), max_warp, p_affine))
     if max_lighting:

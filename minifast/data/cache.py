@@ -2,7 +2,7 @@
 import hashlib
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,54 +10,86 @@ import torch
 
 from ..checkpoint import atomic_save
 
-__all__ = ['decode_images', 'cached_decode', 'ImageDecodeError', 'CACHE_DIR_NAME']
+__all__ = ['decode_images', 'cached_decode', 'default_cache_dir', 'ImageDecodeError']
 
-CACHE_DIR_NAME = '.minifast_cache'
-_FORMAT = 1  # bump when the cache layout or the decoding changes
-_PARALLEL_MIN = 2000  # below this many files, starting worker processes costs more than it saves
+_FORMAT = 2  # bump when the cache layout or the decoding changes
+_PARALLEL_MIN = 512  # below this many files, a thread pool costs more than it saves
 
 
 class ImageDecodeError(ValueError):
     """An image file that cannot be read; the message names the file."""
 
 
-def _decode_one(file, size):
+def default_cache_dir():
+    """$MINIFAST_CACHE, else $XDG_CACHE_HOME/minifast, else ~/.cache/minifast (outside the dataset folder, so other
+    tools that scan it, such as torchvision's ImageFolder, never see our files)."""
+    if os.environ.get('MINIFAST_CACHE'):
+        return Path(os.environ['MINIFAST_CACHE'])
+    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'minifast'
+
+
+def _to_rgb_array(im):
+    """RGB uint8 array of a PIL image; 16-bit and float images are scaled to 0..255, not clipped."""
+    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith('I;16') or a.max() <= 65535 else float(a.max())
+        a = np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if im.mode == 'F':
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise ValueError(f'float image with values in [{a.min():.3g}, {a.max():.3g}]; expected [0, 1]')
+        return np.repeat((a * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode == 'P' and 'transparency' in im.info:
+        im = im.convert('RGBA')
+    return np.asarray(im.convert('RGB'), dtype=np.uint8)  # grayscale, palette, RGBA, CMYK -> RGB (alpha dropped)
+
+
+def _decode_one(file, size, crop):
     from PIL import Image
     try:
         with Image.open(file) as im:
             im.load()  # decode now, inside the try: truncated files fail here, not later
-            if im.mode == 'P' and 'transparency' in im.info:
-                im = im.convert('RGBA')
-            im = im.convert('RGB')  # grayscale, palette, RGBA, CMYK -> RGB (alpha dropped)
-            h, w = size
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+            a = _to_rgb_array(im)
+        h, w = size
+        if a.shape[:2] != (h, w):
+            img = Image.fromarray(a)
+            if crop:  # int size: short side to `size`, then the centre crop, keeping the aspect ratio
+                s = max(h / img.height, w / img.width)
+                img = img.resize((max(w, round(img.width * s)), max(h, round(img.height * s))), Image.BILINEAR)
+                left, top = (img.width - w) // 2, (img.height - h) // 2
+                img = img.crop((left, top, left + w, top + h))
+            else:
+                img = img.resize((w, h), Image.BILINEAR)
+            a = np.asarray(img, dtype=np.uint8)
+        return a.transpose(2, 0, 1).copy()
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad files
         return f'{type(e).__name__}: {e}'
 
 
-def _decode_chunk(args):
-    files, size = args
-    return [_decode_one(f, size) for f in files]
+def _n_cpus():
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may use, not the host's
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
-def decode_images(files, size, num_workers=None, ignore_errors=False):
-    """Decode `files` to a uint8 tensor (N, 3, H, W), resizing to `size` = (H, W); returns (tensor, kept indices).
+def decode_images(files, size, num_workers=None, ignore_errors=False, crop=False):
+    """Decode `files` to a uint8 tensor (N, 3, H, W) of `size` = (H, W); returns (tensor, kept indices).
 
-    A file that cannot be read raises ImageDecodeError naming it; with ignore_errors=True such files are skipped and
-    listed in one warning. Worker processes (num_workers, default: the CPU count) are used for large folders only.
+    Images of another size are resized (`crop`: short side then centre crop, else squished). A file that cannot be
+    read raises ImageDecodeError naming it; with ignore_errors=True such files are skipped and listed in one
+    warning. Decoding runs in `num_workers` threads (default: the usable CPUs; Pillow releases the GIL while it
+    decodes) for folders of 512 files or more.
     """
     files = [Path(f) for f in files]
     size = tuple(size)
-    n_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    n_workers = _n_cpus() if num_workers is None else max(int(num_workers), 1)
     if n_workers > 1 and len(files) >= _PARALLEL_MIN:
-        chunk = max(256, len(files) // (n_workers * 4))
-        parts = [(files[i:i + chunk], size) for i in range(0, len(files), chunk)]
-        with ProcessPoolExecutor(n_workers) as ex:
-            out = [r for part in ex.map(_decode_chunk, parts) for r in part]
+        with ThreadPoolExecutor(n_workers) as ex:
+            out = list(ex.map(lambda f: _decode_one(f, size, crop), files, chunksize=64))
     else:
-        out = _decode_chunk((files, size))
+        out = [_decode_one(f, size, crop) for f in files]
     bad = [(f, r) for f, r in zip(files, out) if isinstance(r, str)]
     if bad and not ignore_errors:
         f, why = bad[0]
@@ -72,59 +104,53 @@ def decode_images(files, size, num_workers=None, ignore_errors=False):
     return torch.from_numpy(np.stack([out[i] for i in keep])), keep
 
 
-def _fingerprint(files, root, size):
-    """A hash of the file list, each file's size and mtime, and the target size: any change gives a new cache."""
-    h = hashlib.sha256(f'{_FORMAT}|{size[0]}x{size[1]}'.encode())
+def _fingerprint(files, root, size, crop):
+    """A hash of the file list and each file's size, mtime, ctime and inode, with the target size: adding,
+    removing, replacing or touching a file gives a new key (ctime also changes when a copy restores the mtime)."""
+    h = hashlib.sha256(f'{_FORMAT}|{size[0]}x{size[1]}|{crop}'.encode())
+    cut = len(str(root).rstrip(os.sep)) + 1
     for f in files:
         st = os.stat(f)
-        h.update(f'|{os.path.relpath(f, root)}|{st.st_size}|{st.st_mtime_ns}'.encode())
+        h.update(f'|{str(f)[cut:]}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}'.encode())
     return h.hexdigest()[:20]
 
 
-def _cache_dirs(root):
-    yield Path(root) / CACHE_DIR_NAME
-    yield Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'minifast'
+def cached_decode(files, root, size, num_workers=None, ignore_errors=False, cache=True, crop=False):
+    """decode_images through a disk cache; returns (tensor, kept indices, cache file or None).
 
-
-def cached_decode(files, root, size, name, num_workers=None, ignore_errors=False, cache=True):
-    """decode_images with a disk cache under root/.minifast_cache (or ~/.cache/minifast if root is read-only).
-
-    Returns (tensor, kept indices, cache file or None). The cache is keyed by the files' relative paths, sizes and
-    mtimes and the target size, so adding, removing, replacing or touching a file re-decodes; stale cache files of
-    the same `name` are removed. Cache files are read with torch's weights-only loader.
+    `cache`: True uses default_cache_dir(), a path uses that folder, False decodes without a cache. Files are
+    named by the dataset root's hash and the key of `files`, so splits of the same files share one cache entry,
+    and stale entries of the same root and size are removed. Cache files are read with torch's weights-only loader
+    and a damaged one is decoded again, never trusted.
     """
     files = [Path(f) for f in files]
-    if not cache:
-        return (*decode_images(files, size, num_workers, ignore_errors), None)
-    key = _fingerprint(files, root, size)
-    # the root's hash keeps datasets apart in the shared user cache, where stale files are also cleaned up
-    name = f'{name}-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}'
-    fname = f'{name}_{size[0]}x{size[1]}_{key}.pt'
-    for d in _cache_dirs(root):
-        p = d / fname
-        if p.exists():
-            try:
-                state = torch.load(p, weights_only=True)
-                if state.get('key') == key and (ignore_errors or not state['bad']):
-                    if state['bad']:
-                        warnings.warn(f"skipped {len(state['bad'])} unreadable image file(s) (cached in {p}): "
-                                      + ', '.join(state['bad']))
-                    return state['x'], state['keep'], p
-            except Exception as e:  # a damaged cache is re-made, never trusted
-                warnings.warn(f'ignoring unreadable cache file {p}: {e}')
-    x, keep = decode_images(files, size, num_workers, ignore_errors)
-    kept = set(keep)
-    bad = [str(f) for i, f in enumerate(files) if i not in kept]
-    state = {'key': key, 'x': x, 'keep': keep, 'bad': bad}
-    for d in _cache_dirs(root):
+    if cache is False or cache is None:
+        return (*decode_images(files, size, num_workers, ignore_errors, crop), None)
+    folder = default_cache_dir() if cache is True else Path(cache)
+    key = _fingerprint(files, root, size, crop)
+    stem = f'{Path(root).name}-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}'
+    prefix = f'{stem}_{size[0]}x{size[1]}{"c" if crop else ""}_'
+    p = folder / f'{prefix}{key}.pt'
+    if p.exists():
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            for old in d.glob(f'{name}_{size[0]}x{size[1]}_*.pt'):
-                if old.name != fname:
-                    old.unlink()
-            atomic_save(state, d / fname)
-            return x, keep, d / fname
-        except OSError:
-            continue  # read-only dataset folder: try the user cache
-    warnings.warn(f'could not write a decode cache for {root}; images will be decoded again next time')
-    return x, keep, None
+            state = torch.load(p, weights_only=True)
+            if state.get('key') == key and (ignore_errors or not state['bad']):
+                if state['bad']:
+                    warnings.warn(f"skipped {len(state['bad'])} unreadable image file(s) (as cached in {p}): "
+                                  + ', '.join(state['bad']))
+                return state['x'], state['keep'], p
+        except Exception as e:  # a damaged cache is re-made, never trusted
+            warnings.warn(f'ignoring unreadable cache file {p}: {e}')
+    x, keep = decode_images(files, size, num_workers, ignore_errors, crop)
+    kept = set(keep)
+    state = {'key': key, 'x': x, 'keep': keep, 'bad': [str(f) for i, f in enumerate(files) if i not in kept]}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save(state, p)
+    except OSError as e:
+        warnings.warn(f'could not write the decode cache {p} ({e}); the images will be decoded again next time')
+        return x, keep, None
+    for old in folder.glob(f'{prefix}*.pt'):
+        if old != p:
+            old.unlink(missing_ok=True)  # another process may have removed it already
+    return x, keep, p

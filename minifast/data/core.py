@@ -44,7 +44,7 @@ class TensorDataLoader:
                 b = tuple(t[i * bs:(i + 1) * bs] for t in self.tensors)
             else:
                 j = idx[i * bs:(i + 1) * bs]
-                b = tuple(t[j] for t in self.tensors)
+                b = tuple(t[j if t.device == j.device else j.to(t.device)] for t in self.tensors)
             if dev is not None:
                 b = tuple(t if t.device == dev else t.to(dev, non_blocking=True) for t in b)
             yield b if fn is None else fn(b)

@@ -4,7 +4,6 @@
             .transform(get_transforms(), size=(32, 32)).databunch(bs=256, val_bs=512).normalize(cifar_stats))
 """
 import math
-import random
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -31,6 +30,26 @@ def _size2(size):
         return None
     h, w = (size, size) if isinstance(size, int) else size
     return int(h), int(w)
+
+
+def _split_tfms(tfms, where):
+    """(train list, valid list) from what fastai accepts: None, a (train, valid) pair of lists, one list, or one
+    transform; every element must be callable."""
+    if tfms is None:
+        return [], []
+    if isinstance(tfms, (list, tuple)) and len(tfms) == 2 and all(t is None or isinstance(t, (list, tuple))
+                                                                  for t in tfms):
+        tr, va = (list(t or []) for t in tfms)
+    elif isinstance(tfms, (list, tuple)):
+        tr, va = list(tfms), []
+    else:
+        tr, va = [tfms], []
+    for name, ts in (('train', tr), ('valid', va)):
+        for i, t in enumerate(ts):
+            if not callable(t):
+                raise TypeError(f'{where}: {name} transform {i} is {t!r} ({type(t).__name__}), which is not '
+                                f'callable; use get_transforms(), cifar_transforms() or BatchTransform objects')
+    return tr, va
 
 
 def _hidden(rel):
@@ -88,9 +107,9 @@ class ImageList:
         """A random `valid_pct` of the items for validation (seeded by `seed` when given)."""
         if not 0 < valid_pct < 1:
             raise ValueError(f'split_by_rand_pct: valid_pct must be between 0 and 1, got {valid_pct}')
-        rng = random.Random(seed) if seed is not None else random.Random()
-        idx = list(range(len(self)))
-        rng.shuffle(idx)
+        # torch's global RNG unless seeded, so torch.manual_seed fixes the split too
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        idx = torch.randperm(len(self), generator=g).tolist()
         cut = int(round(valid_pct * len(idx)))
         if cut == 0 or cut == len(idx):
             raise ValueError(f'split_by_rand_pct: {len(idx)} items with valid_pct={valid_pct} leave an empty split')
@@ -99,6 +118,9 @@ class ImageList:
     def split_by_idx(self, valid_idx):
         """The items at `valid_idx` for validation, the rest for training."""
         v = set(int(i) for i in valid_idx)
+        bad = [i for i in v if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f'split_by_idx: indices {sorted(bad)[:5]} are outside 0..{len(self) - 1} ({len(self)} items)')
         return ItemLists(self.path, self._sub([i for i in range(len(self)) if i not in v]), self._sub(sorted(v)))
 
 
@@ -119,19 +141,22 @@ class ItemLists:
     def label_from_folder(self):
         """Label each image by the name of its folder; validation classes unknown to training are dropped, with a
         warning."""
-        parents = Counter(i.parent for i in (*self.train.items, *self.valid.items))
+        items = (*self.train.items, *self.valid.items)
+        parents = Counter(i.parent for i in items)
+        holding = {a for d in parents for a in (d, *d.parents)}  # folders with an image somewhere below
         for root in self._class_roots():
             if parents[root]:
-                flat = next(i for i in (*self.train.items, *self.valid.items) if i.parent == root)
+                flat = next(i for i in items if i.parent == root)
                 raise ValueError(f'label_from_folder: {parents[root]} image(s) lie directly in {root} (e.g. '
                                  f'{flat.name}); put each class in its own subfolder of {root}')
             for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')):
-                if not parents[d]:
+                if d not in holding:
                     warnings.warn(f'class folder {d} has no images; it is not a class')
         ytr = [i.parent.name for i in self.train.items]
         yva = [i.parent.name for i in self.valid.items]
         classes = sorted(set(ytr))
-        unknown = Counter(y for y in yva if y not in set(classes))
+        known = set(classes)
+        unknown = Counter(y for y in yva if y not in known)
         valid = self.valid
         if unknown:
             what = ', '.join(f"'{c}' ({n} images)" for c, n in sorted(unknown.items()))
@@ -147,7 +172,7 @@ class LabelLists:
     def __init__(self, path, train, y_train, valid, y_valid, classes):
         self.path, self.train, self.valid, self.classes = Path(path), train, valid, classes
         self.y_train, self.y_valid = y_train, y_valid
-        self.tfms, self.size = ([], []), None
+        self.tfms, self.size, self.crop = ([], []), None, False
 
     def __repr__(self):
         return (f'LabelLists(train: {len(self.train)} items, valid: {len(self.valid)} items, '
@@ -156,11 +181,8 @@ class LabelLists:
     def transform(self, tfms=None, size=None):
         """Augmentations for training (and validation): a (train, valid) pair as get_transforms() returns, or one
         list for training; `size` (an int or (H, W)) is what every image is resized to when decoded."""
-        if tfms is None:
-            tfms = ([], [])
-        elif not (isinstance(tfms, tuple) and len(tfms) == 2 and all(isinstance(t, (list, tuple)) for t in tfms)):
-            tfms = (list(tfms), [])
-        self.tfms, self.size = (list(tfms[0]), list(tfms[1])), _size2(size)
+        self.tfms, self.size = _split_tfms(tfms, 'transform'), _size2(size)
+        self.crop = isinstance(size, int)  # fastai: an int size keeps the aspect ratio (centre crop), a pair squishes
         return self
 
     def databunch(self, bs=64, val_bs=None, num_workers=None, device=None, ignore_errors=None, cache=True):
@@ -174,12 +196,17 @@ class LabelLists:
             from PIL import Image
             with Image.open(self.train.items[0]) as im:
                 size = (im.height, im.width)
+        # one decode (and one cache entry) for the files of both splits, in a fixed order: every way of splitting
+        # the same folder reuses it
+        files = sorted(set(self.train.items) | set(self.valid.items))
+        x, keep, _ = cached_decode(files, self.path, size, num_workers, ignore, cache, self.crop)
+        row = {files[k]: r for r, k in enumerate(keep)}
+        cls = {c: i for i, c in enumerate(self.classes)}
         parts = []
-        for name, items, labels in (('train', self.train, self.y_train), ('valid', self.valid, self.y_valid)):
-            x, keep, _ = cached_decode(items.items, self.path, size, name, num_workers, ignore, cache)
-            idx = {c: i for i, c in enumerate(self.classes)}
-            y = torch.tensor([idx[labels[k]] for k in keep], dtype=torch.long)
-            parts += [x, y, [items.items[k] for k in keep]]
+        for items, labels in ((self.train.items, self.y_train), (self.valid.items, self.y_valid)):
+            ok = [k for k, f in enumerate(items) if f in row]
+            parts += [x[[row[items[k]] for k in ok]], torch.tensor([cls[labels[k]] for k in ok], dtype=torch.long),
+                      [items[k] for k in ok]]
         xt, yt, it, xv, yv, iv = parts
         return ImageDataBunch(xt, yt, xv, yv, self.classes, bs=bs, val_bs=val_bs, train_tfms=self.tfms[0],
                               valid_tfms=self.tfms[1], device=device, path=self.path, train_items=it, valid_items=iv)
@@ -255,6 +282,12 @@ class ImageDataBunch(DataBunch):
         if len(x_train) != len(y_train) or len(x_valid) != len(y_valid):
             raise ValueError(f'ImageDataBunch: {len(x_train)} training images but {len(y_train)} labels, '
                              f'{len(x_valid)} validation images but {len(y_valid)} labels')
+        for split, y in (('training', y_train), ('validation', y_valid)):
+            if len(y):
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= len(classes):
+                    raise ValueError(f'ImageDataBunch: {split} label {lo if lo < 0 else hi} is outside 0..'
+                                     f'{len(classes) - 1} ({len(classes)} classes)')
         self.device, self.path, self.stats, self._stats_on = resolve_device(device), Path(path), None, {}
         self.train_tfms, self.valid_tfms = list(train_tfms), list(valid_tfms)
         train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=True, drop_last=drop_last,
@@ -272,10 +305,11 @@ class ImageDataBunch(DataBunch):
         size = _size2(size)
         xt = _resize_uint8(_to_uint8_images(x_train, 'x_train'), size)
         xv = _resize_uint8(_to_uint8_images(x_valid, 'x_valid'), size)
-        yt, yv = torch.as_tensor(np.asarray(y_train)).long(), torch.as_tensor(np.asarray(y_valid)).long()
+        as_long = lambda y: (y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))).long()  # noqa: E731
+        yt, yv = as_long(y_train), as_long(y_valid)
         if classes is None:
             classes = [str(i) for i in range(int(max(yt.max(), yv.max() if len(yv) else 0)) + 1)]
-        tr, va = (tfms if isinstance(tfms, tuple) and len(tfms) == 2 else (tfms or [], []))
+        tr, va = _split_tfms(tfms, 'ImageDataBunch.from_tensors')
         return cls(xt, yt, xv, yv, classes, bs=bs, val_bs=val_bs, train_tfms=tr, valid_tfms=va, device=device,
                    path=path)
 
@@ -286,9 +320,14 @@ class ImageDataBunch(DataBunch):
 
     def normalize(self, stats=None):
         """Normalise batches with (mean, std) per channel; None computes them from the training images."""
-        if stats is None:
-            x = self.train_ds.x[:5000].float().div_(255)
-            stats = (x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist())
+        if stats is None:  # exact per-channel statistics over every training image, in chunks
+            x, n = self.train_ds.x, 0
+            tot, sq = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+            for i in range(0, len(x), 4096):
+                c = x[i:i + 4096].double().div_(255)
+                tot, sq, n = tot + c.sum((0, 2, 3)).cpu(), sq + (c * c).sum((0, 2, 3)).cpu(), n + c[:, 0].numel()
+            mean = tot / n
+            stats = (mean.tolist(), (sq / n - mean * mean).clamp_min(0).sqrt().tolist())
         mean, std = (torch.as_tensor(s, dtype=torch.float32).reshape(-1) for s in stats)
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f'normalize: stats must be (3 means, 3 stds), got {len(mean)} and {len(std)}')
@@ -310,6 +349,11 @@ class ImageDataBunch(DataBunch):
             return x
         mean, std = (s.to(x.device)[None, :, None, None] for s in self.stats)
         return x * std + mean
+
+    def preprocess(self, x):
+        """What validation batches go through (to float, valid transforms, normalisation), for raw uint8 images
+        (N, 3, H, W), as Learner.predict uses it."""
+        return self.valid_dl.after_batch((x.to(self.device), None))[0]
 
     def one_batch(self, train=True):
         """The first batch of the training (or validation) loader, augmented and normalised."""

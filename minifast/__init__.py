@@ -13,7 +13,7 @@ from .callbacks.lr_finder import LRFinder, LRFindResult
 from .callbacks.progress import ProgressCallback, ShowGraph
 from .callbacks.recorder import Recorder
 from .callbacks.schedule import ParamScheduler
-from .data import (AffineWarp, BatchTransform, DataBunch, FlipLR, FlipUD, ImageDataBunch, ImageList, Lighting,
+from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, FlipUD, ImageDataBunch, ImageList, Lighting,
                    RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
                    imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
                    write_cifar, write_image_folder)
@@ -32,7 +32,7 @@ __all__ = [
     'CancelEpochException', 'CancelFitException', 'CallbackException', 'Recorder', 'ProgressCallback',
     'ShowGraph', 'CSVLogger', 'DataBunch', 'TensorDataLoader', 'synthetic_classification', 'ImageList',
     'ImageDataBunch', 'cifar_stats', 'imagenet_stats', 'get_transforms', 'cifar_transforms', 'BatchTransform',
-    'FlipLR', 'FlipUD', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
+    'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
     'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder', 'accuracy',
     'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no', 'one_cycle_schedule',

@@ -1,5 +1,5 @@
 """Data: DataBunch and in-memory loaders, the ImageList chain, batched augmentation, datasets."""
-from .augment import (AffineWarp, BatchTransform, FlipLR, FlipUD, Lighting, RandomCropPad, cifar_transforms,
+from .augment import (AffineWarp, BatchTransform, Dihedral, FlipLR, FlipUD, Lighting, RandomCropPad, cifar_transforms,
                       get_transforms)
 from .core import DataBunch, TensorDataLoader
 from .datasets import (cifar10, cifar100, load_cifar, synthetic_cifar, synthetic_images, write_cifar,
@@ -9,5 +9,5 @@ from .synthetic import synthetic_classification
 
 __all__ = ['DataBunch', 'TensorDataLoader', 'synthetic_classification', 'ImageList', 'ImageDataBunch',
            'cifar_stats', 'imagenet_stats', 'get_transforms', 'cifar_transforms', 'BatchTransform', 'FlipLR',
-           'FlipUD', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
+           'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
            'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder']

@@ -20,9 +20,9 @@ from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, Flip
 from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelTrainException, CancelValidateException, Learner)
 from .metrics import accuracy, error_rate, top_k_accuracy
-from .optim import SGD, AdamW
-from .schedules import (PhaseSchedule, Phase, annealing_cos, annealing_exp, annealing_linear, annealing_no,
-                        one_cycle_schedule)
+from .optim import SGD, AdamW, LayerGroup, layer_decay_lrs, module_groups, split_by_idx, split_model
+from .schedules import (GeneralSchedule, Phase, PhaseSchedule, TrainingPhase, annealing_cos, annealing_exp,
+                        annealing_linear, annealing_no, one_cycle_schedule)
 
 __version__ = '0.1.0'
 
@@ -34,8 +34,9 @@ __all__ = [
     'ImageDataBunch', 'cifar_stats', 'imagenet_stats', 'get_transforms', 'cifar_transforms', 'BatchTransform',
     'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
     'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder', 'accuracy',
-    'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
-    'Phase', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no', 'one_cycle_schedule',
+    'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'LayerGroup', 'layer_decay_lrs', 'module_groups', 'split_by_idx',
+    'split_model', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
+    'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no', 'one_cycle_schedule',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -11,7 +11,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, load_state, check_state_dict
 from .device import resolve_device
-from .optim import AdamW, WeightDecay, lr_per_group, param_groups, set_hyper
+from .optim import AdamW, set_hyper
 
 __all__ = ['Learner', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException',
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'CallbackException']
@@ -104,7 +104,8 @@ class Learner:
 
     def __init__(self, data, model, loss_func=None, opt_func=AdamW, metrics=None, callbacks=None,
                  callback_fns=None, wd=1e-2, true_wd=True, bn_wd=True, path='.', model_dir='models', device=None,
-                 bf16=False, channels_last=False, silent=False, layer_groups=None):
+                 bf16=False, channels_last=False, silent=False, layer_groups=None, splitter=None, layer_decay=None,
+                 train_bn=True, training_mode=None):
         from .checks import check_data, check_metrics
         from .callbacks.recorder import Recorder
         from .callbacks.progress import ProgressCallback
@@ -116,7 +117,15 @@ class Learner:
         self.loss_func = F.cross_entropy if loss_func is None else loss_func
         self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, wd, true_wd, bn_wd
         self.path, self.model_dir = Path(path), model_dir
-        self.layer_groups = list(layer_groups) if layer_groups is not None else [self.model]
+        from . import optim
+        if layer_groups is not None and splitter is not None:
+            raise ValueError('Learner: give layer_groups or splitter, not both')
+        if layer_groups is not None:
+            self.layer_groups = list(layer_groups)
+            optim.check_layer_groups(self.model, self.layer_groups)
+        else:
+            self.layer_groups = optim.split_model(self.model, splitter)
+        self.layer_decay, self.train_bn = layer_decay, train_bn
         self.opt = self._wd = None
         self.epoch = self.n_epoch = self.iter = self.n_iter = self.train_iter = 0
         self.training, self.exception, self.last_metrics, self._hooks = False, None, [], None
@@ -127,6 +136,8 @@ class Learner:
             self.add_cb(cb)
         for fn in _as_list(callback_fns):
             self.add_cb(fn(self))
+        if training_mode is not None:
+            optim.set_training_mode(self, training_mode, train_bn)
 
     # ---- callbacks -----------------------------------------------------------------------------------------
     def add_cb(self, cb):
@@ -250,6 +261,46 @@ class Learner:
         fit_one_cycle(self, cyc_len, max_lr, moms, div_factor, pct_start, final_div, wd, callbacks, tot_epochs,
                       start_epoch)
 
+    def fit_sgdr(self, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=None, callbacks=None):
+        """Cosine annealing with warm restarts: n_cycles cycles of cycle_len * cycle_mult**i epochs (torch's
+        CosineAnnealingWarmRestarts stepped per batch)."""
+        from .callbacks.schedule import fit_sgdr
+        fit_sgdr(self, n_cycles, cycle_len, lr, cycle_mult, eta_min, wd, callbacks)
+
+    def fit_clr(self, epochs, base_lr, max_lr, step_size_up, step_size_down=None, mode='triangular', gamma=1.,
+                cycle_momentum=True, base_momentum=0.8, max_momentum=0.9, wd=None, callbacks=None):
+        """Cyclical learning rates ('triangular', 'triangular2', 'exp_range'; step sizes in steps; torch's
+        CyclicLR)."""
+        from .callbacks.schedule import fit_clr
+        fit_clr(self, epochs, base_lr, max_lr, step_size_up, step_size_down, mode, gamma, cycle_momentum,
+                base_momentum, max_momentum, wd, callbacks)
+
+    def fit_step(self, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None):
+        """Step decay: lr * gamma every step_size epochs (torch's StepLR)."""
+        from .callbacks.schedule import fit_step
+        fit_step(self, epochs, lr, step_size, gamma, wd, callbacks)
+
+    def fit_exp(self, epochs, lr, gamma, wd=None, callbacks=None):
+        """Exponential decay: lr * gamma**epoch (torch's ExponentialLR)."""
+        from .callbacks.schedule import fit_exp
+        fit_exp(self, epochs, lr, gamma, wd, callbacks)
+
+    def fit_warmup_cosine(self, epochs, lr=3e-3, warmup_epochs=1, warmup_lr=None, min_lr=0., wd=None,
+                          callbacks=None):
+        """Linear warm-up from warmup_lr (default lr/100) to lr, then cosine to min_lr, per step (timm-style)."""
+        from .callbacks.schedule import fit_warmup_cosine
+        fit_warmup_cosine(self, epochs, lr, warmup_epochs, warmup_lr, min_lr, wd, callbacks)
+
+    def fit_fc(self, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callbacks=None):
+        """Flat then cosine: lr for pct_start of the steps, then cosine to lr / div_final."""
+        from .callbacks.schedule import fit_fc
+        fit_fc(self, epochs, lr, pct_start, div_final, wd, callbacks)
+
+    def fit_phases(self, phases, lr=3e-3, wd=None, callbacks=None):
+        """Train through TrainingPhase objects, each annealing 'lr', 'mom' and 'wd' its own way."""
+        from .callbacks.schedule import fit_phases
+        fit_phases(self, phases, lr, wd, callbacks)
+
     def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
         """LR range test: one step per learning rate, exponentially from start_lr to end_lr; restores everything.
 
@@ -344,21 +395,49 @@ class Learner:
     # ---- optimizer -------------------------------------------------------------------------------------------
     def create_opt(self, lr=3e-3, wd=None):
         """Build `learn.opt` from `opt_func` with one group per layer group (two when bn_wd=False)."""
-        groups = param_groups(self.layer_groups, self.bn_wd)
-        lrs = lr_per_group(lr, len(self.layer_groups))
-        for g in groups:
-            g['lr'] = lrs[g['layer_group']]
-        self.opt = self.opt_func(groups, lr=lrs[-1])
-        self._wd = WeightDecay(self.opt, self.true_wd)
-        set_hyper(self.opt, 'wd', self.wd if wd is None else wd)
-        return self.opt
+        from .optim import create_opt
+        return create_opt(self, lr, wd)
 
     def _prepare_opt(self, lr, wd):
+        from .optim import group_lrs
         if self.opt is None:
             self.create_opt(lr, wd)
         else:
-            set_hyper(self.opt, 'lr', lr_per_group(lr, len(self.layer_groups)))
+            set_hyper(self.opt, 'lr', group_lrs(self, lr))
             set_hyper(self.opt, 'wd', wd)
+
+    # ---- layer groups and freezing ----------------------------------------------------------------------------
+    def split(self, split_on):
+        """Set the layer groups: a function model -> modules, cut indices of a Sequential, or {module name:
+        settings}; the optimizer is rebuilt at the next fit."""
+        from .optim import split
+        split(self, split_on)
+        return self
+
+    def freeze_to(self, n):
+        """Freeze the layer groups before n (norm layers still train when learn.train_bn)."""
+        from .optim import freeze_to
+        freeze_to(self, n, self.train_bn)
+
+    def freeze(self):
+        """Train only the last layer group (the head)."""
+        from .optim import freeze
+        freeze(self, self.train_bn)
+
+    def unfreeze(self):
+        """Train every layer group."""
+        from .optim import unfreeze
+        unfreeze(self)
+
+    def set_training_mode(self, mode):
+        """'head_only' (freeze) or 'full' (unfreeze)."""
+        from .optim import set_training_mode
+        set_training_mode(self, mode, self.train_bn)
+
+    def param_summary(self):
+        """A table of the parameter groups: modules, parameter counts, trainable, lr, wd."""
+        from .optim import param_summary
+        return param_summary(self)
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def validate(self, dl=None, callbacks=None, metrics=None):

@@ -1,5 +1,4 @@
 """Metrics: functions (pred, target) -> 0-d tensor, averaged over a dataset weighted by batch size, on device."""
-import torch
 
 __all__ = ['accuracy', 'top_k_accuracy', 'error_rate']
 

@@ -1,4 +1,9 @@
-"""Parameter groups, per-group learning rates and the weight-decay modes (true/decoupled vs L2)."""
+"""Parameter groups: layer groups, slice() and layer-decay LRs, freezing, per-module settings, weight-decay modes."""
+import difflib
+import inspect
+import operator
+import warnings
+from collections.abc import Mapping
 from functools import partial
 
 import numpy as np
@@ -6,7 +11,9 @@ import torch
 from torch import nn
 
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
-           'WeightDecay', 'NO_WD_TYPES']
+           'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
+           'check_layer_groups', 'layer_decay_lrs', 'group_lrs', 'create_opt', 'freeze_to', 'freeze', 'unfreeze',
+           'set_training_mode', 'TRAINING_MODES', 'param_summary', 'ParamSummary']
 
 AdamW = partial(torch.optim.AdamW, betas=(0.9, 0.99))
 AdamW.__doc__ = "torch.optim.AdamW with fastai v1's betas (0.9, 0.99); the default `opt_func`."
@@ -31,7 +38,9 @@ def param_groups(layer_groups, bn_wd=True):
     """Optimizer parameter groups for `layer_groups` (a list of modules), split into decay/no-decay when not bn_wd.
 
     Each group carries `layer_group` (its index) and `decay` (False: weight decay is never applied to it).
-    A parameter shared between layer groups goes to the first one that has it.
+    A parameter shared between layer groups goes to the first one that has it. The settings of a `LayerGroup`
+    go into its groups: 'fixed' {lr/wd/mom: value}, 'mult' {lr/wd: factor} (both honoured by `set_hyper`), and any
+    other optimizer option (e.g. eps) as is.
     """
     seen, groups = set(), []
     for i, lg in enumerate(layer_groups):
@@ -42,7 +51,8 @@ def param_groups(layer_groups, bn_wd=True):
         keep = [p for p in params if id(p) in no_wd]
         for ps, d in ((decay, True), (keep, False)):
             if ps:
-                groups.append({'params': ps, 'layer_group': i, 'decay': d})
+                extra = _group_settings(lg.settings) if isinstance(lg, LayerGroup) else {}
+                groups.append({'params': ps, 'layer_group': i, 'decay': d, **extra})
     if not groups:
         raise ValueError('the model has no parameters to optimize')
     return groups
@@ -61,6 +71,15 @@ def lr_per_group(lr, n):
             raise ValueError(f'lr has {len(lr)} values but the learner has {n} layer groups')
         return [float(v) for v in lr]
     return [float(lr)] * n
+
+
+def _group_value(g, name, v):
+    """The value `name` takes in param group `g` when the learner sets `v`: a fixed setting wins, else v * mult."""
+    fixed = g.get('fixed')
+    if fixed and name in fixed:
+        return fixed[name]
+    mult = g.get('mult')
+    return v * mult[name] if mult and name in mult else v
 
 
 def momentum_key(opt):
@@ -84,6 +103,7 @@ def set_hyper(opt, name, values):
 
     Groups marked `decay=False` keep a weight decay of 0. For optimizers that apply decoupled decay natively
     (AdamW), the optimizer's own `weight_decay` is kept equal to our `wd`.
+    Groups with per-module settings (see `module_groups`) hold a 'fixed' value or scale the given one by 'mult'.
     """
     groups = opt.param_groups
     n = max(g['layer_group'] for g in groups) + 1
@@ -92,7 +112,7 @@ def set_hyper(opt, name, values):
         raise ValueError(f'{name} has {len(vals)} values but the learner has {n} layer groups')
     key = momentum_key(opt) if name == 'mom' else name
     for g in groups:
-        v = vals[g['layer_group']]
+        v = _group_value(g, name, vals[g['layer_group']])
         if name == 'wd':
             g['wd'] = v if g['decay'] else 0.
             if g.get('_native_wd'):
@@ -143,3 +163,409 @@ class WeightDecay:
         if not self.native:
             self._decay()
         self.opt.step()
+
+
+# ---- layer groups --------------------------------------------------------------------------------------------
+_FIXED = ('lr', 'wd', 'mom')
+_MULTS = {'lr_mult': 'lr', 'wd_mult': 'wd'}
+# Optimizer options that minifast sets from its own names (set_hyper, WeightDecay); a setting must use those names.
+_OURS = {'weight_decay': 'wd', 'betas': 'mom', 'momentum': 'mom'}
+_RESERVED = ('params', 'layer_group', 'decay', 'fixed', 'mult', '_native_wd')
+
+
+def _check_settings(settings, where):
+    for k, v in settings.items():
+        if k in _OURS:
+            raise ValueError(f"{where}: use '{_OURS[k]}' rather than the optimizer's '{k}' (minifast sets '{k}' "
+                             f"from '{_OURS[k]}' on every fit and schedule step)")
+        if k in _RESERVED:
+            raise ValueError(f"{where}: '{k}' is not a setting")
+        if (k in _FIXED or k in _MULTS) and not (isinstance(v, (int, float)) and v >= 0):
+            raise ValueError(f'{where}: {k} must be a number >= 0, got {v!r}')
+    for fixed, mult in (('lr', 'lr_mult'), ('wd', 'wd_mult')):
+        if fixed in settings and mult in settings:
+            raise ValueError(f'{where}: give {fixed} (a fixed value) or {mult} (a factor on the learner\'s {fixed}), '
+                             f'not both')
+    return dict(settings)
+
+
+def _group_settings(settings):
+    """A LayerGroup's settings as param-group entries: 'fixed' and 'mult' dicts, other optimizer options as is."""
+    out = {k: v for k, v in settings.items() if k not in _FIXED and k not in _MULTS}
+    fixed = {k: settings[k] for k in _FIXED if k in settings}
+    mult = {name: settings[k] for k, name in _MULTS.items() if k in settings}
+    if fixed:
+        out['fixed'] = fixed
+    if mult:
+        out['mult'] = mult
+    return out
+
+
+class LayerGroup(nn.Module):
+    """Several of the model's modules trained as one layer group, with optional settings (see `module_groups`).
+
+    It only refers to the model's modules (it is not part of the model and is never called); settings are lr, wd,
+    mom (fixed values), lr_mult, wd_mult (factors), or another option of the optimizer such as eps.
+    """
+
+    def __init__(self, modules=(), name=None, **settings):
+        super().__init__()
+        modules = list(modules)
+        for m in modules:
+            if not isinstance(m, nn.Module):
+                raise TypeError(f'layer group {name or ""}: expected modules, got a {type(m).__name__} (a layer group '
+                                f'is a module or a list of modules)')
+        self.members = nn.ModuleList(modules)
+        self.name = name
+        self.settings = _check_settings(settings, f'layer group {name!r}' if name else 'LayerGroup')
+
+    def extra_repr(self):
+        items = ([f'name={self.name!r}'] if self.name else []) + [f'{k}={v!r}' for k, v in self.settings.items()]
+        return ', '.join(items)
+
+
+class _DirectParams(nn.Module):
+    """The parameters a module holds itself, not through children (e.g. a ViT's pos_embed), under their own names
+    (so a direct `bias` is still recognised by bn_wd=False)."""
+
+    def __init__(self, owner, owner_name):
+        super().__init__()
+        for n, p in owner.named_parameters(recurse=False):
+            self.register_parameter(n, p)
+        self.owner_name = owner_name
+
+
+def check_layer_groups(model, layer_groups):
+    """Raise if a layer group has no parameters, or a parameter of `model` is in no layer group (never trained)."""
+    layer_groups = list(layer_groups)
+    if not layer_groups:
+        raise ValueError('there are no layer groups: give at least one module')
+    covered = set()
+    for i, lg in enumerate(layer_groups):
+        if not isinstance(lg, nn.Module):
+            raise TypeError(f'layer group {i} is a {type(lg).__name__}, not a module')
+        ps = [id(p) for p in lg.parameters()]
+        if not ps:
+            raise ValueError(f'layer group {i} ({type(lg).__name__}) has no parameters')
+        covered.update(ps)
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if missing:
+        more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
+        raise ValueError(f'{len(missing)} parameters of the model are in no layer group, so they would never be '
+                         f'trained: {", ".join(missing[:5])}{more}')
+
+
+def _own_split(model):
+    for attr in ('layer_groups', 'split'):
+        own = getattr(model, attr, None)
+        if own is None:
+            continue
+        if isinstance(own, (list, tuple)):
+            return list(own)
+        if callable(own):
+            return own() if inspect.ismethod(own) else own(model)  # a method, or a function stored on the model
+    return [model]
+
+
+def split_model(model, splitter=None):
+    """The layer groups of `model`: from `splitter`, else the model's own `layer_groups` or `split`, else [model].
+
+    `splitter` is a function model -> list of layer groups, a list of indices (or child modules) at which to cut an
+    nn.Sequential (`split_by_idx`), or a {module name: settings} mapping (`module_groups`). A layer group may be
+    a module or a list of modules (which becomes a `LayerGroup`). Every parameter must be in some group.
+    """
+    if splitter is None:
+        groups = _own_split(model)
+    elif isinstance(splitter, Mapping):
+        groups = module_groups(model, splitter)
+    elif isinstance(splitter, (list, tuple)) and all(isinstance(i, (int, np.integer, nn.Module)) for i in splitter):
+        groups = split_by_idx(model, *splitter)
+    elif callable(splitter):
+        groups = splitter(model)
+    else:
+        raise TypeError(f'splitter must be a function model -> layer groups, a list of split indices or a '
+                        f'{{module name: settings}} dict; got a {type(splitter).__name__}')
+    if isinstance(groups, nn.Module) or not isinstance(groups, (list, tuple)):
+        raise TypeError(f'the splitter returned a {type(groups).__name__}; it must return a list of layer groups')
+    groups = [g if isinstance(g, nn.Module) else LayerGroup(g) for g in groups]
+    check_layer_groups(model, groups)
+    return groups
+
+
+def split_by_idx(model, *idxs):
+    """Cut an nn.Sequential before each index (or child module): split_by_idx(m, 2, 5) -> [m[:2], m[2:5], m[5:]]."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f'split_by_idx cuts an nn.Sequential; got a {type(model).__name__} (give a splitter function '
+                        f'or a {{module name: settings}} dict instead)')
+    n, cuts = len(model), []
+    for i in idxs:
+        if isinstance(i, nn.Module):
+            j = next((k for k, m in enumerate(model) if m is i), None)
+            if j is None:
+                raise ValueError(f'split_by_idx: the {type(i).__name__} given is not a child of the Sequential')
+        else:
+            j = operator.index(i)
+            j = j + n if j < 0 else j
+        cuts.append(j)
+    if not cuts or cuts != sorted(set(cuts)) or not all(0 < j < n for j in cuts):
+        raise ValueError(f'split_by_idx: give strictly increasing cut points between 1 and {n - 1} (the Sequential '
+                         f'has {n} children); got {list(idxs)}')
+    bounds = [0, *cuts, n]
+    return [model[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def module_groups(model, spec):
+    """Layer groups by module name, each with its own settings: {'encoder': dict(lr_mult=0.1), 'head': dict(wd=0.)}.
+
+    A key is a module name from `model.named_modules()` ('backbone', 'backbone.layer4', '0') or a tuple of names; a
+    parameter goes to the key naming its module or the closest ancestor, so 'backbone.layer4' may differ from
+    'backbone'. Parameters no key reaches form a first group named '(rest)'. Groups follow the order of `spec`, so
+    its last key is the head for freeze() and layer decay. Settings: lr, wd, mom are fixed values that fit, the
+    schedules and lr_find leave alone (lr=0 holds a module still); lr_mult, wd_mult scale what they set; any other
+    key (eps, ...) is passed to the optimizer as that group's option.
+    """
+    items = list(spec.items()) if isinstance(spec, Mapping) else list(spec)
+    named = dict(model.named_modules())
+    owner = {}
+    for gi, (key, _) in enumerate(items):
+        for k in ((key,) if isinstance(key, str) else tuple(key)):
+            if k not in named:
+                near = difflib.get_close_matches(k, [n for n in named if n], n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else ''
+                tops = ', '.join(n for n, _ in model.named_children())
+                raise ValueError(f"module_groups: the model has no module named '{k}'{hint} (its top-level modules: "
+                                 f"{tops})")
+            if k in owner:
+                raise ValueError(f"module_groups: the module '{k}' is named twice")
+            owner[k] = gi
+    rest = len(items)
+
+    def group_of(name):  # the group of the closest named ancestor (or the module itself)
+        while name not in owner:
+            if not name:
+                return rest
+            name = name.rpartition('.')[0]
+        return owner[name]
+
+    members = [[] for _ in range(rest + 1)]
+
+    def visit(m, prefix):
+        ks = {group_of(n) for n, sub in m.named_modules(prefix=prefix) if next(sub.parameters(recurse=False), None)
+              is not None}
+        if len(ks) == 1:
+            members[ks.pop()].append(m)
+        elif ks:  # split across groups: its own parameters go one way, each child is looked at separately
+            if next(m.parameters(recurse=False), None) is not None:
+                members[group_of(prefix)].append(_DirectParams(m, prefix))
+            for cname, child in m.named_children():
+                visit(child, f'{prefix}.{cname}' if prefix else cname)
+    visit(model, '')
+
+    groups = [LayerGroup(members[rest], name='(rest)')] if members[rest] else []
+    for gi, (key, settings) in enumerate(items):
+        name = key if isinstance(key, str) else '+'.join(key)
+        if not members[gi]:
+            raise ValueError(f"module_groups: '{name}' has no parameters (its modules have none, or longer names "
+                             f"in the spec took them all)")
+        groups.append(LayerGroup(members[gi], name=name, **(settings or {})))
+    return groups
+
+
+def split(learn, split_on):
+    """fastai's learn.split: set `learn.layer_groups` from anything `split_model` takes (a function, cut indices, a
+    {module name: settings} dict); the optimizer is rebuilt for the new groups at the next fit."""
+    if isinstance(split_on, (int, np.integer, nn.Module)):
+        split_on = [split_on]
+    learn.layer_groups = split_model(learn.model, split_on)
+    learn.opt = learn._wd = None
+    return learn
+
+
+# ---- learning rates per group and the optimizer ---------------------------------------------------------------
+def layer_decay_lrs(lr, n_groups, decay):
+    """Layer-wise LR decay: the last (head) group at `lr`, each lower group `decay` times the one above it."""
+    if not decay >= 0:
+        raise ValueError(f'layer_decay must be >= 0 (1 gives every group the same lr), got {decay}')
+    return [float(lr) * decay ** (n_groups - 1 - i) for i in range(n_groups)]
+
+
+def group_lrs(learn, lr):
+    """One lr per layer group of `learn`: `lr_per_group`, except that `learn.layer_decay`, when set, spreads a
+    single number with `layer_decay_lrs`; explicit per-group values (a list) are used as given."""
+    n = len(learn.layer_groups)
+    decay = getattr(learn, 'layer_decay', None)
+    if decay is None or isinstance(lr, (list, tuple, np.ndarray)):
+        return lr_per_group(lr, n)
+    if isinstance(lr, slice):
+        raise ValueError(f'lr=slice(...) and layer_decay={decay} both spread the lr over the layer groups; give a '
+                         f'single number (the head\'s lr), or set learn.layer_decay = None')
+    return layer_decay_lrs(lr, n, decay)
+
+
+def create_opt(learn, lr=3e-3, wd=None):
+    """Build `learn.opt` from `learn.opt_func` over `param_groups(learn.layer_groups, learn.bn_wd)`, with lr and wd
+    set through `set_hyper`, so layer decay and per-module settings hold from the first step."""
+    groups = param_groups(learn.layer_groups, learn.bn_wd)
+    lrs = group_lrs(learn, lr)
+    opt = learn.opt_func(groups, lr=lrs[-1])
+    for lg in learn.layer_groups:
+        bad = [k for k in _group_settings(lg.settings) if k not in ('fixed', 'mult') and k not in opt.defaults] \
+            if isinstance(lg, LayerGroup) else []
+        if bad:
+            raise ValueError(f"layer group {lg.name!r}: {type(opt).__name__} has no option '{bad[0]}' (its options: "
+                             f"{', '.join(k for k in opt.defaults if k not in _OURS)}; minifast's: lr, wd, mom, "
+                             f"lr_mult, wd_mult)")
+    learn.opt, learn._wd = opt, WeightDecay(opt, learn.true_wd)
+    set_hyper(opt, 'lr', lrs)
+    set_hyper(opt, 'wd', learn.wd if wd is None else wd)
+    key = momentum_key(opt)
+    for g in opt.param_groups:  # a fixed momentum holds from the start, not only once a schedule sets 'mom'
+        mom = g.get('fixed', {}).get('mom')
+        if mom is not None:
+            if key is None:
+                raise ValueError(f'{type(opt).__name__} has no momentum, so a layer group cannot fix mom')
+            g[key] = (mom, *g[key][1:]) if key == 'betas' else mom
+    return opt
+
+
+# ---- freezing --------------------------------------------------------------------------------------------------
+TRAINING_MODES = ('head_only', 'full')
+
+
+def freeze_to(learn, n, train_bn=True):
+    """Freeze the layer groups before `n` (requires_grad=False; n < 0 counts from the end) and unfreeze the rest.
+
+    With train_bn, the normalisation layers of frozen groups (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) keep
+    training. A frozen parameter gets no gradient, so the optimizer skips it: no update and no weight decay. Modules
+    stay in train mode, so BatchNorm running statistics keep updating.
+    """
+    lgs = learn.layer_groups
+    k, n = len(lgs), operator.index(n)
+    if not -k <= n <= k:
+        raise ValueError(f'freeze_to({n}): the learner has {k} layer groups (give -{k} to {k})')
+    frozen, seen = set(range(k)[:n]), set()
+    for i, lg in enumerate(lgs):
+        norm = {id(p) for m in lg.modules() if isinstance(m, NO_WD_TYPES) for p in m.parameters(recurse=False)} \
+            if train_bn and i in frozen else set()
+        for p in lg.parameters():
+            if id(p) in seen:  # a shared parameter belongs to its first group, as in param_groups
+                continue
+            seen.add(id(p))
+            train = i not in frozen or id(p) in norm
+            p.requires_grad_(train)
+            if not train:
+                p.grad = None  # a stale gradient would still be stepped and decayed
+    return learn
+
+
+def freeze(learn, train_bn=True):
+    """Train only the last layer group (the head), and normalisation layers when train_bn: freeze_to(-1)."""
+    if len(learn.layer_groups) == 1:
+        warnings.warn('freeze(): the learner has a single layer group, so nothing is frozen; split the model into '
+                      'layer groups (layer_groups=, a splitter, or split())', stacklevel=2)
+    return freeze_to(learn, -1, train_bn)
+
+
+def unfreeze(learn):
+    """Train every layer group: freeze_to(0)."""
+    return freeze_to(learn, 0)
+
+
+def set_training_mode(learn, mode, train_bn=True):
+    """Seed 000's training_mode: 'head_only' trains the last layer group (freeze), 'full' trains all (unfreeze)."""
+    if mode == 'head_only':
+        return freeze(learn, train_bn)
+    if mode == 'full':
+        return unfreeze(learn)
+    raise ValueError(f"training_mode {mode!r}: expected 'head_only' (train the last layer group, as freeze()) or "
+                     f"'full' (train every layer group, as unfreeze())")
+
+
+# ---- summary ---------------------------------------------------------------------------------------------------
+class ParamSummary:
+    """param_summary's result: prints as a table; `rows` holds one dict per optimizer parameter group."""
+
+    def __init__(self, rows, table):
+        self.rows, self.table = rows, table
+
+    def __repr__(self):
+        return self.table
+
+    __str__ = __repr__
+
+
+def _member_names(m, names):
+    if id(m) in names:
+        return [names[id(m)] or '(model)']
+    if isinstance(m, _DirectParams):
+        return [f'{m.owner_name}.{n}' if m.owner_name else n for n in m._parameters]
+    return [n for c in m.children() for n in _member_names(c, names)]
+
+
+def _abbrev(names, width=36):
+    """'0, 1, 2, 5' -> '0-2, 5'; then cut to `width` characters with a count of what was left out."""
+    runs = []
+    for name in names:
+        head, _, tail = name.rpartition('.')
+        last = runs[-1] if runs else None
+        if tail.isdigit() and last and last[0] == head and last[2] + 1 == int(tail):
+            last[2] = int(tail)
+        else:
+            runs.append([head, int(tail), int(tail)] if tail.isdigit() else [name, None, None])
+    items = [r[0] if r[1] is None else f"{r[0] + '.' if r[0] else ''}{r[1]}" + (f'-{r[2]}' if r[2] > r[1] else '')
+             for r in runs]
+    out = ', '.join(items)
+    if len(out) <= width:
+        return out
+    kept = []
+    for i, it in enumerate(items):
+        if len(', '.join(kept + [it])) + 10 > width and kept:
+            return ', '.join(kept) + f', … (+{len(items) - i})'
+        kept.append(it)
+    return ', '.join(kept)
+
+
+def _fmt(v):
+    return '-' if v is None else f'{v:.3g}'
+
+
+def param_summary(learn):
+    """The parameter groups as a table (index, layer group, modules, parameter count, trainable, lr, wd); rows in
+    `.rows`. Before the optimizer exists, wd is learn.wd and lr is '-' unless a layer group fixes it."""
+    opt = learn.opt
+    groups = opt.param_groups if opt is not None else param_groups(learn.layer_groups, learn.bn_wd)
+    names = {id(m): n for n, m in learn.model.named_modules()}
+    labels = [str(lg.name) if isinstance(lg, LayerGroup) and lg.name else _abbrev(_member_names(lg, names))
+              for lg in learn.layer_groups]
+    rows = []
+    for i, g in enumerate(groups):
+        ps, lg = g['params'], g['layer_group']
+        if opt is not None:
+            lr, wd = g['lr'], g.get('wd', 0.)
+        else:
+            lr = g.get('fixed', {}).get('lr')
+            wd = _group_value(g, 'wd', learn.wd) if g['decay'] else 0.
+        lgm = learn.layer_groups[lg] if lg < len(learn.layer_groups) else None
+        extra = [k for k in lgm.settings if k not in _FIXED and k not in _MULTS] if isinstance(lgm, LayerGroup) else []
+        settings = ', '.join([f'{k}={v:g}' for k, v in g.get('fixed', {}).items()]
+                             + [f'{k}_mult={v:g}' for k, v in g.get('mult', {}).items()]
+                             + [f'{k}={g[k]}' for k in extra])
+        rows.append({'group': i, 'layer_group': lg, 'modules': labels[lg] if lg < len(labels) else '?',
+                     'decay': g['decay'], 'params': sum(p.numel() for p in ps),
+                     'trainable': sum(p.numel() for p in ps if p.requires_grad), 'lr': lr, 'wd': wd,
+                     'settings': settings})
+    cols = [('#', 'group', str), ('layer group', 'layer_group', str), ('modules', 'modules', str),
+            ('params', 'params', '{:,}'.format), ('trainable', 'trainable', '{:,}'.format), ('lr', 'lr', _fmt),
+            ('wd', 'wd', _fmt), ('wd applies', 'decay', lambda d: 'yes' if d else 'no (norm/bias)')]
+    if any(r['settings'] for r in rows):
+        cols.append(('settings', 'settings', str))
+    cells = [[h for h, _, _ in cols]] + [[f(r[k]) for _, k, f in cols] for r in rows]
+    widths = [max(len(c[j]) for c in cells) for j in range(len(cols))]
+    right = {'params', 'trainable', 'lr', 'wd'}
+    lines = ['  '.join(c.rjust(w) if cols[j][1] in right else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
+             .rstrip() for row in cells]
+    lines.insert(1, '-' * len(max(lines, key=len)))
+    total, train = sum(r['params'] for r in rows), sum(r['trainable'] for r in rows)
+    lines.append(f'{total:,} parameters, {train:,} trainable, {total - train:,} frozen'
+                 + ('' if opt is not None else ' (no optimizer yet: lr is set by the next fit)'))
+    return ParamSummary(rows, '\n'.join(lines))

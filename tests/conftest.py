@@ -6,6 +6,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+import torch.nn.functional as F  # noqa: E402
+
 from minifast import DataBunch  # noqa: E402
 
 
@@ -22,6 +24,37 @@ def make_data(n_train=48, n_valid=20, bs=16, n_in=8, n_out=3, seed=0, **kw):
 def make_mlp(n_in=8, n_out=3, hidden=16, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+
+def reference_fit(model, data, opt, epochs, seed, before_step=None):
+    """The hand-written loop: same data order (torch's global RNG), same loss, same optimizer."""
+    torch.manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for xb, yb in data.train_dl:
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            if before_step is not None:
+                before_step()
+            opt.step()
+            opt.zero_grad()
+    return model
+
+
+def torch_applied(factory, lr, make_sched, total, per_epoch=None):
+    """lr and momentum that a torch scheduler applies before each of `total` optimizer steps; it is stepped after
+    every optimizer step, or after every `per_epoch` steps."""
+    opt = factory([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make_sched(opt)
+    lrs, moms = [], []
+    for t in range(total):
+        g = opt.param_groups[0]
+        lrs.append(g['lr'])
+        moms.append(g['betas'][0] if 'betas' in g else g['momentum'])
+        opt.step()
+        if per_epoch is None or (t + 1) % per_epoch == 0:
+            sched.step()
+    return lrs, moms
 
 
 @pytest.fixture

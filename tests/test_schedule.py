@@ -8,27 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from minifast import (Callback, CallbackException, DataBunch, Learner, annealing_cos, annealing_exp,
+from minifast import (Callback, CallbackException, Learner, annealing_cos, annealing_exp,
                       annealing_linear, one_cycle_schedule)
 from minifast.callbacks.lr_finder import suggest_minimum, suggest_steep, suggest_valley
-from conftest import make_data, make_mlp
+from conftest import make_data, make_mlp, torch_applied
 
 
 def torch_one_cycle(opt_factory, total, max_lr, moms, div, pct, final_div):
     """lr and momentum that torch's OneCycleLR applies at each of `total` steps."""
-    p = nn.Parameter(torch.zeros(1))
-    opt = opt_factory([p])
-    sched = torch.optim.lr_scheduler.OneCycleLR(
+    return torch_applied(opt_factory, max_lr, lambda opt: torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=max_lr, total_steps=total, pct_start=pct, anneal_strategy='cos', cycle_momentum=True,
-        base_momentum=moms[1], max_momentum=moms[0], div_factor=div, final_div_factor=final_div / div)
-    lrs, ms = [], []
-    for _ in range(total):
-        g = opt.param_groups[0]
-        lrs.append(g['lr'])
-        ms.append(g['betas'][0] if 'betas' in g else g['momentum'])
-        opt.step()
-        sched.step()
-    return lrs, ms
+        base_momentum=moms[1], max_momentum=moms[0], div_factor=div, final_div_factor=final_div / div), total)
 
 
 @pytest.mark.parametrize('n_train,epochs,pct,div,final_div', [

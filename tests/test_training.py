@@ -8,23 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minifast import AdamW, DataBunch, Learner, accuracy, error_rate, synthetic_classification, top_k_accuracy
-from conftest import make_data, make_mlp
-
-
-def reference_fit(model, data, opt, epochs, seed, before_step=None):
-    """The hand-written loop: same data order (torch's global RNG), same loss, same optimizer."""
-    torch.manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for xb, yb in data.train_dl:
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            if before_step is not None:
-                before_step()
-            opt.step()
-            opt.zero_grad()
-    return model
+from minifast import DataBunch, Learner, accuracy, error_rate, synthetic_classification, top_k_accuracy
+from conftest import make_data, make_mlp, reference_fit
 
 
 def learner_fit(model, data, epochs, lr, seed, **kw):

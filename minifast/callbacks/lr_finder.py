@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..learner import Callback, CancelFitException, CancelValidateException
-from ..optim import lr_per_group, set_hyper
+from ..optim import group_lrs, set_hyper
 
 __all__ = ['LRFinder', 'LRFindResult', 'lr_find', 'suggest_steep', 'suggest_valley', 'suggest_minimum']
 
@@ -22,8 +22,7 @@ class LRFinder(Callback):
 
     def before_fit(self, learn):
         self.best, self._mov, self.diverged = math.inf, 0., False
-        n = len(learn.layer_groups)
-        self._start, self._end = lr_per_group(self.start_lr, n), lr_per_group(self.end_lr, n)
+        self._start, self._end = group_lrs(learn, self.start_lr), group_lrs(learn, self.end_lr)
 
     def before_batch(self, learn):
         if not learn.training:

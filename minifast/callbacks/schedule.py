@@ -1,11 +1,21 @@
-"""ParamScheduler (sets hyper-parameters every training step from a schedule) and the fit_* policies built on it."""
+"""ParamScheduler (sets hyper-parameters every training step from a schedule) and the fit_* policies built on it.
+
+Every policy lays its schedule out in training steps (steps per epoch = len(data.train_dl)) and sets it before each
+step; the Recorder records what was applied. `lr` (and the other per-group values) is a number, one number per layer
+group, or a slice, as in `Learner.fit`.
+"""
+import math
 from numbers import Number
 
-from ..learner import Callback
-from ..optim import lr_per_group, momentum_key, set_hyper
-from ..schedules import one_cycle_schedule
+import numpy as np
 
-__all__ = ['ParamScheduler', 'fit_one_cycle']
+from ..learner import Callback, CancelTrainException
+from ..optim import group_lrs, lr_per_group, momentum_key, set_hyper
+from ..schedules import (CLR_MODES, CyclicSchedule, GeneralSchedule, _int_at_least, _real, flat_cos_schedule,
+                         one_cycle_schedule, sgdr_schedule, step_schedule, warmup_cosine_schedule)
+
+__all__ = ['ParamScheduler', 'fit_one_cycle', 'fit_sgdr', 'fit_clr', 'fit_step', 'fit_exp', 'fit_warmup_cosine',
+           'fit_fc', 'fit_phases']
 
 
 class ParamScheduler(Callback):
@@ -62,6 +72,145 @@ def fit_one_cycle(learn, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25.
     start = 0 if start_epoch is None else int(start_epoch)
     if start + cyc_len > tot:
         raise ValueError(f'fit_one_cycle: start_epoch {start} + cyc_len {cyc_len} exceeds tot_epochs {tot}')
-    lrs = lr_per_group(max_lr, len(learn.layer_groups))
+    lrs = group_lrs(learn, max_lr)
     sched = one_cycle_schedule(tot * n, lrs if len(lrs) > 1 else lrs[0], moms, div_factor, pct_start, final_div)
     learn.fit(cyc_len, lrs, wd=wd, callbacks=[ParamScheduler(sched, start * n), *_as_list(callbacks)])
+
+
+# ---- the other policies ----------------------------------------------------------------------------------------
+def _steps_per_epoch(learn, epochs, where):
+    """Checks fit's arguments and returns the number of training steps in an epoch."""
+    from ..checks import check_fit
+    check_fit(learn, epochs)
+    try:
+        return len(learn.data.train_dl)
+    except TypeError:
+        raise TypeError(f'{where} needs a training DataLoader with a length (the schedule is laid out in '
+                        f'steps)') from None
+
+
+def _groups(v, learn, name, where):
+    """`v` (a number, one per layer group, or a slice) as a number when every group shares it, else a list."""
+    kinds = (Number, slice, list, tuple, np.ndarray)
+    if isinstance(v, bool) or not isinstance(v, kinds) or (isinstance(v, (list, tuple, np.ndarray))
+                                                          and not all(isinstance(x, Number) for x in v)):
+        raise TypeError(f'{where}: {name} must be a number, one number per layer group or a slice, got {v!r}')
+    try:
+        vals = group_lrs(learn, v) if name.endswith('lr') else lr_per_group(v, len(learn.layer_groups))
+    except ValueError as e:
+        raise ValueError(f'{where}: {name}: {e}') from None
+    return vals[0] if len(set(vals)) == 1 else vals
+
+
+def _run(learn, epochs, lr, wd, callbacks, sched, *extra):
+    from ..learner import _as_list
+    learn.fit(epochs, lr, wd=wd, callbacks=[ParamScheduler(sched), *extra, *_as_list(callbacks)])
+
+
+def fit_sgdr(learn, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=None, callbacks=None):
+    """SGDR: `n_cycles` cosine cycles from `lr` towards `eta_min`, cycle i lasting cycle_len * cycle_mult**i epochs,
+    the lr restarting at `lr` after each (torch's CosineAnnealingWarmRestarts stepped every step). Trains
+    cycle_len * (1 + cycle_mult + ... + cycle_mult**(n_cycles-1)) epochs."""
+    where = 'fit_sgdr'
+    n_cycles = _int_at_least(n_cycles, 'n_cycles', where)
+    cycle_len = _int_at_least(cycle_len, 'cycle_len (epochs)', where)
+    cycle_mult = _int_at_least(cycle_mult, 'cycle_mult', where)
+    epochs = cycle_len * sum(cycle_mult ** i for i in range(n_cycles))
+    n = _steps_per_epoch(learn, epochs, where)
+    lrs = _groups(lr, learn, 'lr', where)
+    sched = sgdr_schedule(n_cycles, cycle_len * n, lrs, cycle_mult, _groups(eta_min, learn, 'eta_min', where))
+    _run(learn, epochs, lr, wd, callbacks, sched)
+
+
+def fit_clr(learn, epochs, base_lr, max_lr, step_size_up, step_size_down=None, mode='triangular', gamma=1.,
+            cycle_momentum=True, base_momentum=0.8, max_momentum=0.9, wd=None, callbacks=None):
+    """Smith's cyclical LR for `epochs` epochs: base_lr -> max_lr in `step_size_up` steps (not epochs), back in
+    `step_size_down` (default: the same); mode 'triangular', 'triangular2' (height halved each cycle) or 'exp_range'
+    (height times gamma**step). With cycle_momentum, momentum (Adam: beta1) moves max_momentum -> base_momentum ->
+    max_momentum against the lr. Equals torch's CyclicLR with the same arguments, stepped every step. Smith suggests
+    a step size of 2-10 epochs: step_size_up=4 * len(learn.data.train_dl)."""
+    where = 'fit_clr'
+    if mode not in CLR_MODES:
+        raise ValueError(f"{where}: mode must be one of {', '.join(map(repr, CLR_MODES))}, got {mode!r}")
+    epochs = _int_at_least(epochs, 'epochs', where)
+    _real(step_size_up, 'step_size_up (steps)', where, low=0, low_open=True)
+    if step_size_down is not None:
+        _real(step_size_down, 'step_size_down (steps)', where, low=0)
+    _real(gamma, 'gamma', where, low=0, low_open=True)
+    _steps_per_epoch(learn, epochs, where)
+    sched = CyclicSchedule(_groups(base_lr, learn, 'base_lr', where), _groups(max_lr, learn, 'max_lr', where),
+                           step_size_up, step_size_down, mode, gamma, cycle_momentum,
+                           _groups(base_momentum, learn, 'base_momentum', where),
+                           _groups(max_momentum, learn, 'max_momentum', where))
+    _run(learn, epochs, base_lr, wd, callbacks, sched)
+
+
+def fit_step(learn, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None):
+    """Step decay: lr * gamma**(epoch // step_size), `step_size` in epochs (torch's StepLR stepped every epoch)."""
+    where = 'fit_step'
+    epochs = _int_at_least(epochs, 'epochs', where)
+    step_size = _int_at_least(step_size, 'step_size (epochs)', where)
+    gamma = _real(gamma, 'gamma', where, low=0, low_open=True)
+    n = _steps_per_epoch(learn, epochs, where)
+    sched = step_schedule(epochs * n, _groups(lr, learn, 'lr', where), step_size * n, gamma)
+    _run(learn, epochs, lr, wd, callbacks, sched)
+
+
+def fit_exp(learn, epochs, lr, gamma, wd=None, callbacks=None):
+    """Exponential decay: lr * gamma**epoch, constant within an epoch (torch's ExponentialLR stepped every epoch)."""
+    where = 'fit_exp'
+    epochs = _int_at_least(epochs, 'epochs', where)
+    gamma = _real(gamma, 'gamma', where, low=0, low_open=True)
+    n = _steps_per_epoch(learn, epochs, where)
+    _run(learn, epochs, lr, wd, callbacks, step_schedule(epochs * n, _groups(lr, learn, 'lr', where), n, gamma))
+
+
+def fit_warmup_cosine(learn, epochs, lr=3e-3, warmup_epochs=1, warmup_lr=None, min_lr=0., wd=None, callbacks=None):
+    """Linear warm-up from `warmup_lr` (default lr/100) to `lr` over `warmup_epochs` (may be fractional), then cosine
+    from `lr` towards `min_lr` over the remaining steps, updated every step. Equals torch's
+    SequentialLR([LinearLR(start_factor=warmup_lr/lr, total_iters=W), CosineAnnealingLR(T_max=T-W, eta_min=min_lr)],
+    milestones=[W]) stepped every step, W and T being the warm-up and total steps."""
+    where = 'fit_warmup_cosine'
+    epochs = _int_at_least(epochs, 'epochs', where)
+    warmup_epochs = _real(warmup_epochs, 'warmup_epochs', where, low=0, high=epochs)
+    n = _steps_per_epoch(learn, epochs, where)
+    lrs = _groups(lr, learn, 'lr', where)
+    wlr = None if warmup_lr is None else _groups(warmup_lr, learn, 'warmup_lr', where)
+    sched = warmup_cosine_schedule(epochs * n, lrs, warmup_epochs * n, wlr, _groups(min_lr, learn, 'min_lr', where))
+    _run(learn, epochs, lr, wd, callbacks, sched)
+
+
+def fit_fc(learn, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callbacks=None):
+    """Flat then cosine (fastai v2's fit_flat_cos): lr held for pct_start of the steps, then cosine annealing
+    towards lr / div_final."""
+    where = 'fit_fc'
+    epochs = _int_at_least(epochs, 'epochs', where)
+    pct_start = _real(pct_start, 'pct_start', where, low=0, high=1)
+    div_final = _real(div_final, 'div_final', where, low=0, low_open=True)
+    n = _steps_per_epoch(learn, epochs, where)
+    _run(learn, epochs, lr, wd, callbacks, flat_cos_schedule(epochs * n, _groups(lr, learn, 'lr', where), pct_start,
+                                                             div_final))
+
+
+class _StopAfter(Callback):
+    """Ends training (the epoch still validates) once `n` training steps have run."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def after_batch(self, learn):
+        if learn.training and learn.train_iter + 1 >= self.n:
+            raise CancelTrainException()
+
+
+def fit_phases(learn, phases, lr=3e-3, wd=None, callbacks=None):
+    """Train through `phases` (TrainingPhase objects, lengths in steps or epochs), then stop.
+
+    Trains ceil(total steps / steps per epoch) epochs; when the phases end mid-epoch, training stops there and that
+    epoch still validates. `lr` applies until a phase names 'lr'; a slice in a phase spreads across layer groups.
+    """
+    n = _steps_per_epoch(learn, 1, 'fit_phases')
+    sched = GeneralSchedule(phases, steps_per_epoch=n, n_groups=len(learn.layer_groups))
+    epochs = math.ceil(sched.total_steps / n)
+    extra = [_StopAfter(sched.total_steps)] if sched.total_steps % n else []
+    _run(learn, epochs, lr, wd, callbacks, sched, *extra)

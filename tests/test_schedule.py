@@ -115,7 +115,8 @@ def test_lr_find_restores_optimizer_state_and_hyper_parameters():
     assert all(torch.equal(opt['state'][k][n], opt2['state'][k][n]) for k in opt['state'] for n in opt['state'][k])
 
 
-def test_lr_find_restores_after_an_error_mid_sweep(tmp_path):
+@pytest.mark.parametrize('exc', [RuntimeError, KeyboardInterrupt])
+def test_lr_find_restores_after_an_error_mid_sweep(tmp_path, exc):
     learn = Learner(make_data(n_train=160), bn_dropout_model(), silent=True, path=tmp_path)
     learn.fit(1, 3e-3)
     sd, opt = state_of(learn)
@@ -124,10 +125,10 @@ def test_lr_find_restores_after_an_error_mid_sweep(tmp_path):
     class Boom(Callback):
         def after_step(self, learn):
             if learn.train_iter == 5:
-                raise RuntimeError('boom')
+                raise exc('boom')
 
     learn.add_cb(Boom())
-    with pytest.raises(CallbackException, match='boom'):
+    with pytest.raises(CallbackException if exc is RuntimeError else KeyboardInterrupt, match='boom'):
         learn.lr_find(num_it=20)
     sd2, opt2 = state_of(learn)
     assert same_model(sd, sd2) and opt['param_groups'] == opt2['param_groups']

@@ -11,6 +11,8 @@ from torch import nn
 
 from .checkpoint import atomic_save, load_state, check_state_dict
 from .device import resolve_device
+from . import optim
+from .checks import check_batch, check_data, check_fit, check_metrics
 from .optim import AdamW, set_hyper
 
 __all__ = ['Learner', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException',
@@ -106,7 +108,6 @@ class Learner:
                  callback_fns=None, wd=1e-2, true_wd=True, bn_wd=True, path='.', model_dir='models', device=None,
                  bf16=False, channels_last=False, silent=False, layer_groups=None, splitter=None, layer_decay=None,
                  train_bn=True, training_mode=None):
-        from .checks import check_data, check_metrics
         from .callbacks.recorder import Recorder
         from .callbacks.progress import ProgressCallback
         check_data(data)
@@ -117,7 +118,6 @@ class Learner:
         self.loss_func = F.cross_entropy if loss_func is None else loss_func
         self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, wd, true_wd, bn_wd
         self.path, self.model_dir = Path(path), model_dir
-        from . import optim
         if layer_groups is not None and splitter is not None:
             raise ValueError('Learner: give layer_groups or splitter, not both')
         if layer_groups is not None:
@@ -219,7 +219,6 @@ class Learner:
             wd: weight decay (decoupled when `true_wd`); None keeps `learn.wd`.
             callbacks: callbacks for this call only (an instance or a list); removed when fit ends.
         """
-        from .checks import check_fit
         epochs = check_fit(self, epochs)
         self._prepare_opt(lr, self.wd if wd is None else wd)
         self._build_hooks(_as_list(callbacks))
@@ -375,7 +374,6 @@ class Learner:
             self.pred = self.model(*self.xb)
         self('after_pred')
         if self._first_batch:
-            from .checks import check_batch
             check_batch(self)
         if self.bf16:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
@@ -395,54 +393,45 @@ class Learner:
     # ---- optimizer -------------------------------------------------------------------------------------------
     def create_opt(self, lr=3e-3, wd=None):
         """Build `learn.opt` from `opt_func` with one group per layer group (two when bn_wd=False)."""
-        from .optim import create_opt
-        return create_opt(self, lr, wd)
+        return optim.create_opt(self, lr, wd)
 
     def _prepare_opt(self, lr, wd):
-        from .optim import group_lrs
         if self.opt is None:
             self.create_opt(lr, wd)
         else:
-            set_hyper(self.opt, 'lr', group_lrs(self, lr))
+            set_hyper(self.opt, 'lr', optim.group_lrs(self, lr))
             set_hyper(self.opt, 'wd', wd)
 
     # ---- layer groups and freezing ----------------------------------------------------------------------------
     def split(self, split_on):
         """Set the layer groups: a function model -> modules, cut indices of a Sequential, or {module name:
         settings}; the optimizer is rebuilt at the next fit."""
-        from .optim import split
-        split(self, split_on)
+        optim.split(self, split_on)
         return self
 
     def freeze_to(self, n):
         """Freeze the layer groups before n (norm layers still train when learn.train_bn)."""
-        from .optim import freeze_to
-        freeze_to(self, n, self.train_bn)
+        optim.freeze_to(self, n, self.train_bn)
 
     def freeze(self):
         """Train only the last layer group (the head)."""
-        from .optim import freeze
-        freeze(self, self.train_bn)
+        optim.freeze(self, self.train_bn)
 
     def unfreeze(self):
         """Train every layer group."""
-        from .optim import unfreeze
-        unfreeze(self)
+        optim.unfreeze(self)
 
     def set_training_mode(self, mode):
         """'head_only' (freeze) or 'full' (unfreeze)."""
-        from .optim import set_training_mode
-        set_training_mode(self, mode, self.train_bn)
+        optim.set_training_mode(self, mode, self.train_bn)
 
     def param_summary(self):
         """A table of the parameter groups: modules, parameter counts, trainable, lr, wd."""
-        from .optim import param_summary
-        return param_summary(self)
+        return optim.param_summary(self)
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def validate(self, dl=None, callbacks=None, metrics=None):
         """Loss and metrics over `dl` (default: the validation set) as [loss, *metric values] (Python floats)."""
-        from .checks import check_metrics
         dl = self.data.valid_dl if dl is None else dl
         if dl is None:
             raise ValueError('validate() needs a DataLoader: this learner has no validation set (data.valid_dl is None)')

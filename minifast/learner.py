@@ -120,11 +120,11 @@ class Learner:
         self.path, self.model_dir = Path(path), model_dir
         if layer_groups is not None and splitter is not None:
             raise ValueError('Learner: give layer_groups or splitter, not both')
-        if layer_groups is not None:
-            self.layer_groups = list(layer_groups)
-            optim.check_layer_groups(self.model, self.layer_groups)
-        else:
-            self.layer_groups = optim.split_model(self.model, splitter)
+        # given groups go through split_model too, so lists of modules are accepted as a splitter's are
+        self.layer_groups = optim.split_model(self.model, splitter if layer_groups is None else
+                                              (lambda m: list(layer_groups)))
+        if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 <= layer_decay <= 1):
+            raise ValueError(f'Learner: layer_decay must be a number in [0, 1], got {layer_decay!r}')
         self.layer_decay, self.train_bn = layer_decay, train_bn
         self.opt = self._wd = None
         self.epoch = self.n_epoch = self.iter = self.n_iter = self.train_iter = 0
@@ -396,6 +396,15 @@ class Learner:
         return optim.create_opt(self, lr, wd)
 
     def _prepare_opt(self, lr, wd):
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError('fit: every parameter of the model is frozen (requires_grad=False); call '
+                             'learn.unfreeze() or learn.freeze_to(n) with n < the number of layer groups '
+                             f'({len(self.layer_groups)})')
+        if self.opt is not None:
+            bad = [i for i, g in enumerate(self.opt.param_groups) if 'layer_group' not in g]
+            if bad:
+                raise ValueError(f'fit: optimizer parameter group(s) {bad} were not made by the learner (no '
+                                 f'layer_group); rebuild the optimizer with learn.create_opt() or learn.split(...)')
         if self.opt is None:
             self.create_opt(lr, wd)
         else:

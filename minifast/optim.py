@@ -408,6 +408,11 @@ def create_opt(learn, lr=3e-3, wd=None):
     groups = param_groups(learn.layer_groups, learn.bn_wd)
     lrs = group_lrs(learn, lr)
     opt = learn.opt_func(groups, lr=lrs[-1])
+    asked = getattr(learn.opt_func, 'keywords', None) or {}  # set by the user in a partial, not torch's default
+    if asked.get('weight_decay'):
+        warnings.warn(f"opt_func sets weight_decay={asked['weight_decay']}, which the Learner replaces by its "
+                      f"own wd ({learn.wd if wd is None else wd}); pass wd= to the Learner or to fit instead",
+                      stacklevel=3)
     for lg in learn.layer_groups:
         bad = [k for k in _group_settings(lg.settings) if k not in ('fixed', 'mult') and k not in opt.defaults] \
             if isinstance(lg, LayerGroup) else []
@@ -452,6 +457,8 @@ def freeze_to(learn, n, train_bn=True):
                 continue
             seen.add(id(p))
             train = i not in frozen or id(p) in norm
+            if p.requires_grad != train and learn.opt is not None:
+                learn.opt.state.pop(p, None)  # moments from before the change would be stale (fastai v1 rebuilds)
             p.requires_grad_(train)
             if not train:
                 p.grad = None  # a stale gradient would still be stepped and decayed

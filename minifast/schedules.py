@@ -228,11 +228,13 @@ class GeneralSchedule:
 
     A hyper-parameter that a phase does not name holds the value the previous phase ended with (and is left alone
     until a phase names it). Phases of length 0 are skipped; after the last phase its end values hold.
-    `steps_per_epoch` converts lengths given in epochs; `n_groups` expands slices. Phase boundaries may fall between
-    steps (a step belongs to the phase whose [start, end) holds it). `total_steps` is the number of steps covered.
+    `steps_per_epoch` converts lengths given in epochs; `n_groups` expands slices; `expand_lr(value) -> per-group
+    list`, when given, expands every 'lr' number or slice (fit_phases passes the learner's layer decay). Phase
+    boundaries may fall between steps (a step belongs to the phase whose [start, end) holds it). `total_steps` is the
+    number of steps covered.
     """
 
-    def __init__(self, phases, steps_per_epoch=None, n_groups=None):
+    def __init__(self, phases, steps_per_epoch=None, n_groups=None, expand_lr=None):
         phases = list(phases)
         if not phases:
             raise ValueError('GeneralSchedule needs at least one TrainingPhase')
@@ -253,6 +255,8 @@ class GeneralSchedule:
             vals = dict(carry)
             for name, (s, e, fn) in ph.hypers.items():
                 where = f'phases[{i}] {name}'
+                if name == 'lr' and expand_lr is not None:
+                    s, e = (v if isinstance(v, (list, tuple, np.ndarray)) else expand_lr(v) for v in (s, e))
                 s, e = _values(s, where, n_groups), _values(e, where, n_groups)
                 if not isinstance(s, Number) and not isinstance(e, Number) and len(s) != len(e):
                     raise ValueError(f'{where}: start has {len(s)} values but end has {len(e)}')

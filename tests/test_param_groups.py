@@ -355,3 +355,40 @@ def test_learner_wiring_splitter_layer_decay_freeze_and_summary():
     np.testing.assert_allclose(g[:, 0] / g[:, 2], 0.25, rtol=1e-9)  # the sweep keeps the layer decay too
     with pytest.raises(ValueError, match='layer_groups or splitter, not both'):
         Learner(make_data(), bn_net(), splitter=[2], layer_groups=[nn.Linear(1, 1)])
+
+
+def test_layer_groups_as_lists_bad_layer_decay_and_all_frozen():
+    from conftest import make_data as md
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    learn = Learner(md(), m, layer_groups=[[m[0], m[1]], [m[2]]], silent=True)
+    assert len(learn.layer_groups) == 2
+    with pytest.raises(ValueError, match=r"layer_decay must be a number in \[0, 1\], got '0.5'"):
+        Learner(md(), m, layer_decay='0.5')
+    freeze_to(learn, 2, train_bn=False)
+    with pytest.raises(ValueError, match='every parameter of the model is frozen'):
+        learn.fit(1)
+
+
+def test_freezing_drops_stale_optimizer_state():
+    from conftest import make_data as md
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    learn = Learner(md(), m, layer_groups=[m[0], m[2]], silent=True)
+    learn.fit(1)
+    assert m[0].weight in learn.opt.state
+    freeze(learn)
+    assert m[0].weight not in learn.opt.state and m[2].weight in learn.opt.state
+    learn.fit(1)
+    unfreeze(learn)
+    learn.fit(1)
+    assert learn.opt.state[m[0].weight]['step'] == len(learn.data.train_dl)  # fresh moments after the unfreeze
+
+
+def test_opt_func_weight_decay_is_reported_not_silently_replaced():
+    from conftest import make_data as md
+    learn = Learner(md(), nn.Linear(8, 3), opt_func=partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4),
+                    silent=True)
+    with pytest.warns(UserWarning, match=r'opt_func sets weight_decay=0.0005, which the Learner replaces by its own '
+                                         r'wd \(0.01\)'):
+        learn.fit(1)

@@ -284,3 +284,14 @@ def test_learner_methods_delegate_to_the_policies():
         learn = Learner(make_data(n_train=64), make_mlp(), silent=True)
         call(learn)
         assert len(set(learn.recorder.lrs)) > 1  # a schedule, not a constant lr
+
+
+def test_fit_phases_keeps_the_layer_decay():
+    from conftest import make_data, make_mlp
+    from minifast import Learner, TrainingPhase
+    model = make_mlp()
+    learn = Learner(make_data(n_train=64), model, layer_groups=[model[0], model[2]], layer_decay=0.1, silent=True)
+    learn.fit_phases([TrainingPhase(4, lr=(1e-2, 1e-3))])
+    g = np.array(learn.recorder.group_lrs)
+    np.testing.assert_allclose(g[:, 0] / g[:, 1], 0.1, rtol=1e-9)
+    assert g[0, 1] == pytest.approx(1e-2)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from minifast import (Callback, CallbackException, Learner, annealing_cos, annealing_exp,
-                      annealing_linear, one_cycle_schedule)
+from minifast import Learner, annealing_cos, annealing_exp, annealing_linear, one_cycle_schedule
 from minifast.callbacks.lr_finder import suggest_minimum, suggest_steep, suggest_valley
 from conftest import make_data, make_mlp, torch_applied
 
@@ -122,13 +121,16 @@ def test_lr_find_restores_after_an_error_mid_sweep(tmp_path, exc):
     sd, opt = state_of(learn)
     np_state = np.random.get_state()[1].copy()
 
-    class Boom(Callback):
-        def after_step(self, learn):
-            if learn.train_iter == 5:
-                raise exc('boom')
+    calls = []
 
-    learn.add_cb(Boom())
-    with pytest.raises(CallbackException if exc is RuntimeError else KeyboardInterrupt, match='boom'):
+    def loss_that_breaks(pred, y):  # user callbacks do not run during the sweep, so the loss breaks instead
+        calls.append(1)
+        if len(calls) == 6:
+            raise exc('boom')
+        return torch.nn.functional.cross_entropy(pred, y)
+
+    learn.loss_func = loss_that_breaks
+    with pytest.raises(exc, match='boom'):
         learn.lr_find(num_it=20)
     sd2, opt2 = state_of(learn)
     assert same_model(sd, sd2) and opt['param_groups'] == opt2['param_groups']
@@ -161,3 +163,37 @@ def test_suggestions_on_a_known_curve():
     assert suggest_steep(lrs, nan) == pytest.approx(1e-3, rel=0.1)
     assert suggest_steep(lrs[:2], losses[:2]) is None and suggest_valley([], []) is None
     assert suggest_minimum([1e-3], [np.nan]) is None
+
+
+def test_lr_find_leaves_user_callbacks_files_and_learner_state_alone(tmp_path):
+    from minifast import CSVLogger
+
+    class Counter(nn.Module):  # a non-persistent buffer: not in state_dict, still restored
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 3)
+            self.register_buffer('seen', torch.zeros(()), persistent=False)
+
+        def forward(self, x):
+            self.seen += 1
+            return self.lin(x)
+
+    learn = Learner(make_data(n_train=160), Counter(), silent=True, path=tmp_path, callback_fns=[CSVLogger])
+    learn.fit(1)
+    before = (tmp_path / 'history.csv').read_text()
+    seen, attrs = learn.model.seen.clone(), (learn.epoch, learn.n_epoch, learn.train_iter)
+    res = learn.lr_find(num_it=10, stop_div=False)
+    assert (tmp_path / 'history.csv').read_text() == before  # the logger never saw the sweep
+    assert torch.equal(learn.model.seen, seen) and (learn.epoch, learn.n_epoch, learn.train_iter) == attrs
+    assert len(res.lrs) == 10 and res.lrs[-1] == pytest.approx(10)  # every step recorded, up to end_lr
+
+
+def test_fit_one_cycle_start_epoch_trains_the_rest_of_the_cycle():
+    full = Learner(make_data(n_train=64), make_mlp(), silent=True)
+    full.fit_one_cycle(5, 1e-2)
+    rest = Learner(make_data(n_train=64), make_mlp(), silent=True)
+    rest.fit_one_cycle(5, 1e-2, start_epoch=3)
+    assert len(rest.recorder.train_losses) == 2
+    np.testing.assert_allclose(rest.recorder.lrs, full.recorder.lrs[3 * 4:], rtol=1e-12)
+    with pytest.raises(ValueError, match='start_epoch 5 is at or past the end of a 5-epoch cycle'):
+        rest.fit_one_cycle(5, 1e-2, start_epoch=5)

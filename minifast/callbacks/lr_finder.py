@@ -1,6 +1,7 @@
 """The LR range test: an exponential learning-rate sweep that leaves the learner exactly as it found it."""
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ class LRFinder(Callback):
         self.start_lr, self.end_lr, self.num_it, self.stop_div, self.beta = start_lr, end_lr, num_it, stop_div, beta
 
     def before_fit(self, learn):
-        self.best, self._mov, self.diverged = math.inf, 0., False
+        self.best, self._mov, self.diverged, self._stop = math.inf, 0., False, False
         self._start, self._end = group_lrs(learn, self.start_lr), group_lrs(learn, self.end_lr)
 
     def before_batch(self, learn):
@@ -32,15 +33,17 @@ class LRFinder(Callback):
 
     def after_step(self, learn):
         i = learn.train_iter + 1
+        self._stop = i >= self.num_it
         if self.stop_div:
             loss = learn.loss.item()  # the stop test needs the value now: one host sync per sweep step
             self._mov = self.beta * self._mov + (1 - self.beta) * loss
             smooth = self._mov / (1 - self.beta ** i)
             if not math.isfinite(loss) or smooth > 4 * self.best:
-                self.diverged = True
-                raise CancelFitException()
+                self.diverged = self._stop = True
             self.best = min(self.best, smooth)
-        if i >= self.num_it:
+
+    def after_batch(self, learn):
+        if learn.training and self._stop:  # raised here, a closing event, so the Recorder still sees this step
             raise CancelFitException()
 
     def before_validate(self, learn):
@@ -113,10 +116,16 @@ def suggestions(lrs, losses, skip_start=None, skip_end=5):
     return {'steep': suggest_steep(lr, ls), 'valley': suggest_valley(lr, ls), 'minimum': suggest_minimum(lr, ls)}
 
 
+_LEARNER_STATE = ('epoch', 'n_epoch', 'train_iter', 'callbacks')
+
+
 def _snapshot(learn):
+    from ..learner import _LOOP_STATE
     model = learn.model
     return {
+        'learner': {k: getattr(learn, k, None) for k in (*_LOOP_STATE, *_LEARNER_STATE)},
         'params': {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()},
+        'buffers': {k: b.detach().clone() for k, b in model.named_buffers()},  # non-persistent ones too
         'grads': [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
         'modes': [m.training for m in model.modules()],
         'opt': None if learn.opt is None else (learn.opt, _deep_clone(learn.opt.state_dict()), learn._wd),
@@ -136,10 +145,21 @@ def _deep_clone(obj):
 
 
 def _restore(learn, snap):
+    cpu, cuda, np_state, py_state = snap['rng']  # first: nothing below may leave the RNG streams moved
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+    for k, v in snap['learner'].items():
+        setattr(learn, k, v)
     model = learn.model
     with torch.no_grad():
         for k, v in model.state_dict(keep_vars=True).items():
             v.copy_(snap['params'][k])
+        for k, b in model.named_buffers():
+            if k in snap['buffers']:
+                b.copy_(snap['buffers'][k])
     for p, g in zip(model.parameters(), snap['grads']):
         p.grad = g
     for m, mode in zip(model.modules(), snap['modes']):
@@ -150,26 +170,29 @@ def _restore(learn, snap):
         opt, state, wd = snap['opt']
         opt.load_state_dict(state)  # moments and per-group hyper-parameters (lr, betas, wd) as they were
         learn.opt, learn._wd = opt, wd
-    cpu, cuda, np_state, py_state = snap['rng']
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-    np.random.set_state(np_state)
-    random.setstate(py_state)
 
 
 def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
     """Learner.lr_find's implementation (see its docstring)."""
+    from ..checks import check_fit
     if num_it < 2:
         raise ValueError(f'lr_find: num_it must be at least 2, got {num_it}')
-    n = len(learn.data.train_dl)
-    if n == 0:
-        from ..checks import check_fit
-        check_fit(learn, 1)
+    check_fit(learn, 1)
+    try:
+        n = len(learn.data.train_dl)
+    except TypeError:
+        raise TypeError('lr_find needs a training DataLoader with a length') from None
+    head = learn.layer_groups[-1]
+    if any(k in getattr(head, 'settings', {}) for k in ('lr', 'lr_mult')):
+        warnings.warn('lr_find: the last layer group has a fixed lr or an lr_mult, so the recorded lrs (and the '
+                      'suggestions) are the values applied to it, not the values you would pass to fit')
     epochs = math.ceil(num_it / n)
     finder = LRFinder(start_lr, end_lr, num_it, stop_div)
     snap = _snapshot(learn)
     try:
+        # the sweep runs with the Recorder and the finder only: the user's callbacks (loggers, checkpoints,
+        # early stopping) must neither see it nor write anything
+        learn.callbacks = []
         learn.fit(epochs, start_lr, wd=wd, callbacks=[finder])
     finally:
         _restore(learn, snap)

@@ -134,7 +134,7 @@ class Recorder(Callback):
         ax.plot(lrs[skip_start:end], losses[skip_start:end])
         if suggestion:
             from .lr_finder import suggestions
-            for (name, lr), m in zip(suggestions(lrs, losses).items(), 'o^s'):
+            for (name, lr), m in zip(suggestions(lrs, losses, skip_start, skip_end).items(), 'o^s'):
                 if lr is not None:
                     y = float(np.interp(np.log10(lr), np.log10(lrs), losses))
                     ax.plot([lr], [y], m, markersize=8, label=f'{name}: {lr:.2e}')

@@ -59,22 +59,20 @@ def _check_moms(moms, where):
 def fit_one_cycle(learn, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25., pct_start=0.3, final_div=None,
                   wd=None, callbacks=None, tot_epochs=None, start_epoch=None):
     """Learner.fit_one_cycle's implementation (see its docstring)."""
+    from ..checks import check_fit
     from ..learner import _as_list
     moms = _check_moms(moms, 'fit_one_cycle')
-    from ..checks import check_fit
-    cyc_len = check_fit(learn, cyc_len)
-    try:
-        n = len(learn.data.train_dl)
-    except TypeError:
-        raise TypeError('fit_one_cycle needs a training DataLoader with a length (the schedule is laid out in '
-                        'steps)') from None
-    tot = cyc_len if tot_epochs is None else int(tot_epochs)
-    start = 0 if start_epoch is None else int(start_epoch)
-    if start + cyc_len > tot:
-        raise ValueError(f'fit_one_cycle: start_epoch {start} + cyc_len {cyc_len} exceeds tot_epochs {tot}')
+    n = _steps_per_epoch(learn, cyc_len, 'fit_one_cycle')
+    # fastai v1: the cycle spans tot_epochs (default cyc_len); start_epoch jumps into it, and training stops where
+    # the cycle ends, so fit_one_cycle(10, start_epoch=4) trains the last 6 epochs of a 10-epoch cycle
+    tot = check_fit(learn, cyc_len if tot_epochs is None else tot_epochs)
+    start = 0 if start_epoch is None else check_fit(learn, start_epoch)
+    epochs = min(check_fit(learn, cyc_len), tot - start)
+    if epochs <= 0:
+        raise ValueError(f'fit_one_cycle: start_epoch {start} is at or past the end of a {tot}-epoch cycle')
     lrs = group_lrs(learn, max_lr)
     sched = one_cycle_schedule(tot * n, lrs if len(lrs) > 1 else lrs[0], moms, div_factor, pct_start, final_div)
-    learn.fit(cyc_len, lrs, wd=wd, callbacks=[ParamScheduler(sched, start * n), *_as_list(callbacks)])
+    learn.fit(epochs, lrs, wd=wd, callbacks=[ParamScheduler(sched, start * n), *_as_list(callbacks)])
 
 
 # ---- the other policies ----------------------------------------------------------------------------------------
@@ -96,7 +94,9 @@ def _groups(v, learn, name, where):
                                                           and not all(isinstance(x, Number) for x in v)):
         raise TypeError(f'{where}: {name} must be a number, one number per layer group or a slice, got {v!r}')
     try:
-        vals = group_lrs(learn, v) if name.endswith('lr') else lr_per_group(v, len(learn.layer_groups))
+        # every learning-rate value (lr, base_lr, eta_min, warmup_lr, min_lr...) follows layer_decay alike
+        is_lr = name.endswith('lr') or name == 'eta_min'
+        vals = group_lrs(learn, v) if is_lr else lr_per_group(v, len(learn.layer_groups))
     except ValueError as e:
         raise ValueError(f'{where}: {name}: {e}') from None
     return vals[0] if len(set(vals)) == 1 else vals
@@ -210,7 +210,8 @@ def fit_phases(learn, phases, lr=3e-3, wd=None, callbacks=None):
     epoch still validates. `lr` applies until a phase names 'lr'; a slice in a phase spreads across layer groups.
     """
     n = _steps_per_epoch(learn, 1, 'fit_phases')
-    sched = GeneralSchedule(phases, steps_per_epoch=n, n_groups=len(learn.layer_groups))
+    sched = GeneralSchedule(phases, steps_per_epoch=n, n_groups=len(learn.layer_groups),
+                            expand_lr=lambda v: group_lrs(learn, v))
     epochs = math.ceil(sched.total_steps / n)
     extra = [_StopAfter(sched.total_steps)] if sched.total_steps % n else []
     _run(learn, epochs, lr, wd, callbacks, sched, *extra)

@@ -88,6 +88,11 @@ def momentum_key(opt):
     return 'betas' if 'betas' in d else 'momentum' if 'momentum' in d else None
 
 
+def _set_mom(g, key, v):
+    """Momentum into a parameter group: beta1 of 'betas' (Adam-type) or 'momentum' (SGD-type)."""
+    g[key] = (v, *g[key][1:]) if key == 'betas' else v
+
+
 def get_hyper(opt, name):
     """The value of `name` ('lr', 'wd' or 'mom') in each parameter group."""
     if name == 'mom':
@@ -120,7 +125,7 @@ def set_hyper(opt, name, values):
         elif name == 'mom':
             if key is None:
                 raise ValueError(f'{type(opt).__name__} has no momentum to set')
-            g[key] = (v, *g[key][1:]) if key == 'betas' else v
+            _set_mom(g, key, v)
         else:
             g[key] = v
 
@@ -429,7 +434,7 @@ def create_opt(learn, lr=3e-3, wd=None):
         if mom is not None:
             if key is None:
                 raise ValueError(f'{type(opt).__name__} has no momentum, so a layer group cannot fix mom')
-            g[key] = (mom, *g[key][1:]) if key == 'betas' else mom
+            _set_mom(g, key, mom)
     return opt
 
 

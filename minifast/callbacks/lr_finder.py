@@ -9,6 +9,7 @@ import torch
 
 from ..learner import Callback, CancelFitException, CancelValidateException
 from ..optim import group_lrs, set_hyper
+from .recorder import ema_step
 
 __all__ = ['LRFinder', 'LRFindResult', 'lr_find', 'suggest_steep', 'suggest_valley', 'suggest_minimum']
 
@@ -36,8 +37,7 @@ class LRFinder(Callback):
         self._stop = i >= self.num_it
         if self.stop_div:
             loss = learn.loss.item()  # the stop test needs the value now: one host sync per sweep step
-            self._mov = self.beta * self._mov + (1 - self.beta) * loss
-            smooth = self._mov / (1 - self.beta ** i)
+            self._mov, smooth = ema_step(self._mov, loss, self.beta, i)
             if not math.isfinite(loss) or smooth > 4 * self.best:
                 self.diverged = self._stop = True
             self.best = min(self.best, smooth)

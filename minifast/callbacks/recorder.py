@@ -10,7 +10,13 @@ from ..checks import metric_name
 from ..learner import Callback
 from ..optim import momentum_key
 
-__all__ = ['Recorder', 'new_figure']
+__all__ = ['Recorder', 'new_figure', 'ema_step']
+
+
+def ema_step(mov, value, beta, n):
+    """One step of the debiased exponential moving average: (new average, debiased value after n values)."""
+    mov = beta * mov + (1 - beta) * value
+    return mov, mov / (1 - beta ** n)
 
 
 def new_figure(ax=None, ncols=1, figsize=None):
@@ -80,11 +86,11 @@ class Recorder(Callback):
             return
         vals = torch.stack([t.float() for t in self._pending]).tolist()  # the one host sync
         self._pending = []
-        b, mov, n = self.beta, self._mov, len(self._raw)
+        mov, n = self._mov, len(self._raw)
         for v in vals:
             n += 1
-            mov = b * mov + (1 - b) * v
-            self._smooth.append(mov / (1 - b ** n))
+            mov, smooth = ema_step(mov, v, self.beta, n)
+            self._smooth.append(smooth)
         self._mov = mov
         self._raw.extend(vals)
 

@@ -82,7 +82,8 @@ def fastai_runner(data):
         def before_validate(self):
             raise CancelValidException()
 
-    # valid is never run (NoValidation); no progress bar: fastai.callback.progress is not imported, so it is not a default
+    # valid is never run (NoValidation); no progress bar: fastai.callback.progress is not imported, so it is not
+    # one of the default callbacks
     dls = DataLoaders(data.train_dl, data.train_dl, device='cpu')
     learn = FLearner(dls, make_model(0), loss_func=F.cross_entropy, cbs=NoValidation(),
                      opt_func=lambda p, lr: OptimWrapper(opt=AdamW(p, lr=lr, weight_decay=1e-2)))

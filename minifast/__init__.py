@@ -36,7 +36,8 @@ __all__ = [
     'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder', 'accuracy',
     'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'LayerGroup', 'layer_decay_lrs', 'module_groups', 'split_by_idx',
     'split_model', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
-    'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no', 'one_cycle_schedule',
+    'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
+    'one_cycle_schedule',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

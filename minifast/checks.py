@@ -34,8 +34,8 @@ def check_metrics(metrics):
     ms = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
     for i, m in enumerate(ms):
         if not callable(m):
-            raise TypeError(f'metrics[{i}] is {m!r} ({type(m).__name__}), which is not callable: a metric is a function '
-                            f'(pred, target) -> tensor, such as minifast.accuracy')
+            raise TypeError(f'metrics[{i}] is {m!r} ({type(m).__name__}), which is not callable: a metric is a '
+                            f'function (pred, target) -> tensor, such as minifast.accuracy')
     return ms
 
 

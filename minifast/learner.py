@@ -114,7 +114,9 @@ class Learner:
         self.data, self.metrics = data, check_metrics(metrics)
         self.device = resolve_device(device)
         self.bf16, self.channels_last, self.silent = bf16, channels_last, silent
-        self.model = model.to(self.device, memory_format=torch.channels_last) if channels_last else model.to(self.device)
+        self.model = model.to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_func = F.cross_entropy if loss_func is None else loss_func
         self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, wd, true_wd, bn_wd
         self.path, self.model_dir = Path(path), model_dir
@@ -143,7 +145,8 @@ class Learner:
     def add_cb(self, cb):
         """Register a callback for every later fit/validate; its hook names are checked now."""
         if isinstance(cb, type):
-            raise TypeError(f'add_cb got the class {cb.__name__}; pass an instance, or use callback_fns=[{cb.__name__}]')
+            raise TypeError(f'add_cb got the class {cb.__name__}; pass an instance, or use '
+                            f'callback_fns=[{cb.__name__}]')
         _check_hooks(cb)
         self.callbacks.append(cb)
         return cb
@@ -382,7 +385,8 @@ class Learner:
             self.loss = self.loss_func(self.pred, self.yb)
         self('after_loss')
         if not self.training:
-            self._vals.append((self.yb.shape[0], self.loss.detach(), [m(self.pred, self.yb) for m in self._val_metrics]))
+            mets = [m(self.pred, self.yb) for m in self._val_metrics]
+            self._vals.append((self.yb.shape[0], self.loss.detach(), mets))
             return
         self.loss.backward()
         self('after_backward')
@@ -443,7 +447,8 @@ class Learner:
         """Loss and metrics over `dl` (default: the validation set) as [loss, *metric values] (Python floats)."""
         dl = self.data.valid_dl if dl is None else dl
         if dl is None:
-            raise ValueError('validate() needs a DataLoader: this learner has no validation set (data.valid_dl is None)')
+            raise ValueError('validate() needs a DataLoader: this learner has no validation set '
+                             '(data.valid_dl is None)')
         metrics = self.metrics if metrics is None else check_metrics(metrics)
         saved, was_training = {k: getattr(self, k, None) for k in _LOOP_STATE}, self.model.training
         self._build_hooks(_as_list(callbacks))

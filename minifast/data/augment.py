@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['BatchTransform', 'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting', 'get_transforms',
-           'cifar_transforms', 'apply_tfms', 'split_index_only']
+__all__ = ['BatchTransform', 'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting',
+           'get_transforms', 'cifar_transforms', 'apply_tfms', 'split_index_only']
 
 
 class BatchTransform:

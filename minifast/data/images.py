@@ -120,7 +120,8 @@ class ImageList:
         v = set(int(i) for i in valid_idx)
         bad = [i for i in v if not 0 <= i < len(self)]
         if bad:
-            raise IndexError(f'split_by_idx: indices {sorted(bad)[:5]} are outside 0..{len(self) - 1} ({len(self)} items)')
+            raise IndexError(f'split_by_idx: indices {sorted(bad)[:5]} are outside 0..{len(self) - 1} '
+                             f'({len(self)} items)')
         return ItemLists(self.path, self._sub([i for i in range(len(self)) if i not in v]), self._sub(sorted(v)))
 
 

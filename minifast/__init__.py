@@ -20,6 +20,8 @@ from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, Flip
 from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelTrainException, CancelValidateException, Learner)
 from .metrics import accuracy, error_rate, top_k_accuracy
+from .models import (AdaptiveConcatPool2d, Flatten, cifar_resnet, create_cnn, create_head, from_seed_state_dict,
+                     resnet56, to_seed_state_dict)
 from .optim import SGD, AdamW, LayerGroup, layer_decay_lrs, module_groups, split_by_idx, split_model
 from .schedules import (GeneralSchedule, Phase, PhaseSchedule, TrainingPhase, annealing_cos, annealing_exp,
                         annealing_linear, annealing_no, one_cycle_schedule)
@@ -35,7 +37,8 @@ __all__ = [
     'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
     'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder', 'accuracy',
     'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'LayerGroup', 'layer_decay_lrs', 'module_groups', 'split_by_idx',
-    'split_model', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
+    'split_model', 'AdaptiveConcatPool2d', 'Flatten', 'create_head', 'resnet56', 'cifar_resnet', 'create_cnn',
+    'from_seed_state_dict', 'to_seed_state_dict', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`

@@ -1,0 +1,107 @@
+"""fastai v1's `create_cnn`: a torchvision backbone's body, cut before its pooling, followed by `create_head`."""
+import torch
+from torch import nn
+
+from .layers import create_head
+
+__all__ = ['BodyHead', 'create_cnn', 'cut_body']
+
+_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+
+
+class BodyHead(nn.Sequential):
+    """nn.Sequential(body, head) whose layer groups are the body cut in two at `split_at` and the head."""
+
+    def __init__(self, body, head, split_at):
+        super().__init__(body, head)
+        if not 0 < split_at < len(body):
+            raise ValueError(f'BodyHead: split_at must cut the body in two (1 to {len(body) - 1}), got {split_at}')
+        self.split_at = split_at
+
+    def layer_groups(self):
+        """Body before `split_at`, body from `split_at`, head."""
+        body, head = self[0], self[1]
+        return [body[:self.split_at], body[self.split_at:], head]
+
+
+def cut_body(model, cut=None):
+    """The body of `model` as an nn.Sequential: its children before `cut` (an int), or `cut(model)` (a callable).
+
+    By default it cuts before the last child that is a pooling layer (-2 for torchvision ResNets: avgpool, fc), or
+    before the last child (the classifier) when none is; a body that is one nn.Sequential (VGG's or DenseNet's
+    `features`) is used as itself, so it can be split into layer groups.
+    """
+    if callable(cut):
+        body = cut(model)
+        if not isinstance(body, nn.Sequential) or len(body) < 2:
+            raise TypeError(f'create_cnn: cut={getattr(cut, "__name__", cut)} returned a {type(body).__name__}; it '
+                            f'must return an nn.Sequential of at least 2 modules (the layer groups split it)')
+        return body
+    children = list(model.children())
+    if cut is None:
+        pools = [i for i, c in enumerate(children) if isinstance(c, _POOLS)]
+        cut = pools[-1] if pools else -1
+    body = nn.Sequential(*children[:cut])
+    if len(body) == 1 and isinstance(body[0], nn.Sequential):
+        body = body[0]
+    if len(body) < 2:
+        raise ValueError(f'create_cnn: cut={cut} leaves {len(body)} of the {len(children)} children of '
+                         f'{type(model).__name__} as the body; at least 2 are needed')
+    return body
+
+
+@torch.no_grad()
+def _body_channels(body):
+    was_training = body.training
+    body.eval()
+    try:
+        for size in (64, 224):  # 64 is cheap; some backbones need larger inputs
+            try:
+                return body(torch.zeros(1, 3, size, size)).shape[1]
+            except RuntimeError:
+                if size == 224:
+                    raise
+    finally:
+        body.train(was_training)
+
+
+def _default_split(body):
+    """fastai v1's split of a torchvision ResNet body (before layer3), else the middle child."""
+    stages = [i for i, c in enumerate(body) if isinstance(c, nn.Sequential) and len(c) and
+              type(c[0]).__name__ in ('BasicBlock', 'Bottleneck')]
+    return stages[2] if len(stages) == 4 else len(body) // 2
+
+
+def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, concat_pool=True, bn_final=False,
+               split_at=None):
+    """A torchvision backbone's body (cut before its pooling) and a new `create_head` for `nc` classes.
+
+    Args:
+        arch: a torchvision model function such as `torchvision.models.resnet18`.
+        nc: the number of classes.
+        pretrained: load torchvision's default weights (`weights='DEFAULT'`; downloads them once).
+        cut: where to cut the backbone: an index into its children, or a function model -> body; default: before the
+            last child holding a pooling layer (-2 for torchvision ResNets).
+        lin_ftrs, ps, concat_pool, bn_final: as `create_head`; the head's input size is inferred from the body.
+        split_at: the body child where the second layer group starts; default: layer3 for ResNets (fastai v1's
+            split), else the middle child.
+
+    Returns a `BodyHead` (model[0] the body, model[1] the head) with three layer groups: two for the body, the head.
+    """
+    if not callable(arch) or isinstance(arch, nn.Module):
+        raise TypeError(f'create_cnn: arch must be a model function such as torchvision.models.resnet18, '
+                        f'got {arch!r}')
+    name = getattr(arch, '__name__', repr(arch))
+    if pretrained:
+        try:
+            model = arch(weights='DEFAULT')
+        except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+            raise RuntimeError(f'create_cnn({name}, pretrained=True): could not get the pretrained weights ({e}). '
+                               f'Without a network, copy the weights file into {torch.hub.get_dir()}/checkpoints, '
+                               f'or use pretrained=False') from e
+    else:
+        model = arch(weights=None)
+    body = cut_body(model, cut)
+    nf = _body_channels(body) * (2 if concat_pool else 1)
+    head = create_head(nf, nc, lin_ftrs=lin_ftrs, ps=ps, concat_pool=concat_pool, bn_final=bn_final)
+    return BodyHead(body, head, _default_split(body) if split_at is None else split_at)

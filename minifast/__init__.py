@@ -13,10 +13,12 @@ from .callbacks.lr_finder import LRFinder, LRFindResult
 from .callbacks.progress import ProgressCallback, ShowGraph
 from .callbacks.recorder import Recorder
 from .callbacks.schedule import ParamScheduler
+from .callbacks.snapshots import WeightSnapshots
 from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, FlipUD, ImageDataBunch, ImageList, Lighting,
                    RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
                    imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
                    write_cifar, write_image_folder)
+from .landscape import InterpolationResult, interpolate_losses, plot_interpolation, recompute_bn
 from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelTrainException, CancelValidateException, Learner)
 from .metrics import accuracy, error_rate, top_k_accuracy
@@ -38,7 +40,8 @@ __all__ = [
     'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder', 'accuracy',
     'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'LayerGroup', 'layer_decay_lrs', 'module_groups', 'split_by_idx',
     'split_model', 'AdaptiveConcatPool2d', 'Flatten', 'create_head', 'resnet56', 'cifar_resnet', 'create_cnn',
-    'from_seed_state_dict', 'to_seed_state_dict', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
+    'from_seed_state_dict', 'to_seed_state_dict', 'WeightSnapshots', 'interpolate_losses', 'plot_interpolation',
+    'InterpolationResult', 'recompute_bn', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`

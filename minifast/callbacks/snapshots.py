@@ -1,0 +1,69 @@
+"""WeightSnapshots: copies of the model's weights at chosen epochs (the seed's GetWeights, built in)."""
+from pathlib import Path
+
+from ..checkpoint import atomic_save
+from ..learner import Callback
+
+__all__ = ['WeightSnapshots', 'sgdr_cycle_ends', 'clr_cycle_ends', 'state_dict_copy']
+
+
+def state_dict_copy(model):
+    """A CPU copy of `model.state_dict()` that later training cannot change (`.cpu()` alone aliases on CPU)."""
+    return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+
+
+def sgdr_cycle_ends(n_cycles, cycle_len, cycle_mult=2):
+    """The 0-based epochs at which the cycles of `fit_sgdr(n_cycles, cycle_len, cycle_mult=...)` end."""
+    ends, e = [], 0
+    for i in range(n_cycles):
+        e += cycle_len * cycle_mult ** i
+        ends.append(e - 1)
+    return ends
+
+
+def clr_cycle_ends(epochs, step_size_up, step_size_down=None, steps_per_epoch=1):
+    """The 0-based epochs of `fit_clr(epochs, ...)` whose last step ends a cycle (lr back at base_lr).
+
+    Step sizes are in steps, as fit_clr takes them; a cycle that ends inside an epoch is not listed (Smith's advice,
+    step sizes of whole epochs, makes every cycle end on an epoch boundary).
+    """
+    cycle = step_size_up + (step_size_up if step_size_down is None else step_size_down)
+    return [e for e in range(epochs) if ((e + 1) * steps_per_epoch) % cycle == 0]
+
+
+class WeightSnapshots(Callback):
+    """Keep CPU copies of the model's state dict after chosen epochs: `learn.snapshots[epoch]` is one.
+
+    Choose the epochs (0-based, as the epoch table counts them) with `save_list=[5, 7]`, `every_epoch=True`, or
+    `cycle_ends=` a list of epochs (see `sgdr_cycle_ends`, `clr_cycle_ends`); the union is taken, and with none of
+    them every epoch is kept. A snapshot is taken in after_epoch, so after that epoch's validation. With `path`, each
+    snapshot is also written atomically to path/snapshot_{epoch}.pth (a plain state dict, loadable with
+    minifast.checkpoint.load_state, i.e. torch.load(weights_only=True)). The mapping is reset at the start of each
+    fit and set on the learner as `learn.snapshots` (also kept as `self.snapshots`). Usable in callback_fns= and
+    callbacks=.
+    """
+    order = 60  # after the Recorder (50): the epoch's row is complete when the snapshot is taken
+
+    def __init__(self, learn=None, save_list=None, every_epoch=False, cycle_ends=None, path=None):
+        super().__init__(learn)
+        self.every_epoch = every_epoch or (save_list is None and cycle_ends is None)
+        self.epochs = {int(e) for e in (save_list or [])} | {int(e) for e in (cycle_ends or [])}
+        self.path = None if path is None else Path(path)
+        self.snapshots, self.files = {}, {}
+
+    def before_fit(self, learn):
+        self.snapshots, self.files = {}, {}
+        learn.snapshots = self.snapshots
+
+    def after_epoch(self, learn):
+        e = learn.epoch
+        if not (self.every_epoch or e in self.epochs):
+            return
+        sd = state_dict_copy(learn.model)
+        self.snapshots[e] = sd
+        if self.path is not None:
+            self.files[e] = atomic_save(sd, self.path / f'snapshot_{e}.pth')
+
+    def get_weights(self):
+        """The snapshots {epoch: state dict} (the seed's GetWeights.get_weights)."""
+        return self.snapshots

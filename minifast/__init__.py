@@ -18,7 +18,9 @@ from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, Flip
                    RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
                    imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
                    write_cifar, write_image_folder)
-from .landscape import InterpolationResult, interpolate_losses, plot_interpolation, recompute_bn
+from .landscape import (InterpolationResult, SurfaceResult, average_weights, evaluate_weights,
+                        filter_normalized_direction, interpolate_losses, loss_surface, plot_interpolation,
+                        plot_surface, recompute_bn)
 from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelTrainException, CancelValidateException, Learner)
 from .metrics import accuracy, error_rate, top_k_accuracy
@@ -41,7 +43,8 @@ __all__ = [
     'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'LayerGroup', 'layer_decay_lrs', 'module_groups', 'split_by_idx',
     'split_model', 'AdaptiveConcatPool2d', 'Flatten', 'create_head', 'resnet56', 'cifar_resnet', 'create_cnn',
     'from_seed_state_dict', 'to_seed_state_dict', 'WeightSnapshots', 'interpolate_losses', 'plot_interpolation',
-    'InterpolationResult', 'recompute_bn', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
+    'InterpolationResult', 'recompute_bn', 'loss_surface', 'plot_surface', 'SurfaceResult', 'average_weights',
+    'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`

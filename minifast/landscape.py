@@ -1,5 +1,8 @@
-"""Loss along the line between two weight snapshots (Smith's interpolation plots), barriers, BN recompute."""
+"""Loss along the line between two weight snapshots (Smith's interpolation plots), barriers, 2-D loss surfaces,
+weight averaging (SWA-style), BN recompute."""
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +13,8 @@ from .callbacks.recorder import new_figure
 from .checks import check_metrics, metric_name
 
 __all__ = ['interpolate_losses', 'InterpolationResult', 'Barrier', 'barrier', 'plot_interpolation',
-           'recompute_bn']
+           'recompute_bn', 'loss_surface', 'SurfaceResult', 'plot_surface', 'filter_normalized_direction',
+           'average_weights', 'evaluate_weights']
 
 BN_MODES = ('recompute', 'interpolate', 'keep')
 
@@ -145,6 +149,27 @@ class InterpolationResult:
         """See `barrier`."""
         return barrier(self, dl, rtol, atol)
 
+    def summary(self, rtol=1e-2, atol=0.):
+        """Text for a notebook: per dataset, the lowest loss and its alpha, and the barrier between w1 and w2."""
+        lines = [repr(self)]
+        for dl in self.dls:
+            loss = self.loss(dl)
+            fin = np.isfinite(loss)
+            if not fin.any():
+                lines.append(f'{dl}: no finite loss')
+                continue
+            i = int(np.flatnonzero(fin)[np.argmin(loss[fin])])
+            line = f'{dl}: min loss {loss[i]:.4g} at alpha={self.alphas[i]:.3g}'
+            try:
+                b = self.barrier(dl, rtol, atol)
+            except ValueError:
+                lines.append(line + '; barrier: alpha=0 and 1 not evaluated')
+                continue
+            where = f'max loss {b.max_loss:.4g} at alpha={b.alpha_at_max:.3g}, w1 {b.loss_w1:.4g}, w2 {b.loss_w2:.4g}'
+            lines.append(f'{line}; barrier height {b.height:.4g} ({where}): '
+                         f'{"same basin" if b.same_basin else "different basins"}')
+        return '\n'.join(lines)
+
     def plot(self, ax=None, log=False):
         """See `plot_interpolation`."""
         return plot_interpolation(self, ax, log)
@@ -180,29 +205,29 @@ def plot_interpolation(result, ax=None, log=False):
     return fig
 
 
-def _resolve_weights(learn, w, name):
+def _resolve_weights(learn, w, name, fn='interpolate_losses'):
     if isinstance(w, int) and not isinstance(w, bool):
         snaps = getattr(learn, 'snapshots', None)
         if snaps is None or w not in snaps:
             have = sorted(snaps) if snaps else []
-            raise KeyError(f'interpolate_losses: {name}={w} names no snapshot (learn.snapshots has epochs {have})')
+            raise KeyError(f'{fn}: {name}={w} names no snapshot (learn.snapshots has epochs {have})')
         return snaps[w]
     if isinstance(w, nn.Module):
         return w.state_dict()
     return w
 
 
-def _loaders(learn, dls):
+def _loaders(learn, dls, fn='interpolate_losses'):
     items = dls.items() if isinstance(dls, dict) else [(d, None) for d in ([dls] if isinstance(dls, str) else dls)]
     out = {}
     for name, dl in items:
         if dl is None:
             if name not in ('train', 'valid'):
-                raise ValueError(f"interpolate_losses: dls names 'train' or 'valid' (or give {{name: loader}}), "
+                raise ValueError(f"{fn}: dls names 'train' or 'valid' (or give {{name: loader}}), "
                                  f"got {name!r}")
             dl = getattr(learn.data, f'{name}_dl')
             if dl is None:
-                raise ValueError(f'interpolate_losses: this learner has no {name} set (data.{name}_dl is None)')
+                raise ValueError(f'{fn}: this learner has no {name} set (data.{name}_dl is None)')
         out[name] = dl
     return out
 
@@ -242,43 +267,68 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
         raise ValueError('interpolate_losses: no alphas to evaluate')
     metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
     w1, w2 = _resolve_weights(learn, w1, 'w1'), _resolve_weights(learn, w2, 'w2')
-    model, dev = learn.model, learn.device
-    state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}  # aliases of the model's tensors
+    model = learn.model
+    state = _model_tensors(model)
     for name, w in (('w1', w1), ('w2', w2)):
-        missing, extra = [k for k in state if k not in w], [k for k in w if k not in state]
-        bad = [f'{k}: {tuple(w[k].shape)} vs model {tuple(v.shape)}' for k, v in state.items()
-               if k in w and tuple(w[k].shape) != tuple(v.shape)]
-        if missing or extra or bad:
-            raise ValueError(f'interpolate_losses: {name} does not match the model ({type(model).__name__}): '
-                             f'missing {missing[:5]}, unexpected {extra[:5]}, shapes {bad[:5]}')
+        _check_matches(state, w, name, model, 'interpolate_losses')
     bns = _bn_layers(model)
-    bn_stats = {id(t) for m in bns for t in (m.running_mean, m.running_var)}
+    bn_stats = _bn_stat_keys(model, state)  # by key: the detached aliases in `state` are new tensor objects
     mix, fixed = [], []  # (model tensor, w2, w1) pairs to lerp; (model tensor, value) to set once
     for k, t in state.items():
         if not t.is_floating_point():
             fixed.append((t, w1[k]))
-        elif id(t) in bn_stats and bn != 'interpolate':
+        elif k in bn_stats and bn != 'interpolate':
             fixed.append((t, w1[k]))  # 'keep' uses them as they are; 'recompute' overwrites them per alpha
         else:
             mix.append((t, w2[k].to(t.device, t.dtype), w1[k].to(t.device, t.dtype)))
     targets, starts, ends = [m[0] for m in mix], [m[1] for m in mix], [m[2] for m in mix]
+    use_foreach = len({(t.device, t.dtype) for t in targets}) <= 1
+
+    def set_alpha(i):
+        a = float(alphas[i])
+        if use_foreach and targets:
+            torch._foreach_copy_(targets, starts)
+            torch._foreach_lerp_(targets, ends, a)  # lerp is exact at a=0 (w2) and a=1 (w1)
+        else:
+            for t, s, e in zip(targets, starts, ends):
+                torch.lerp(s, e, a, out=t)
 
     loaders = _loaders(learn, dls)
+    with _restoring(learn):
+        batches, bn_batches = _draw_batches(learn, loaders, n_batches, bn == 'recompute' and bns,
+                                            'interpolate_losses')
+        values = _sweep(learn, model, len(alphas), set_alpha, batches, metrics, fixed,
+                        bns if bn == 'recompute' else [], bn_batches)
+    return InterpolationResult(alphas, ['loss', *map(metric_name, metrics)], values, bn, n_batches)
+
+
+def _model_tensors(model):
+    """{key: tensor} aliasing the model's own parameters and buffers (writing into them changes the model)."""
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _check_matches(state, w, name, model, fn):
+    missing, extra = [k for k in state if k not in w], [k for k in w if k not in state]
+    bad = [f'{k}: {tuple(w[k].shape)} vs model {tuple(v.shape)}' for k, v in state.items()
+           if k in w and tuple(w[k].shape) != tuple(v.shape)]
+    if missing or extra or bad:
+        raise ValueError(f'{fn}: {name} does not match the model ({type(model).__name__}): '
+                         f'missing {missing[:5]}, unexpected {extra[:5]}, shapes {bad[:5]}')
+
+
+@contextmanager
+def _restoring(learn):
+    """Runs the body with the global (and the learner's CUDA device's) RNG forked, then restores the model's weights,
+    buffers, BatchNorm momenta and every module's train/eval mode, also on an exception or KeyboardInterrupt."""
+    model, dev = learn.model, learn.device
+    state = _model_tensors(model)
     backup = {k: v.clone() for k, v in state.items()}
     modes = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in bns]
+    momenta = [(m, m.momentum) for m in _bn_layers(model)]
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == 'cuda' else []
-    cl = getattr(learn, 'channels_last', False)
     try:
         with torch.random.fork_rng(devices=cuda):
-            batches = {k: _device_batches(dl, dev, n_batches, cl) for k, dl in loaders.items()}
-            if bn == 'recompute' and bns:
-                bn_batches = batches.get('train') or _device_batches(learn.data.train_dl, dev, n_batches, cl)
-            for k, b in batches.items():
-                if not b:
-                    raise ValueError(f'interpolate_losses: the {k} loader yielded no batches')
-            values = _sweep(learn, model, alphas, batches, metrics, targets, starts, ends, fixed,
-                            bns if bn == 'recompute' else [], bn_batches if bn == 'recompute' and bns else None)
+            yield
     finally:
         with torch.no_grad():
             for k, t in state.items():
@@ -287,30 +337,42 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
             m.momentum = mom
         for m, t in modes:
             m.training = t
-    return InterpolationResult(alphas, ['loss', *map(metric_name, metrics)], values, bn, n_batches)
 
 
-def _sweep(learn, model, alphas, batches, metrics, targets, starts, ends, fixed, bns, bn_batches):
+def _draw_batches(learn, loaders, n_batches, need_bn, fn):
+    """({name: batches on learn.device}, training batches for a BN recompute or None), each loader drawn once."""
+    dev, cl = learn.device, getattr(learn, 'channels_last', False)
+    batches = {k: _device_batches(dl, dev, n_batches, cl) for k, dl in loaders.items()}
+    bn_batches = None
+    if need_bn:
+        if 'train' not in batches and learn.data.train_dl is None:
+            raise ValueError(f'{fn}: recomputing BatchNorm statistics needs training batches; this learner has no '
+                             f'training set (data.train_dl is None)')
+        bn_batches = batches.get('train') or _device_batches(learn.data.train_dl, dev, n_batches, cl)
+        if not bn_batches:
+            raise ValueError(f'{fn}: the train loader yielded no batches to recompute BatchNorm statistics')
+    for k, b in batches.items():
+        if not b:
+            raise ValueError(f'{fn}: the {k} loader yielded no batches')
+    return batches, bn_batches
+
+
+def _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_batches):
+    """Loss and metrics per point and dataset: `set_point(i)` writes point i's weights into the model (under
+    no_grad), then BatchNorm statistics are re-estimated on `bn_batches` when `bns` is not empty."""
     dev, n_cols = learn.device, 1 + len(metrics)
-    acc = torch.zeros(len(alphas), len(batches), n_cols, device=dev, dtype=torch.float32)  # read once at the end
+    acc = torch.zeros(n_points, len(batches), n_cols, device=dev, dtype=torch.float32)  # read once at the end
     bs = {k: [float(len(y)) for _, y in b] for k, b in batches.items()}
     tot = {k: sum(v) for k, v in bs.items()}
     loss_func, bf16 = learn.loss_func, getattr(learn, 'bf16', False)
-    use_foreach = len({(t.device, t.dtype) for t in targets}) <= 1
     with torch.no_grad():
         for t, v in fixed:
             t.copy_(v)
     for bn in bns:
         bn.momentum = None
-    for i, a in enumerate(alphas):
-        a = float(a)
+    for i in range(n_points):
         with torch.no_grad():
-            if use_foreach and targets:
-                torch._foreach_copy_(targets, starts)
-                torch._foreach_lerp_(targets, ends, a)  # lerp is exact at a=0 (w2) and a=1 (w1)
-            else:
-                for t, s, e in zip(targets, starts, ends):
-                    torch.lerp(s, e, a, out=t)
+            set_point(i)
             if bns:
                 for m in bns:
                     m.reset_running_stats()
@@ -340,3 +402,320 @@ def _forward(model, xb, bf16, dev):
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             return model(*xb)
     return model(*xb)
+
+
+# ---- 2-D loss surfaces ---------------------------------------------------------------------------------------
+def _filter_direction(model, weights, gen):
+    direction = {}
+    filtered = {f'{name}.weight' for name, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+    for k, w in weights.items():
+        if not w.is_floating_point():
+            continue
+        if k not in filtered or w.ndim < 2:
+            direction[k] = torch.zeros_like(w)  # biases, BatchNorm parameters and statistics: not moved
+            continue
+        d = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        wf = w.detach().to('cpu', torch.float64)
+        w_norm = wf.flatten(1).norm(dim=1).view(-1, *[1] * (w.ndim - 1))
+        d_norm = d.flatten(1).norm(dim=1).view(-1, *[1] * (w.ndim - 1))
+        direction[k] = (d * (w_norm / d_norm.clamp_min(1e-300))).to(w.device, w.dtype)
+    return direction
+
+
+def filter_normalized_direction(model, weights=None, seed=0):
+    """A random direction {key: tensor} filter-normalised as in Li et al. 2018 ("Visualizing the loss landscape").
+
+    Each Linear/Conv weight gets a Gaussian direction whose every output filter (row along dim 0) is rescaled to the
+    norm of that filter of `weights` (default: the model's own); biases, BatchNorm parameters and buffers get zero.
+    Drawn from a torch.Generator seeded with `seed`: the global RNG is not touched.
+    """
+    weights = model.state_dict() if weights is None else weights
+    return _filter_direction(model, weights, torch.Generator().manual_seed(seed))
+
+
+class SurfaceResult:
+    """Loss and metrics on a grid from `loss_surface`: `values[dl][i, j]` holds (loss, *metrics) at the weights
+    for coordinates (xs[i], ys[j]); `points` names the marked snapshots by their coordinates."""
+
+    def __init__(self, xs, ys, columns, values, points, mode, bn, n_batches):
+        self.xs, self.ys, self.columns, self.values = xs, ys, columns, values
+        self.points, self.mode, self.bn, self.n_batches = points, mode, bn, n_batches
+
+    @property
+    def dls(self):
+        """Names of the evaluated datasets."""
+        return list(self.values)
+
+    def _dl(self, dl):
+        dl = self.dls[0] if dl is None else dl
+        if dl not in self.values:
+            raise KeyError(f'no dataset {dl!r} in this result (it has {", ".join(map(repr, self.values))})')
+        return self.values[dl]
+
+    def loss(self, dl=None):
+        """(len(xs), len(ys)) array of losses on dataset `dl` (default: the first evaluated)."""
+        return self._dl(dl)[..., 0]
+
+    def metric(self, name, dl=None):
+        """(len(xs), len(ys)) array of metric `name` on dataset `dl`."""
+        if name not in self.columns:
+            raise KeyError(f'no column {name!r} (columns: {", ".join(self.columns)})')
+        return self._dl(dl)[..., self.columns.index(name)]
+
+    def loss_at(self, x, y, dl=None):
+        """Loss at the grid point with coordinates exactly (x, y), e.g. a snapshot's (1, 0)."""
+        i, j = np.flatnonzero(self.xs == x), np.flatnonzero(self.ys == y)
+        if not len(i) or not len(j):
+            raise KeyError(f'({x:g}, {y:g}) is not a grid point (x in {self.xs.min():g}..{self.xs.max():g}, '
+                           f'y in {self.ys.min():g}..{self.ys.max():g}, {len(self.xs)}x{len(self.ys)})')
+        return float(self.loss(dl)[i[0], j[0]])
+
+    def summary(self, dl=None):
+        """Text for a notebook: the loss at each marked point, the lowest loss and where, non-finite points."""
+        loss, lines = self.loss(dl), [repr(self)]
+        lines += [f'{name} at ({x:g}, {y:g}): loss {self.loss_at(x, y, dl):.4g}'
+                  for name, (x, y) in self.points.items()]
+        fin = np.isfinite(loss)
+        if fin.any():
+            i, j = np.unravel_index(np.where(fin, loss, np.inf).argmin(), loss.shape)
+            lines.append(f'min loss {loss[i, j]:.4g} at ({self.xs[i]:.3g}, {self.ys[j]:.3g})')
+        if not fin.all():
+            lines.append(f'{int((~fin).sum())} of {loss.size} grid points have a non-finite loss')
+        return '\n'.join(lines)
+
+    def plot(self, ax=None, levels=30, log=False, dl=None):
+        """See `plot_surface`."""
+        return plot_surface(self, ax, levels, log, dl)
+
+    def __repr__(self):
+        return (f'SurfaceResult({len(self.xs)}x{len(self.ys)} grid, x in [{self.xs.min():g}, {self.xs.max():g}], '
+                f'y in [{self.ys.min():g}, {self.ys.max():g}], {self.mode}, datasets {self.dls}, bn={self.bn!r})')
+
+
+def _axis(span, steps, must, name):
+    lo, hi = span
+    a = np.linspace(float(lo), float(hi), int(steps))
+    a = np.union1d(a, must)  # the snapshots' own coordinates are evaluated exactly
+    if not len(a):
+        raise ValueError(f'loss_surface: no {name} coordinates (span={span}, steps={steps})')
+    return a
+
+
+def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1, 1), steps=21, dl='valid',
+                 bn='recompute', n_batches=None, seed=0, metrics=None):
+    """Loss on a 2-D grid of weights in a plane: through three snapshots, or around one along two directions.
+
+    Args:
+        learn: the Learner whose model, loss_func, metrics, device and data are used.
+        center: w0, a state dict, an epoch of `learn.snapshots`, or a model; the point (0, 0).
+        directions: with dir1/dir2 not given: None or 'filter' (default) draws two filter-normalised random
+            directions (Li et al. 2018, see `filter_normalized_direction`; biases and BatchNorm get zero), or a
+            pair (d1, d2) of direction state dicts; the weights at (x, y) are center + x * d1 + y * d2.
+        dir1, dir2: the plane through three snapshots w0=center, w1=dir1, w2=dir2 (state dicts, epochs or
+            models): the weights at (x, y) are (1 - x - y) * w0 + x * w1 + y * w2, so w1 sits at (1, 0) and w2 at
+            (0, 1) exactly (the directions are w1 - w0 and w2 - w0; the axes are not orthogonalised).
+        span: (lo, hi) of both coordinates, or ((xlo, xhi), (ylo, yhi)).
+        steps: grid points per axis, or (x steps, y steps); the snapshots' coordinates (0 and, through three
+            snapshots, 1) are added to each axis.
+        dl: 'valid', 'train', a DataLoader, or {name: loader} for several datasets.
+        bn: BatchNorm running statistics at each point: 'recompute' (default, correct away from the snapshots)
+            re-estimates them on the training batches as `interpolate_losses` does; 'interpolate' mixes the
+            snapshots' statistics like the weights (exact at the snapshots: (0, 0) reproduces center's loss, (1, 0)
+            and (0, 1) w1's and w2's); 'keep' uses center's (exact at (0, 0)). Random directions leave the
+            statistics alone, so there 'interpolate' equals 'keep'.
+        n_batches: evaluate (and recompute BN on) only the first n_batches batches of each loader.
+        seed: seed of the random directions (a private generator; the global RNG is left as it was).
+        metrics: default learn.metrics.
+
+    Weights are written in place into the model's tensors at each grid point (no copy of the model); integer
+    buffers take center's values. The evaluation, BN recompute and restore are `interpolate_losses`'s: the model's
+    weights, buffers, BN momenta, module modes and the RNG state are restored afterwards, also on an exception.
+    Non-finite losses are recorded as NaN/inf. Returns a SurfaceResult (`.loss()`, `.summary()`, `.plot()`).
+    """
+    fn = 'loss_surface'
+    if bn not in BN_MODES:
+        raise ValueError(f"{fn}: bn must be one of {', '.join(map(repr, BN_MODES))}, got {bn!r}")
+    model = learn.model
+    state = _model_tensors(model)
+    w0 = _resolve_weights(learn, center, 'center', fn)
+    _check_matches(state, w0, 'center', model, fn)
+    if dir1 is not None or dir2 is not None:
+        if dir1 is None or dir2 is None or directions is not None:
+            raise ValueError(f'{fn}: a plane through three snapshots needs both dir1 and dir2 and no directions= '
+                             f'(got dir1 {"set" if dir1 is not None else "None"}, dir2 '
+                             f'{"set" if dir2 is not None else "None"}, directions={directions!r:.40})')
+        w1, w2 = _resolve_weights(learn, dir1, 'dir1', fn), _resolve_weights(learn, dir2, 'dir2', fn)
+        mode, points, must, others = 'plane through three snapshots', {'w0': (0., 0.), 'w1': (1., 0.),
+                                                                       'w2': (0., 1.)}, [0., 1.], (w1, w2)
+    else:
+        if directions is None or (isinstance(directions, str) and directions == 'filter'):
+            gen = torch.Generator().manual_seed(seed)
+            others = (_filter_direction(model, w0, gen), _filter_direction(model, w0, gen))
+            mode = 'filter-normalised random directions'
+        elif isinstance(directions, (tuple, list)) and len(directions) == 2:
+            others, mode = tuple(directions), 'given directions'
+        else:
+            raise ValueError(f"{fn}: directions must be None, 'filter' or a pair of direction state dicts, "
+                             f"got {directions!r:.60}")
+        points, must = {'center': (0., 0.)}, [0.]
+    plane = mode == 'plane through three snapshots'
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    for name, w in zip(('dir1', 'dir2'), others):
+        if plane:
+            _check_matches(state, w, name, model, fn)
+        else:  # a direction needs only the floating-point entries
+            _check_matches(floats, {k: v for k, v in w.items() if k in floats or k not in state}, name, model, fn)
+    (xlo, xhi), (ylo, yhi) = span if np.ndim(span[0]) else (span, span)
+    nx, ny = (steps, steps) if np.ndim(steps) == 0 else steps
+    xs, ys = _axis((xlo, xhi), nx, must, 'x'), _axis((ylo, yhi), ny, must, 'y')
+    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
+
+    bns = _bn_layers(model)
+    bn_stats = _bn_stat_keys(model, state)
+    mix, fixed = [], []
+    for k, t in state.items():
+        if not t.is_floating_point() or (k in bn_stats and bn != 'interpolate'):
+            fixed.append((t, w0[k]))  # 'recompute' overwrites the statistics per point
+        else:
+            mix.append((t, *(w[k].to(t.device, t.dtype) for w in (w0, *others))))
+    targets, bases, d1s, d2s = ([m[i] for m in mix] for i in range(4))
+    use_foreach = len({(t.device, t.dtype) for t in targets}) <= 1
+
+    def set_point(i):
+        x, y = float(xs[i // len(ys)]), float(ys[i % len(ys)])
+        c0 = 1. - x - y if plane else 1.  # barycentric through three points: exact at each of them
+        if use_foreach and targets:
+            torch._foreach_copy_(targets, bases)
+            if c0 != 1.:
+                torch._foreach_mul_(targets, c0)
+            torch._foreach_add_(targets, d1s, alpha=x)
+            torch._foreach_add_(targets, d2s, alpha=y)
+        else:
+            for t, b, d1, d2 in zip(targets, bases, d1s, d2s):
+                t.copy_(b).mul_(c0).add_(d1, alpha=x).add_(d2, alpha=y)
+
+    loaders = _loaders(learn, dl if isinstance(dl, (str, dict, list, tuple)) else {'dl': dl}, fn)
+    with _restoring(learn):
+        batches, bn_batches = _draw_batches(learn, loaders, n_batches, bn == 'recompute' and bns, fn)
+        values = _sweep(learn, model, len(xs) * len(ys), set_point, batches, metrics, fixed,
+                        bns if bn == 'recompute' else [], bn_batches)
+    values = {k: v.reshape(len(xs), len(ys), -1) for k, v in values.items()}
+    return SurfaceResult(xs, ys, ['loss', *map(metric_name, metrics)], values, points, mode, bn, n_batches)
+
+
+def plot_surface(result, ax=None, levels=30, log=False, dl=None):
+    """Contour plot of `result`'s loss over the plane (dataset `dl`, default the first), the snapshots marked and
+    non-finite grid points crossed; `levels` is a count or a sequence, `log` spaces a count of levels
+    geometrically. Returns the Figure."""
+    fig, (ax,) = new_figure(ax)
+    z = result.loss(dl).T  # contour wants rows along y
+    fin = np.isfinite(z)
+    zm = np.ma.masked_invalid(z)
+    if fin.any() and np.ndim(levels) == 0 and zm.min() < zm.max():
+        lo, hi = float(zm.min()), float(zm.max())
+        if log:
+            if lo <= 0:
+                raise ValueError(f'plot_surface: log levels need positive losses (min loss {lo:g})')
+            levels = np.geomspace(lo, hi, int(levels))
+        else:
+            levels = np.linspace(lo, hi, int(levels))
+    if fin.any():
+        cs = ax.contour(result.xs, result.ys, zm, levels=levels, cmap='viridis')
+        fig.colorbar(cs, ax=ax, label=f'{dl or result.dls[0]} loss')
+    if not fin.all():
+        yi, xi = np.nonzero(~fin)
+        ax.plot(result.xs[xi], result.ys[yi], 'x', color='0.5', markersize=4, label='non-finite loss')
+    for name, (x, y) in result.points.items():
+        ax.plot([x], [y], 'o', color='r', markersize=6)
+        ax.annotate(name, (x, y), textcoords='offset points', xytext=(4, 4))
+    ax.set_xlabel('x (dir1)')
+    ax.set_ylabel('y (dir2)')
+    ax.set_title(result.mode)
+    return fig
+
+
+# ---- weight averaging -----------------------------------------------------------------------------------------
+def _bn_stat_keys(model, keys):
+    if model is None:
+        return {k for k in keys if k.rsplit('.', 1)[-1] in ('running_mean', 'running_var')}
+    bns = set(_bn_layers(model))
+    return {f'{n}.{s}' if n else s for n, m in model.named_modules() if m in bns
+            for s in ('running_mean', 'running_var')}
+
+
+def average_weights(snapshots, learn=None, bn='recompute', n_batches=None):
+    """SWA-style average of several state dicts; returns a new state dict on the CPU (the model is left alone).
+
+    `snapshots`: a sequence of state dicts, epochs of `learn.snapshots` or models, or a dict {epoch: state dict}
+    (e.g. `learn.snapshots`, averaged in epoch order). Floating-point tensors are averaged (a running mean in
+    float64, cast back: identical snapshots average to themselves exactly); integer buffers
+    (num_batches_tracked) are the last snapshot's. `bn`: 'recompute' (default, needs `learn`) re-estimates the
+    BatchNorm running statistics of the averaged weights by train-mode passes over the first `n_batches` training
+    batches (`recompute_bn`; the model is restored afterwards); 'interpolate' averages the statistics like the
+    weights; 'keep' takes the last snapshot's.
+
+    To evaluate it: `evaluate_weights(learn, sd)` (restores the model), or `learn.model.load_state_dict(sd)` then
+    `learn.validate()`.
+    """
+    fn = 'average_weights'
+    if bn not in BN_MODES:
+        raise ValueError(f"{fn}: bn must be one of {', '.join(map(repr, BN_MODES))}, got {bn!r}")
+    if isinstance(snapshots, dict) and snapshots and all(isinstance(k, int) for k in snapshots):
+        snapshots = [snapshots[k] for k in sorted(snapshots)]
+    sds = [_resolve_weights(learn, w, f'snapshots[{i}]', fn) for i, w in enumerate(snapshots)]
+    if not sds:
+        raise ValueError(f'{fn}: no snapshots to average')
+    ref = sds[-1]
+    for i, sd in enumerate(sds):
+        if learn is not None:
+            _check_matches(_model_tensors(learn.model), sd, f'snapshots[{i}]', learn.model, fn)
+        else:
+            _check_matches(ref, sd, f'snapshots[{i}]', nn.Module(), fn + ' (against the last snapshot)')
+    model = None if learn is None else learn.model
+    stats = _bn_stat_keys(model, ref)
+    if bn == 'recompute' and learn is None and stats:
+        warnings.warn(f'{fn}: bn="recompute" needs a learner to run training batches; without one the BatchNorm '
+                      f'statistics are averaged (pass learn= to recompute them)', stacklevel=2)
+    avg = {}
+    for k, last in ref.items():
+        if not last.is_floating_point() or (bn == 'keep' and k in stats):
+            avg[k] = last.detach().to('cpu', copy=True)
+            continue
+        acc = sds[0][k].detach().to('cpu', torch.float64, copy=True)
+        for n, sd in enumerate(sds[1:], 2):
+            acc += (sd[k].detach().to('cpu', torch.float64) - acc) / n
+        avg[k] = acc.to(last.dtype)
+    if bn == 'recompute' and learn is not None and _bn_layers(model):
+        state = _model_tensors(model)
+        with _restoring(learn):
+            with torch.no_grad():
+                for k, t in state.items():
+                    t.copy_(avg[k])
+            _, bn_batches = _draw_batches(learn, {}, n_batches, True, fn)
+            recompute_bn(model, bn_batches)
+            for k in stats:
+                avg[k] = state[k].to('cpu', copy=True)
+    return avg
+
+
+def evaluate_weights(learn, weights, dl='valid', bn='keep', n_batches=None, metrics=None):
+    """{'loss': ..., '<metric>': ...} of `weights` (a state dict, epoch or model) on `dl` ('valid', 'train' or a
+    loader), evaluated as `interpolate_losses` does; bn='recompute' re-estimates the BatchNorm statistics first.
+    The model, its modes and the RNG state are restored afterwards."""
+    fn = 'evaluate_weights'
+    if bn not in ('keep', 'recompute'):
+        raise ValueError(f"{fn}: bn must be 'keep' or 'recompute', got {bn!r}")
+    w = _resolve_weights(learn, weights, 'weights', fn)
+    model = learn.model
+    state = _model_tensors(model)
+    _check_matches(state, w, 'weights', model, fn)
+    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
+    fixed = [(t, w[k]) for k, t in state.items()]
+    bns = _bn_layers(model) if bn == 'recompute' else []
+    name = dl if isinstance(dl, str) else 'dl'
+    loaders = _loaders(learn, dl if isinstance(dl, str) else {'dl': dl}, fn)
+    with _restoring(learn):
+        batches, bn_batches = _draw_batches(learn, loaders, n_batches, bool(bns), fn)
+        values = _sweep(learn, model, 1, lambda i: None, batches, metrics, fixed, bns, bn_batches)
+    return dict(zip(['loss', *map(metric_name, metrics)], map(float, values[name][0])))

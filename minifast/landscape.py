@@ -43,6 +43,9 @@ def recompute_bn(model, batches, device=None):
     Cumulative averaging (momentum=None): the running mean is the mean of the batch means, as
     torch.optim.swa_utils.update_bn computes it. `batches` yields (x, y) or ((x, ...), y) pairs (a DataLoader
     works); momenta and every module's train/eval mode are restored afterwards.
+
+    Train-mode passes advance the global RNG (dropout, a shuffling loader); the analysis functions restore it,
+    a direct call does not.
     """
     bns = _bn_layers(model)
     if not bns:
@@ -69,18 +72,23 @@ def recompute_bn(model, batches, device=None):
 
 @dataclass
 class Barrier:
-    """Barrier height on the segment alpha in [0, 1]: max loss there minus the mean of the two endpoint losses."""
+    """Barrier on the segment alpha in [0, 1]. `height`: max loss there minus the mean of the two endpoint losses
+    (the issue's definition). `excess`: the largest rise above the straight line between the endpoint losses; it is
+    0 on a monotone or convex path, so `same_basin` is decided by it, not by `height` (which is at least half the
+    endpoint gap even with no bump at all)."""
     height: float
     same_basin: bool
     loss_w1: float      # alpha = 1
     loss_w2: float      # alpha = 0
     max_loss: float
     alpha_at_max: float
+    excess: float = 0.
 
 
 def barrier(result, dl='valid', rtol=1e-2, atol=0.):
-    """Barrier between the two endpoints of `result` on dataset `dl`; `same_basin` when height <= atol + rtol *
-    |mean endpoint loss|. A non-finite loss on the segment counts as an infinite barrier."""
+    """Barrier between the two endpoints of `result` on dataset `dl`; `same_basin` when the excess over the straight
+    line between the endpoint losses is <= atol + rtol * |mean endpoint loss|. A non-finite loss on the segment
+    counts as an infinite barrier."""
     a, loss = result.alphas, result.loss(dl)
     ends = {}
     for e in (0., 1.):
@@ -94,11 +102,12 @@ def barrier(result, dl='valid', rtol=1e-2, atol=0.):
     mean_end = (ends[0.] + ends[1.]) / 2
     if not np.all(np.isfinite(seg_loss)):
         bad = int(np.flatnonzero(~np.isfinite(seg_loss))[0])
-        return Barrier(math.inf, False, ends[1.], ends[0.], float(seg_loss[bad]), float(seg_a[bad]))
+        return Barrier(math.inf, False, ends[1.], ends[0.], float(seg_loss[bad]), float(seg_a[bad]), math.inf)
     i = int(np.argmax(seg_loss))
     height = float(seg_loss[i]) - mean_end
-    same = bool(np.isfinite(mean_end) and height <= atol + rtol * abs(mean_end))
-    return Barrier(height, same, ends[1.], ends[0.], float(seg_loss[i]), float(seg_a[i]))
+    excess = float(np.max(seg_loss - (seg_a * ends[1.] + (1 - seg_a) * ends[0.])))
+    same = bool(np.isfinite(mean_end) and excess <= atol + rtol * abs(mean_end))
+    return Barrier(height, same, ends[1.], ends[0.], float(seg_loss[i]), float(seg_a[i]), max(excess, 0.))
 
 
 class InterpolationResult:
@@ -205,12 +214,20 @@ def plot_interpolation(result, ax=None, log=False):
     return fig
 
 
+def _endpoint(w, t):
+    """`w` on t's device and dtype, as a tensor that does not share storage with t: an endpoint given as the live
+    model (or its state_dict()) would otherwise be overwritten by the first mix."""
+    v = w.to(t.device, t.dtype)
+    return v.clone() if v.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else v
+
+
 def _resolve_weights(learn, w, name, fn='interpolate_losses'):
     if isinstance(w, int) and not isinstance(w, bool):
         snaps = getattr(learn, 'snapshots', None)
         if snaps is None or w not in snaps:
             have = sorted(snaps) if snaps else []
-            raise KeyError(f'{fn}: {name}={w} names no snapshot (learn.snapshots has epochs {have})')
+            hint = '' if learn is not None else '; epoch numbers need learn= (they index learn.snapshots)'
+            raise KeyError(f'{fn}: {name}={w} names no snapshot (learn.snapshots has epochs {have}){hint}')
         return snaps[w]
     if isinstance(w, nn.Module):
         return w.state_dict()
@@ -245,7 +262,10 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
             stale statistics give wrong losses) resets them and re-estimates them by train-mode forward passes over
             the training batches used, with cumulative averaging (as swa_utils.update_bn); 'interpolate' mixes the
             endpoints' statistics like the weights; 'keep' uses w1's.
-        n_batches: evaluate (and recompute BN on) only the first n_batches batches of each loader.
+        n_batches: evaluate (and recompute BN on) only the first n_batches batches of each loader. The batches
+            used are drawn once and kept on the learner's device for the whole sweep (so every alpha sees the
+            same ones): with n_batches=None that is the whole dataset, fine for CIFAR, too much for large images —
+            give n_batches there.
         metrics: default learn.metrics.
         include_endpoints: add alpha=0 and alpha=1 to `alphas` (sorted in) so the endpoints and barrier are exact.
 
@@ -280,7 +300,7 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
         elif k in bn_stats and bn != 'interpolate':
             fixed.append((t, w1[k]))  # 'keep' uses them as they are; 'recompute' overwrites them per alpha
         else:
-            mix.append((t, w2[k].to(t.device, t.dtype), w1[k].to(t.device, t.dtype)))
+            mix.append((t, _endpoint(w2[k], t), _endpoint(w1[k], t)))
     targets, starts, ends = [m[0] for m in mix], [m[1] for m in mix], [m[2] for m in mix]
     use_foreach = len({(t.device, t.dtype) for t in targets}) <= 1
 
@@ -407,12 +427,14 @@ def _forward(model, xb, bf16, dev):
 # ---- 2-D loss surfaces ---------------------------------------------------------------------------------------
 def _filter_direction(model, weights, gen):
     direction = {}
-    filtered = {f'{name}.weight' for name, m in model.named_modules()
-                if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+    from .optim import NO_WD_TYPES
+    norm = {f'{name}.{p}' for name, m in model.named_modules() if isinstance(m, NO_WD_TYPES)
+            for p, _ in m.named_parameters(recurse=False)}
+    params = {k for k, _ in model.named_parameters()}
     for k, w in weights.items():
         if not w.is_floating_point():
             continue
-        if k not in filtered or w.ndim < 2:
+        if k not in params or k in norm or w.ndim < 2:
             direction[k] = torch.zeros_like(w)  # biases, BatchNorm parameters and statistics: not moved
             continue
         d = torch.randn(w.shape, generator=gen, dtype=torch.float64)
@@ -426,8 +448,9 @@ def _filter_direction(model, weights, gen):
 def filter_normalized_direction(model, weights=None, seed=0):
     """A random direction {key: tensor} filter-normalised as in Li et al. 2018 ("Visualizing the loss landscape").
 
-    Each Linear/Conv weight gets a Gaussian direction whose every output filter (row along dim 0) is rescaled to the
-    norm of that filter of `weights` (default: the model's own); biases, BatchNorm parameters and buffers get zero.
+    Every weight with two or more dimensions outside normalisation layers (Linear, Conv, Embedding, attention
+    projections...) gets a Gaussian direction whose every output filter (row along dim 0) is rescaled to the norm of
+    that filter of `weights` (default: the model's own); biases, norm-layer parameters and buffers get zero.
     Drawn from a torch.Generator seeded with `seed`: the global RNG is not touched.
     """
     weights = model.state_dict() if weights is None else weights
@@ -524,7 +547,10 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
             snapshots' statistics like the weights (exact at the snapshots: (0, 0) reproduces center's loss, (1, 0)
             and (0, 1) w1's and w2's); 'keep' uses center's (exact at (0, 0)). Random directions leave the
             statistics alone, so there 'interpolate' equals 'keep'.
-        n_batches: evaluate (and recompute BN on) only the first n_batches batches of each loader.
+        n_batches: evaluate (and recompute BN on) only the first n_batches batches of each loader. The batches
+            used are drawn once and kept on the learner's device for the whole sweep (so every alpha sees the
+            same ones): with n_batches=None that is the whole dataset, fine for CIFAR, too much for large images —
+            give n_batches there.
         seed: seed of the random directions (a private generator; the global RNG is left as it was).
         metrics: default learn.metrics.
 
@@ -578,7 +604,7 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
         if not t.is_floating_point() or (k in bn_stats and bn != 'interpolate'):
             fixed.append((t, w0[k]))  # 'recompute' overwrites the statistics per point
         else:
-            mix.append((t, *(w[k].to(t.device, t.dtype) for w in (w0, *others))))
+            mix.append((t, *(_endpoint(w[k], t) for w in (w0, *others))))
     targets, bases, d1s, d2s = ([m[i] for m in mix] for i in range(4))
     use_foreach = len({(t.device, t.dtype) for t in targets}) <= 1
 

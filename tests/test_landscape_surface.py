@@ -178,3 +178,43 @@ def test_keep_uses_the_first_snapshots_bn_statistics():
     assert res.loss('valid')[0] == ref
     surf = loss_surface(learn, 1, dir1=3, dir2=1, steps=3, bn='keep')
     assert surf.loss_at(1, 0) == ref
+
+
+def test_live_model_or_its_state_dict_as_endpoint_gives_the_same_numbers():
+    import copy
+    from minifast import Learner, WeightSnapshots, interpolate_losses, loss_surface
+    from conftest import make_data, make_mlp
+    learn = Learner(make_data(n_train=96), make_mlp(), silent=True, callback_fns=[WeightSnapshots])
+    learn.fit(3, 1e-2)
+    live, frozen = learn.model.state_dict(), copy.deepcopy(learn.model.state_dict())
+    alphas = [-0.5, 0.25, 0.5, 1.5]
+    ref = interpolate_losses(learn, frozen, 0, alphas=alphas, bn='interpolate').loss('valid')
+    for w1 in (learn.model, live):
+        got = interpolate_losses(learn, w1, 0, alphas=alphas, bn='interpolate').loss('valid')
+        np.testing.assert_array_equal(got, ref)
+    ref2 = interpolate_losses(learn, 0, frozen, alphas=alphas, bn='interpolate').loss('valid')
+    np.testing.assert_array_equal(interpolate_losses(learn, 0, learn.model, alphas=alphas,
+                                                     bn='interpolate').loss('valid'), ref2)
+    s_ref = loss_surface(learn, frozen, steps=3, bn='keep').loss('valid')
+    np.testing.assert_array_equal(loss_surface(learn, learn.model, steps=3, bn='keep').loss('valid'), s_ref)
+
+
+def test_a_monotone_path_between_two_snapshots_of_one_run_is_one_basin():
+    from minifast import Learner, WeightSnapshots, interpolate_losses
+    from conftest import make_data, make_mlp
+    learn = Learner(make_data(n_train=160), make_mlp(), silent=True, callback_fns=[WeightSnapshots])
+    learn.fit(6, 3e-3)
+    res = interpolate_losses(learn, 5, 1, alphas=np.linspace(0, 1, 21), bn='interpolate', dls='valid')
+    loss = res.loss('valid')
+    assert np.all(np.diff(loss[np.argsort(res.alphas)]) < 0)  # w2 (epoch 1) -> w1 (epoch 5): steadily lower
+    b = res.barrier()
+    assert b.height > 0.01 and b.excess < 1e-3 and b.same_basin  # height is half the endpoint gap; no bump
+
+
+def test_filter_direction_moves_embeddings_too():
+    from minifast import filter_normalized_direction
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    d = filter_normalized_direction(model, seed=1)
+    w = model.state_dict()
+    torch.testing.assert_close(d['0.weight'].norm(dim=1), w['0.weight'].norm(dim=1))
+    assert d['1.weight'].abs().sum() == 0 and d['2.bias'].abs().sum() == 0

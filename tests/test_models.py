@@ -277,3 +277,14 @@ def test_learner_finds_create_cnn_layer_groups():
     data = DataBunch.from_tensors(torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 0, 1]), bs=2)
     learn = Learner(data, create_cnn(torchvision.models.resnet18, 2), silent=True)
     assert len(learn.layer_groups) == 3
+
+
+def test_create_cnn_head_gets_fastai_v1_initialisation():
+    import torchvision
+    from minifast import create_cnn
+    torch.manual_seed(0)
+    m = create_cnn(torchvision.models.resnet18, 7)
+    lins = [l for l in m[1].modules() if isinstance(l, nn.Linear)]
+    assert all(torch.count_nonzero(l.bias) == 0 for l in lins)
+    w = lins[0].weight  # kaiming normal, fan_in: std = sqrt(2 / fan_in)
+    assert abs(w.std().item() - (2 / w.shape[1]) ** 0.5) < 0.1 * (2 / w.shape[1]) ** 0.5

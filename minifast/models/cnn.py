@@ -72,6 +72,18 @@ def _default_split(body):
     return stages[2] if len(stages) == 4 else len(body) // 2
 
 
+def _init_head(head):
+    """fastai v1's head initialisation: kaiming-normal weights and zero biases for every layer but normalisation."""
+    from ..optim import NO_WD_TYPES
+    for m in head.modules():
+        if isinstance(m, NO_WD_TYPES):
+            continue
+        if isinstance(getattr(m, 'weight', None), nn.Parameter) and m.weight.ndim >= 2:
+            nn.init.kaiming_normal_(m.weight)
+            if isinstance(getattr(m, 'bias', None), nn.Parameter):
+                nn.init.zeros_(m.bias)
+
+
 def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, concat_pool=True, bn_final=False,
                split_at=None):
     """A torchvision backbone's body (cut before its pooling) and a new `create_head` for `nc` classes.
@@ -104,4 +116,5 @@ def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, conc
     body = cut_body(model, cut)
     nf = _body_channels(body) * (2 if concat_pool else 1)
     head = create_head(nf, nc, lin_ftrs=lin_ftrs, ps=ps, concat_pool=concat_pool, bn_final=bn_final)
+    _init_head(head)
     return BodyHead(body, head, _default_split(body) if split_at is None else split_at)

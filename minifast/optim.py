@@ -23,15 +23,16 @@ SGD.__doc__ = 'torch.optim.SGD with momentum 0.9.'
 NO_WD_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
+def _norm_params(module):
+    """The ids of the parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm)."""
+    return {id(p) for m in module.modules() if isinstance(m, NO_WD_TYPES) for p in m.parameters(recurse=False)}
+
+
 def _no_wd_params(module):
     """The ids of normalisation-layer parameters and of every bias: these skip weight decay when bn_wd=False."""
-    ids = set()
-    for m in module.modules():
-        if isinstance(m, NO_WD_TYPES):
-            ids.update(id(p) for p in m.parameters(recurse=False))
-        elif isinstance(getattr(m, 'bias', None), nn.Parameter):
-            ids.add(id(m.bias))
-    return ids
+    biases = {id(m.bias) for m in module.modules()
+              if not isinstance(m, NO_WD_TYPES) and isinstance(getattr(m, 'bias', None), nn.Parameter)}
+    return _norm_params(module) | biases
 
 
 def param_groups(layer_groups, bn_wd=True):
@@ -455,8 +456,7 @@ def freeze_to(learn, n, train_bn=True):
         raise ValueError(f'freeze_to({n}): the learner has {k} layer groups (give -{k} to {k})')
     frozen, seen = set(range(k)[:n]), set()
     for i, lg in enumerate(lgs):
-        norm = {id(p) for m in lg.modules() if isinstance(m, NO_WD_TYPES) for p in m.parameters(recurse=False)} \
-            if train_bn and i in frozen else set()
+        norm = _norm_params(lg) if train_bn and i in frozen else set()
         for p in lg.parameters():
             if id(p) in seen:  # a shared parameter belongs to its first group, as in param_groups
                 continue

@@ -174,14 +174,10 @@ def _restore(learn, snap):
 
 def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
     """Learner.lr_find's implementation (see its docstring)."""
-    from ..checks import check_fit
+    from .schedule import _steps_per_epoch
     if num_it < 2:
         raise ValueError(f'lr_find: num_it must be at least 2, got {num_it}')
-    check_fit(learn, 1)
-    try:
-        n = len(learn.data.train_dl)
-    except TypeError:
-        raise TypeError('lr_find needs a training DataLoader with a length') from None
+    n = _steps_per_epoch(learn, 1, 'lr_find')
     head = learn.layer_groups[-1]
     if any(k in getattr(head, 'settings', {}) for k in ('lr', 'lr_mult')):
         warnings.warn('lr_find: the last layer group has a fixed lr or an lr_mult, so the recorded lrs (and the '

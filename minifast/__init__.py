@@ -14,6 +14,8 @@ from .callbacks.progress import ProgressCallback, ShowGraph
 from .callbacks.recorder import Recorder
 from .callbacks.schedule import ParamScheduler
 from .callbacks.snapshots import WeightSnapshots
+from .callbacks.tracking import Checkpoint, DivergenceGuard
+from .checkpoint import UnsafeCheckpointError
 from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, FlipUD, ImageDataBunch, ImageList, Lighting,
                    RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
                    imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
@@ -21,8 +23,9 @@ from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, Flip
 from .landscape import (InterpolationResult, SurfaceResult, average_weights, evaluate_weights,
                         filter_normalized_direction, interpolate_losses, loss_surface, plot_interpolation,
                         plot_surface, recompute_bn)
+from .determinism import set_seed
 from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
-                      CancelFitException, CancelTrainException, CancelValidateException, Learner)
+                      CancelFitException, CancelTrainException, CancelValidateException, DivergenceError, Learner)
 from .metrics import accuracy, error_rate, top_k_accuracy
 from .models import (AdaptiveConcatPool2d, Flatten, cifar_resnet, create_cnn, create_head, from_seed_state_dict,
                      resnet56, to_seed_state_dict)
@@ -46,7 +49,7 @@ __all__ = [
     'InterpolationResult', 'recompute_bn', 'loss_surface', 'plot_surface', 'SurfaceResult', 'average_weights',
     'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
-    'one_cycle_schedule',
+    'one_cycle_schedule', 'Checkpoint', 'DivergenceGuard', 'DivergenceError', 'UnsafeCheckpointError', 'set_seed',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

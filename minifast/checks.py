@@ -5,8 +5,9 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
-__all__ = ['check_data', 'check_metrics', 'check_fit', 'check_batch', 'metric_name']
+__all__ = ['check_data', 'check_metrics', 'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name']
 
 
 def check_data(data):
@@ -40,7 +41,11 @@ def check_metrics(metrics):
 
 
 def check_fit(learn, epochs):
-    """Arguments of fit and the training DataLoader, before any batch runs; returns epochs as an int."""
+    """Arguments of fit and the data, before any batch runs; returns epochs as an int.
+
+    Rejects an empty training or validation loader and, for class-index losses, in-memory labels that are floats
+    or lie outside [0, data.c).
+    """
     try:
         n = operator.index(epochs)  # ints and numpy integers, not floats, strings or bools
     except TypeError:
@@ -50,16 +55,87 @@ def check_fit(learn, epochs):
     dl = learn.data.train_dl
     if dl is None:
         raise ValueError('fit: data.train_dl is None; there is nothing to train on')
+    _check_not_empty(dl, 'training')
+    valid_dl = getattr(learn.data, 'valid_dl', None)
+    if valid_dl is not None:
+        _check_not_empty(valid_dl, 'validation')
+    if _is_class_loss(learn.loss_func):
+        for split, d in (('train', dl), ('valid', valid_dl)):
+            y = _labels_in_memory(d)
+            if y is not None:
+                _check_labels(learn, y, split, getattr(d, 'batch_size', None))
+    return n
+
+
+def _check_not_empty(dl, which):
+    """ValueError when `dl` has a length of 0, saying why (no items, or drop_last with less than a batch)."""
     try:
         n_batches = len(dl)
     except TypeError:
-        return n
-    if n_batches == 0:
-        ds = getattr(dl, 'dataset', None)
-        nds = len(ds) if ds is not None and hasattr(ds, '__len__') else '?'
-        raise ValueError(f'fit: the training DataLoader is empty (0 batches from {nds} items with '
-                         f'batch_size={getattr(dl, "batch_size", "?")}, drop_last={getattr(dl, "drop_last", "?")})')
-    return n
+        return
+    if n_batches > 0:
+        return
+    ds = getattr(dl, 'dataset', None)
+    nds = len(ds) if ds is not None and hasattr(ds, '__len__') else '?'
+    bs, drop = getattr(dl, 'batch_size', '?'), getattr(dl, 'drop_last', '?')
+    msg = f'fit: the {which} DataLoader is empty (0 batches from {nds} items with batch_size={bs}, drop_last={drop})'
+    if drop is True and isinstance(nds, int) and nds > 0:
+        msg += (f': drop_last=True with {nds} items and batch_size={bs} gives no batches: lower bs or set '
+                f'drop_last=False')
+    raise ValueError(msg)
+
+
+def _labels_in_memory(dl):
+    """The label tensor (the last tensor) of a loader over in-memory tensors, else None."""
+    if dl is None:
+        return None
+    ts = getattr(dl, 'tensors', None)
+    if ts is None and isinstance(getattr(dl, 'dataset', None), TensorDataset):
+        ts = dl.dataset.tensors
+    if not isinstance(ts, (tuple, list)) or len(ts) < 2 or not isinstance(ts[-1], torch.Tensor):
+        return None
+    return ts[-1]
+
+
+def _loss_name(loss_func):
+    return getattr(loss_func, '__name__', type(loss_func).__name__)
+
+
+def _check_labels(learn, y, split, bs):
+    """Every label of a split at once: integer class indices in [0, data.c), ignore_index aside."""
+    name = _loss_name(learn.loss_func)
+    if y.is_floating_point():
+        if y.ndim == 1:  # probabilities would be (N, n_classes): 1-D floats are class labels of the wrong dtype
+            b = min(bs, len(y)) if isinstance(bs, int) else len(y)
+            raise TypeError(f'{name} expects integer class targets (torch.int64) of shape ({b},), or float '
+                            f'probabilities of shape ({b}, n_classes); got {y.dtype} targets of shape ({b},) '
+                            f'({split} labels: {y.dtype}, shape {tuple(y.shape)}). Convert class labels with '
+                            f'y.long().')
+        return
+    if y.dtype == torch.bool or y.is_complex() or y.numel() == 0:
+        return
+    c = getattr(learn.data, 'c', None)
+    c = c if isinstance(c, int) and not isinstance(c, bool) and c > 0 else None
+    ignore = getattr(learn.loss_func, 'ignore_index', -100)
+    ignore = ignore if isinstance(ignore, int) else None
+    keep = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
+    if not bool(keep.any()):
+        return
+    big = torch.iinfo(y.dtype).max
+    lo, hi = torch.stack([y.masked_fill(~keep, big).min(), y.masked_fill(~keep, 0).max()]).tolist()
+    if lo >= 0 and (c is None or hi < c):
+        return
+    bad = keep & ((y < 0) | (y >= c)) if c is not None else keep & (y < 0)
+    n_bad = int(bad.sum())
+    ends = ([f'smallest {lo}'] if lo < 0 else []) + ([f'largest {hi}'] if c is not None and hi >= c else [])
+    first = lo if lo < 0 else hi
+    ign = f' (ignore_index {ignore} is skipped)' if ignore is not None else ''
+    if c is None:
+        raise ValueError(f'{split} labels: {n_bad} of {y.numel()} are negative ({", ".join(ends)}): target value '
+                         f'{first} is out of range; {name} needs class indices >= 0{ign}')
+    raise ValueError(f'{split} labels: {n_bad} of {y.numel()} are outside [0, {c}) ({", ".join(ends)}): target '
+                     f'value {first} is out of range for {c} classes (data.c); {name} needs class indices '
+                     f'0..{c - 1}{ign}. Fix the labels, or data.c if the data has more classes')
 
 
 def _is_class_loss(loss_func):
@@ -75,7 +151,7 @@ def check_batch(learn):
     pred, y = learn.pred, learn.yb
     if not isinstance(pred, torch.Tensor) or not isinstance(y, torch.Tensor):
         return
-    name = getattr(learn.loss_func, '__name__', type(learn.loss_func).__name__)
+    name = _loss_name(learn.loss_func)
     if y.is_floating_point():
         if y.shape == pred.shape:
             return  # class probabilities: cross-entropy accepts them
@@ -93,3 +169,25 @@ def check_batch(learn):
         bad = hi if hi >= c else lo
         raise ValueError(f'target value {bad} is out of range for a model with {c} outputs (valid targets are '
                          f'0..{c - 1}): check the number of classes in the data against the final layer of the model')
+    n_classes = getattr(learn.data, 'c', None)
+    # from_tensors infers c from the largest label, so a non-negative ignore_index (255) can inflate it: skip that
+    inferred_from_ignore = (getattr(learn.data, 'classes', None) is None and isinstance(ignore, int)
+                            and n_classes == ignore + 1)
+    # a count guessed from the largest label (from_tensors without classes) only bounds the classes from below
+    guessed_wider = getattr(learn.data, 'c_inferred', False) and c > n_classes
+    if (isinstance(n_classes, int) and not isinstance(n_classes, bool) and n_classes > 0 and c != n_classes
+            and not inferred_from_ignore and not guessed_wider):
+        raise ValueError(f'the model outputs {c} values per item but the data has {n_classes} classes (data.c): make '
+                         f'the final layer output {n_classes} values, or pass classes= (or c=) to the DataBunch if the '
+                         f'data has {c} classes and some are missing from the labels')
+
+
+def check_finite_inputs(xb, epoch, it):
+    """ValueError when a floating-point input of the batch `xb` (a tensor or tuple of them) holds NaN or inf."""
+    for i, x in enumerate((xb,) if isinstance(xb, torch.Tensor) else xb):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or bool(torch.isfinite(x).all()):
+            continue
+        n_nan, n_inf = torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist()
+        raise ValueError(f'epoch {epoch}, batch {it}: input {i} (shape {tuple(x.shape)}, {x.dtype}) holds {n_nan} '
+                         f'NaN and {n_inf} inf of {x.numel()} values: clean the data (torch.nan_to_num, or drop '
+                         f'the rows) before training')

@@ -1,6 +1,8 @@
 """Loss along the line between two weight snapshots (Smith's interpolation plots), barriers, 2-D loss surfaces,
 weight averaging (SWA-style), BN recompute."""
 import math
+import signal
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +39,26 @@ def _device_batches(dl, device, n_batches, channels_last=False):
     return out
 
 
+@contextmanager
+def _holding_sigint():
+    """Holds a Ctrl-C back while the body runs (putting a model back: a second, impatient Ctrl-C must not leave
+    it half restored), then hands it to the handler that was in charge. Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if held:
+            if callable(old):
+                old(signal.SIGINT, held[0])
+            elif old != signal.SIG_IGN:  # SIG_DFL, or None for a handler installed outside Python
+                raise KeyboardInterrupt
+
+
 def recompute_bn(model, batches, device=None):
     """Reset every BatchNorm's running statistics and re-estimate them from train-mode forward passes over `batches`.
 
@@ -45,12 +67,16 @@ def recompute_bn(model, batches, device=None):
     works); momenta and every module's train/eval mode are restored afterwards.
 
     Train-mode passes advance the global RNG (dropout, a shuffling loader); the analysis functions restore it,
-    a direct call does not.
+    a direct call that completes does not. A call that fails or is interrupted (KeyboardInterrupt) changes
+    nothing: every buffer of the model (half-estimated statistics included) and the RNG state are put back.
     """
     bns = _bn_layers(model)
     if not bns:
         return model
     momenta, modes = [bn.momentum for bn in bns], [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    done = False
     try:
         for bn in bns:
             bn.reset_running_stats()
@@ -62,11 +88,20 @@ def recompute_bn(model, batches, device=None):
                 if device is not None:
                     xb = tuple(t.to(device) for t in xb)
                 model(*xb)
+        done = True
     finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
-        for m, t in modes:
-            m.training = t
+        with _holding_sigint():
+            if not done:  # failed or interrupted: put back what the passes changed
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state_all(rng[1])
+            for bn, m in zip(bns, momenta):
+                bn.momentum = m
+            for m, t in modes:
+                m.training = t
     return model
 
 
@@ -338,25 +373,32 @@ def _check_matches(state, w, name, model, fn):
 
 @contextmanager
 def _restoring(learn):
-    """Runs the body with the global (and the learner's CUDA device's) RNG forked, then restores the model's weights,
-    buffers, BatchNorm momenta and every module's train/eval mode, also on an exception or KeyboardInterrupt."""
+    """Runs the body, then restores the global (and the learner's CUDA device's) RNG state, the model's weights,
+    buffers, BatchNorm momenta and every module's train/eval mode, also on an exception or KeyboardInterrupt (a
+    Ctrl-C during the restore itself is held back until it is done)."""
     model, dev = learn.model, learn.device
     state = _model_tensors(model)
+    # buffers left out of state_dict (persistent=False) can change in a train-mode pass too
+    state.update({('non-persistent', k): b.detach() for k, b in model.named_buffers() if k not in state})
     backup = {k: v.clone() for k, v in state.items()}
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in _bn_layers(model)]
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == 'cuda' else []
+    rng = torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda]
     try:
-        with torch.random.fork_rng(devices=cuda):
-            yield
+        yield
     finally:
-        with torch.no_grad():
-            for k, t in state.items():
-                t.copy_(backup[k])
-        for m, mom in momenta:
-            m.momentum = mom
-        for m, t in modes:
-            m.training = t
+        with _holding_sigint():
+            torch.set_rng_state(rng[0])
+            for d, st in rng[1]:
+                torch.cuda.set_rng_state(st, d)
+            with torch.no_grad():
+                for k, t in state.items():
+                    t.copy_(backup[k])
+            for m, mom in momenta:
+                m.momentum = mom
+            for m, t in modes:
+                m.training = t
 
 
 def _draw_batches(learn, loaders, n_batches, need_bn, fn):

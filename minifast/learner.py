@@ -2,6 +2,8 @@
 import contextlib
 import difflib
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -13,10 +15,12 @@ from .checkpoint import atomic_save, load_state, check_state_dict
 from .device import resolve_device
 from . import optim
 from .checks import check_batch, check_data, check_fit, check_metrics
+from .determinism import rng_state, set_rng_state
 from .optim import AdamW, set_hyper
 
 __all__ = ['Learner', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException',
-           'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'CallbackException']
+           'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'CallbackException',
+           'DivergenceError']
 
 EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
           'after_backward', 'after_step', 'after_batch', 'after_train', 'before_validate', 'after_validate',
@@ -50,6 +54,14 @@ class CancelFitException(Exception):
 
 class CallbackException(RuntimeError):
     """An error raised inside a callback hook; the message names the callback and the event."""
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped on a non-finite loss (or weights); `epoch`, `batch` and `step` say where."""
+
+    def __init__(self, msg, epoch=None, batch=None, step=None):
+        super().__init__(msg)
+        self.epoch, self.batch, self.step = epoch, batch, step
 
 
 _CANCELS = (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
@@ -107,9 +119,10 @@ class Learner:
     def __init__(self, data, model, loss_func=None, opt_func=AdamW, metrics=None, callbacks=None,
                  callback_fns=None, wd=1e-2, true_wd=True, bn_wd=True, path='.', model_dir='models', device=None,
                  bf16=False, channels_last=False, silent=False, layer_groups=None, splitter=None, layer_decay=None,
-                 train_bn=True, training_mode=None):
+                 train_bn=True, training_mode=None, check_finite=True, check_inputs=False):
         from .callbacks.recorder import Recorder
         from .callbacks.progress import ProgressCallback
+        from .callbacks.tracking import DivergenceGuard
         check_data(data)
         self.data, self.metrics = data, check_metrics(metrics)
         self.device = resolve_device(device)
@@ -132,7 +145,10 @@ class Learner:
         self.epoch = self.n_epoch = self.iter = self.n_iter = self.train_iter = 0
         self.training, self.exception, self.last_metrics, self._hooks = False, None, [], None
         self.xb = self.yb = self.pred = self.loss = self.dl = None
-        self.recorder, self.progress = Recorder(), ProgressCallback()
+        self.recorder, self.progress, self.guard = Recorder(), ProgressCallback(), DivergenceGuard()
+        self.check_finite, self.check_inputs = check_finite, check_inputs
+        self.interrupted, self.diverged, self._boundary, self._interrupt_requested = False, None, False, False
+        self._fit_cbs = self._epoch_rng = self._skip = self._resumed_epoch = self._buffers = None
         self.callbacks = []
         for cb in _as_list(callbacks):
             self.add_cb(cb)
@@ -167,7 +183,8 @@ class Learner:
 
     def _build_hooks(self, extra=()):
         from .callbacks.v1 import v1_hooks, v1_stop_epoch_hook
-        cbs = sorted([self.recorder, self.progress, *self.callbacks, *extra], key=_cb_order)
+        guard = [self.guard] if self.check_finite else []
+        cbs = sorted([self.recorder, self.progress, *guard, *self.callbacks, *extra], key=_cb_order)
         hooks, any_v1 = {e: [] for e in EVENTS}, False
         for cb in cbs:
             _check_hooks(cb)
@@ -180,7 +197,7 @@ class Learner:
                 any_v1 = True
         if any_v1:
             hooks['after_batch'].append(('fastai v1 stop_epoch', v1_stop_epoch_hook))
-        self._hooks, self._v1_stop_epoch, self._stop_training = hooks, False, False
+        self._hooks, self._v1_stop_epoch, self._stop_training, self._fit_cbs = hooks, False, False, cbs
 
     def __call__(self, event):
         cancel = None
@@ -191,6 +208,8 @@ class Learner:
                 if event not in _CLOSING or isinstance(e, CallbackException):
                     raise
                 cancel = cancel or e
+            except DivergenceError:
+                raise
             except Exception as e:
                 raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
         if cancel is not None:
@@ -213,7 +232,7 @@ class Learner:
                 warnings.warn(f'{name} raised {type(e).__name__}: {e} while handling {self.exception!r}')
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def fit(self, epochs, lr=3e-3, wd=None, callbacks=None):
+    def fit(self, epochs, lr=3e-3, wd=None, callbacks=None, resume=None):
         """Train for `epochs` epochs.
 
         Args:
@@ -221,31 +240,94 @@ class Learner:
             lr: learning rate: a number, one number per layer group, or slice(start, end) (spread geometrically).
             wd: weight decay (decoupled when `true_wd`); None keeps `learn.wd`.
             callbacks: callbacks for this call only (an instance or a list); removed when fit ends.
+            resume: a checkpoint folder (its newest file), a checkpoint file, or True (the folder of this fit's
+                Checkpoint callback): continue that run exactly (weights, optimizer, schedule position, RNG, data
+                order within the epoch, Recorder and callback state). The call must repeat the interrupted call's
+                arguments; a different schedule length or a finished run is an error. A folder without
+                checkpoints starts from the beginning (with a warning).
+
+        Ctrl-C (KeyboardInterrupt) takes effect at the end of the current batch (press it twice to stop at once):
+        the learner is left consistent, `learn.interrupted` is set, and a Checkpoint callback saves that point.
+        A non-finite training loss stops fit with DivergenceError (see Learner's check_finite).
         """
         epochs = check_fit(self, epochs)
         self._prepare_opt(lr, self.wd if wd is None else wd)
         self._build_hooks(_as_list(callbacks))
         self.n_epoch, self.train_iter, self.exception, self.last_metrics = epochs, 0, None, []
+        self.epoch, self.interrupted, self.diverged, self._boundary = 0, False, None, False
         try:
-            try:
-                self('before_fit')
-                for self.epoch in range(self.n_epoch):
-                    self._with_events(self._do_epoch, 'epoch', CancelEpochException)
-                    if self._stop_training:
-                        break
-            except CancelFitException:
-                pass
-        except BaseException as e:
-            self.exception = e
-            self._cleanup('after_fit')
+            state = None
+            if resume is not None and resume is not False:
+                from .resume import load_for_resume
+                state = load_for_resume(self, resume)
+        except BaseException:
+            self._hooks = self._fit_cbs = None
             raise
-        else:
-            self('after_fit')
+        try:
+            with self._deferred_interrupt():
+                try:
+                    try:
+                        start = self._begin_fit(state)
+                        for self.epoch in range(start, self.n_epoch):
+                            self._with_events(self._do_epoch, 'epoch', CancelEpochException)
+                            if self._stop_training:
+                                break
+                    except CancelFitException:
+                        pass
+                except BaseException as e:
+                    self.exception, self.interrupted = e, isinstance(e, KeyboardInterrupt)
+                    self._cleanup('after_fit')
+                    raise
+                else:
+                    self('after_fit')
+            if self._interrupt_requested:  # Ctrl-C after the last batch boundary: fit completed, then stop
+                self._interrupt_requested, self.interrupted = False, True
+                raise KeyboardInterrupt
         finally:
-            self._hooks = None
+            self._hooks = self._fit_cbs = self._skip = self._resumed_epoch = None
+
+    def _begin_fit(self, state):
+        """before_fit, with a resumed run's state put back around it; returns the epoch to start at."""
+        from .resume import restore_callbacks, restore_model_opt
+        if state is not None:
+            restore_model_opt(self, state)
+        self.opt.zero_grad()  # gradients left by an interrupted step must not leak into this fit's first step
+        self('before_fit')
+        if state is None:
+            return 0
+        restore_callbacks(self, state)  # after before_fit, which resets the Recorder and the callbacks
+        pos = state['position']
+        self.train_iter = pos['train_iter']
+        set_rng_state(state['rng'])
+        if pos['where'] == 'epoch':
+            return pos['epoch'] + 1
+        self._skip = (pos['batch'], state['epoch_rng'], state['rng'])
+        rec = state['callbacks'].get('Recorder')
+        self._resumed_epoch = None if rec is None else {'start': rec['epoch_start'], 'elapsed': rec['epoch_elapsed']}
+        return pos['epoch']
+
+    @contextlib.contextmanager
+    def _deferred_interrupt(self):
+        """While fitting in the main thread, the first Ctrl-C only sets a flag that the loop turns into
+        KeyboardInterrupt at the next batch boundary; a second Ctrl-C interrupts at once."""
+        self._interrupt_requested = False
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield  # another handler is in charge (or a nested fit): leave it alone
+            return
+
+        def defer(signum, frame):
+            self._interrupt_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        signal.signal(signal.SIGINT, defer)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def fit_one_cycle(self, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25., pct_start=0.3, final_div=None,
-                      wd=None, callbacks=None, tot_epochs=None, start_epoch=None):
+                      wd=None, callbacks=None, tot_epochs=None, start_epoch=None, resume=None):
         """Train with Smith's 1cycle policy (fastai v1 semantics; every step equals torch's OneCycleLR).
 
         Args:
@@ -258,50 +340,51 @@ class Learner:
             wd: weight decay (None keeps learn.wd).
             callbacks: callbacks for this call only.
             tot_epochs, start_epoch: lay the cycle over tot_epochs and start at start_epoch (to continue a run).
+            resume: continue an interrupted call exactly from a Checkpoint folder or file (see `fit`).
         """
         from .callbacks.schedule import fit_one_cycle
         fit_one_cycle(self, cyc_len, max_lr, moms, div_factor, pct_start, final_div, wd, callbacks, tot_epochs,
-                      start_epoch)
+                      start_epoch, resume)
 
-    def fit_sgdr(self, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=None, callbacks=None):
+    def fit_sgdr(self, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=None, callbacks=None, resume=None):
         """Cosine annealing with warm restarts: n_cycles cycles of cycle_len * cycle_mult**i epochs (torch's
         CosineAnnealingWarmRestarts stepped per batch)."""
         from .callbacks.schedule import fit_sgdr
-        fit_sgdr(self, n_cycles, cycle_len, lr, cycle_mult, eta_min, wd, callbacks)
+        fit_sgdr(self, n_cycles, cycle_len, lr, cycle_mult, eta_min, wd, callbacks, resume)
 
     def fit_clr(self, epochs, base_lr, max_lr, step_size_up, step_size_down=None, mode='triangular', gamma=1.,
-                cycle_momentum=True, base_momentum=0.8, max_momentum=0.9, wd=None, callbacks=None):
+                cycle_momentum=True, base_momentum=0.8, max_momentum=0.9, wd=None, callbacks=None, resume=None):
         """Cyclical learning rates ('triangular', 'triangular2', 'exp_range'; step sizes in steps; torch's
         CyclicLR)."""
         from .callbacks.schedule import fit_clr
         fit_clr(self, epochs, base_lr, max_lr, step_size_up, step_size_down, mode, gamma, cycle_momentum,
-                base_momentum, max_momentum, wd, callbacks)
+                base_momentum, max_momentum, wd, callbacks, resume)
 
-    def fit_step(self, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None):
+    def fit_step(self, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None, resume=None):
         """Step decay: lr * gamma every step_size epochs (torch's StepLR)."""
         from .callbacks.schedule import fit_step
-        fit_step(self, epochs, lr, step_size, gamma, wd, callbacks)
+        fit_step(self, epochs, lr, step_size, gamma, wd, callbacks, resume)
 
-    def fit_exp(self, epochs, lr, gamma, wd=None, callbacks=None):
+    def fit_exp(self, epochs, lr, gamma, wd=None, callbacks=None, resume=None):
         """Exponential decay: lr * gamma**epoch (torch's ExponentialLR)."""
         from .callbacks.schedule import fit_exp
-        fit_exp(self, epochs, lr, gamma, wd, callbacks)
+        fit_exp(self, epochs, lr, gamma, wd, callbacks, resume)
 
     def fit_warmup_cosine(self, epochs, lr=3e-3, warmup_epochs=1, warmup_lr=None, min_lr=0., wd=None,
-                          callbacks=None):
+                          callbacks=None, resume=None):
         """Linear warm-up from warmup_lr (default lr/100) to lr, then cosine to min_lr, per step (timm-style)."""
         from .callbacks.schedule import fit_warmup_cosine
-        fit_warmup_cosine(self, epochs, lr, warmup_epochs, warmup_lr, min_lr, wd, callbacks)
+        fit_warmup_cosine(self, epochs, lr, warmup_epochs, warmup_lr, min_lr, wd, callbacks, resume)
 
-    def fit_fc(self, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callbacks=None):
+    def fit_fc(self, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callbacks=None, resume=None):
         """Flat then cosine: lr for pct_start of the steps, then cosine to lr / div_final."""
         from .callbacks.schedule import fit_fc
-        fit_fc(self, epochs, lr, pct_start, div_final, wd, callbacks)
+        fit_fc(self, epochs, lr, pct_start, div_final, wd, callbacks, resume)
 
-    def fit_phases(self, phases, lr=3e-3, wd=None, callbacks=None):
+    def fit_phases(self, phases, lr=3e-3, wd=None, callbacks=None, resume=None):
         """Train through TrainingPhase objects, each annealing 'lr', 'mom' and 'wd' its own way."""
         from .callbacks.schedule import fit_phases
-        fit_phases(self, phases, lr, wd, callbacks)
+        fit_phases(self, phases, lr, wd, callbacks, resume)
 
     def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
         """LR range test: one step per learning rate, exponentially from start_lr to end_lr; restores everything.
@@ -321,6 +404,7 @@ class Learner:
         return lr_find(self, start_lr, end_lr, num_it, stop_div, wd)
 
     def _do_epoch(self):
+        self._resumed_epoch = None  # read by the Recorder's before_epoch of a resumed epoch
         self.last_metrics = []  # a cancelled epoch must not report the previous epoch's validation
         self.dl, self.training = self.data.train_dl, True
         self.model.train()
@@ -347,10 +431,37 @@ class Learner:
     def _all_batches(self):
         self.n_iter = len(self.dl) if hasattr(self.dl, '__len__') else None
         self.iter, self._first_batch = -1, True
-        for self.iter, b in enumerate(self.dl):
+        batches, start = self.dl, 0
+        if self.training:
+            if self._skip is not None:
+                batches, start = self._skip_batches()
+                self.iter = start - 1
+            else:
+                self._epoch_rng = rng_state()  # fixes this epoch's data order: a checkpoint can replay it
+        for self.iter, b in enumerate(batches, start):
             self._one_batch(b)
         if self.training and self.iter == -1:
             raise ValueError('the training DataLoader yielded no batches (data.train_dl is empty)')
+
+    def _skip_batches(self):
+        """A resumed epoch: replay its data order from the RNG state of its start, pass the batches the checkpoint
+        had done, then put back the RNG state of the checkpoint."""
+        k, epoch_rng, rng = self._skip
+        self._skip, self._epoch_rng = None, epoch_rng
+        if getattr(self.dl, 'persistent_workers', False) and getattr(self.dl, 'num_workers', 0) > 0:
+            warnings.warn('resume: the training DataLoader has persistent_workers=True; its workers carry their RNG '
+                          'across epochs, so random augmentation done in them differs from the uninterrupted run '
+                          '(the data order is still the same)')
+        set_rng_state(epoch_rng)
+        it = iter(self.dl)
+        for i in range(k):
+            try:
+                next(it)
+            except StopIteration:
+                raise ValueError(f'resume: the training DataLoader ended after {i} batches, but the checkpoint had '
+                                 f'done {k} batches of epoch {self.epoch}') from None
+        set_rng_state(rng)
+        return it, k
 
     def _one_batch(self, b):
         dev = self.device
@@ -358,6 +469,9 @@ class Learner:
         self.yb = _to(b[-1], dev)
         if self.channels_last:
             self.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in self.xb)
+        if self.check_inputs:
+            from .checks import check_finite_inputs
+            check_finite_inputs(self.xb, self.epoch, self.iter)
         try:
             self('before_batch')
             self._do_one_batch()
@@ -368,8 +482,13 @@ class Learner:
         finally:
             if self.training:
                 self.train_iter += 1
+        if self._interrupt_requested:  # a deferred Ctrl-C: this batch is complete, stop here
+            self._interrupt_requested, self._boundary = False, self.training
+            raise KeyboardInterrupt
 
     def _do_one_batch(self):
+        if self._first_batch and self.training:  # restored if the first batch's checks fail after the forward
+            self._buffers = [b.detach().clone() for b in self.model.buffers()]
         if self.bf16:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 self.pred = self.model(*self.xb)
@@ -377,7 +496,7 @@ class Learner:
             self.pred = self.model(*self.xb)
         self('after_pred')
         if self._first_batch:
-            check_batch(self)
+            self._check_first_batch()
         if self.bf16:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 self.loss = self.loss_func(self.pred, self.yb)
@@ -393,6 +512,18 @@ class Learner:
         self._wd.step()
         self('after_step')
         self.opt.zero_grad()
+
+    def _check_first_batch(self):
+        try:
+            check_batch(self)
+        except Exception:
+            if self.training and self._buffers is not None:  # the forward updated BatchNorm statistics: undo it
+                with torch.no_grad():
+                    for b, v in zip(self.model.buffers(), self._buffers):
+                        b.copy_(v)
+            raise
+        finally:
+            self._buffers = None
 
     # ---- optimizer -------------------------------------------------------------------------------------------
     def create_opt(self, lr=3e-3, wd=None):
@@ -505,26 +636,31 @@ class Learner:
         return p if p.suffix == '.pth' else self.path / self.model_dir / f'{name}.pth'
 
     def save(self, name, with_opt=True):
-        """Save the model (and optimizer) to path/model_dir/name.pth atomically; returns the file's path."""
-        state = {'model': self.model.state_dict()}
-        if with_opt and self.opt is not None:
-            state['opt'] = self.opt.state_dict()
+        """Save the learner's full state to path/model_dir/name.pth (or to `name` when it ends in .pth), atomically:
+        model, optimizer (unless with_opt=False), the Recorder's history, the RNG states and, during a fit, the
+        position and the callbacks' state. Returns the file's path. `learn.load` reads the weights (and optimizer);
+        torch.load(file, weights_only=True)['model'] is the model's state dict."""
+        from .resume import training_state
         file = self._model_file(name)
-        atomic_save(state, file)
+        atomic_save(training_state(self, 'end' if self._hooks is None else None, with_opt=with_opt), file)
         return file
 
     def load(self, name, with_opt=None, strict=True):
-        """Load path/model_dir/name.pth into the model (and optimizer); a mismatch leaves the model untouched."""
+        """Load path/model_dir/name.pth (a file from learn.save, a Checkpoint file, or a plain state dict) into the
+        model, and into the optimizer unless with_opt=False. A file that does not match leaves the learner
+        untouched; files are read with torch's weights-only loader (no code in a file runs)."""
+        from .resume import model_state
         file = self._model_file(name)
         state = load_state(file, self.device)
-        model_sd = state['model'] if isinstance(state, dict) and 'model' in state else state
+        model_sd = model_state(state)
         check_state_dict(self.model, model_sd, file, strict)
-        self.model.load_state_dict(model_sd, strict=strict)
-        if 'opt' in state and with_opt is not False:
+        opt_sd = state.get('opt') if isinstance(state, dict) and model_sd is not state else None
+        if opt_sd is not None and with_opt is not False:
             if self.opt is None:
                 self.create_opt()
-            try:
-                self.opt.load_state_dict(state['opt'])
+            try:  # torch checks the groups before changing anything, so a mismatch leaves the optimizer as it was
+                self.opt.load_state_dict(opt_sd)
             except (ValueError, KeyError) as e:
                 raise ValueError(f'{os.fspath(file)}: optimizer state does not match this learner: {e}') from e
+        self.model.load_state_dict(model_sd, strict=strict)
         return self

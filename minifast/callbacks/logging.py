@@ -1,5 +1,6 @@
 """CSVLogger: one row per epoch in path/filename.csv."""
 import csv
+import io
 
 from ..learner import Callback
 
@@ -26,17 +27,36 @@ class CSVLogger(Callback):
         header = ['epoch', 'train_loss', 'valid_loss', *learn.recorder.metrics_names, 'time']
         new = not (self.append and p.exists() and p.stat().st_size > 0)
         self.file = open(p, 'w' if new else 'a', newline='')
-        self.writer = csv.writer(self.file)
+        self._offset, self._text = self.file.tell(), ''  # where this fit's rows begin, and what it wrote
         if new:
-            self.writer.writerow(header)
-            self.file.flush()
+            self._row(header)
+
+    def _row(self, row):
+        buf = io.StringIO()
+        csv.writer(buf).writerow(row)
+        self.file.write(buf.getvalue())
+        self.file.flush()
+        self._text += buf.getvalue()
 
     def after_epoch(self, learn):
         r = learn.recorder
         mets = r.metrics[-1] + [''] * (len(r.metrics_names) - len(r.metrics[-1]))
         val = '' if r.val_losses[-1] is None else r.val_losses[-1]
-        self.writer.writerow([learn.epoch, r.train_losses[-1], val, *mets, f'{r.times[-1]:.3f}'])
-        self.file.flush()
+        self._row([learn.epoch, r.train_losses[-1], val, *mets, f'{r.times[-1]:.3f}'])
+
+    def state_dict(self):
+        """Where this fit's rows start in the file and the rows written so far (a checkpoint keeps them)."""
+        return {'offset': self._offset, 'text': self._text}
+
+    def load_state_dict(self, state):
+        """Resuming: the file again holds what it held at the checkpoint (rows of epochs run after it go)."""
+        self.file.close()
+        with open(self.path(), 'r+' if self.path().exists() else 'w', newline='') as f:
+            f.truncate(state['offset'])
+            f.seek(state['offset'])
+            f.write(state['text'])
+        self.file = open(self.path(), 'a', newline='')
+        self._offset, self._text = state['offset'], state['text']
 
     def after_fit(self, learn):
         if self.file is not None:

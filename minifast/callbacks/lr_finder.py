@@ -1,13 +1,13 @@
 """The LR range test: an exponential learning-rate sweep that leaves the learner exactly as it found it."""
 import math
-import random
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..learner import Callback, CancelFitException, CancelValidateException
+from ..determinism import rng_state, set_rng_state
+from ..learner import Callback, CancelFitException, CancelValidateException, DivergenceError
 from ..optim import group_lrs, set_hyper
 from .recorder import ema_step
 
@@ -116,7 +116,7 @@ def suggestions(lrs, losses, skip_start=None, skip_end=5):
     return {'steep': suggest_steep(lr, ls), 'valley': suggest_valley(lr, ls), 'minimum': suggest_minimum(lr, ls)}
 
 
-_LEARNER_STATE = ('epoch', 'n_epoch', 'train_iter', 'callbacks')
+_LEARNER_STATE = ('epoch', 'n_epoch', 'train_iter', 'callbacks', 'interrupted', 'diverged', '_epoch_rng')
 
 
 def _snapshot(learn):
@@ -129,8 +129,7 @@ def _snapshot(learn):
         'grads': [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
         'modes': [m.training for m in model.modules()],
         'opt': None if learn.opt is None else (learn.opt, _deep_clone(learn.opt.state_dict()), learn._wd),
-        'rng': (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                np.random.get_state(), random.getstate()),
+        'rng': rng_state(),
     }
 
 
@@ -145,12 +144,7 @@ def _deep_clone(obj):
 
 
 def _restore(learn, snap):
-    cpu, cuda, np_state, py_state = snap['rng']  # first: nothing below may leave the RNG streams moved
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-    np.random.set_state(np_state)
-    random.setstate(py_state)
+    set_rng_state(snap['rng'])  # first: nothing below may leave the RNG streams moved
     for k, v in snap['learner'].items():
         setattr(learn, k, v)
     model = learn.model
@@ -185,13 +179,22 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
     epochs = math.ceil(num_it / n)
     finder = LRFinder(start_lr, end_lr, num_it, stop_div)
     snap = _snapshot(learn)
+    interrupted = False
     try:
         # the sweep runs with the Recorder and the finder only: the user's callbacks (loggers, checkpoints,
         # early stopping) must neither see it nor write anything
         learn.callbacks = []
-        learn.fit(epochs, start_lr, wd=wd, callbacks=[finder])
+        try:
+            learn.fit(epochs, start_lr, wd=wd, callbacks=[finder])
+        except DivergenceError:  # a non-finite loss ends the sweep (with or without stop_div); it is recorded
+            finder.diverged = True
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         _restore(learn, snap)
+        if interrupted:  # everything else is as before the sweep; the flag says the sweep was cut short
+            learn.interrupted = True
     rec = learn.recorder
     lrs, losses = rec.lrs, rec.losses
     sug = suggestions(lrs, losses)

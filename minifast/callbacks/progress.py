@@ -107,12 +107,17 @@ class ProgressCallback(Callback):
         self.mbar.write(row + [format_time(r.times[-1])], table=True)
 
     def after_fit(self, learn):
-        if self.pbar is not None:
-            self.pbar.on_interrupt() if learn.exception is not None else self._end_bar(learn)
-        if self.mbar is not None:
-            self.mbar.on_iter_end()
-        self.pbar = self.mbar = None
-        self._outer = []
+        pbar, mbar, self.pbar, self.mbar, self._outer = self.pbar, self.mbar, None, None, []
+        # dropped first: a bar whose closing fails (a display gone, a second Ctrl-C) must not outlive this fit
+        try:
+            if pbar is not None:
+                if learn.exception is not None:
+                    pbar.on_interrupt()
+                elif pbar.last_v is not None:
+                    pbar.on_iter_end()
+        finally:
+            if mbar is not None:
+                mbar.on_iter_end()
 
 
 class ShowGraph(Callback):

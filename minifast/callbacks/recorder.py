@@ -61,6 +61,33 @@ class Recorder(Callback):
 
     def before_epoch(self, learn):
         self._t0, self._start = time.perf_counter(), len(self.bs)
+        resumed = getattr(learn, '_resumed_epoch', None)
+        if resumed is not None:  # resuming mid-epoch: this epoch began before the checkpoint
+            self._start, self._t0 = resumed['start'], self._t0 - resumed['elapsed']
+
+    # ---- resume ----------------------------------------------------------------------------------------------
+    _STATE = ('_raw', '_smooth', '_mov', 'bs', 'group_lrs', 'group_moms', 'nb_batches', 'train_losses', 'val_losses',
+              'metrics', 'times', 'metrics_names')
+
+    def state_dict(self):
+        """The history as plain lists and floats (a checkpoint stores it); `epoch_start`/`epoch_elapsed` place a
+        checkpoint written in the middle of an epoch."""
+        self._flush()
+        state = {k: list(v) if isinstance(v, list) else v for k, v in
+                 ((k, getattr(self, k)) for k in self._STATE)}
+        state['epoch_start'] = getattr(self, '_start', len(self.bs))
+        state['epoch_elapsed'] = time.perf_counter() - self._t0 if hasattr(self, '_t0') else 0.
+        return state
+
+    def load_state_dict(self, state):
+        """Restore a history from `state_dict()`."""
+        missing = [k for k in self._STATE if k not in state]
+        if missing:
+            raise ValueError(f'Recorder.load_state_dict: the state lacks {missing}')
+        self._pending = []
+        for k in self._STATE:
+            v = state[k]
+            setattr(self, k, list(v) if isinstance(v, list) else v)
 
     def after_step(self, learn):  # runs every step: kept to a few appends
         self._pending.append(learn.loss.detach())

@@ -33,6 +33,18 @@ class ParamScheduler(Callback):
             import warnings
             warnings.warn(f'{type(learn.opt).__name__} has no momentum or betas: the schedule\'s momentum is ignored')
 
+    def resume_signature(self, learn):
+        """The schedule as a resumed fit must repeat it: its length and its values at a few steps."""
+        total = getattr(self.sched, 'total_steps', None)
+        if total is None:
+            try:
+                total = self.start_step + learn.n_epoch * len(learn.data.train_dl)
+            except TypeError:
+                total = self.start_step + 1
+        steps = sorted({int(round(i * (total - 1) / 8)) for i in range(9)} | {self.start_step})
+        return {'type': type(self.sched).__name__, 'start_step': self.start_step, 'total_steps': int(total),
+                'samples': [(t, _plain(self.sched(t))) for t in steps]}
+
     def before_batch(self, learn):
         if not learn.training:
             return
@@ -41,6 +53,15 @@ class ParamScheduler(Callback):
             if name == 'mom' and self._skip_mom:
                 continue
             set_hyper(opt, name, v)
+
+
+def _plain(v):
+    """Schedule values as Python floats, lists and dicts (numpy scalars would not load weights-only)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_plain(x) for x in v]
+    return float(v)
 
 
 def _check_moms(moms, where):
@@ -57,7 +78,7 @@ def _check_moms(moms, where):
 
 
 def fit_one_cycle(learn, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25., pct_start=0.3, final_div=None,
-                  wd=None, callbacks=None, tot_epochs=None, start_epoch=None):
+                  wd=None, callbacks=None, tot_epochs=None, start_epoch=None, resume=None):
     """Learner.fit_one_cycle's implementation (see its docstring)."""
     from ..checks import check_fit
     from ..learner import _as_list
@@ -72,7 +93,7 @@ def fit_one_cycle(learn, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25.
         raise ValueError(f'fit_one_cycle: start_epoch {start} is at or past the end of a {tot}-epoch cycle')
     lrs = group_lrs(learn, max_lr)
     sched = one_cycle_schedule(tot * n, lrs if len(lrs) > 1 else lrs[0], moms, div_factor, pct_start, final_div)
-    learn.fit(epochs, lrs, wd=wd, callbacks=[ParamScheduler(sched, start * n), *_as_list(callbacks)])
+    learn.fit(epochs, lrs, wd=wd, callbacks=[ParamScheduler(sched, start * n), *_as_list(callbacks)], resume=resume)
 
 
 # ---- the other policies ----------------------------------------------------------------------------------------
@@ -102,12 +123,12 @@ def _groups(v, learn, name, where):
     return vals[0] if len(set(vals)) == 1 else vals
 
 
-def _run(learn, epochs, lr, wd, callbacks, sched, *extra):
+def _run(learn, epochs, lr, wd, callbacks, sched, *extra, resume=None):
     from ..learner import _as_list
-    learn.fit(epochs, lr, wd=wd, callbacks=[ParamScheduler(sched), *extra, *_as_list(callbacks)])
+    learn.fit(epochs, lr, wd=wd, callbacks=[ParamScheduler(sched), *extra, *_as_list(callbacks)], resume=resume)
 
 
-def fit_sgdr(learn, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=None, callbacks=None):
+def fit_sgdr(learn, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=None, callbacks=None, resume=None):
     """SGDR: `n_cycles` cosine cycles from `lr` towards `eta_min`, cycle i lasting cycle_len * cycle_mult**i epochs,
     the lr restarting at `lr` after each (torch's CosineAnnealingWarmRestarts stepped every step). Trains
     cycle_len * (1 + cycle_mult + ... + cycle_mult**(n_cycles-1)) epochs."""
@@ -119,11 +140,11 @@ def fit_sgdr(learn, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=N
     n = _steps_per_epoch(learn, epochs, where)
     lrs = _groups(lr, learn, 'lr', where)
     sched = sgdr_schedule(n_cycles, cycle_len * n, lrs, cycle_mult, _groups(eta_min, learn, 'eta_min', where))
-    _run(learn, epochs, lr, wd, callbacks, sched)
+    _run(learn, epochs, lr, wd, callbacks, sched, resume=resume)
 
 
 def fit_clr(learn, epochs, base_lr, max_lr, step_size_up, step_size_down=None, mode='triangular', gamma=1.,
-            cycle_momentum=True, base_momentum=0.8, max_momentum=0.9, wd=None, callbacks=None):
+            cycle_momentum=True, base_momentum=0.8, max_momentum=0.9, wd=None, callbacks=None, resume=None):
     """Smith's cyclical LR for `epochs` epochs: base_lr -> max_lr in `step_size_up` steps (not epochs), back in
     `step_size_down` (default: the same); mode 'triangular', 'triangular2' (height halved each cycle) or 'exp_range'
     (height times gamma**step). With cycle_momentum, momentum (Adam: beta1) moves max_momentum -> base_momentum ->
@@ -142,10 +163,10 @@ def fit_clr(learn, epochs, base_lr, max_lr, step_size_up, step_size_down=None, m
                            step_size_up, step_size_down, mode, gamma, cycle_momentum,
                            _groups(base_momentum, learn, 'base_momentum', where),
                            _groups(max_momentum, learn, 'max_momentum', where))
-    _run(learn, epochs, base_lr, wd, callbacks, sched)
+    _run(learn, epochs, base_lr, wd, callbacks, sched, resume=resume)
 
 
-def fit_step(learn, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None):
+def fit_step(learn, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None, resume=None):
     """Step decay: lr * gamma**(epoch // step_size), `step_size` in epochs (torch's StepLR stepped every epoch)."""
     where = 'fit_step'
     epochs = _int_at_least(epochs, 'epochs', where)
@@ -153,19 +174,21 @@ def fit_step(learn, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None):
     gamma = _real(gamma, 'gamma', where, low=0, low_open=True)
     n = _steps_per_epoch(learn, epochs, where)
     sched = step_schedule(epochs * n, _groups(lr, learn, 'lr', where), step_size * n, gamma)
-    _run(learn, epochs, lr, wd, callbacks, sched)
+    _run(learn, epochs, lr, wd, callbacks, sched, resume=resume)
 
 
-def fit_exp(learn, epochs, lr, gamma, wd=None, callbacks=None):
+def fit_exp(learn, epochs, lr, gamma, wd=None, callbacks=None, resume=None):
     """Exponential decay: lr * gamma**epoch, constant within an epoch (torch's ExponentialLR stepped every epoch)."""
     where = 'fit_exp'
     epochs = _int_at_least(epochs, 'epochs', where)
     gamma = _real(gamma, 'gamma', where, low=0, low_open=True)
     n = _steps_per_epoch(learn, epochs, where)
-    _run(learn, epochs, lr, wd, callbacks, step_schedule(epochs * n, _groups(lr, learn, 'lr', where), n, gamma))
+    sched = step_schedule(epochs * n, _groups(lr, learn, 'lr', where), n, gamma)
+    _run(learn, epochs, lr, wd, callbacks, sched, resume=resume)
 
 
-def fit_warmup_cosine(learn, epochs, lr=3e-3, warmup_epochs=1, warmup_lr=None, min_lr=0., wd=None, callbacks=None):
+def fit_warmup_cosine(learn, epochs, lr=3e-3, warmup_epochs=1, warmup_lr=None, min_lr=0., wd=None, callbacks=None,
+                      resume=None):
     """Linear warm-up from `warmup_lr` (default lr/100) to `lr` over `warmup_epochs` (may be fractional), then cosine
     from `lr` towards `min_lr` over the remaining steps, updated every step. Equals torch's
     SequentialLR([LinearLR(start_factor=warmup_lr/lr, total_iters=W), CosineAnnealingLR(T_max=T-W, eta_min=min_lr)],
@@ -177,10 +200,10 @@ def fit_warmup_cosine(learn, epochs, lr=3e-3, warmup_epochs=1, warmup_lr=None, m
     lrs = _groups(lr, learn, 'lr', where)
     wlr = None if warmup_lr is None else _groups(warmup_lr, learn, 'warmup_lr', where)
     sched = warmup_cosine_schedule(epochs * n, lrs, warmup_epochs * n, wlr, _groups(min_lr, learn, 'min_lr', where))
-    _run(learn, epochs, lr, wd, callbacks, sched)
+    _run(learn, epochs, lr, wd, callbacks, sched, resume=resume)
 
 
-def fit_fc(learn, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callbacks=None):
+def fit_fc(learn, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callbacks=None, resume=None):
     """Flat then cosine (fastai v2's fit_flat_cos): lr held for pct_start of the steps, then cosine annealing
     towards lr / div_final."""
     where = 'fit_fc'
@@ -189,7 +212,7 @@ def fit_fc(learn, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callb
     div_final = _real(div_final, 'div_final', where, low=0, low_open=True)
     n = _steps_per_epoch(learn, epochs, where)
     _run(learn, epochs, lr, wd, callbacks, flat_cos_schedule(epochs * n, _groups(lr, learn, 'lr', where), pct_start,
-                                                             div_final))
+                                                             div_final), resume=resume)
 
 
 class _StopAfter(Callback):
@@ -203,7 +226,7 @@ class _StopAfter(Callback):
             raise CancelTrainException()
 
 
-def fit_phases(learn, phases, lr=3e-3, wd=None, callbacks=None):
+def fit_phases(learn, phases, lr=3e-3, wd=None, callbacks=None, resume=None):
     """Train through `phases` (TrainingPhase objects, lengths in steps or epochs), then stop.
 
     Trains ceil(total steps / steps per epoch) epochs; when the phases end mid-epoch, training stops there and that
@@ -214,4 +237,4 @@ def fit_phases(learn, phases, lr=3e-3, wd=None, callbacks=None):
                             expand_lr=lambda v: group_lrs(learn, v))
     epochs = math.ceil(sched.total_steps / n)
     extra = [_StopAfter(sched.total_steps)] if sched.total_steps % n else []
-    _run(learn, epochs, lr, wd, callbacks, sched, *extra)
+    _run(learn, epochs, lr, wd, callbacks, sched, *extra, resume=resume)

@@ -64,6 +64,16 @@ class WeightSnapshots(Callback):
         if self.path is not None:
             self.files[e] = atomic_save(sd, self.path / f'snapshot_{e}.pth')
 
+    def state_dict(self):
+        """The snapshots taken so far and their files (a checkpoint keeps them, so a resumed fit has them all)."""
+        return {'snapshots': self.snapshots, 'files': {e: str(f) for e, f in self.files.items()}}
+
+    def load_state_dict(self, state):
+        """Restore what `state_dict` returned."""
+        self.snapshots.clear()
+        self.snapshots.update({int(e): sd for e, sd in state['snapshots'].items()})
+        self.files = {int(e): Path(f) for e, f in state['files'].items()}
+
     def get_weights(self):
         """The snapshots {epoch: state dict} (the seed's GetWeights.get_weights)."""
         return self.snapshots

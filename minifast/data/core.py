@@ -81,7 +81,9 @@ class DataBunch:
         c = None
         if classes is None and not y_train.is_floating_point() and y_train.ndim == 1:
             c = int(max(y_train.max(), y_valid.max() if y_valid is not None and len(y_valid) else 0)) + 1
-        return cls(train, valid, classes=classes, c=c)
+        db = cls(train, valid, classes=classes, c=c)
+        db.c_inferred = c is not None  # guessed from the largest label: a class may be absent from the data
+        return db
 
     def __repr__(self):
         n = lambda dl: len(dl.dataset) if getattr(dl, 'dataset', None) is not None else '?'  # noqa: E731

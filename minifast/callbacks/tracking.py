@@ -1,0 +1,248 @@
+"""Tracking callbacks: Checkpoint (full, resumable training state on disk) and DivergenceGuard (stop on a non-finite
+loss, keeping the last finite weights)."""
+import math
+from numbers import Integral
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_save
+from ..learner import Callback, DivergenceError
+from ..resume import list_checkpoints, training_state
+from .lr_finder import _deep_clone
+
+__all__ = ['Checkpoint', 'DivergenceGuard', 'monitored_value', 'monitor_mode']
+
+
+def monitor_mode(monitor, mode='auto'):
+    """'min' or 'max': with 'auto', min for names holding 'loss' or 'error', max otherwise (accuracy...)."""
+    if mode not in ('auto', 'min', 'max'):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode != 'auto':
+        return mode
+    return 'min' if ('loss' in monitor or 'error' in monitor) else 'max'
+
+
+def _monitor_names(learn):
+    return ['train_loss', 'valid_loss', *learn.recorder.metrics_names]
+
+
+def check_monitor(learn, monitor, who):
+    """Raise, listing the names that exist, unless `monitor` is one of train_loss, valid_loss or a metric's name."""
+    names = _monitor_names(learn)
+    if monitor not in names:
+        raise ValueError(f"{who}: monitor {monitor!r} is not recorded; the names are {', '.join(map(repr, names))}")
+    if monitor != 'train_loss' and learn.data.valid_dl is None:
+        raise ValueError(f'{who}: monitor {monitor!r} is computed on the validation set, and this learner has none '
+                         f"(data.valid_dl is None); monitor 'train_loss' instead")
+
+
+def monitored_value(learn, monitor):
+    """This epoch's value of `monitor` from the Recorder (nan when it was not computed, e.g. a cancelled validation)."""
+    r = learn.recorder
+    if monitor == 'train_loss':
+        v = r.train_losses[-1]
+    elif monitor == 'valid_loss':
+        v = r.val_losses[-1]
+    else:
+        i, row = r.metrics_names.index(monitor), r.metrics[-1]
+        v = row[i] if i < len(row) else None
+    return float('nan') if v is None else float(v)
+
+
+class Checkpoint(Callback):
+    """Write the full training state (see minifast.resume) to `path` during fit, so that
+    `fit(..., resume=path)` (any fit method) continues exactly where it stopped.
+
+    Args:
+        path: the folder (relative to learn.path); files are named {name}_{seq}_epoch{E}_step{S}.pth.
+        every: 'epoch' (after each epoch's validation), 'improvement' (after an epoch whose `monitor` improved on
+            the best so far) or a number of training steps.
+        monitor: 'valid_loss', 'train_loss' or a metric's name; the best value is kept as `self.best`.
+        keep_last: how many of the newest files to keep in the folder (None: all); in 'improvement' mode the best is
+            always kept.
+        mode: 'auto' (min for losses and errors, max otherwise), 'min' or 'max'.
+
+    A completed fit also writes a final 'finished' state unless its last epoch's checkpoint already is one, and a
+    Ctrl-C taken at a batch boundary (minifast defers it there) writes the state at that boundary. Writes are atomic
+    (a temporary file in the same folder, then os.replace), and with the learner's divergence check on, only weights
+    verified finite are written. Usable in callback_fns= and callbacks=.
+    """
+    order = 90  # after the Recorder, loggers and snapshots: the epoch's row and their state are complete
+
+    def __init__(self, learn=None, path='checkpoints', every='epoch', monitor='valid_loss', keep_last=2, mode='auto',
+                 name='ckpt'):
+        super().__init__(learn)
+        if not (every in ('epoch', 'improvement') or (isinstance(every, Integral) and not isinstance(every, bool)
+                                                      and every >= 1)):
+            raise ValueError(f"Checkpoint: every must be 'epoch', 'improvement' or a number of steps >= 1, got "
+                             f'{every!r}')
+        if keep_last is not None and (not isinstance(keep_last, Integral) or keep_last < 1):
+            raise ValueError(f'Checkpoint: keep_last must be a positive integer or None, got {keep_last!r}')
+        if not isinstance(name, str) or not name or '/' in name:
+            raise ValueError(f'Checkpoint: name must be a non-empty file name prefix, got {name!r}')
+        self.path, self.every, self.monitor, self.keep_last, self.name = Path(path), every, monitor, keep_last, name
+        self.mode = monitor_mode(monitor, mode)
+        self.best, self.best_file, self.last_file, self.files = None, None, None, []
+
+    def folder(self, learn=None):
+        """The checkpoint folder: `path`, relative to learn.path unless absolute."""
+        learn = learn or self.learn
+        return self.path if self.path.is_absolute() else learn.path / self.path
+
+    def before_fit(self, learn):
+        self.learn = learn
+        if self.monitor is not None and (self.every == 'improvement' or learn.data.valid_dl is not None
+                                         or self.monitor == 'train_loss'):
+            check_monitor(learn, self.monitor, 'Checkpoint')
+        self.best, self.best_file, self.last_file, self.files = None, None, None, []
+        self._last_where = self._last_step = None
+
+    def _improved(self, v):
+        if math.isnan(v):
+            return False
+        return self.best is None or (v < self.best if self.mode == 'min' else v > self.best)
+
+    def after_batch(self, learn):
+        if learn.training and not isinstance(self.every, str) and (learn.train_iter + 1) % self.every == 0:
+            self._write(learn, 'batch')
+
+    def after_epoch(self, learn):
+        improved = False
+        if learn.data.valid_dl is not None or self.monitor == 'train_loss':
+            v = monitored_value(learn, self.monitor)
+            improved = self._improved(v)
+            if improved:
+                self.best = v
+        if self.every == 'epoch' or (self.every == 'improvement' and improved):
+            self._write(learn, 'epoch')
+            if improved:
+                self.best_file = self.last_file
+
+    def after_fit(self, learn):
+        e = learn.exception
+        if e is None:
+            last_epoch_done = self._last_where == ('epoch', learn.epoch) and learn.epoch + 1 >= learn.n_epoch
+            if not last_epoch_done:  # a step checkpoint at the very end is replaced by the finished state
+                same = self._last_step == learn.train_iter and self.last_file is not None
+                self._write(learn, 'end', self.last_file if same else None)
+        elif isinstance(e, KeyboardInterrupt) and getattr(learn, '_boundary', False):
+            self._write(learn, 'boundary')
+
+    def _write(self, learn, where, file=None):
+        if learn.check_finite:
+            learn.guard.verify(learn)  # raises DivergenceError (nothing written) unless the weights are finite
+        step = learn.train_iter + (1 if where == 'batch' else 0)
+        folder = self.folder(learn)
+        if file is None:
+            files = list_checkpoints(folder)
+            seq = 1 + max((int(p.name.rsplit('_epoch', 1)[0].rsplit('_', 1)[1]) for p in files), default=-1)
+            file = folder / f'{self.name}_{seq:05d}_epoch{learn.epoch}_step{step}.pth'
+        atomic_save(training_state(learn, where), file)
+        self.last_file, self._last_where, self._last_step = file, (where, learn.epoch), step
+        if file not in self.files:
+            self.files.append(file)
+        self._prune(folder)
+
+    def _prune(self, folder):
+        if self.keep_last is None:
+            return
+        files = [p for p in list_checkpoints(folder) if p.name.startswith(f'{self.name}_')]
+        keep = set(files[-self.keep_last:]) | ({self.best_file} if self.every == 'improvement' else set())
+        for p in files:
+            if p not in keep:
+                p.unlink(missing_ok=True)
+
+    def state_dict(self):
+        """The best monitored value so far and its file (restored on resume)."""
+        return {'best': self.best, 'best_file': None if self.best_file is None else str(self.best_file)}
+
+    def load_state_dict(self, state):
+        """Restore what `state_dict` returned."""
+        self.best = state['best']
+        self.best_file = None if state['best_file'] is None else Path(state['best_file'])
+
+
+def _weights_finite(model):
+    ts = [t for t in model.state_dict().values() if t.is_floating_point() or t.is_complex()]
+    return not ts or bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+
+
+class DivergenceGuard(Callback):
+    """Stops fit with DivergenceError when a training loss is not finite, leaving the last finite weights.
+
+    The learner carries one (learn.guard) and runs it while `learn.check_finite` (Learner(check_finite=True), the
+    default). On CPU each loss is checked before its backward pass (`check_every=1`): the step that would have used
+    it never runs, so the model keeps the weights the loss was computed from when they are finite. On a GPU a per-step
+    check would stall the device, so by default the check is every 32 steps (one host sync each): the weights,
+    parameters and optimizer state are copied on the device at each check that passes, and a failed check restores
+    that copy, which is then at most `check_every` steps older than the first non-finite loss. The weights are also
+    checked (and copied) at the end of each epoch's training and before every checkpoint, so no checkpoint or
+    snapshot holds non-finite weights. The copy costs the memory of the model and optimizer state once more.
+    """
+    order = -10
+
+    def __init__(self, check_every=None):
+        if check_every is not None and (not isinstance(check_every, Integral) or check_every < 1):
+            raise ValueError(f'DivergenceGuard: check_every must be a positive integer, got {check_every!r}')
+        self.check_every = check_every
+
+    def before_fit(self, learn):
+        self.every = self.check_every or (1 if learn.device.type == 'cpu' else 32)
+        self._bad = None if self.every == 1 else torch.full((), -1, dtype=torch.long, device=learn.device)
+        self._good, self._good_step = self._copy(learn), 0
+
+    @staticmethod
+    def _copy(learn):
+        return ({k: v.detach().clone() for k, v in learn.model.state_dict().items()},
+                None if learn.opt is None else _deep_clone(learn.opt.state_dict()))
+
+    def after_loss(self, learn):
+        if not learn.training:
+            return
+        loss = learn.loss.detach()
+        if self.every == 1:  # on CPU, reading a scalar loss costs about a microsecond
+            if not (math.isfinite(loss.item()) if loss.ndim == 0 else bool(torch.isfinite(loss).all())):
+                self._diverged(learn, learn.train_iter, float(loss.float().flatten()[0]))
+            return
+        ok = torch.isfinite(loss).all()
+        self._bad = torch.where(ok | (self._bad >= 0), self._bad, learn.train_iter)  # first bad step, on device
+        if (learn.train_iter + 1) % self.every == 0:
+            self.verify(learn)
+
+    def after_train(self, learn):
+        self.verify(learn)
+
+    def verify(self, learn):
+        """Raise DivergenceError (after restoring the last verified weights) if a non-finite loss was seen since the
+        last check or the weights are not finite; otherwise remember the current weights as verified."""
+        if self._bad is not None:
+            bad = int(self._bad)  # the host sync of the lagged check
+            if bad >= 0:
+                self._diverged(learn, bad, None)
+        if not _weights_finite(learn.model):
+            self._diverged(learn, None, None)
+        self._good, self._good_step = self._copy(learn), learn.train_iter
+
+    def _diverged(self, learn, step, value):
+        if self.every == 1 and step is not None and _weights_finite(learn.model):
+            kept = 'the model holds the weights that loss was computed from (the last finite ones)'
+        else:
+            sd, opt = self._good
+            learn.model.load_state_dict(sd)
+            if opt is not None and learn.opt is not None:
+                learn.opt.load_state_dict(opt)
+            kept = (f'the weights and optimizer state were restored to those verified finite after '
+                    f'{self._good_step} steps of this fit')
+        n = learn.n_iter or 1
+        if step is None:
+            where = f'the weights became non-finite by step {learn.train_iter} of this fit (epoch {learn.epoch})'
+            epoch = batch = None
+        else:
+            epoch, batch = (learn.epoch, learn.iter) if self.every == 1 else divmod(step, n)
+            what = 'not finite' if value is None else f'{value}'
+            where = f'the training loss is {what} at epoch {epoch}, batch {batch} (step {step} of this fit)'
+        learn.diverged = {'epoch': epoch, 'batch': batch, 'step': step}
+        raise DivergenceError(f'training diverged: {where}; {kept}. Lower the learning rate (learn.lr_find() shows '
+                              f'where the loss blows up), or pass check_finite=False to the Learner to train on '
+                              f'regardless.', epoch=epoch, batch=batch, step=step)

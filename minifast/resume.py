@@ -1,0 +1,212 @@
+"""The full training state a checkpoint holds, finding the newest checkpoint, and resuming a fit from it exactly.
+
+A checkpoint is a dict of tensors and plain Python values (it loads with torch.load(weights_only=True)):
+model and optimizer state dicts, the position in the fit (epoch, batches done in that epoch, training steps), what
+the fit was (epochs, steps per epoch, the schedule sampled at a few steps), the RNG states now and at the start of
+the epoch (which fixed that epoch's data order), the Recorder's history and every callback's `state_dict()`.
+"""
+import re
+import time
+import warnings
+from pathlib import Path
+
+from .checkpoint import check_state_dict, load_state
+from .determinism import rng_state
+
+__all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info']
+
+FORMAT, VERSION = 'minifast-checkpoint', 1
+_SEQ = re.compile(r'_(\d+)_epoch(\d+)_step(\d+)\.pth$')
+
+
+def _callback_states(learn):
+    """{key: state} of the current fit's callbacks that can save and restore themselves (keys: class name, with
+    '#i' from the second instance of a class on)."""
+    out, seen = {}, {}
+    for cb in getattr(learn, '_fit_cbs', None) or [learn.recorder, *learn.callbacks]:
+        if callable(getattr(cb, 'state_dict', None)) and callable(getattr(cb, 'load_state_dict', None)):
+            name = type(cb).__name__
+            n = seen[name] = seen.get(name, -1) + 1
+            out[name if n == 0 else f'{name}#{n}'] = cb
+    return out
+
+
+def fit_signature(learn):
+    """What must match to continue a fit exactly: epochs, steps per epoch and each scheduler's sampled values."""
+    try:
+        per_epoch = len(learn.data.train_dl)
+    except TypeError:
+        per_epoch = None
+    scheds = [cb.resume_signature(learn) for cb in (getattr(learn, '_fit_cbs', None) or [])
+              if callable(getattr(cb, 'resume_signature', None))]
+    return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds}
+
+
+def training_state(learn, where='end', with_opt=True):
+    """The learner's full state as a checkpoint dict.
+
+    where: 'batch' (written in a training after_batch hook: that batch is done), 'boundary' (after a training batch
+    completed, its counters already advanced: a deferred Ctrl-C), 'epoch' (in after_epoch: the epoch, validation
+    included, is done), 'end' (the fit finished, or outside a fit: nothing left to resume), or None (somewhere in
+    a fit that is no resumable point: learn.save from a callback).
+    """
+    if where not in ('batch', 'boundary', 'epoch', 'end', None):
+        raise ValueError(f"training_state: where must be 'batch', 'boundary', 'epoch', 'end' or None, got {where!r}")
+    in_fit = learn._hooks is not None
+    pos = {'epoch': learn.epoch, 'n_epoch': learn.n_epoch, 'where': where,
+           'batch': learn.iter + 1 if where in ('batch', 'boundary') else None,
+           'train_iter': learn.train_iter + (1 if where == 'batch' else 0)}
+    rec = learn.recorder
+    state = {
+        'format': FORMAT, 'version': VERSION, 'time': time.time(),
+        'model': learn.model.state_dict(),
+        'opt': learn.opt.state_dict() if with_opt and learn.opt is not None else None,
+        'position': pos,
+        'signature': fit_signature(learn) if in_fit else None,
+        'rng': rng_state(),
+        'epoch_rng': getattr(learn, '_epoch_rng', None) if where in ('batch', 'boundary') else None,
+        'callbacks': {k: cb.state_dict() for k, cb in _callback_states(learn).items()} if in_fit else
+        {'Recorder': rec.state_dict()},
+    }
+    return state
+
+
+def list_checkpoints(folder):
+    """Checkpoint files a Checkpoint callback wrote in `folder`, oldest first (by their sequence number)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _SEQ.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(resume):
+    """The file `resume` names: itself when it is a file, else the newest checkpoint in that folder (None when the
+    folder is missing or holds none)."""
+    p = Path(resume)
+    if p.is_file():
+        return p
+    if p.suffix == '.pth':
+        raise FileNotFoundError(f'resume: no such checkpoint file: {p}')
+    files = list_checkpoints(p)
+    return files[-1] if files else None
+
+
+def checkpoint_info(file):
+    """A short description of a checkpoint's position, e.g. 'epoch 3 of 10, 120 steps'."""
+    st = load_state(file)
+    return _describe(st['position']) if isinstance(st, dict) and 'position' in st else 'weights only'
+
+
+def _describe(pos):
+    if pos['where'] is None:
+        return f"saved during epoch {pos['epoch']} of {pos['n_epoch']}, at no resumable point"
+    if pos['where'] == 'end':
+        return f"finished: {pos['n_epoch']} epochs, {pos['train_iter']} steps"
+    if pos['where'] == 'epoch':
+        return f"after epoch {pos['epoch']} of {pos['n_epoch']} ({pos['train_iter']} steps)"
+    return f"epoch {pos['epoch']} of {pos['n_epoch']}, batch {pos['batch']} ({pos['train_iter']} steps)"
+
+
+def _is_finished(pos):
+    return pos['where'] == 'end' or (pos['where'] == 'epoch' and pos['epoch'] + 1 >= pos['n_epoch'])
+
+
+def _sig_mismatch(saved, now):
+    """A sentence on the first difference between two fit signatures, or None."""
+    if saved['n_epoch'] != now['n_epoch']:
+        return f"it was written by a {saved['n_epoch']}-epoch fit but this call trains {now['n_epoch']} epochs"
+    if saved['steps_per_epoch'] != now['steps_per_epoch']:
+        return (f"it was written with {saved['steps_per_epoch']} steps per epoch but the training DataLoader now "
+                f"has {now['steps_per_epoch']} (batch size or dataset changed?)")
+    a, b = saved['schedules'], now['schedules']
+    if len(a) != len(b):
+        return f'it was written by a fit with {len(a)} scheduler(s), this call has {len(b)}'
+    for sa, sb in zip(a, b):
+        if sa == sb:
+            continue
+        if sa.get('total_steps') != sb.get('total_steps'):
+            return (f"its schedule lasts {sa.get('total_steps')} steps but this call's lasts "
+                    f"{sb.get('total_steps')}")
+        for (t, va), (_, vb) in zip(sa.get('samples', []), sb.get('samples', [])):
+            if va != vb:
+                return f'its schedule differs from this call\'s at step {t}: {va} vs {vb}'
+        return 'its schedule differs from this call\'s'
+    return None
+
+
+def load_for_resume(learn, resume):
+    """Load and check the checkpoint `resume` names for the fit being started; None when there is nothing to resume
+    (a folder without checkpoints: the fit starts from the beginning, with a warning). Raises, naming the file,
+    when the run finished or was a different fit, before anything is changed."""
+    if resume is True:
+        from .callbacks.tracking import Checkpoint
+        cks = [cb for cb in learn._fit_cbs if isinstance(cb, Checkpoint)]
+        if not cks:
+            raise ValueError('fit: resume=True needs a Checkpoint callback (its folder is where to resume from); '
+                             'pass resume=<folder or file> instead')
+        resume = cks[0].folder(learn)
+    elif not isinstance(resume, (str, Path)):
+        raise TypeError(f'fit: resume must be a folder, a checkpoint file or True, got {resume!r}')
+    elif not Path(resume).is_absolute() and not Path(resume).exists():
+        resume = learn.path / resume  # relative to learn.path, as Checkpoint(path=...) is
+    file = find_checkpoint(resume)
+    if file is None:
+        warnings.warn(f'resume: no checkpoint in {resume}; training from the beginning')
+        return None
+    state = load_state(file, learn.device)
+    if not isinstance(state, dict) or state.get('format') != FORMAT or 'position' not in state:
+        raise ValueError(f'resume: {file} holds weights only, not a training state: load it with learn.load() and '
+                         f'fit without resume=')
+    if state.get('version', 0) > VERSION:
+        raise ValueError(f"resume: {file} was written by a newer minifast (format version {state['version']}, this "
+                         f'one reads {VERSION})')
+    pos = state['position']
+    if _is_finished(pos):
+        done = f"{pos['n_epoch']} epochs, {pos['train_iter']} steps"
+        raise ValueError(f'resume: the run saved in {file} already finished ({done}); there is nothing to resume. '
+                         f'Fit without resume= (or into a new checkpoint folder) to train again.')
+    if state['signature'] is None or pos['where'] is None:
+        raise ValueError(f'resume: {file} was saved by learn.save, not at a point a fit can resume from '
+                         f'({_describe(pos)}); write resumable states with the Checkpoint callback')
+    why = _sig_mismatch(state['signature'], fit_signature(learn))
+    if why is not None:
+        raise ValueError(f'resume: {file} ({_describe(pos)}) does not continue this fit: {why}. Resume with the '
+                         f'same arguments, data and callbacks as the interrupted call.')
+    if pos['where'] != 'epoch' and state['epoch_rng'] is None:
+        raise ValueError(f'resume: {file} stops inside epoch {pos["epoch"]} but lacks the RNG state of that '
+                         f"epoch's start, so its data order cannot be replayed")
+    check_state_dict(learn.model, state['model'], file)
+    state['file'] = file
+    return state
+
+
+def restore_model_opt(learn, state):
+    """Load the checkpoint's weights and optimizer state (checked by `load_for_resume`) into the learner."""
+    learn.model.load_state_dict(state['model'])
+    if state['opt'] is not None:
+        try:
+            learn.opt.load_state_dict(state['opt'])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"resume: {state['file']}: the optimizer state does not match this learner's "
+                             f'parameter groups: {e}') from e
+
+
+def restore_callbacks(learn, state):
+    """Give every callback of this fit its saved state; returns the callbacks' keys the checkpoint had no match for."""
+    cbs = _callback_states(learn)
+    saved = state['callbacks']
+    for key, cb in cbs.items():
+        if key in saved:
+            cb.load_state_dict(saved[key])
+    orphans = sorted(set(saved) - set(cbs))
+    if orphans:
+        warnings.warn(f"resume: {state['file']} holds the state of callback(s) {orphans}, which this fit does not "
+                      f'have; their state was not restored')
+
+
+def model_state(state):
+    """The model's state dict inside a loaded checkpoint, full or weights-only."""
+    return state['model'] if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict) \
+        else state
+

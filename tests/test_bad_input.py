@@ -1,0 +1,206 @@
+"""Bad data fails before any training step, with the numbers in the message, and leaves the model as it was."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from minifast import DataBunch, Learner, TensorDataLoader
+from minifast.checks import check_finite_inputs
+from conftest import make_mlp
+
+
+def bn_model(n_out=3, n_in=8):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(n_in, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, n_out))
+
+
+def snapshot(model):
+    """Parameters and buffers (BatchNorm running stats and counter)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_params(model, snap):
+    return all(torch.equal(p, snap[k]) for k, p in model.named_parameters())
+
+
+def same_state(model, snap):
+    sd = model.state_dict()
+    return sd.keys() == snap.keys() and all(torch.equal(sd[k], snap[k]) for k in snap)
+
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def learner(data, model, **kw):
+    return Learner(data, model, silent=True, **kw)
+
+
+def test_train_labels_out_of_range_beyond_the_first_batch():
+    x, y = torch.randn(1000, 8), torch.arange(1000) % 10
+    y[-37:] = torch.arange(37) % 3 + 10  # 10, 11, 12 in the last batch only
+    data = DataBunch.from_tensors(x, y, bs=100, shuffle=False, classes=[str(i) for i in range(10)])
+    model = bn_model(n_out=10)
+    snap, calls = snapshot(model), count_forwards(model)
+    learn = learner(data, model)
+    with pytest.raises(ValueError, match=r'train labels: 37 of 1000 are outside \[0, 10\) \(largest 12\): '
+                                         r'target value 12 is out of range for 10 classes'):
+        learn.fit(1)
+    with pytest.raises(ValueError, match=r'train labels: 37 of 1000'):
+        learn.fit_one_cycle(1)
+    assert calls == [] and same_state(model, snap)
+
+
+def test_valid_labels_negative_in_a_torch_dataloader():
+    x, y = torch.randn(64, 8), torch.arange(64) % 3
+    xv, yv = torch.randn(20, 8), torch.arange(20) % 3
+    yv[3], yv[7] = -5, -1
+    data = DataBunch(TensorDataLoader(x, y, batch_size=16), DataLoader(TensorDataset(xv, yv), batch_size=10), c=3)
+    model = bn_model()
+    snap, calls = snapshot(model), count_forwards(model)
+    with pytest.raises(ValueError, match=r'valid labels: 2 of 20 are outside \[0, 3\) \(smallest -5\)'):
+        learner(data, model).fit(1)
+    assert calls == [] and same_state(model, snap)
+
+
+def test_both_ends_and_nll_loss():
+    x, y = torch.randn(64, 8), torch.arange(64) % 3
+    y[0], y[1], y[2] = -2, 7, 9
+    data = DataBunch(TensorDataLoader(x, y, batch_size=16), None, c=3)
+    with pytest.raises(ValueError, match=r'train labels: 3 of 64 are outside \[0, 3\) \(smallest -2, largest 9\): '
+                                         r'target value -2 .* nll_loss needs class indices 0\.\.2'):
+        learner(data, make_mlp(), loss_func=F.nll_loss).fit(1)
+
+
+def test_without_data_c_only_negative_labels_fail_at_fit_start():
+    x, y = torch.randn(64, 8), torch.arange(64) % 3
+    y[40] = -1
+    model = make_mlp()
+    calls = count_forwards(model)
+    learn = learner(DataBunch(TensorDataLoader(x, y, batch_size=16), None), model)
+    with pytest.raises(ValueError, match=r'train labels: 1 of 64 are negative \(smallest -1\)'):
+        learn.fit(1)
+    assert calls == []
+    y[40], y[0] = 1, 50  # too large, but without data.c only the first batch's check against the model sees it
+    with pytest.raises(ValueError, match=r'target value 50 is out of range for a model with 3 outputs'):
+        learn.fit(1)
+
+
+def test_ignore_index_labels_are_skipped():
+    x, y = torch.randn(64, 8), torch.arange(64) % 3
+    y[::5] = -100
+    learn = learner(DataBunch(TensorDataLoader(x, y, batch_size=16), None, c=3), make_mlp())
+    learn.fit(1)
+    assert len(learn.recorder.raw_losses) == 4
+    y[::5] = 255  # from_tensors infers c=256 from the 255s; neither check may refuse that
+    learn = learner(DataBunch.from_tensors(x, y, bs=16), make_mlp(), loss_func=nn.CrossEntropyLoss(ignore_index=255))
+    learn.fit(1)
+    assert learn.data.c == 256 and len(learn.recorder.raw_losses) == 4
+    y[::5] = -100  # with ignore_index=255, -100 is an ordinary (bad) label
+    learn = learner(DataBunch(TensorDataLoader(x, y, batch_size=16), None, c=3), make_mlp(),
+                    loss_func=nn.CrossEntropyLoss(ignore_index=255))
+    with pytest.raises(ValueError, match=r'13 of 64 are outside \[0, 3\) \(smallest -100\).*ignore_index 255'):
+        learn.fit(1)
+
+
+def test_other_losses_are_not_checked():
+    x, y = torch.randn(64, 8), torch.arange(64) * 7  # labels far above the model's 3 outputs
+    learn = learner(DataBunch(TensorDataLoader(x, y, batch_size=16), None, c=3), make_mlp(),
+                    loss_func=lambda p, t: F.cross_entropy(p, t % 3))
+    learn.fit(1)
+    assert len(learn.recorder.raw_losses) == 4
+
+
+def test_float_labels_fail_before_the_first_forward():
+    x, y = torch.randn(50, 8), (torch.arange(50) % 3).float()
+    model = bn_model()
+    snap, calls = snapshot(model), count_forwards(model)
+    with pytest.raises(TypeError, match=r'cross_entropy expects integer class targets \(torch\.int64\) of shape '
+                                        r'\(16,\).*\(train labels: torch\.float32, shape \(50,\)\).*y\.long\(\)'):
+        learner(DataBunch.from_tensors(x, y, bs=16), model).fit(1)
+    assert calls == [] and same_state(model, snap)
+
+
+def _width_learner():
+    x, y = torch.randn(64, 8), torch.arange(64) % 10
+    data = DataBunch.from_tensors(x, y, x[:20], y[:20], bs=16, classes=list('abcdefghij'))
+    model = bn_model(n_out=12)
+    return learner(data, model), model
+
+
+def test_a_class_count_guessed_from_the_labels_accepts_a_wider_model():
+    x, y = torch.randn(64, 8), torch.arange(64) % 10  # class 10 and 11 may just be absent from this sample
+    data = DataBunch.from_tensors(x, y, bs=16)
+    assert data.c == 10 and data.c_inferred
+    learner(data, bn_model(n_out=12)).fit(1)
+    with pytest.raises(ValueError, match=r'target value [89] is out of range for a model with 8 outputs'):
+        learner(data, bn_model(n_out=8)).fit(1)
+
+
+def test_model_output_width_against_data_c():
+    learn, model = _width_learner()
+    snap = snapshot(model)
+    assert learn.data.c == 10
+    with pytest.raises(ValueError, match=r'the model outputs 12 values per item but the data has 10 classes '
+                                         r'\(data\.c\)'):
+        learn.fit(1)
+    assert same_params(model, snap)
+    with pytest.raises(ValueError, match=r'outputs 12 values .* 10 classes'):
+        learn.validate()
+
+
+def test_model_output_width_error_leaves_batchnorm_buffers_unchanged():
+    learn, model = _width_learner()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r'outputs 12 values'):
+        learn.fit(1)
+    assert same_state(model, snap)
+
+
+def test_explicit_classes_must_match_the_model():
+    x, y = torch.randn(64, 8), torch.arange(64) % 3
+    data = DataBunch.from_tensors(x, y, bs=16, classes=['a', 'b', 'c', 'd'])
+    with pytest.raises(ValueError, match=r'the model outputs 3 values per item but the data has 4 classes'):
+        learner(data, make_mlp()).fit(1)
+
+
+def test_empty_validation_loader():
+    x, y = torch.randn(64, 8), torch.arange(64) % 3
+    empty = DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    model = bn_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r'the validation DataLoader is empty \(0 batches from 0 items'):
+        learner(DataBunch(TensorDataLoader(x, y, batch_size=16), empty), model).fit(1)
+    assert same_state(model, snap)
+
+
+def test_drop_last_with_less_than_a_batch():
+    x, y = torch.randn(50, 8), torch.arange(50) % 3
+    short = TensorDataLoader(x, y, batch_size=64, drop_last=True)
+    with pytest.raises(ValueError, match=r'validation DataLoader is empty.*: drop_last=True with 50 items and '
+                                         r'batch_size=64 gives no batches: lower bs or set drop_last=False'):
+        learner(DataBunch(TensorDataLoader(x, y, batch_size=16), short), make_mlp()).fit(1)
+    with pytest.raises(ValueError, match=r'training DataLoader is empty.*: drop_last=True with 50 items and '
+                                         r'batch_size=64 gives no batches: lower bs or set drop_last=False'):
+        learner(DataBunch.from_tensors(x, y, bs=64), make_mlp()).fit(1)
+
+
+def test_check_finite_inputs_counts_nan_and_inf():
+    x0, x1 = torch.randn(4, 3), torch.randn(4, 5)
+    x1[0, 0] = x1[2, 1] = float('nan')
+    x1[1, 1], x1[3, 4], x1[3, 3] = float('inf'), -float('inf'), float('inf')
+    with pytest.raises(ValueError, match=r'epoch 2, batch 7: input 1 \(shape \(4, 5\), torch\.float32\) holds 2 NaN '
+                                         r'and 3 inf of 20 values'):
+        check_finite_inputs((x0, x1), 2, 7)
+    with pytest.raises(ValueError, match=r'epoch 0, batch 0: input 0 .* holds 1 NaN and 0 inf'):
+        check_finite_inputs(torch.tensor([1., float('nan')], dtype=torch.bfloat16), 0, 0)
+
+
+def test_check_finite_inputs_passes_clean_and_non_float_inputs():
+    ids = torch.tensor([[1, 2], [3, 4]])
+    assert check_finite_inputs((torch.randn(4, 3), ids, torch.ones(2, dtype=torch.bool)), 0, 1) is None
+    assert check_finite_inputs(torch.randn(3), 1, 0) is None
+    assert check_finite_inputs((), 0, 0) is None

@@ -1,0 +1,363 @@
+"""Checkpoints and exact resume: a run killed (SIGKILL, in a subprocess) or interrupted mid-epoch and resumed ends
+bit-identical to an uninterrupted run; atomic writes; keep_last; every=; monitor; mismatch and finished errors."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import minifast
+from minifast import Callback, DataBunch, Learner
+from minifast.callbacks.tracking import Checkpoint
+from minifast.determinism import set_seed
+from minifast.resume import list_checkpoints
+
+# One definition of the run, used in this process and, for the SIGKILL test, in a child process. Dropout, a
+# shuffling loader and a noise "augmentation" all draw from the global RNG, so any slip in the restored RNG states
+# or data order changes the losses.
+RUN = '''
+import os, signal, torch
+from torch import nn
+import minifast
+from minifast import Callback, DataBunch, Learner
+from minifast.callbacks.tracking import Checkpoint
+from minifast.determinism import set_seed
+
+
+def make_learner(path, n_train=96, bs=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_train + 24, 8, generator=g)
+    y = x[:, :3].argmax(1)
+    data = DataBunch.from_tensors(x[:n_train], y[:n_train], x[n_train:], y[n_train:], bs=bs)
+    data.train_dl.after_batch = lambda b: (b[0] + 0.1 * torch.randn_like(b[0]), b[1])
+    set_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    return Learner(data, model, path=path, silent=True, metrics=[minifast.accuracy])
+
+
+class Kill(Callback):
+    """SIGKILL this process after training step `at` (0-based), before that batch's after_batch."""
+    def __init__(self, at):
+        self.at = at
+
+    def after_step(self, learn):
+        if learn.train_iter == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(path, method='fit_one_cycle', every=4, kill_at=None, resume=None, extra=(), **kw):
+    learn = make_learner(path)
+    cbs = [Checkpoint(every=every), *extra] + ([Kill(kill_at)] if kill_at is not None else [])
+    set_seed(1)
+    args = {'fit_one_cycle': (3, 1e-2), 'fit_sgdr': (2, 1, 1e-2), 'fit': (3, 1e-2)}[method]
+    getattr(learn, method)(*args, callbacks=cbs, resume=resume, **kw)
+    return learn
+'''
+ns = {}
+exec(compile(RUN, 'resume_run', 'exec'), ns)
+run, make_learner = ns['run'], ns['make_learner']
+
+
+def outcome(learn):
+    r = learn.recorder
+    return {'model': learn.model.state_dict(), 'opt': learn.opt.state_dict(), 'lrs': r.group_lrs,
+            'moms': r.group_moms, 'losses': r.raw_losses, 'smooth': r.losses, 'val': r.val_losses,
+            'metrics': r.metrics, 'train_losses': r.train_losses, 'nb_batches': r.nb_batches}
+
+
+def assert_identical(a, b, where='run'):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f'{where}: {len(a)} vs {len(b)}'
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f'{where}[{i}]')
+    else:
+        assert a == b or (a != a and b != b), f'{where}: {a} vs {b}'
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    """The uninterrupted run (with the same Checkpoint callback: writing consumes no randomness)."""
+    return outcome(run(tmp_path_factory.mktemp('ref')))
+
+
+class Interrupt(Callback):
+    def __init__(self, at, exc=RuntimeError):
+        self.at, self.exc = at, exc
+
+    def after_step(self, learn):
+        if learn.train_iter == self.at:
+            raise self.exc('simulated crash')
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference):
+    script = tmp_path / 'child.py'
+    script.write_text(RUN + textwrap.dedent('''
+        import sys
+        run(sys.argv[1], kill_at=int(sys.argv[2]))
+        '''))
+    env = {**os.environ, 'PYTHONPATH': str(Path(minifast.__file__).parents[1])}
+    p = subprocess.run([sys.executable, str(script), str(tmp_path), '9'], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    files = [f.name for f in list_checkpoints(tmp_path / 'checkpoints')]
+    assert files == ['ckpt_00000_epoch0_step4.pth', 'ckpt_00001_epoch1_step8.pth']  # step 8: epoch 1, batch 2
+    resumed = run(tmp_path, resume='checkpoints')
+    assert_identical(reference, outcome(resumed))
+
+
+@pytest.mark.parametrize('crash_at', [0, 3, 5, 6, 11, 16])
+def test_crash_anywhere_then_resume_is_bit_identical(tmp_path, reference, crash_at):
+    with pytest.raises(Exception, match='simulated crash'):
+        run(tmp_path, extra=[Interrupt(crash_at)])
+    if crash_at < 4:  # no checkpoint yet: resume starts over (with a warning) and still matches
+        with pytest.warns(UserWarning, match='no checkpoint'):
+            resumed = run(tmp_path, resume='checkpoints')
+    else:
+        resumed = run(tmp_path, resume='checkpoints')
+    assert_identical(reference, outcome(resumed))
+
+
+@pytest.mark.parametrize('method', ['fit_sgdr', 'fit'])
+def test_resume_other_fit_methods_and_every_epoch(tmp_path, method):
+    ref = outcome(run(tmp_path / 'ref', method=method, every='epoch'))
+    with pytest.raises(RuntimeError):
+        run(tmp_path / 'b', method=method, every='epoch', extra=[Interrupt(8)])
+    assert [f.name.split('_', 2)[2] for f in list_checkpoints(tmp_path / 'b' / 'checkpoints')] == ['epoch0_step6.pth']
+    assert_identical(ref, outcome(run(tmp_path / 'b', method=method, every='epoch', resume=True)))
+
+
+def test_resume_twice_and_csv_log_and_snapshots_survive(tmp_path):
+    def go(path, *crash, **kw):
+        return run(path, extra=[minifast.CSVLogger(), minifast.WeightSnapshots(every_epoch=True), *crash], **kw)
+    ref = go(tmp_path / 'ref')
+    with pytest.raises(RuntimeError):
+        go(tmp_path / 'b', Interrupt(7))
+    with pytest.raises(RuntimeError):  # crashes again after the resume, in the next epoch
+        go(tmp_path / 'b', Interrupt(14), resume=True)
+    b = go(tmp_path / 'b', resume=True)
+    assert_identical(outcome(ref), outcome(b))
+    ref_csv = [row[:-1] for row in (tmp_path / 'ref' / 'history.csv').read_text().splitlines()]
+    b_csv = [row[:-1] for row in (tmp_path / 'b' / 'history.csv').read_text().splitlines()]
+    cut = lambda rows: [r.rsplit(',', 1)[0] for r in rows]  # noqa: E731  (the time column differs)
+    assert cut(ref_csv) == cut(b_csv) and len(b_csv) == 4
+    assert ref.snapshots.keys() == b.snapshots.keys() == {0, 1, 2}
+    assert_identical(ref.snapshots, b.snapshots)
+
+
+def test_resume_finished_run_raises(tmp_path):
+    run(tmp_path)
+    with pytest.raises(ValueError, match=r'already finished \(3 epochs, 18 steps\)'):
+        run(tmp_path, resume='checkpoints')
+
+
+def test_resume_with_a_different_schedule_raises_and_changes_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        run(tmp_path, extra=[Interrupt(9)])
+    learn = make_learner(tmp_path)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match='3-epoch fit but this call trains 4 epochs'):
+        learn.fit_one_cycle(4, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    with pytest.raises(ValueError, match='schedule differs'):
+        learn.fit_one_cycle(3, 2e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    learn.data.train_dl.batch_size = 32
+    with pytest.raises(ValueError, match='6 steps per epoch but the training DataLoader now has 3'):
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    assert_identical(before, learn.model.state_dict())
+
+
+def test_resume_errors_name_the_thing(tmp_path):
+    learn = make_learner(tmp_path)
+    with pytest.raises(FileNotFoundError, match='nothere.pth'):
+        learn.fit(1, resume=tmp_path / 'nothere.pth')
+    with pytest.raises(ValueError, match='needs a Checkpoint callback'):
+        learn.fit(1, resume=True)
+    plain = tmp_path / 'plain.pth'
+    torch.save(learn.model.state_dict(), plain)
+    with pytest.raises(ValueError, match='weights only'):
+        learn.fit(1, resume=plain)
+    saved = learn.save('after')
+    with pytest.raises(ValueError, match='already finished'):
+        learn.fit(1, resume=saved)
+    for bad in (dict(every='sometimes'), dict(every=0), dict(keep_last=0), dict(name='')):
+        with pytest.raises(ValueError, match='Checkpoint'):
+            Checkpoint(**bad)
+    with pytest.raises(minifast.CallbackException, match=r"Checkpoint.before_fit .* monitor 'acc' is not recorded; "
+                                                         r"the names are 'train_loss', 'valid_loss', 'accuracy'"):
+        learn.fit(1, callbacks=[Checkpoint(monitor='acc')])
+
+
+def test_keep_last_and_numbering(tmp_path):
+    learn = make_learner(tmp_path)
+    learn.fit(3, 1e-3, callbacks=[Checkpoint(every=2, keep_last=3)])
+    names = [f.name for f in list_checkpoints(tmp_path / 'checkpoints')]
+    assert names == ['ckpt_00006_epoch2_step14.pth', 'ckpt_00007_epoch2_step16.pth', 'ckpt_00008_epoch2_step18.pth']
+    assert not list((tmp_path / 'checkpoints').glob('*.tmp'))
+    learn.fit(1, 1e-3, callbacks=[Checkpoint(every='epoch', keep_last=None)])  # numbering continues in the folder
+    assert list_checkpoints(tmp_path / 'checkpoints')[-1].name == 'ckpt_00009_epoch0_step6.pth'
+
+
+def test_improvement_mode_keeps_the_best_and_monitors_metrics(tmp_path):
+    learn = make_learner(tmp_path)
+    ck = Checkpoint(every='improvement', monitor='accuracy', keep_last=1)
+    learn.fit(4, 1e-2, callbacks=[ck])
+    accs = [m[0] for m in learn.recorder.metrics]
+    assert ck.mode == 'max' and ck.best == max(accs)
+    best_epoch = accs.index(max(accs))
+    kept = [f.name for f in list_checkpoints(tmp_path / 'checkpoints')]
+    assert any(f'epoch{best_epoch}_' in n for n in kept) and ck.best_file.name in kept
+    state = torch.load(ck.best_file, weights_only=True)
+    assert state['callbacks']['Checkpoint']['best'] == max(accs)
+    assert Checkpoint(monitor='valid_loss').mode == 'min' and Checkpoint(monitor='error_rate').mode == 'min'
+
+
+def test_failed_write_keeps_previous_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    learn = make_learner(tmp_path)
+    learn.fit(1, 1e-3, callbacks=[Checkpoint(every='epoch', keep_last=None)])
+    (good,) = list_checkpoints(tmp_path / 'checkpoints')
+    good_bytes = good.read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.write(b'garbage')
+        raise OSError('disk full (simulated)')
+    monkeypatch.setattr(torch, 'save', failing_save)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(minifast.CallbackException, match='Checkpoint.after_batch raised OSError: disk full') as err:
+        learn.fit(1, 1e-3, callbacks=[Checkpoint(every=2, keep_last=1)])
+    assert isinstance(err.value.__cause__, OSError)
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == [good.name]  # no tmp, nothing pruned
+    assert good.read_bytes() == good_bytes
+    assert not any(torch.equal(before[k], v) for k, v in learn.model.state_dict().items() if 'weight' in k)
+    with pytest.raises(OSError):  # learn.save fails the same way: the old file stays
+        monkeypatch.setattr(torch, 'save', failing_save)
+        learn.save(good)
+    assert good.read_bytes() == good_bytes
+
+
+def test_save_writes_full_state_and_load_reads_weights(tmp_path):
+    learn = make_learner(tmp_path)
+    learn.fit(1, 1e-3)
+    f = learn.save('stage1')
+    st = torch.load(f, weights_only=True)
+    assert st['format'] == 'minifast-checkpoint' and st['position']['where'] == 'end'
+    assert st['callbacks']['Recorder']['_raw'] == learn.recorder.raw_losses
+    assert set(st['rng']) == {'torch', 'cuda', 'numpy', 'random'}
+    other = make_learner(tmp_path)
+    other.load('stage1')
+    assert_identical(learn.model.state_dict(), other.model.state_dict())
+    assert_identical(learn.opt.state_dict()['state'], other.opt.state_dict()['state'])
+    legacy = tmp_path / 'legacy.pth'  # the earlier {'model', 'opt'} layout still loads
+    torch.save({'model': learn.model.state_dict(), 'opt': learn.opt.state_dict()}, legacy)
+    make_learner(tmp_path).load(legacy)
+
+
+def test_checkpoint_in_callback_fns(tmp_path):
+    learn = make_learner(tmp_path)
+    learn = Learner(learn.data, learn.model, path=tmp_path, silent=True,
+                    callback_fns=[partial(Checkpoint, every='epoch', path='ck')])
+    learn.fit(2, 1e-3)
+    assert [f.name for f in list_checkpoints(tmp_path / 'ck')] == ['ckpt_00000_epoch0_step6.pth',
+                                                                    'ckpt_00001_epoch1_step12.pth']
+
+
+def test_ctrl_c_is_deferred_to_the_batch_boundary_and_checkpointed(tmp_path, reference):
+    class CtrlC(Callback):
+        def after_backward(self, learn):  # mid-batch: between backward and the optimizer step
+            if learn.train_iter == 10:
+                os.kill(os.getpid(), signal.SIGINT)
+    learn = make_learner(tmp_path)
+    set_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4), CtrlC()])
+    assert learn.interrupted and learn.train_iter == 11  # the batch completed: step 10 was applied and recorded
+    assert len(learn.recorder.raw_losses) == 11
+    assert all(p.grad is None or not p.grad.any() for p in learn.model.parameters())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert list_checkpoints(tmp_path / 'checkpoints')[-1].name.endswith('epoch1_step11.pth')
+    assert_identical(reference, outcome(run(tmp_path, resume='checkpoints')))
+
+
+def test_learner_fits_again_after_an_interrupt(tmp_path):
+    learn = make_learner(tmp_path)
+    learn.fit(1, 1e-3)
+
+    class Stop(Callback):
+        def after_backward(self, learn):
+            raise KeyboardInterrupt  # an immediate interrupt (second Ctrl-C): gradients are left behind
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(1, 1e-3, callbacks=[Stop()])
+    assert learn.interrupted and any(p.grad is not None and p.grad.any() for p in learn.model.parameters())
+    assert learn.callbacks == []
+    w = learn.model[0].weight.clone()
+
+    class Probe(Callback):
+        def before_batch(self, learn):
+            if learn.training and learn.train_iter == 0:
+                self.clean = all(p.grad is None or not p.grad.any() for p in learn.model.parameters())
+    probe = Probe()
+    learn.fit(1, 1e-3, callbacks=[probe])
+    assert probe.clean  # the stale gradients were cleared at fit start, so they do not leak into the first step
+    assert not learn.interrupted and not torch.equal(w, learn.model[0].weight)
+
+
+class NoisyItems(torch.utils.data.Dataset):
+    """Per-item augmentation drawn from the (worker's) global torch RNG."""
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+def _worker_learner(path, persistent=False):
+    from torch.utils.data import DataLoader
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g)
+    y = x[:, :3].argmax(1)
+    dl = DataLoader(NoisyItems(x, y), batch_size=16, shuffle=True, num_workers=2, persistent_workers=persistent,
+                    multiprocessing_context='fork')
+    set_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    return Learner(DataBunch(dl, None), model, path=path, silent=True)
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='fork start method')
+def test_resume_with_worker_processes_and_item_augmentation_is_identical(tmp_path):
+    def go(path, *extra, resume=None):
+        learn = _worker_learner(path)
+        set_seed(1)
+        learn.fit_one_cycle(2, 1e-2, callbacks=[Checkpoint(every=4, monitor='train_loss'), *extra], resume=resume)
+        return learn
+    ref = go(tmp_path / 'ref')
+    with pytest.raises(RuntimeError):
+        go(tmp_path / 'b', Interrupt(9))
+    b = go(tmp_path / 'b', resume=True)
+    assert ref.recorder.raw_losses == b.recorder.raw_losses
+    assert_identical(ref.model.state_dict(), b.model.state_dict())
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='fork start method')
+def test_resume_with_persistent_workers_warns(tmp_path):
+    learn = _worker_learner(tmp_path, persistent=True)
+    with pytest.raises(RuntimeError):
+        learn.fit(1, 1e-3, callbacks=[Checkpoint(every=2, monitor='train_loss'), Interrupt(3)])
+    learn = _worker_learner(tmp_path, persistent=True)
+    with pytest.warns(UserWarning, match='persistent_workers=True'):
+        learn.fit(1, 1e-3, callbacks=[Checkpoint(every=2, monitor='train_loss')], resume='checkpoints')

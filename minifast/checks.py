@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-__all__ = ['check_data', 'check_metrics', 'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name']
+__all__ = ['check_data', 'check_metrics', 'check_epochs', 'check_fit', 'check_batch', 'check_finite_inputs',
+           'metric_name']
 
 
 def check_data(data):
@@ -40,18 +41,24 @@ def check_metrics(metrics):
     return ms
 
 
+def check_epochs(epochs, name='epochs'):
+    """`epochs` as an int; ValueError unless it is a non-negative integer (not a float, string or bool)."""
+    try:
+        n = operator.index(epochs)  # ints and numpy integers
+    except TypeError:
+        n = None
+    if n is None or isinstance(epochs, bool) or n < 0:
+        raise ValueError(f'fit: {name} must be a non-negative integer, got {epochs!r}')
+    return n
+
+
 def check_fit(learn, epochs):
     """Arguments of fit and the data, before any batch runs; returns epochs as an int.
 
     Rejects an empty training or validation loader and, for class-index losses, in-memory labels that are floats
     or lie outside [0, data.c).
     """
-    try:
-        n = operator.index(epochs)  # ints and numpy integers, not floats, strings or bools
-    except TypeError:
-        n = None
-    if n is None or isinstance(epochs, bool) or n < 0:
-        raise ValueError(f'fit: epochs must be a non-negative integer, got {epochs!r}')
+    n = check_epochs(epochs)
     dl = learn.data.train_dl
     if dl is None:
         raise ValueError('fit: data.train_dl is None; there is nothing to train on')

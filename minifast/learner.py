@@ -29,7 +29,7 @@ EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_p
 
 # What one pass of the loop changes on the learner; validate() restores it, so it can be called from a callback.
 _LOOP_STATE = ('_hooks', 'dl', 'training', 'iter', 'n_iter', 'xb', 'yb', 'pred', 'loss', '_vals', '_val_metrics',
-               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_stop_training')
+               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_stop_training', 'pending_cancel')
 
 
 class CancelBatchException(Exception):
@@ -147,7 +147,8 @@ class Learner:
         self.xb = self.yb = self.pred = self.loss = self.dl = None
         self.recorder, self.progress, self.guard = Recorder(), ProgressCallback(), DivergenceGuard()
         self.check_finite, self.check_inputs = check_finite, check_inputs
-        self.interrupted, self.diverged, self._boundary, self._interrupt_requested = False, None, False, False
+        self.interrupted, self.diverged, self._boundary, self._interrupt_requested = False, None, None, False
+        self.pending_cancel, self._phase, self._fit_args = None, None, None
         self._fit_cbs = self._epoch_rng = self._skip = self._resumed_epoch = self._buffers = None
         self.callbacks = []
         for cb in _as_list(callbacks):
@@ -208,11 +209,13 @@ class Learner:
                 if event not in _CLOSING or isinstance(e, CallbackException):
                     raise
                 cancel = cancel or e
+                self.pending_cancel = cancel  # later hooks of this event can see that it will end a level
             except DivergenceError:
                 raise
             except Exception as e:
                 raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
         if cancel is not None:
+            self.pending_cancel = None
             raise cancel
 
     def _with_events(self, f, name, cancel):
@@ -254,7 +257,8 @@ class Learner:
         self._prepare_opt(lr, self.wd if wd is None else wd)
         self._build_hooks(_as_list(callbacks))
         self.n_epoch, self.train_iter, self.exception, self.last_metrics = epochs, 0, None, []
-        self.epoch, self.interrupted, self.diverged, self._boundary = 0, False, None, False
+        self.epoch, self.interrupted, self.diverged, self._boundary, self.pending_cancel = 0, False, None, None, None
+        self._fit_args = {'lr': [g['lr'] for g in self.opt.param_groups], 'wd': self.wd if wd is None else wd}
         try:
             state = None
             if resume is not None and resume is not False:
@@ -406,11 +410,13 @@ class Learner:
     def _do_epoch(self):
         self._resumed_epoch = None  # read by the Recorder's before_epoch of a resumed epoch
         self.last_metrics = []  # a cancelled epoch must not report the previous epoch's validation
-        self.dl, self.training = self.data.train_dl, True
+        self.dl, self.training, self._phase = self.data.train_dl, True, 'train'
         self.model.train()
         self._with_events(self._all_batches, 'train', CancelTrainException)
         valid_dl = self.data.valid_dl
+        self._phase = 'valid'
         self.last_metrics = self._validate(valid_dl, self.metrics) if valid_dl is not None else []
+        self._phase = None
 
     def _validate(self, dl, metrics):
         self.dl, self.training = dl, False
@@ -483,7 +489,10 @@ class Learner:
             if self.training:
                 self.train_iter += 1
         if self._interrupt_requested:  # a deferred Ctrl-C: this batch is complete, stop here
-            self._interrupt_requested, self._boundary = False, self.training
+            # where a Checkpoint can save this point: after this training batch, or (interrupted in the epoch's
+            # validation) after the epoch's training; elsewhere (a validate() inside a training hook) nowhere
+            self._interrupt_requested = False
+            self._boundary = 'train' if self.training else 'valid' if self._phase == 'valid' else None
             raise KeyboardInterrupt
 
     def _do_one_batch(self):
@@ -642,7 +651,10 @@ class Learner:
         torch.load(file, weights_only=True)['model'] is the model's state dict."""
         from .resume import training_state
         file = self._model_file(name)
-        atomic_save(training_state(self, 'end' if self._hooks is None else None, with_opt=with_opt), file)
+        # a finished state only after a fit that completed; during a fit, or after one that stopped on an error or
+        # an interrupt, the file holds no point a fit can resume from (Checkpoint writes those)
+        done = self._hooks is None and self.exception is None
+        atomic_save(training_state(self, 'end' if done else None, with_opt=with_opt), file)
         return file
 
     def load(self, name, with_opt=None, strict=True):

@@ -39,22 +39,23 @@ def fit_signature(learn):
         per_epoch = None
     scheds = [cb.resume_signature(learn) for cb in (getattr(learn, '_fit_cbs', None) or [])
               if callable(getattr(cb, 'resume_signature', None))]
-    return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds}
+    return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn._fit_args}
 
 
-def training_state(learn, where='end', with_opt=True):
+def training_state(learn, where='end', with_opt=True, batch=None):
     """The learner's full state as a checkpoint dict.
 
     where: 'batch' (written in a training after_batch hook: that batch is done), 'boundary' (after a training batch
     completed, its counters already advanced: a deferred Ctrl-C), 'epoch' (in after_epoch: the epoch, validation
     included, is done), 'end' (the fit finished, or outside a fit: nothing left to resume), or None (somewhere in
-    a fit that is no resumable point: learn.save from a callback).
+    a fit that is no resumable point: learn.save from a callback). `batch` overrides the batches counted as done
+    in the epoch ('batch'/'boundary'; e.g. all of them when the epoch's training was cut short).
     """
     if where not in ('batch', 'boundary', 'epoch', 'end', None):
         raise ValueError(f"training_state: where must be 'batch', 'boundary', 'epoch', 'end' or None, got {where!r}")
     in_fit = learn._hooks is not None
     pos = {'epoch': learn.epoch, 'n_epoch': learn.n_epoch, 'where': where,
-           'batch': learn.iter + 1 if where in ('batch', 'boundary') else None,
+           'batch': (learn.iter + 1 if batch is None else batch) if where in ('batch', 'boundary') else None,
            'train_iter': learn.train_iter + (1 if where == 'batch' else 0)}
     rec = learn.recorder
     state = {
@@ -132,6 +133,8 @@ def _sig_mismatch(saved, now):
             if va != vb:
                 return f'its schedule differs from this call\'s at step {t}: {va} vs {vb}'
         return 'its schedule differs from this call\'s'
+    if saved.get('args') != now.get('args'):
+        return f"it was written by a fit with {saved.get('args')}, this call has {now.get('args')}"
     return None
 
 
@@ -148,8 +151,9 @@ def load_for_resume(learn, resume):
         resume = cks[0].folder(learn)
     elif not isinstance(resume, (str, Path)):
         raise TypeError(f'fit: resume must be a folder, a checkpoint file or True, got {resume!r}')
-    elif not Path(resume).is_absolute() and not Path(resume).exists():
-        resume = learn.path / resume  # relative to learn.path, as Checkpoint(path=...) is
+    elif not Path(resume).is_absolute():  # relative to learn.path, as Checkpoint(path=...) is
+        here = learn.path / resume
+        resume = here if here.exists() or not Path(resume).exists() else Path(resume)
     file = find_checkpoint(resume)
     if file is None:
         warnings.warn(f'resume: no checkpoint in {resume}; training from the beginning')
@@ -162,7 +166,7 @@ def load_for_resume(learn, resume):
         raise ValueError(f"resume: {file} was written by a newer minifast (format version {state['version']}, this "
                          f'one reads {VERSION})')
     pos = state['position']
-    if _is_finished(pos):
+    if pos['where'] is not None and _is_finished(pos):
         done = f"{pos['n_epoch']} epochs, {pos['train_iter']} steps"
         raise ValueError(f'resume: the run saved in {file} already finished ({done}); there is nothing to resume. '
                          f'Fit without resume= (or into a new checkpoint folder) to train again.')

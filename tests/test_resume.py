@@ -358,6 +358,35 @@ def test_resume_with_persistent_workers_warns(tmp_path):
     learn = _worker_learner(tmp_path, persistent=True)
     with pytest.raises(RuntimeError):
         learn.fit(1, 1e-3, callbacks=[Checkpoint(every=2, monitor='train_loss'), Interrupt(3)])
+    first = learn
     learn = _worker_learner(tmp_path, persistent=True)
     with pytest.warns(UserWarning, match='persistent_workers=True'):
         learn.fit(1, 1e-3, callbacks=[Checkpoint(every=2, monitor='train_loss')], resume='checkpoints')
+    for lr in (first, learn):  # stop the persistent workers now: left alive they slow the tests that follow
+        it = lr.data.train_dl._iterator
+        if it is not None:
+            it._shutdown_workers()
+        lr.data.train_dl._iterator = None
+
+
+def test_snapshots_written_to_files_are_not_copied_into_checkpoints(tmp_path):
+    def go(*crash, resume=None):
+        return run(tmp_path / 'b', extra=[minifast.WeightSnapshots(every_epoch=True, path=tmp_path / 'b' / 'snaps'),
+                                          *crash], resume=resume)
+    ref = run(tmp_path / 'ref', extra=[minifast.WeightSnapshots(every_epoch=True)])
+    with pytest.raises(RuntimeError):
+        go(Interrupt(14))
+    last = list_checkpoints(tmp_path / 'b' / 'checkpoints')[-1]
+    st = torch.load(last, weights_only=True)['callbacks']['WeightSnapshots']
+    assert st['snapshots'] == {} and sorted(st['files']) == [0]  # step 12 ends epoch 1's training only
+    b = go(resume=True)
+    assert_identical(ref.snapshots, b.snapshots)
+
+
+def test_resume_a_plain_fit_with_another_lr_raises(tmp_path):
+    with pytest.raises(RuntimeError):
+        run(tmp_path, method='fit', extra=[Interrupt(9)])
+    learn = make_learner(tmp_path)
+    with pytest.raises(ValueError, match=r"written by a fit with \{'lr': \[0.01\], 'wd': 0.01\}, this call has "
+                                         r"\{'lr': \[0.001\], 'wd': 0.01\}"):
+        learn.fit(3, 1e-3, callbacks=[Checkpoint(every=4)], resume='checkpoints')

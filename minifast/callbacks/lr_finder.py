@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..determinism import rng_state, set_rng_state
-from ..learner import Callback, CancelFitException, CancelValidateException, DivergenceError
+from ..learner import Callback, CancelBatchException, CancelFitException, CancelValidateException, DivergenceError
 from ..optim import group_lrs, set_hyper
 from .recorder import ema_step
 
@@ -16,7 +16,7 @@ __all__ = ['LRFinder', 'LRFindResult', 'lr_find', 'suggest_steep', 'suggest_vall
 
 class LRFinder(Callback):
     """Sets lr = start_lr * (end_lr / start_lr) ** (i / (num_it - 1)) at step i; no validation; stops after num_it
-    steps, or (stop_div) once the smoothed loss exceeds 4x its best or a loss is not finite."""
+    steps, at the first loss that is not finite, or (stop_div) once the smoothed loss exceeds 4x its best."""
     order = 10
 
     def __init__(self, start_lr, end_lr, num_it=100, stop_div=True, beta=0.98):
@@ -35,10 +35,13 @@ class LRFinder(Callback):
     def after_step(self, learn):
         i = learn.train_iter + 1
         self._stop = i >= self.num_it
+        loss = learn.loss.item()  # the stop tests need the value now: one host sync per sweep step
+        if not math.isfinite(loss):  # always the end of the sweep, whatever stop_div says; the Recorder (a later
+            self.diverged = self._stop = True  # after_step hook) does not record it, as with the divergence check
+            raise CancelBatchException()
         if self.stop_div:
-            loss = learn.loss.item()  # the stop test needs the value now: one host sync per sweep step
             self._mov, smooth = ema_step(self._mov, loss, self.beta, i)
-            if not math.isfinite(loss) or smooth > 4 * self.best:
+            if smooth > 4 * self.best:
                 self.diverged = self._stop = True
             self.best = min(self.best, smooth)
 

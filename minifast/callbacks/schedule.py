@@ -80,15 +80,15 @@ def _check_moms(moms, where):
 def fit_one_cycle(learn, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25., pct_start=0.3, final_div=None,
                   wd=None, callbacks=None, tot_epochs=None, start_epoch=None, resume=None):
     """Learner.fit_one_cycle's implementation (see its docstring)."""
-    from ..checks import check_fit
+    from ..checks import check_epochs
     from ..learner import _as_list
     moms = _check_moms(moms, 'fit_one_cycle')
     n = _steps_per_epoch(learn, cyc_len, 'fit_one_cycle')
     # fastai v1: the cycle spans tot_epochs (default cyc_len); start_epoch jumps into it, and training stops where
     # the cycle ends, so fit_one_cycle(10, start_epoch=4) trains the last 6 epochs of a 10-epoch cycle
-    tot = check_fit(learn, cyc_len if tot_epochs is None else tot_epochs)
-    start = 0 if start_epoch is None else check_fit(learn, start_epoch)
-    epochs = min(check_fit(learn, cyc_len), tot - start)
+    tot = check_epochs(cyc_len if tot_epochs is None else tot_epochs, 'tot_epochs')
+    start = 0 if start_epoch is None else check_epochs(start_epoch, 'start_epoch')
+    epochs = min(check_epochs(cyc_len), tot - start)
     if epochs <= 0:
         raise ValueError(f'fit_one_cycle: start_epoch {start} is at or past the end of a {tot}-epoch cycle')
     lrs = group_lrs(learn, max_lr)

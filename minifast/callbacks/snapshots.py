@@ -65,14 +65,21 @@ class WeightSnapshots(Callback):
             self.files[e] = atomic_save(sd, self.path / f'snapshot_{e}.pth')
 
     def state_dict(self):
-        """The snapshots taken so far and their files (a checkpoint keeps them, so a resumed fit has them all)."""
-        return {'snapshots': self.snapshots, 'files': {e: str(f) for e, f in self.files.items()}}
+        """What a checkpoint keeps so that a resumed fit has every snapshot: their files when they are written to
+        `path` (the checkpoint stays small), else the snapshots themselves."""
+        files = {e: str(f) for e, f in self.files.items()}
+        return {'files': files, 'snapshots': {} if self.path is not None else self.snapshots}
 
     def load_state_dict(self, state):
-        """Restore what `state_dict` returned."""
-        self.snapshots.clear()
-        self.snapshots.update({int(e): sd for e, sd in state['snapshots'].items()})
+        """Restore what `state_dict` returned (snapshots kept as files are read back, weights-only)."""
+        from ..checkpoint import load_state
         self.files = {int(e): Path(f) for e, f in state['files'].items()}
+        snaps = {int(e): sd for e, sd in state['snapshots'].items()}
+        for e, f in self.files.items():
+            if e not in snaps:
+                snaps[e] = load_state(f)
+        self.snapshots.clear()
+        self.snapshots.update(snaps)
 
     def get_weights(self):
         """The snapshots {epoch: state dict} (the seed's GetWeights.get_weights)."""

@@ -1,13 +1,14 @@
 """Tracking callbacks: Checkpoint (full, resumable training state on disk) and DivergenceGuard (stop on a non-finite
 loss, keeping the last finite weights)."""
 import math
+import re
 from numbers import Integral
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import atomic_save
-from ..learner import Callback, DivergenceError
+from ..learner import Callback, CancelEpochException, CancelTrainException, DivergenceError
 from ..resume import list_checkpoints, training_state
 from .lr_finder import _deep_clone
 
@@ -105,7 +106,11 @@ class Checkpoint(Callback):
 
     def after_batch(self, learn):
         if learn.training and not isinstance(self.every, str) and (learn.train_iter + 1) % self.every == 0:
-            self._write(learn, 'batch')
+            cancel = learn.pending_cancel  # raised by an earlier hook of this after_batch, after the hooks run
+            if isinstance(cancel, CancelEpochException):
+                return  # the epoch ends here, unvalidated: no point inside it to resume into
+            # a cancelled training phase is over: a resumed run goes straight to this epoch's validation
+            self._write(learn, 'batch', batch=learn.n_iter if isinstance(cancel, CancelTrainException) else None)
 
     def after_epoch(self, learn):
         improved = False
@@ -115,9 +120,7 @@ class Checkpoint(Callback):
             if improved:
                 self.best = v
         if self.every == 'epoch' or (self.every == 'improvement' and improved):
-            self._write(learn, 'epoch')
-            if improved:
-                self.best_file = self.last_file
+            self._write(learn, 'epoch', best=improved)
 
     def after_fit(self, learn):
         e = learn.exception
@@ -126,19 +129,23 @@ class Checkpoint(Callback):
             if not last_epoch_done:  # a step checkpoint at the very end is replaced by the finished state
                 same = self._last_step == learn.train_iter and self.last_file is not None
                 self._write(learn, 'end', self.last_file if same else None)
-        elif isinstance(e, KeyboardInterrupt) and getattr(learn, '_boundary', False):
-            self._write(learn, 'boundary')
+        elif isinstance(e, KeyboardInterrupt) and learn._boundary is not None:
+            # a Ctrl-C deferred to a batch boundary: after a training batch, or in validation (training is done)
+            all_batches = len(learn.data.train_dl) if learn._boundary == 'valid' else None
+            self._write(learn, 'boundary', batch=all_batches)
 
-    def _write(self, learn, where, file=None):
+    def _write(self, learn, where, file=None, batch=None, best=False):
         if learn.check_finite:
             learn.guard.verify(learn)  # raises DivergenceError (nothing written) unless the weights are finite
         step = learn.train_iter + (1 if where == 'batch' else 0)
         folder = self.folder(learn)
         if file is None:
             files = list_checkpoints(folder)
-            seq = 1 + max((int(p.name.rsplit('_epoch', 1)[0].rsplit('_', 1)[1]) for p in files), default=-1)
+            seq = 1 + max((int(_SEQ_OF.search(p.name).group(1)) for p in files), default=-1)
             file = folder / f'{self.name}_{seq:05d}_epoch{learn.epoch}_step{step}.pth'
-        atomic_save(training_state(learn, where), file)
+        if best:
+            self.best_file = file  # before the state is taken, so the file records itself as the best
+        atomic_save(training_state(learn, where, batch=batch), file)
         self.last_file, self._last_where, self._last_step = file, (where, learn.epoch), step
         if file not in self.files:
             self.files.append(file)
@@ -147,7 +154,8 @@ class Checkpoint(Callback):
     def _prune(self, folder):
         if self.keep_last is None:
             return
-        files = [p for p in list_checkpoints(folder) if p.name.startswith(f'{self.name}_')]
+        mine = re.compile(rf'^{re.escape(self.name)}_\d+_epoch\d+_step\d+\.pth$')
+        files = [p for p in list_checkpoints(folder) if mine.match(p.name)]
         keep = set(files[-self.keep_last:]) | ({self.best_file} if self.every == 'improvement' else set())
         for p in files:
             if p not in keep:
@@ -161,6 +169,9 @@ class Checkpoint(Callback):
         """Restore what `state_dict` returned."""
         self.best = state['best']
         self.best_file = None if state['best_file'] is None else Path(state['best_file'])
+
+
+_SEQ_OF = re.compile(r'_(\d+)_epoch\d+_step\d+\.pth$')
 
 
 def _weights_finite(model):
@@ -191,6 +202,10 @@ class DivergenceGuard(Callback):
         self.every = self.check_every or (1 if learn.device.type == 'cpu' else 32)
         self._bad = None if self.every == 1 else torch.full((), -1, dtype=torch.long, device=learn.device)
         self._good, self._good_step = self._copy(learn), 0
+        # checking every step: the buffers (BatchNorm statistics) as they were after the last finite loss's forward,
+        # since the forward that yields a non-finite loss has already folded it into them
+        self._bufs = list(learn.model.buffers()) if self.every == 1 else []
+        self._shadow = [b.detach().clone() for b in self._bufs]
 
     @staticmethod
     def _copy(learn):
@@ -204,6 +219,8 @@ class DivergenceGuard(Callback):
         if self.every == 1:  # on CPU, reading a scalar loss costs about a microsecond
             if not (math.isfinite(loss.item()) if loss.ndim == 0 else bool(torch.isfinite(loss).all())):
                 self._diverged(learn, learn.train_iter, float(loss.float().flatten()[0]))
+            if self._bufs:
+                torch._foreach_copy_(self._shadow, self._bufs)
             return
         ok = torch.isfinite(loss).all()
         self._bad = torch.where(ok | (self._bad >= 0), self._bad, learn.train_iter)  # first bad step, on device
@@ -225,7 +242,13 @@ class DivergenceGuard(Callback):
         self._good, self._good_step = self._copy(learn), learn.train_iter
 
     def _diverged(self, learn, step, value):
-        if self.every == 1 and step is not None and _weights_finite(learn.model):
+        exact = False
+        if self.every == 1 and step is not None:
+            with torch.no_grad():
+                for b, v in zip(self._bufs, self._shadow):
+                    b.copy_(v)
+            exact = _weights_finite(learn.model)
+        if exact:
             kept = 'the model holds the weights that loss was computed from (the last finite ones)'
         else:
             sd, opt = self._good

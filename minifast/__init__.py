@@ -20,6 +20,7 @@ from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, Flip
                    RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
                    imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
                    write_cifar, write_image_folder)
+from .grid import GridResult, diagnose, grid_search, read_log
 from .landscape import (InterpolationResult, SurfaceResult, average_weights, evaluate_weights,
                         filter_normalized_direction, interpolate_losses, loss_surface, plot_interpolation,
                         plot_surface, recompute_bn)
@@ -49,7 +50,7 @@ __all__ = [
     'InterpolationResult', 'recompute_bn', 'loss_surface', 'plot_surface', 'SurfaceResult', 'average_weights',
     'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
-    'one_cycle_schedule', 'Checkpoint', 'DivergenceGuard', 'DivergenceError', 'UnsafeCheckpointError', 'set_seed',
+    'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard', 'DivergenceError', 'UnsafeCheckpointError', 'set_seed',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -1,0 +1,283 @@
+"""Hyper-parameter grids run fairly (same initial weights, same data order), with a record of every run, a table,
+comparison plots and a one-line over/under-fitting verdict per run (seed 004's early diagnosis)."""
+import itertools
+import json
+import math
+import time
+from numbers import Number
+from pathlib import Path
+
+import numpy as np
+
+from .callbacks.recorder import new_figure
+from .callbacks.snapshots import state_dict_copy
+from .determinism import set_seed
+from .learner import DivergenceError
+
+__all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'FIT_KEYS']
+
+# config keys that go to the fit call; every other key goes to make_learner(**keys)
+FIT_KEYS = ('policy', 'epochs', 'max_lr', 'lr', 'moms', 'wd', 'div_factor', 'pct_start', 'final_div')
+POLICIES = ('one_cycle', 'constant')
+
+
+def _plain(v):
+    """JSON-friendly values: tuples become lists, numpy and torch scalars plain numbers, slices strings."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, slice):
+        return f'slice({v.start}, {v.stop})'
+    if isinstance(v, (bool, str)) or v is None:
+        return v
+    if isinstance(v, Number) or hasattr(v, 'item'):
+        v = float(v) if not isinstance(v, int) else v
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return str(v)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f'{v:g}'
+    if isinstance(v, (list, tuple)):
+        return '(' + ', '.join(_fmt(x) for x in v) + ')'
+    return str(v)
+
+
+def config_name(config):
+    """'moms=(0.95, 0.85) wd=0.0001' for {'moms': (0.95, 0.85), 'wd': 1e-4}."""
+    return ' '.join(f'{k}={_fmt(v)}' for k, v in config.items()) or 'default'
+
+
+def diagnose(valid_losses, rtol=0.01):
+    """Seed 004's early diagnosis from the validation loss per epoch: 'underfitting' when it is still falling at
+    the end (train longer or harder), 'overfitting' when it rose again after its minimum (more regularisation, or
+    stop earlier), 'flat' otherwise; with fewer than two values, 'too short'. Returns (word, sentence)."""
+    v = [x for x in valid_losses if x is not None and math.isfinite(x)]
+    if len(v) < 2:
+        return 'too short', 'fewer than two finite validation losses: train longer to tell'
+    k = int(np.argmin(v))
+    if k == len(v) - 1 and v[-1] < v[-2] * (1 - rtol):
+        return 'underfitting', (f'valid loss still falling ({v[-2]:.4f} -> {v[-1]:.4f} in the last epoch): train '
+                                f'longer, or with a higher learning rate or less regularisation')
+    if k < len(v) - 1 and v[-1] > v[k] * (1 + rtol):
+        return 'overfitting', (f'valid loss rose from {v[k]:.4f} (epoch {k}) to {v[-1]:.4f}: more regularisation '
+                               f'(weight decay, augmentation) or fewer epochs')
+    return 'flat', f'valid loss levelled off at {v[-1]:.4f}: about the right length for this setting'
+
+
+def run_record(learn, config, seed, status, seconds, name=None):
+    """One run as a JSON-friendly dict: config, seed, status, per-epoch rows, per-step lr/mom/loss, final values."""
+    r = learn.recorder
+    names = ['train_loss', 'valid_loss', *r.metrics_names]
+    epochs = []
+    for e in range(len(r.train_losses)):
+        row = {'epoch': e, 'train_loss': r.train_losses[e], 'valid_loss': r.val_losses[e]}
+        row.update({m: (r.metrics[e][i] if i < len(r.metrics[e]) else None) for i, m in enumerate(r.metrics_names)})
+        row['time'] = r.times[e]
+        epochs.append(row)
+    final = {k: (epochs[-1][k] if epochs else None) for k in names}
+    word, why = diagnose(r.val_losses)
+    return _plain({'name': name or config_name(config), 'config': config, 'seed': seed, 'status': status,
+                   'seconds': seconds, 'final': final, 'verdict': word, 'diagnosis': why, 'epochs': epochs,
+                   'steps': {'lr': r.lrs, 'mom': r.moms if r.group_moms else [], 'loss': r.raw_losses}})
+
+
+def read_log(file):
+    """The records of a JSONL run log (one JSON object per line); an unreadable last line (a run killed while
+    writing it) is skipped."""
+    file = Path(file)
+    if not file.exists():
+        return []
+    out = []
+    lines = file.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f'{file}: line {i + 1} is not valid JSON') from None
+    return out
+
+
+def _append(file, record):
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+        f.flush()
+
+
+def _configs(grid):
+    if isinstance(grid, dict):
+        for k, vs in grid.items():
+            if not isinstance(vs, (list, tuple)) or not len(vs):
+                raise ValueError(f'grid_search: grid[{k!r}] must be a non-empty list of values, got {vs!r}')
+        keys = list(grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    configs = [dict(c) for c in grid]
+    if not configs:
+        raise ValueError('grid_search: the grid is empty')
+    return configs
+
+
+class GridResult:
+    """The runs of a grid (`runs`: records as written to the log) with a table, plots and verdicts."""
+
+    def __init__(self, runs, monitor='valid_loss'):
+        self.runs, self.monitor = list(runs), monitor
+
+    def rows(self):
+        """One flat dict per run: name, the config's values, final losses and metrics, time, status, verdict."""
+        out = []
+        for r in self.runs:
+            row = {'name': r['name'], **{k: _fmt(v) for k, v in r['config'].items()}}
+            row.update({k: v for k, v in r['final'].items()})
+            row.update({'seconds': r['seconds'], 'status': r['status'], 'verdict': r['verdict']})
+            out.append(row)
+        return out
+
+    def table(self):
+        """The rows as an aligned text table."""
+        rows = self.rows()
+        if not rows:
+            return '(no runs)'
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        cell = lambda v: '' if v is None else f'{v:.4f}' if isinstance(v, float) else str(v)  # noqa: E731
+        width = {c: max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols}
+        lines = ['  '.join(c.ljust(width[c]) for c in cols)]
+        lines += ['  '.join(cell(r.get(c)).ljust(width[c]) for c in cols) for r in rows]
+        return '\n'.join(lines)
+
+    def __repr__(self):
+        return self.table()
+
+    def best(self, monitor=None, mode='auto'):
+        """The record with the best final `monitor` among finished runs (min for losses/errors, max otherwise)."""
+        from .callbacks.tracking import monitor_mode
+        monitor = monitor or self.monitor
+        mode = monitor_mode(monitor, mode)
+        ok = [r for r in self.runs if r['status'] == 'done' and r['final'].get(monitor) is not None]
+        if not ok:
+            raise ValueError(f'GridResult.best: no finished run has a final {monitor!r}')
+        key = lambda r: r['final'][monitor]  # noqa: E731
+        return min(ok, key=key) if mode == 'min' else max(ok, key=key)
+
+    def verdicts(self):
+        """One line per run: its name, verdict and why."""
+        return '\n'.join(f"{r['name']}: {r['verdict']} - {r['diagnosis']}" for r in self.runs)
+
+    def plot(self, metric='valid_loss', ax=None):
+        """`metric` per epoch, one line per run, on one axes (the comparison plot). Returns the Figure."""
+        fig, (ax,) = new_figure(ax, figsize=(7, 4.5))
+        for r in self.runs:
+            pts = [(e['epoch'], e.get(metric)) for e in r['epochs'] if e.get(metric) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker='o', label=r['name'] + (' (diverged)' if r['status'] != 'done' else ''))
+        ax.set_xlabel('Epoch')
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+        return fig
+
+    def plot_losses(self, ncols=3):
+        """Train and validation loss per epoch for each run, one small axes per run, titled with its verdict."""
+        import matplotlib.pyplot as plt
+        n = len(self.runs)
+        if not n:
+            raise ValueError('GridResult.plot_losses: no runs')
+        ncols = min(ncols, n)
+        nrows = math.ceil(n / ncols)
+        fig, axs = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
+        import matplotlib
+        if 'inline' in matplotlib.get_backend():
+            plt.close(fig)
+        for ax, r in zip(axs.flat, self.runs):
+            ep = r['epochs']
+            ax.plot([e['epoch'] for e in ep], [e['train_loss'] for e in ep], marker='o', label='train')
+            val = [(e['epoch'], e['valid_loss']) for e in ep if e['valid_loss'] is not None]
+            if val:
+                ax.plot(*zip(*val), marker='o', label='valid')
+            ax.set_title(f"{r['name']}\n{r['verdict']}", fontsize=8)
+            ax.legend(fontsize=7)
+        for ax in list(axs.flat)[n:]:
+            ax.axis('off')
+        fig.tight_layout()
+        return fig
+
+
+def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_cycle', log=None, skip_done=True,
+                silent=None, monitor='valid_loss'):
+    """Train one learner per configuration of `grid` and compare them.
+
+    Args:
+        make_learner: a function returning a fresh Learner; config keys other than fit's (FIT_KEYS: policy,
+            epochs, max_lr, lr, moms, wd, div_factor, pct_start, final_div) are passed to it as keyword arguments.
+        grid: {name: [values]} (every combination is run, in order) or a list of config dicts.
+        epochs, max_lr, policy: defaults for configs that do not set them; policy 'one_cycle'
+            (fit_one_cycle(epochs, max_lr, ...)) or 'constant' (fit(epochs, lr) with lr = config's lr, else max_lr).
+        seed: every run starts from the same initial weights (those of the first learner made after set_seed(seed))
+            and sees the same data order (set_seed(seed) before each fit), so the comparison is fair.
+        log: a JSONL file: each finished run is appended as one JSON object (config, seed, status, per-epoch rows,
+            per-step lr/mom/loss; pandas.read_json(log, lines=True) reads it). With skip_done, a run whose config,
+            seed, epochs, max_lr and policy already have a record there is not trained again (its record is reused):
+            re-running a grid after an interruption only trains what is missing.
+        silent: passed to the learners (None keeps their setting).
+        monitor: what GridResult.best compares by default.
+
+    A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f'grid_search: policy must be one of {POLICIES}, got {policy!r}')
+    configs = _configs(grid)
+    done = {}
+    if log is not None and skip_done:
+        for rec in read_log(log):
+            done[json.dumps(rec.get('key'), sort_keys=True)] = rec
+    runs, init = [], None
+    for config in configs:
+        for k in config:
+            if k == 'policy' and config[k] not in POLICIES:
+                raise ValueError(f'grid_search: config {config_name(config)}: policy must be one of {POLICIES}')
+        fit = {k: v for k, v in config.items() if k in FIT_KEYS}
+        made = {k: v for k, v in config.items() if k not in FIT_KEYS}
+        pol, n_ep = fit.pop('policy', policy), fit.pop('epochs', epochs)
+        extra = sorted(set(fit) - {'lr', 'max_lr', 'wd'})
+        if pol == 'constant' and extra:
+            raise ValueError(f"grid_search: config {config_name(config)}: the 'constant' policy takes lr (or max_lr) "
+                             f'and wd only, not {extra}')
+        key = _plain({'config': config, 'seed': seed, 'epochs': n_ep, 'max_lr': max_lr, 'policy': pol})
+        cached = done.get(json.dumps(key, sort_keys=True))
+        if cached is not None:
+            runs.append(cached)
+            continue
+        set_seed(seed)
+        learn = make_learner(**made)
+        if init is None:
+            init = state_dict_copy(learn.model)
+        try:
+            learn.model.load_state_dict(init)  # the same starting point for every run
+        except RuntimeError:
+            pass  # a config that changes the model's shape cannot share the weights; it keeps its own (seeded)
+        if silent is not None:
+            learn.silent = silent
+        set_seed(seed)
+        t0, status = time.perf_counter(), 'done'
+        try:
+            if pol == 'one_cycle':
+                lr = fit.pop('max_lr', max_lr)
+                fit.pop('lr', None)
+                learn.fit_one_cycle(n_ep, lr, **fit)
+            else:
+                lr = fit.pop('lr', fit.pop('max_lr', max_lr))
+                learn.fit(n_ep, lr, wd=fit.pop('wd', None))
+        except DivergenceError:
+            status = 'diverged'
+        rec = run_record(learn, config, seed, status, time.perf_counter() - t0)
+        rec['key'] = key
+        if log is not None:
+            _append(log, rec)
+        runs.append(rec)
+    return GridResult(runs, monitor)

@@ -158,7 +158,7 @@ def load_for_resume(learn, resume):
     if file is None:
         warnings.warn(f'resume: no checkpoint in {resume}; training from the beginning')
         return None
-    state = load_state(file, learn.device)
+    state = load_state(file, 'cpu')  # RNG states must stay CPU tensors; weights are copied to the device on load
     if not isinstance(state, dict) or state.get('format') != FORMAT or 'position' not in state:
         raise ValueError(f'resume: {file} holds weights only, not a training state: load it with learn.load() and '
                          f'fit without resume=')

@@ -108,3 +108,40 @@ def test_image_batches_are_augmented_and_normalised_on_the_gpu():
     learn = Learner(data, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 4)), silent=True)
     learn.fit(1)
     assert len(learn.recorder.raw_losses) == 4
+
+
+def test_resume_on_cuda_matches_an_uninterrupted_run(tmp_path):
+    from minifast import Checkpoint, set_seed
+
+    class Crash(Callback):
+        def after_step(self, learn):
+            if learn.train_iter == 7:
+                raise RuntimeError('simulated crash')
+
+    def run(path, *extra, resume=None):
+        set_seed(0)
+        learn = Learner(make_data(n_train=96), make_mlp(), silent=True, path=path)
+        learn.data.train_dl.after_batch = lambda b: (b[0] + 0.1 * torch.randn_like(b[0]), b[1])  # CUDA RNG
+        set_seed(1)
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4), *extra], resume=resume)
+        return learn
+    ref = run(tmp_path / 'ref')
+    with pytest.raises(RuntimeError):
+        run(tmp_path / 'b', Crash())
+    b = run(tmp_path / 'b', resume=True)
+    assert ref.recorder.raw_losses == b.recorder.raw_losses
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
+
+
+def test_lagged_divergence_check_on_cuda_restores_the_last_checked_weights():
+    from minifast import DivergenceError
+
+    class Poison(Callback):
+        def before_batch(self, learn):
+            if learn.training and learn.train_iter == 40:
+                learn.xb = (learn.xb[0] * float('nan'),)
+    learn = Learner(make_data(n_train=960), make_mlp(), silent=True)
+    assert learn.device.type == 'cuda'
+    with pytest.raises(DivergenceError, match=r'epoch 0, batch 40 \(step 40 of this fit\).*verified finite after 31 steps'):
+        learn.fit(2, 1e-3, callbacks=[Poison()])
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())

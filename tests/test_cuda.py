@@ -142,6 +142,7 @@ def test_lagged_divergence_check_on_cuda_restores_the_last_checked_weights():
                 learn.xb = (learn.xb[0] * float('nan'),)
     learn = Learner(make_data(n_train=960), make_mlp(), silent=True)
     assert learn.device.type == 'cuda'
-    with pytest.raises(DivergenceError, match=r'epoch 0, batch 40 \(step 40 of this fit\).*verified finite after 31 steps'):
+    with pytest.raises(DivergenceError, match=r'epoch 0, batch 40 \(step 40 of this fit\).*'
+                                              r'verified finite after 31 steps'):
         learn.fit(2, 1e-3, callbacks=[Poison()])
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())

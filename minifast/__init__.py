@@ -50,7 +50,8 @@ __all__ = [
     'InterpolationResult', 'recompute_bn', 'loss_surface', 'plot_surface', 'SurfaceResult', 'average_weights',
     'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
-    'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard', 'DivergenceError', 'UnsafeCheckpointError', 'set_seed',
+    'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
+    'DivergenceError', 'UnsafeCheckpointError', 'set_seed',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

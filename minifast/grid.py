@@ -209,7 +209,7 @@ class GridResult:
 
 
 def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_cycle', log=None, skip_done=True,
-                silent=None, monitor='valid_loss'):
+                silent=None, monitor='valid_loss', fixed=None):
     """Train one learner per configuration of `grid` and compare them.
 
     Args:
@@ -226,6 +226,8 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
             re-running a grid after an interruption only trains what is missing.
         silent: passed to the learners (None keeps their setting).
         monitor: what GridResult.best compares by default.
+        fixed: settings shared by every config (e.g. {'moms': (0.95, 0.85)} while searching wd); they are applied
+            and logged (record['fixed']) but kept out of the run names.
 
     A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on.
     """
@@ -236,8 +238,10 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
     if log is not None and skip_done:
         for rec in read_log(log):
             done[json.dumps(rec.get('key'), sort_keys=True)] = rec
+    fixed = dict(fixed or {})
     runs, init = [], None
     for config in configs:
+        shown, config = config, {**fixed, **config}
         for k in config:
             if k == 'policy' and config[k] not in POLICIES:
                 raise ValueError(f'grid_search: config {config_name(config)}: policy must be one of {POLICIES}')
@@ -275,8 +279,8 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
                 learn.fit(n_ep, lr, wd=fit.pop('wd', None))
         except DivergenceError:
             status = 'diverged'
-        rec = run_record(learn, config, seed, status, time.perf_counter() - t0)
-        rec['key'] = key
+        rec = run_record(learn, shown, seed, status, time.perf_counter() - t0)
+        rec['key'], rec['fixed'] = key, _plain(fixed)
         if log is not None:
             _append(log, rec)
         runs.append(rec)

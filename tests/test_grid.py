@@ -143,3 +143,11 @@ def test_best_mode_follows_the_monitor():
     by_acc = res.best('accuracy')
     assert by_acc['final']['accuracy'] == max(r['final']['accuracy'] for r in res.runs)
     assert math.isfinite(res.best()['final']['valid_loss'])
+
+
+def test_fixed_settings_apply_to_every_run_but_stay_out_of_the_names():
+    res = grid_search(make_learner, {'wd': [1e-2, 0.]}, epochs=1, fixed={'moms': (0.99, 0.9)})
+    assert [r['name'] for r in res.runs] == ['wd=0.01', 'wd=0']
+    assert all(r['fixed'] == {'moms': [0.99, 0.9]} and r['steps']['mom'][0] == pytest.approx(0.99) for r in res.runs)
+    plain = grid_search(make_learner, {'wd': [1e-2]}, epochs=1)
+    assert plain.runs[0]['steps']['mom'][0] == pytest.approx(0.95)

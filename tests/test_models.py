@@ -118,7 +118,7 @@ def test_resnet56_parameter_count_and_output():
     assert resnet56(num_classes=10).train()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize('depth', CIFAR_DEPTHS)
+@pytest.mark.parametrize('depth', (8, 14, *CIFAR_DEPTHS))
 def test_cifar_resnet_depths(depth):
     n = (depth - 2) // 6
     m = cifar_resnet(depth, num_classes=10)
@@ -131,8 +131,9 @@ def test_cifar_resnet_depths(depth):
 def test_cifar_resnet_depth_order_and_bad_depth():
     counts = [n_params(cifar_resnet(d)) for d in CIFAR_DEPTHS]
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
-    with pytest.raises(ValueError, match=r'depth 50 .*20, 32, 44, 56, 110'):
-        cifar_resnet(50)
+    for bad in (51, 2, 7, 8.0, True):
+        with pytest.raises(ValueError, match=rf'depth {bad!r} is not 6n \+ 2 .*20, 32, 44, 56, 110'):
+            cifar_resnet(bad)
 
 
 def test_resnet56_structure_matches_the_seed():

@@ -100,7 +100,7 @@ class ProgressCallback(Callback):
         if self.mbar is None:
             return
         r = learn.recorder
-        fmt = lambda v: '#na#' if v is None else f'{v:.6f}'  # noqa: E731
+        fmt = lambda v: '#na#' if v is None or v != v else f'{v:.6f}'  # noqa: E731  (nan: not computed)
         row = [str(learn.epoch), fmt(r.train_losses[-1]), fmt(r.val_losses[-1])]
         mets = r.metrics[-1]
         row += [fmt(v) for v in mets] + ['#na#'] * (len(r.metrics_names) - len(mets))

@@ -78,10 +78,11 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet(depth, num_classes=100):
-    """The CIFAR ResNet of `depth` = 6n + 2 (20, 32, 44, 56 or 110): n BasicBlocks per stage."""
-    if depth not in CIFAR_DEPTHS:
-        raise ValueError(f'cifar_resnet: depth {depth!r} is not one of {", ".join(map(str, CIFAR_DEPTHS))} '
-                         f'(depth = 6n + 2 with n blocks per stage)')
+    """The CIFAR ResNet of `depth` = 6n + 2 (He et al.'s 20, 32, 44, 56, 110, or any other such as 8 and 14 for quick
+    runs): n BasicBlocks per stage."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f'cifar_resnet: depth {depth!r} is not 6n + 2 with n >= 1 blocks per stage (e.g. '
+                         f'{", ".join(map(str, CIFAR_DEPTHS))}, or 8, 14 for small models)')
     n = (depth - 2) // 6
     return CifarResNet((n, n, n), num_classes)
 

@@ -1,0 +1,496 @@
+"""`minifast smith`: Leslie Smith's hyper-parameter workflow (seed 004) end to end, resumable.
+
+Steps (one function each; `run(args)` chains them):
+  1. data        - the DataBunch and a batch of it (batch.png)
+  2. lr_find     - LR range test (lr_find.png); max_lr = the 'valley' suggestion (cached in lr_find.json)
+  3. superconv   - grid: 1cycle at max_lr vs a constant lr of max_lr/10, same epochs (superconvergence.png)
+  4. momentum    - grid: moms (0.95, 0.85) vs (0.99, 0.90) (momentum.png)
+  5. weight decay- grid: 1e-3, 1e-4, 1e-5, 0, then the half-decade neighbours of the best non-zero value
+                   (wd.png, wd_fine.png)
+  6. final       - fit_one_cycle with the choices, weight snapshots and checkpoints (final_*.png)
+  7. interpolate - losses between two snapshots of the final run (interpolation.png, interpolation.json)
+and report.md, which embeds every plot and says what was chosen and why. Every training run (grids and final) is
+a record of runs.jsonl; a second invocation reuses those records and caches and trains only what is missing.
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+__all__ = ['run', 'add_arguments', 'SIZES']
+
+# sizes per mode: the built-in default (< 5 minutes on a 2-core CPU), --quick (tests), and a real dataset
+SIZES = {
+    'default': dict(n_train=5000, n_valid=1000, bs=64, epochs=8, grid_epochs=2, num_it=100, interp_points=17,
+                    interp_batches=4, arch='resnet8'),
+    'quick': dict(n_train=96, n_valid=64, bs=32, epochs=3, grid_epochs=2, num_it=12, interp_points=5,
+                  interp_batches=1, arch='resnet8'),
+    'real': dict(n_train=None, n_valid=None, bs=256, epochs=15, grid_epochs=2, num_it=100, interp_points=41,
+                 interp_batches=8, arch='resnet56'),
+}
+MOMS = [(0.95, 0.85), (0.99, 0.90)]
+WDS = [1e-3, 1e-4, 1e-5, 0.]
+CONST_DIV = 10      # the constant-lr run of step 3 uses max_lr / CONST_DIV
+FALLBACK_LR = 1e-2  # when lr_find suggests nothing
+
+
+def add_arguments(p):
+    """The `minifast smith` options on an argparse parser."""
+    p.add_argument('--data', default=None,
+                   help="'cifar10', 'cifar100', or a folder of class sub-folders (train/ and test/ or valid/ "
+                        "sub-folders are used as the split, else a random 20%% is held out); default: the built-in "
+                        "32x32 shapes set (10 classes)")
+    p.add_argument('--data-root', default='data', help="where cifar10/cifar100 live or are downloaded (default: data)")
+    p.add_argument('--arch', default=None,
+                   help='resnet8, resnet14, resnet20, resnet32, resnet44, resnet56 or resnet110 (CIFAR ResNets with '
+                        'the concat-pool head; default resnet8 on the built-in set, resnet56 otherwise)')
+    p.add_argument('--epochs', type=int, default=None,
+                   help='epochs of the final 1cycle fit (default 8; 15 with --data)')
+    p.add_argument('--grid-epochs', type=int, default=None, help='epochs of each grid run (default 2)')
+    p.add_argument('--bs', type=int, default=None, help='batch size (default 64; 256 with --data)')
+    p.add_argument('--n-train', type=int, default=None, help='training images of the built-in set (default 5000)')
+    p.add_argument('--n-valid', type=int, default=None, help='validation images of the built-in set (default 1000)')
+    p.add_argument('--num-it', type=int, default=None, help='steps of the LR range test (default 100)')
+    p.add_argument('--max-lr', type=float, default=None, help="use this max_lr instead of lr_find's 'valley'")
+    p.add_argument('--size', type=int, default=32, help='image size for --data FOLDER (default 32)')
+    p.add_argument('--out', default='runs/smith', help='the run folder (default: runs/smith)')
+    p.add_argument('--seed', type=int, default=0, help='seed of data, initial weights and data order (default 0)')
+    p.add_argument('--quiet', action='store_true', help='no progress bars or epoch tables (step lines still print)')
+    p.add_argument('--quick', action='store_true', help='tiny sizes, a few seconds per step (for tests)')
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _say(*a):
+    print('smith:', *a, flush=True)
+
+
+def _sizes(args):
+    mode = 'quick' if args.quick else 'real' if args.data else 'default'
+    s = dict(SIZES[mode])
+    for k in s:
+        v = getattr(args, k, None)
+        if v is not None:
+            s[k] = v
+    return s
+
+
+def _save(fig, file):
+    import matplotlib.pyplot as plt
+    fig.savefig(file, dpi=90, bbox_inches='tight')
+    plt.close(fig)
+
+
+def _read_json(file):
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(file, obj):
+    tmp = Path(str(file) + '.tmp')
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(file)
+
+
+def _fmt_lr(v):
+    return 'None' if v is None else f'{v:.3g}'
+
+
+def _half_decade(wd):
+    """Smith's neighbours of a weight decay: 10**(log10(wd) +- 0.5), to one significant figure (1e-4 -> 3e-4, 3e-5)."""
+    e = math.log10(wd)
+    return [float(f'{10 ** (e + 0.5):.0e}'), float(f'{10 ** (e - 0.5):.0e}')]
+
+
+def _model_fn(arch, n_classes):
+    from .models import cifar_resnet
+    name = arch.lower().replace('-', '')
+    if not name.startswith('resnet') or not name[6:].isdigit():
+        raise SystemExit(f'smith: --arch {arch!r}: expected resnetN with N = 6n + 2 (8, 14, 20, 32, 44, 56, 110)')
+    depth = int(name[6:])
+    if depth < 8 or (depth - 2) % 6:
+        raise SystemExit(f'smith: --arch {arch!r}: the depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110)')
+    return lambda: cifar_resnet(depth, n_classes)
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+def make_data(args, s):
+    """Step 1's DataBunch: the built-in set, CIFAR-10/100, or an image folder."""
+    from . import (ImageList, cifar10, cifar100, cifar_transforms, get_transforms, set_seed, synthetic_cifar)
+    set_seed(args.seed)
+    if not args.data:
+        data = synthetic_cifar(n_classes=10, n_train=s['n_train'], n_valid=s['n_valid'], seed=args.seed,
+                               tfms=cifar_transforms(), bs=s['bs'])
+        return data, f"the built-in 32x32 shapes set ({s['n_train']} training, {s['n_valid']} validation images, " \
+                     f'10 classes)'
+    if args.data.lower() in ('cifar10', 'cifar100'):
+        fn = cifar10 if args.data.lower() == 'cifar10' else cifar100
+        data = fn(args.data_root, download=True, tfms=cifar_transforms(), bs=s['bs'])
+        return data, f'{args.data.upper()} from {args.data_root}'
+    path = Path(args.data)
+    il = ImageList.from_folder(path)
+    valid = next((v for v in ('test', 'valid') if (path / v).is_dir()), None)
+    if (path / 'train').is_dir() and valid:
+        il, how = il.split_by_folder(train='train', valid=valid), f'train/ and {valid}/'
+    else:
+        il, how = il.split_by_rand_pct(0.2, seed=args.seed), 'a random 20% held out'
+    data = (il.label_from_folder().transform(get_transforms(), size=(args.size, args.size))
+            .databunch(bs=s['bs']).normalize())
+    return data, f'the image folder {path} ({how}; {len(data.train_ds)} training images, {data.c} classes)'
+
+
+def step_data(data, out):
+    """Step 1: a batch of augmented training images -> batch.png."""
+    _save(data.show_batch(rows=3, figsize=(5, 5)), out / 'batch.png')
+
+
+def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
+    """Step 2: the LR range test -> lr_find.png; max_lr = 'valley' (else 'steep', else 1e-2), or --max-lr.
+
+    Returns (info dict, skipped)."""
+    from . import set_seed
+    file, png = out / 'lr_find.json', out / 'lr_find.png'
+    info = _read_json(file)
+    skipped = info is not None and info.get('key') == key and png.exists()
+    if not skipped:
+        set_seed(seed)
+        learn = make_learner()
+        res = learn.lr_find(num_it=num_it)
+        _save(learn.recorder.plot(suggestion=True), png)
+        info = {'key': key, 'steep': res.steep, 'valley': res.valley, 'minimum': res.minimum,
+                'diverged': bool(res.diverged), 'n_steps': len(res.lrs),
+                'lrs': [float(x) for x in res.lrs], 'losses': [float(x) for x in res.losses]}
+        _write_json(file, info)
+    ok = lambda v: v is not None and math.isfinite(v) and v > 0  # noqa: E731
+    if max_lr is not None:
+        info['chosen'], info['rule'] = max_lr, 'given with --max-lr'
+    elif ok(info['valley']):
+        info['chosen'], info['rule'] = info['valley'], "lr_find's 'valley' suggestion"
+    elif ok(info['steep']):
+        info['chosen'], info['rule'] = info['steep'], "lr_find's 'steep' suggestion (no 'valley' on this curve)"
+    else:
+        info['chosen'], info['rule'] = FALLBACK_LR, f'the fallback {FALLBACK_LR:g} (the curve gave no suggestion)'
+    return info, skipped
+
+
+def _grid(make_learner, configs, out, seed, epochs, max_lr, log, name, png, quiet):
+    """One grid_search call whose finished runs come from the log; returns (GridResult, trained, skipped)."""
+    from .grid import grid_search, read_log
+    before = len(read_log(log))
+    res = grid_search(make_learner, configs, epochs=epochs, max_lr=max_lr, seed=seed, log=log)
+    trained = len(read_log(log)) - before
+    skipped = len(res.runs) - trained
+    fig = res.plot('valid_loss')
+    fig.axes[0].set_title(name)
+    _save(fig, out / png)
+    _say(f'{name}: {trained} run(s) trained, {skipped} skipped (already in {log.name})')
+    if not quiet:
+        print(res.table(), flush=True)
+    return res, trained, skipped
+
+
+def _final_metric(rec, k):
+    v = rec['final'].get(k)
+    return float('nan') if v is None else v
+
+
+def step_superconvergence(make_learner, out, seed, epochs, max_lr, log, quiet):
+    """Step 3: 1cycle at max_lr against a constant lr of max_lr / CONST_DIV, the same epochs -> superconvergence.png."""
+    configs = [{'policy': 'one_cycle'}, {'policy': 'constant', 'lr': max_lr / CONST_DIV}]
+    res, tr, sk = _grid(make_learner, configs, out, seed, epochs, max_lr, log,
+                        'super-convergence check: 1cycle vs constant lr', 'superconvergence.png', quiet)
+    one, const = res.runs
+    won = (one['status'] == 'done' and (const['status'] != 'done' or
+                                        _final_metric(one, 'valid_loss') < _final_metric(const, 'valid_loss')))
+    return res, won, tr, sk
+
+
+def step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet):
+    """Step 4: cyclic momentum (0.95, 0.85) against (0.99, 0.90) -> momentum.png; the lower valid loss wins."""
+    res, tr, sk = _grid(make_learner, [{'moms': m} for m in MOMS], out, seed, epochs, max_lr, log,
+                        'momentum test', 'momentum.png', quiet)
+    best = res.best('valid_loss')
+    return res, tuple(best['config']['moms']), tr, sk
+
+
+def step_weight_decay(make_learner, out, seed, epochs, max_lr, moms, log, quiet):
+    """Step 5: wd in 1e-3, 1e-4, 1e-5, 0 (wd.png), then the half-decade neighbours of the best non-zero value
+    (wd_fine.png); the chosen wd is the lowest valid loss over all six runs."""
+    from .grid import GridResult
+    coarse, tr1, sk1 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in WDS], out, seed, epochs, max_lr, log,
+                             'weight decay: coarse grid', 'wd.png', quiet)
+    nonzero = GridResult([r for r in coarse.runs if r['config']['wd'] != 0])
+    best_nz = nonzero.best('valid_loss')['config']['wd']
+    fine_wds = _half_decade(best_nz)
+    fine, tr2, sk2 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in fine_wds], out, seed, epochs, max_lr,
+                           log, f'weight decay: half-decade neighbours of {best_nz:g}', 'wd_fine.png', quiet)
+    everything = GridResult(coarse.runs + fine.runs)
+    chosen = everything.best('valid_loss')['config']['wd']
+    return coarse, fine, best_nz, fine_wds, chosen, tr1 + tr2, sk1 + sk2
+
+
+def _snapshot_epochs(epochs):
+    """The two snapshots interpolated in step 7: as the seed's 5 and 7 of 8 epochs, three epochs from the end and
+    the last."""
+    return sorted({max(0, epochs - 3), epochs - 1})
+
+
+def _newest_state(folder):
+    from .checkpoint import load_state
+    from .resume import list_checkpoints
+    files = list_checkpoints(folder)
+    return (files[-1], load_state(files[-1])) if files else (None, None)
+
+
+def _finished(pos):
+    return pos['where'] == 'end' or (pos['where'] == 'epoch' and pos['epoch'] + 1 >= pos['n_epoch'])
+
+
+def _final_plots(learn, out):
+    _save(learn.recorder.plot_losses(), out / 'final_losses.png')
+    _save(learn.recorder.plot_lr(show_moms=True), out / 'final_lr.png')
+    _save(learn.recorder.plot_metrics(), out / 'final_metrics.png')
+
+
+FINAL_PNGS = ('final_losses.png', 'final_lr.png', 'final_metrics.png')
+
+
+def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
+    """Step 6: fit_one_cycle(epochs, max_lr, moms, wd) with WeightSnapshots and Checkpoint; resumes from the newest
+    checkpoint, or is skipped when its record is in the log. Returns (record, learn or None, what happened)."""
+    from . import Checkpoint, WeightSnapshots, set_seed
+    from .grid import _append, _plain, read_log, run_record
+    from .learner import DivergenceError
+    config = {'final': True, 'policy': 'one_cycle', 'epochs': epochs, 'max_lr': max_lr, 'moms': moms, 'wd': wd}
+    key = _plain({'config': config, 'seed': seed})
+    snap_epochs = _snapshot_epochs(epochs)
+    ck_dir, snap_dir = out / 'checkpoints', out / 'snapshots'
+    for rec in read_log(log):
+        if rec.get('key') == key:
+            learn = None
+            if not all((out / p).exists() for p in FINAL_PNGS):  # plots deleted: redraw from the finished state
+                learn = make_learner()
+                file, state = _newest_state(ck_dir)
+                if state is not None:
+                    learn.recorder.load_state_dict(state['callbacks']['Recorder'])
+                    _final_plots(learn, out)
+            return rec, learn, 'skipped (its record is in runs.jsonl)'
+    set_seed(seed)
+    learn = make_learner()
+    snaps = WeightSnapshots(learn, save_list=snap_epochs, path=snap_dir)
+    ck = Checkpoint(learn, path=ck_dir)
+    file, state = _newest_state(ck_dir)
+    t0, status = time.perf_counter(), 'done'
+    if state is not None and state.get('position') and _finished(state['position']):
+        # finished earlier, killed before its record was written: take its state instead of training again
+        learn.model.load_state_dict(state['model'])
+        learn.recorder.load_state_dict(state['callbacks']['Recorder'])
+        what = f'already finished in {file.name}; nothing trained'
+    else:
+        resume = None
+        if file is not None:
+            from .resume import checkpoint_info
+            resume = ck_dir
+            what = f'resumed from {file.name} ({checkpoint_info(file)})'
+        else:
+            what = f'trained {epochs} epochs'
+        _say(f'final fit: {what}')
+        set_seed(seed)
+        try:
+            learn.fit_one_cycle(epochs, max_lr, moms=moms, wd=wd, callbacks=[snaps, ck], resume=resume)
+        except DivergenceError:
+            status = 'diverged'
+        except ValueError as e:
+            if 'resume:' in str(e):
+                raise SystemExit(f'smith: the checkpoints in {ck_dir} belong to a different final fit ({e}). Delete '
+                                 f'that folder (and {snap_dir}), or choose another --out.') from e
+            raise
+    _final_plots(learn, out)
+    rec = run_record(learn, config, seed, status, time.perf_counter() - t0, name='final')
+    rec['key'] = key
+    _append(log, rec)
+    return rec, learn, what
+
+
+def step_interpolation(make_learner, learn, out, epochs, points, n_batches, final_key):
+    """Step 7: interpolate between the two snapshots of the final run -> interpolation.png, interpolation.json."""
+    import numpy as np
+
+    from . import interpolate_losses, plot_interpolation
+    from .checkpoint import load_state
+    from .landscape import InterpolationResult
+    e1, e2 = _snapshot_epochs(epochs)
+    file, png = out / 'interpolation.json', out / 'interpolation.png'
+    key = {'final': final_key, 'w1': e1, 'w2': e2, 'points': points, 'n_batches': n_batches}
+    cached = _read_json(file)
+    if cached is not None and cached.get('key') == key and png.exists():
+        res = InterpolationResult(np.array(cached['alphas']), cached['columns'],
+                                  {k: np.array(v, dtype=float) for k, v in cached['values'].items()},
+                                  cached['bn'], cached['n_batches'])
+        return res, (e1, e2), True
+    if learn is None:
+        learn = make_learner()
+    w1, w2 = (load_state(out / 'snapshots' / f'snapshot_{e}.pth') for e in (e1, e2))
+    res = interpolate_losses(learn, w1, w2, alphas=np.linspace(-0.5, 1.5, points), n_batches=n_batches or None)
+    fig = plot_interpolation(res)
+    fig.axes[0].set_title(f'w1 = snapshot after epoch {e1}, w2 = after epoch {e2}')
+    _save(fig, png)
+    vals = {k: np.where(np.isfinite(v), v, np.nan).tolist() for k, v in res.values.items()}
+    _write_json(file, {'key': key, 'alphas': res.alphas.tolist(), 'columns': res.columns, 'values': vals,
+                       'bn': res.bn, 'n_batches': res.n_batches})
+    return res, (e1, e2), False
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def _block(text):
+    return '```\n' + text + '\n```\n'
+
+
+def write_report(out, ctx):
+    """report.md: every plot, every choice and its reason, the grid tables and verdicts."""
+    lf, sc, mo = ctx['lr'], ctx['sc'], ctx['mom']
+    one, const = sc.runs
+    final = ctx['final']
+    fin = final['final']
+    metrics = ', '.join(f'{k} {v:.4f}' for k, v in fin.items() if isinstance(v, float))
+    e1, e2 = ctx['snap']
+    b = None
+    try:
+        b = ctx['interp'].barrier('valid')
+    except (ValueError, KeyError):
+        pass
+    md = [f"# minifast smith: {ctx['what']}", '',
+          f"Model {ctx['arch']} ({ctx['n_params']:,} parameters), batch size {ctx['bs']}, seed {ctx['seed']}, "
+          f"device {ctx['device']}; grid runs of {ctx['grid_epochs']} epochs, final fit of {ctx['epochs']} epochs. "
+          f"Every run is a record of [runs.jsonl](runs.jsonl) (`pandas.read_json('runs.jsonl', lines=True)`).", '',
+          '## 1. Data', '', 'A batch of augmented training images:', '', '![batch](batch.png)', '',
+          '## 2. LR range test', '',
+          f"`lr_find(num_it={ctx['num_it']})` ran {lf['n_steps']} steps"
+          f"{' (stopped on divergence)' if lf['diverged'] else ''}; "
+          f"suggestions: steep {_fmt_lr(lf['steep'])}, valley {_fmt_lr(lf['valley'])}, "
+          f"minimum {_fmt_lr(lf['minimum'])}.", '',
+          f"**max_lr = {lf['chosen']:.3g}**, from {lf['rule']}. Rule: 'valley' (fastai v2's default) picks a point "
+          f"inside the longest falling stretch of the curve, short of where the loss turns up: that is Smith's max_lr, "
+          f"the largest lr at which the loss still falls steadily. 'steep' marks only the single steepest point, which "
+          f"on a short, noisy sweep can sit anywhere on that stretch, and 'minimum' (lowest loss / 10) hangs on one "
+          f"point.", '', '![lr_find](lr_find.png)', '',
+          '## 3. Super-convergence check', '',
+          f"1cycle at max_lr {lf['chosen']:.3g} against a constant lr of max_lr/{CONST_DIV} = "
+          f"{lf['chosen'] / CONST_DIV:.3g} (taken as the largest constant lr that stays stable for a whole run: a "
+          f"constant lr never gets 1cycle's warm-up and annealing, so it goes a decade below the cyclic peak, the seed "
+          f"notebook's 'a value 10 times less'), both {ctx['grid_epochs']} epochs, the Learner's default wd "
+          f"({ctx['default_wd']:g}) in steps 3 and 4 as in the seed. Final valid loss: 1cycle "
+          f"{_final_metric(one, 'valid_loss'):.4f}, constant {_final_metric(const, 'valid_loss'):.4f}: "
+          f"**1cycle {'beat' if ctx['sc_won'] else 'did not beat'} the constant lr**.", '',
+          '![superconvergence](superconvergence.png)', '', _block(sc.table()), _block(sc.verdicts()),
+          '## 4. Momentum', '',
+          f"Cyclic momentum pairs {', '.join(str(m) for m in MOMS)} with 1cycle at max_lr. **Chosen moms = "
+          f"{tuple(ctx['moms'])}**: the lower final valid loss (seed 004 compares losses, not accuracy).", '',
+          '![momentum](momentum.png)', '', _block(mo.table()), _block(mo.verdicts()),
+          '## 5. Weight decay', '',
+          f"Coarse grid wd in {', '.join(f'{w:g}' for w in WDS)} with moms {tuple(ctx['moms'])}; the best non-zero "
+          f"value was {ctx['best_nz']:g}, so its half-decade neighbours (10^(log10 wd +- 0.5), one significant "
+          f"figure) {' and '.join(f'{w:g}' for w in ctx['fine_wds'])} were tried too. **Chosen wd = "
+          f"{ctx['wd']:g}**: the lowest final valid loss over all six runs.", '',
+          '![wd](wd.png)', '', _block(ctx['wd_coarse'].table()), _block(ctx['wd_coarse'].verdicts()),
+          '![wd_fine](wd_fine.png)', '', _block(ctx['wd_fine'].table()), _block(ctx['wd_fine'].verdicts()),
+          '## 6. Final fit', '',
+          f"`fit_one_cycle({ctx['epochs']}, max_lr={lf['chosen']:.3g}, moms={tuple(ctx['moms'])}, "
+          f"wd={ctx['wd']:g})` with WeightSnapshots (snapshots/) and Checkpoint (checkpoints/): "
+          f"{ctx['final_what']}. Status {final['status']}; final {metrics}. Diagnosis: {final['verdict']} - "
+          f"{final['diagnosis']}.", '',
+          '![final_losses](final_losses.png)', '', '![final_lr](final_lr.png)', '',
+          '![final_metrics](final_metrics.png)', '',
+          '## 7. Interpolation between two snapshots', '',
+          f"w1 = the weights after epoch {e1}, w2 = after epoch {e2} (the last); weights alpha*w1 + (1-alpha)*w2 "
+          f"for alpha in [-0.5, 1.5], BatchNorm statistics recomputed at each alpha.", '',
+          (f"Barrier (valid): height {b.height:.4g}, excess over the straight line {b.excess:.4g}: "
+           f"**{'one basin' if b.same_basin else 'different basins'}**." if b is not None else ''), '',
+          _block(ctx['interp'].summary()), '![interpolation](interpolation.png)', '',
+          '## Re-running', '',
+          'The same command again trains nothing that is done: grid runs come from runs.jsonl, the LR range test from '
+          'lr_find.json, the final fit is skipped once its record is in runs.jsonl (or resumes from checkpoints/ '
+          'when it was killed), and the interpolation comes from interpolation.json.', '']
+    (out / 'report.md').write_text('\n'.join(md))
+
+
+# ----------------------------------------------------------------------------------------------------- run
+def run(args):
+    """The whole workflow; returns 0. Prints one line per step (and what it skipped)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import torch
+
+    from . import Learner, accuracy, top_k_accuracy
+    from .grid import _plain
+    t_start = time.perf_counter()
+    s = _sizes(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / 'runs.jsonl'
+
+    data, what = make_data(args, s)
+    model_fn = _model_fn(s['arch'], data.c)
+    cpu = torch.device(data.device).type == 'cpu' if hasattr(data, 'device') else not torch.cuda.is_available()
+
+    def make_learner():
+        return Learner(data, model_fn(), metrics=[accuracy, top_k_accuracy], path=out, silent=args.quiet,
+                       channels_last=cpu)
+
+    n_params = sum(p.numel() for p in model_fn().parameters())
+    _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out}")
+    times = {}
+
+    t = time.perf_counter()
+    step_data(data, out)
+    times['data'] = time.perf_counter() - t
+    _say('1/7 data: batch.png')
+
+    t = time.perf_counter()
+    lr_key = _plain({'data': what, 'arch': s['arch'], 'bs': s['bs'], 'seed': args.seed, 'num_it': s['num_it']})
+    lf, skipped = step_lr_find(make_learner, out, args.seed, s['num_it'], lr_key, args.max_lr)
+    max_lr = lf['chosen']
+    times['lr_find'] = time.perf_counter() - t
+    _say(f"2/7 LR range test {'skipped (cached in lr_find.json)' if skipped else 'done'}: steep "
+         f"{_fmt_lr(lf['steep'])}, valley {_fmt_lr(lf['valley'])}; max_lr = {max_lr:.3g} from {lf['rule']}")
+
+    ge = s['grid_epochs']
+    trained = skipped_runs = 0
+    t = time.perf_counter()
+    sc, won, tr, sk = step_superconvergence(make_learner, out, args.seed, ge, max_lr, log, args.quiet)
+    trained, skipped_runs = trained + tr, skipped_runs + sk
+    _say(f"3/7 super-convergence: 1cycle {'beat' if won else 'did not beat'} constant lr {max_lr / CONST_DIV:.3g}")
+    mo, moms, tr, sk = step_momentum(make_learner, out, args.seed, ge, max_lr, log, args.quiet)
+    trained, skipped_runs = trained + tr, skipped_runs + sk
+    _say(f'4/7 momentum: chose moms={moms}')
+    wd_c, wd_f, best_nz, fine_wds, wd, tr, sk = step_weight_decay(make_learner, out, args.seed, ge, max_lr, moms,
+                                                                   log, args.quiet)
+    trained, skipped_runs = trained + tr, skipped_runs + sk
+    times['grids'] = time.perf_counter() - t
+    _say(f"5/7 weight decay: best non-zero {best_nz:g}, half-decade {fine_wds}; chose wd={wd:g}")
+
+    t = time.perf_counter()
+    final, learn, final_what = step_final(make_learner, out, args.seed, s['epochs'], max_lr, moms, wd, log)
+    times['final'] = time.perf_counter() - t
+    fin = final['final']
+    _say(f"6/7 final fit {final_what}: " + ', '.join(f'{k} {v:.4f}' for k, v in fin.items() if isinstance(v, float)))
+
+    t = time.perf_counter()
+    interp, snap, cached = step_interpolation(make_learner, learn, out, s['epochs'], s['interp_points'],
+                                              s['interp_batches'], final.get('key'))
+    times['interpolation'] = time.perf_counter() - t
+    _say(f"7/7 interpolation {'skipped (cached in interpolation.json)' if cached else 'done'}: "
+         + next((ln for ln in interp.summary().splitlines() if ln.startswith('valid:')), ''))
+
+    write_report(out, dict(what=what, arch=s['arch'], n_params=n_params, bs=s['bs'], seed=args.seed,
+                           device=data.device, grid_epochs=ge,
+                           default_wd=make_learner().wd, epochs=s['epochs'], num_it=s['num_it'], lr=lf, sc=sc,
+                           sc_won=won, mom=mo, moms=moms, wd_coarse=wd_c, wd_fine=wd_f, best_nz=best_nz,
+                           fine_wds=fine_wds, wd=wd, final=final, final_what=final_what, interp=interp, snap=snap))
+    total = time.perf_counter() - t_start
+    _say(f"{trained} grid run(s) trained, {skipped_runs} skipped; times: "
+         + ', '.join(f'{k} {v:.0f}s' for k, v in times.items()) + f'; total {total:.0f}s')
+    _say(f'report: {out / "report.md"}')
+    return 0

@@ -1,0 +1,151 @@
+"""notebooks/finetuning.ipynb (seeds 000, 002, 003) runs top to bottom in a real Jupyter kernel at its 'tiny' size,
+and what it claims to do really happens: the head-only phase leaves the body's weights alone, the full phase moves
+them, and the learning rates per group follow the slice, the per-block factors, layer decay and per-module settings.
+
+Needs nbformat, nbclient and ipykernel (the `dev` extra); skipped when they are missing.
+"""
+import matplotlib
+matplotlib.use('Agg')
+
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+nbformat = pytest.importorskip('nbformat')
+nbclient = pytest.importorskip('nbclient')
+pytest.importorskip('ipykernel')
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / 'notebooks' / 'finetuning.ipynb'
+MARK = 'FINETUNING-CHECK '
+
+# Appended after the notebook's last cell: compares the weight snapshots the notebook took and prints, as JSON, what
+# the test checks below.
+PROBE = r'''
+import json
+def _kinds(model):
+    norm = {f'{mn}.{pn}' for mn, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+            for pn, _ in m.named_parameters(recurse=False)}
+    return {n: 'head' if n.startswith('1.') else 'norm' if n in norm else 'body' for n, _ in model.named_parameters()}
+
+def _diff(a, b, kinds):
+    out = {k: [0, 0] for k in ('body', 'norm', 'head')}
+    for n, kind in kinds.items():
+        out[kind][0] += int(not torch.equal(a[n], b[n]))
+        out[kind][1] += 1
+    return out
+
+_k = _kinds(learn.model)
+print(%r + json.dumps({'head_phase': _diff(w0, w_head, _k), 'full_phase': _diff(w_head, w_full, _k),
+                       'runs': runs, 'size': SIZE, 'n_train': len(data.train_ds)}))
+''' % MARK
+
+
+def _code(nb):
+    return [c for c in nb.cells if c.cell_type == 'code']
+
+
+def _plot_cells(nb):
+    return [c for c in _code(nb) if any(line.startswith(('learn.recorder.plot', 'data.show_batch'))
+                                        for line in c.source.splitlines())]
+
+
+def test_finetuning_notebook_is_saved_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = _code(nb)
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    first = code[0].source
+    assert 'from minifast import *' in first and 'MINIFAST_NB_SIZE' in first and 'set_seed(0)' in first
+    assert nb.metadata.kernelspec.name == 'python3'
+    src = '\n'.join(c.source for c in code)
+    assert 'pretrained=True' not in src and "weights='" not in src  # nothing is downloaded
+    text = '\n'.join(c.source for c in nb.cells if c.cell_type == 'markdown')
+    assert all(f'seed {n}' in text for n in ('000', '002', '003'))
+    assert len(_plot_cells(nb)) >= 8
+
+
+def _ratios(values):
+    return [b / a for a, b in zip(values, values[1:])]
+
+
+def test_finetuning_notebook_executes(tmp_path, monkeypatch):
+    monkeypatch.delenv('MPLBACKEND', raising=False)  # the kernel picks its own (inline) backend, as in Jupyter
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    n_plots = len(_plot_cells(nb))
+    setup = nbformat.v4.new_code_cell("import os\nos.environ['MINIFAST_NB_SIZE'] = 'tiny'\n"
+                                      f'import sys\nsys.path.insert(0, {str(REPO)!r})\nprint(sys.prefix)')
+    nb.cells.insert(0, setup)
+    probe = nbformat.v4.new_code_cell(PROBE)
+    nb.cells.append(probe)
+    client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=180,
+                                     resources={'metadata': {'path': str(tmp_path)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    assert ''.join(o.get('text', '') for o in setup.outputs).strip() == sys.prefix, \
+        'the python3 kernel does not run the Python that runs the tests'
+    for c in _code(nb):
+        assert not [o for o in c.outputs if o.output_type == 'error'], c.source
+    plots = _plot_cells(nb)
+    for c in plots:
+        assert sum('image/png' in o.get('data', {}) for o in c.outputs) == 1, f'{c.source}: expected one figure'
+    images = sum('image/png' in o.get('data', {}) for c in _code(nb) for o in c.outputs)
+    assert images >= n_plots
+
+    (line,) = [ln for o in probe.outputs for ln in o.get('text', '').splitlines() if ln.startswith(MARK)]
+    res = json.loads(line[len(MARK):])
+    assert res['size'] == 'tiny' and res['n_train'] <= 500
+
+    # head only (freeze, train_bn=True): body weights untouched, its BatchNorm layers and the whole head trained
+    (body_moved, n_body), (norm_moved, _), (head_moved, n_head) = (res['head_phase'][k] for k in ('body', 'norm',
+                                                                                                  'head'))
+    assert n_body > 0 and body_moved == 0
+    assert norm_moved > 0 and head_moved == n_head
+    # full (unfreeze): every body weight moved
+    assert res['full_phase']['body'][0] == res['full_phase']['body'][1] == n_body
+
+    runs = {r['name']: r for r in res['runs']}
+    assert list(runs) == ['head only', 'full, slice', 'layer3+layer4+head', 'layer decay 0.75, SGDR',
+                          'CLR triangular2', 'body lr x0.1, head wd 0']
+    for r in runs.values():
+        assert math.isfinite(r['valid_loss']) and 0 <= r['accuracy'] <= 1, r['name']
+
+    # slice(lo, hi) over the 3 create_cnn groups: geometric, increasing from body to head, hi/lo = 100
+    full = runs['full, slice']
+    assert full['peak_lrs'] == sorted(full['peak_lrs']) and len(set(full['peak_lrs'])) == 3
+    assert all(r == pytest.approx(10, rel=1e-6) for r in _ratios(full['peak_lrs']))
+    lo, hi = full['lr']
+    assert full['peak_lrs'][-1] <= hi and full['peak_lrs'][-1] / full['peak_lrs'][0] == pytest.approx(hi / lo)
+
+    # named blocks, freeze_to(-3): stem+layer1 and layer2 train only their BatchNorm, layer3, layer4, head fully
+    sel = runs['layer3+layer4+head']
+    assert len(sel['params']) == 5
+    assert all(0 < t < p for t, p in zip(sel['trainable'][:2], sel['params'][:2]))
+    assert sel['trainable'][2:] == sel['params'][2:]
+    assert all(r == pytest.approx(10, rel=1e-6) for r in _ratios(sel['peak_lrs']))
+
+    # layer decay 0.75 with SGDR: each block 0.75x the one above, the head at lr; the cosine restarts once
+    ld = runs['layer decay 0.75, SGDR']
+    assert all(r == pytest.approx(1 / 0.75, rel=1e-6) for r in _ratios(ld['peak_lrs']))
+    assert ld['peak_lrs'][-1] == pytest.approx(ld['lr']) and ld['trainable'] == ld['params']
+    lrs = ld['lrs']
+    assert lrs[0] == pytest.approx(ld['lr']) and ld['epochs'] == 2
+    restarts = [i for i in range(1, len(lrs)) if lrs[i] > lrs[i - 1]]
+    assert len(restarts) == 1 and lrs[restarts[0]] == pytest.approx(ld['lr'])
+
+    # cyclical lr: within [base_lr, max_lr], going up and down more than once
+    clr = runs['CLR triangular2']
+    lrs = clr['lrs']
+    assert min(lrs) >= clr['base_lr'] * (1 - 1e-9) and max(lrs) <= clr['max_lr'] * (1 + 1e-9)
+    ups = sum(b > a for a, b in zip(lrs, lrs[1:]))
+    downs = sum(b < a for a, b in zip(lrs, lrs[1:]))
+    assert ups >= 1 and downs >= 1
+
+    # per-module settings: body (decay, no-decay) at 0.1x the head's lr; wd 0.05 on body weights only
+    pm = runs['body lr x0.1, head wd 0']
+    b1, b2, h1, h2 = pm['peak_lrs']
+    assert b1 == pytest.approx(0.1 * h1) and b2 == pytest.approx(0.1 * h2) and h1 == pytest.approx(h2)
+    assert pm['wd'] == [0.05, 0.0, 0.0, 0.0]

@@ -25,6 +25,7 @@ from .landscape import (InterpolationResult, SurfaceResult, average_weights, eva
                         filter_normalized_direction, interpolate_losses, loss_surface, plot_interpolation,
                         plot_surface, recompute_bn)
 from .determinism import set_seed
+from .resume import resumable
 from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelTrainException, CancelValidateException, DivergenceError, Learner)
 from .metrics import accuracy, error_rate, top_k_accuracy
@@ -51,7 +52,7 @@ __all__ = [
     'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
-    'DivergenceError', 'UnsafeCheckpointError', 'set_seed',
+    'DivergenceError', 'UnsafeCheckpointError', 'set_seed', 'resumable',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

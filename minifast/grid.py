@@ -7,8 +7,6 @@ import time
 from numbers import Number
 from pathlib import Path
 
-import numpy as np
-
 from .callbacks.recorder import new_figure
 from .callbacks.snapshots import state_dict_copy
 from .determinism import set_seed
@@ -50,21 +48,24 @@ def config_name(config):
     return ' '.join(f'{k}={_fmt(v)}' for k, v in config.items()) or 'default'
 
 
-def diagnose(valid_losses, rtol=0.01):
+def diagnose(valid_losses, rtol=0.):
     """Seed 004's early diagnosis from the validation loss per epoch: 'underfitting' when it is still falling at
     the end (train longer or harder), 'overfitting' when it rose again after its minimum (more regularisation, or
-    stop earlier), 'flat' otherwise; with fewer than two values, 'too short'. Returns (word, sentence)."""
-    v = [x for x in valid_losses if x is not None and math.isfinite(x)]
-    if len(v) < 2:
+    stop earlier), 'flat' otherwise; with fewer than two values, 'too short'. `rtol` ignores changes smaller than
+    that fraction. Epochs without a finite value are skipped (the epoch numbers stay those of the fit).
+    Returns (word, sentence)."""
+    pts = [(e, x) for e, x in enumerate(valid_losses) if x is not None and math.isfinite(x)]
+    if len(pts) < 2:
         return 'too short', 'fewer than two finite validation losses: train longer to tell'
-    k = int(np.argmin(v))
-    if k == len(v) - 1 and v[-1] < v[-2] * (1 - rtol):
-        return 'underfitting', (f'valid loss still falling ({v[-2]:.4f} -> {v[-1]:.4f} in the last epoch): train '
+    (_, prev), (e_last, last) = pts[-2], pts[-1]
+    e_min, low = min(pts, key=lambda p: p[1])
+    if e_min == e_last and last < prev * (1 - rtol):
+        return 'underfitting', (f'valid loss still falling ({prev:.4f} -> {last:.4f} in the last epoch): train '
                                 f'longer, or with a higher learning rate or less regularisation')
-    if k < len(v) - 1 and v[-1] > v[k] * (1 + rtol):
-        return 'overfitting', (f'valid loss rose from {v[k]:.4f} (epoch {k}) to {v[-1]:.4f}: more regularisation '
+    if e_min != e_last and last > low * (1 + rtol):
+        return 'overfitting', (f'valid loss rose from {low:.4f} (epoch {e_min}) to {last:.4f}: more regularisation '
                                f'(weight decay, augmentation) or fewer epochs')
-    return 'flat', f'valid loss levelled off at {v[-1]:.4f}: about the right length for this setting'
+    return 'flat', f'valid loss levelled off at {last:.4f}: about the right length for this setting'
 
 
 def run_record(learn, config, seed, status, seconds, name=None):
@@ -85,29 +86,35 @@ def run_record(learn, config, seed, status, seconds, name=None):
 
 
 def read_log(file):
-    """The records of a JSONL run log (one JSON object per line); an unreadable last line (a run killed while
-    writing it) is skipped."""
+    """The records of a JSONL run log (one JSON object per line). A line that is not valid JSON (a process killed
+    while writing it) is skipped with a warning naming the file and line; its run counts as not done."""
     file = Path(file)
     if not file.exists():
         return []
-    out = []
-    lines = file.read_text().splitlines()
-    for i, line in enumerate(lines):
+    out, bad = [], []
+    for i, line in enumerate(file.read_text().splitlines()):
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f'{file}: line {i + 1} is not valid JSON') from None
+            bad.append(i + 1)
+    if bad:
+        import warnings
+        warnings.warn(f'{file}: line(s) {bad} are not valid JSON (a write cut short?); skipped')
     return out
 
 
 def _append(file, record):
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    with open(file, 'a+b') as f:
+        f.seek(0, 2)
+        if f.tell():  # a record cut short by a kill has no newline: start on a line of our own
+            f.seek(-1, 2)
+            if f.read(1) != b'\n':
+                f.write(b'\n')
+        f.write((json.dumps(record) + '\n').encode())
         f.flush()
 
 
@@ -209,7 +216,7 @@ class GridResult:
 
 
 def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_cycle', log=None, skip_done=True,
-                silent=None, monitor='valid_loss', fixed=None):
+                silent=None, monitor='valid_loss', fixed=None, tag=None):
     """Train one learner per configuration of `grid` and compare them.
 
     Args:
@@ -228,6 +235,9 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
         monitor: what GridResult.best compares by default.
         fixed: settings shared by every config (e.g. {'moms': (0.95, 0.85)} while searching wd); they are applied
             and logged (record['fixed']) but kept out of the run names.
+        tag: anything JSON-able that identifies what make_learner builds (data, model, batch size...): part of
+            a run's identity in the log, so a log shared by different setups never hands one setup's runs to
+            another.
 
     A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on.
     """
@@ -240,6 +250,14 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
             done[json.dumps(rec.get('key'), sort_keys=True)] = rec
     fixed = dict(fixed or {})
     runs, init = [], None
+
+    def initial_weights():
+        # from the first config's learner, whichever runs are in the log, so a resumed grid starts where a
+        # fresh one would
+        first = {k: v for k, v in {**fixed, **configs[0]}.items() if k not in FIT_KEYS}
+        set_seed(seed)
+        return state_dict_copy(make_learner(**first).model)
+
     for config in configs:
         shown, config = config, {**fixed, **config}
         for k in config:
@@ -253,18 +271,20 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
             raise ValueError(f"grid_search: config {config_name(config)}: the 'constant' policy takes lr (or max_lr) "
                              f'and wd only, not {extra}')
         key = _plain({'config': config, 'seed': seed, 'epochs': n_ep, 'max_lr': max_lr, 'policy': pol})
+        if tag is not None:
+            key['tag'] = _plain(tag)
         cached = done.get(json.dumps(key, sort_keys=True))
         if cached is not None:
             runs.append(cached)
             continue
+        if init is None:
+            init = initial_weights()
         set_seed(seed)
         learn = make_learner(**made)
-        if init is None:
-            init = state_dict_copy(learn.model)
-        try:
+        own = learn.model.state_dict()
+        if own.keys() == init.keys() and all(own[k].shape == init[k].shape for k in own):
             learn.model.load_state_dict(init)  # the same starting point for every run
-        except RuntimeError:
-            pass  # a config that changes the model's shape cannot share the weights; it keeps its own (seeded)
+        # else: a config that changes the model's shape keeps its own weights (made after set_seed(seed))
         if silent is not None:
             learn.silent = silent
         set_seed(seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .checkpoint import check_state_dict, load_state
 from .determinism import rng_state
 
-__all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info']
+__all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info', 'resumable']
 
 FORMAT, VERSION = 'minifast-checkpoint', 1
 _SEQ = re.compile(r'_(\d+)_epoch(\d+)_step(\d+)\.pth$')
@@ -91,6 +91,17 @@ def find_checkpoint(resume):
         raise FileNotFoundError(f'resume: no such checkpoint file: {p}')
     files = list_checkpoints(p)
     return files[-1] if files else None
+
+
+def resumable(folder):
+    """True when `folder`'s newest checkpoint is a run that stopped before its end (`fit(..., resume=folder)` would
+    continue it); False for no checkpoint, or a finished run. For notebooks: resume=folder if resumable(folder)."""
+    file = find_checkpoint(folder) if Path(folder).exists() else None
+    if file is None:
+        return False
+    st = load_state(file)
+    pos = st.get('position') if isinstance(st, dict) else None
+    return pos is not None and pos['where'] is not None and not _is_finished(pos)
 
 
 def checkpoint_info(file):

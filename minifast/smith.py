@@ -89,8 +89,9 @@ def _read_json(file):
 
 
 def _write_json(file, obj):
+    from .grid import _plain
     tmp = Path(str(file) + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(_plain(obj), indent=1))  # non-finite numbers as null: strict JSON
     tmp.replace(file)
 
 
@@ -175,11 +176,23 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
     return info, skipped
 
 
+TAG = {}  # what make_learner builds (data, model, batch size): part of every run's identity in the log
+
+
+def _best(res, fallback, what):
+    """The config of res's lowest final valid loss; when every run diverged, `fallback` (and a warning line)."""
+    try:
+        return res.best('valid_loss')['config']
+    except ValueError:
+        _say(f'{what}: every run diverged; keeping {fallback} (lower max_lr with --max-lr)')
+        return None
+
+
 def _grid(make_learner, configs, out, seed, epochs, max_lr, log, name, png, quiet):
     """One grid_search call whose finished runs come from the log; returns (GridResult, trained, skipped)."""
     from .grid import grid_search, read_log
     before = len(read_log(log))
-    res = grid_search(make_learner, configs, epochs=epochs, max_lr=max_lr, seed=seed, log=log)
+    res = grid_search(make_learner, configs, epochs=epochs, max_lr=max_lr, seed=seed, log=log, tag=TAG)
     trained = len(read_log(log)) - before
     skipped = len(res.runs) - trained
     fig = res.plot('valid_loss')
@@ -211,8 +224,8 @@ def step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet):
     """Step 4: cyclic momentum (0.95, 0.85) against (0.99, 0.90) -> momentum.png; the lower valid loss wins."""
     res, tr, sk = _grid(make_learner, [{'moms': m} for m in MOMS], out, seed, epochs, max_lr, log,
                         'momentum test', 'momentum.png', quiet)
-    best = res.best('valid_loss')
-    return res, tuple(best['config']['moms']), tr, sk
+    best = _best(res, MOMS[0], 'momentum test')
+    return res, tuple(best['moms']) if best else MOMS[0], tr, sk
 
 
 def step_weight_decay(make_learner, out, seed, epochs, max_lr, moms, log, quiet):
@@ -222,12 +235,12 @@ def step_weight_decay(make_learner, out, seed, epochs, max_lr, moms, log, quiet)
     coarse, tr1, sk1 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in WDS], out, seed, epochs, max_lr, log,
                              'weight decay: coarse grid', 'wd.png', quiet)
     nonzero = GridResult([r for r in coarse.runs if r['config']['wd'] != 0])
-    best_nz = nonzero.best('valid_loss')['config']['wd']
+    best_nz = (_best(nonzero, WDS[1], 'weight decay') or {'wd': WDS[1]})['wd']
     fine_wds = _half_decade(best_nz)
     fine, tr2, sk2 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in fine_wds], out, seed, epochs, max_lr,
                            log, f'weight decay: half-decade neighbours of {best_nz:g}', 'wd_fine.png', quiet)
     everything = GridResult(coarse.runs + fine.runs)
-    chosen = everything.best('valid_loss')['config']['wd']
+    chosen = (_best(everything, best_nz, 'weight decay') or {'wd': best_nz})['wd']
     return coarse, fine, best_nz, fine_wds, chosen, tr1 + tr2, sk1 + sk2
 
 
@@ -257,6 +270,14 @@ def _final_plots(learn, out):
 FINAL_PNGS = ('final_losses.png', 'final_lr.png', 'final_metrics.png')
 
 
+def _final_dirs(out, key):
+    """checkpoints/<id> and snapshots/<id> of the final fit `key`: a final fit with other data, model or settings
+    gets folders of its own (the old ones stay), so it never resumes from, or reuses, another fit's files."""
+    import hashlib
+    fid = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return out / 'checkpoints' / fid, out / 'snapshots' / fid
+
+
 def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     """Step 6: fit_one_cycle(epochs, max_lr, moms, wd) with WeightSnapshots and Checkpoint; resumes from the newest
     checkpoint, or is skipped when its record is in the log. Returns (record, learn or None, what happened)."""
@@ -264,9 +285,9 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     from .grid import _append, _plain, read_log, run_record
     from .learner import DivergenceError
     config = {'final': True, 'policy': 'one_cycle', 'epochs': epochs, 'max_lr': max_lr, 'moms': moms, 'wd': wd}
-    key = _plain({'config': config, 'seed': seed})
+    key = _plain({'config': config, 'seed': seed, 'tag': TAG})
     snap_epochs = _snapshot_epochs(epochs)
-    ck_dir, snap_dir = out / 'checkpoints', out / 'snapshots'
+    ck_dir, snap_dir = _final_dirs(out, key)
     for rec in read_log(log):
         if rec.get('key') == key:
             learn = None
@@ -277,11 +298,11 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
                     learn.recorder.load_state_dict(state['callbacks']['Recorder'])
                     _final_plots(learn, out)
             return rec, learn, 'skipped (its record is in runs.jsonl)'
+    file, state = _newest_state(ck_dir)
     set_seed(seed)
     learn = make_learner()
     snaps = WeightSnapshots(learn, save_list=snap_epochs, path=snap_dir)
     ck = Checkpoint(learn, path=ck_dir)
-    file, state = _newest_state(ck_dir)
     t0, status = time.perf_counter(), 'done'
     if state is not None and state.get('position') and _finished(state['position']):
         # finished earlier, killed before its record was written: take its state instead of training again
@@ -332,7 +353,8 @@ def step_interpolation(make_learner, learn, out, epochs, points, n_batches, fina
         return res, (e1, e2), True
     if learn is None:
         learn = make_learner()
-    w1, w2 = (load_state(out / 'snapshots' / f'snapshot_{e}.pth') for e in (e1, e2))
+    snap_dir = _final_dirs(out, final_key)[1]
+    w1, w2 = (load_state(snap_dir / f'snapshot_{e}.pth') for e in (e1, e2))
     res = interpolate_losses(learn, w1, w2, alphas=np.linspace(-0.5, 1.5, points), n_batches=n_batches or None)
     fig = plot_interpolation(res)
     fig.axes[0].set_title(f'w1 = snapshot after epoch {e1}, w2 = after epoch {e2}')
@@ -449,7 +471,9 @@ def run(args):
     _say('1/7 data: batch.png')
 
     t = time.perf_counter()
-    lr_key = _plain({'data': what, 'arch': s['arch'], 'bs': s['bs'], 'seed': args.seed, 'num_it': s['num_it']})
+    TAG.clear()
+    TAG.update({'data': what, 'arch': s['arch'], 'bs': s['bs'], 'size': getattr(args, 'size', None)})
+    lr_key = _plain({**TAG, 'seed': args.seed, 'num_it': s['num_it']})
     lf, skipped = step_lr_find(make_learner, out, args.seed, s['num_it'], lr_key, args.max_lr)
     max_lr = lf['chosen']
     times['lr_find'] = time.perf_counter() - t

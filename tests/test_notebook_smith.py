@@ -50,7 +50,7 @@ out = {
     'interp': {dl: [float(x) for x in interp.loss(dl)] for dl in interp.dls},
     'wide_dls': interp_wide.dls,
     'barrier': [float(interp.barrier('valid').height), bool(interp.barrier('valid').same_basin)],
-    'checkpoints': sorted(p.name for p in Path('checkpoints').glob('*.pth')),
+    'checkpoints': sorted(p.name for p in Path(CKPT).glob('*.pth')),
     'final_epochs': len(final.recorder.val_losses),
     'final_validate': final.validate(),
 }
@@ -78,7 +78,7 @@ def test_smith_notebook_is_saved_clean():
     assert "os.environ.get('MINIFAST_NB_SIZE', 'small')" in sizes and 'set_seed(0)' in sizes
     for api in ('lr_find(', 'plot(suggestion=True)', 'fit_one_cycle(', 'plot_lr(show_moms=True)', 'grid_search(',
                 'WeightSnapshots(', 'interpolate_losses(', 'plot_interpolation(', '.barrier(', '.summary()',
-                'Checkpoint', "resume='checkpoints'", '.verdicts()', '.table()', 'show_batch('):
+                'Checkpoint', 'resume=CKPT if resumable(CKPT)', '.verdicts()', '.table()', 'show_batch('):
         assert any(api in c.source for c in code), api
 
 
@@ -134,7 +134,7 @@ def test_smith_notebook_runs_tiny(tmp_path, monkeypatch):
                 assert n >= 1, f'no figure shown by cell {c.get("id")}'
                 if '\n' not in c.source.strip():  # a one-line plot call: shown exactly once
                     assert n == 1, f'cell {c.get("id")} shows {n} figures'
-    assert (tmp_path / 'checkpoints').is_dir()  # written in the working folder, not in the repository
+    assert (tmp_path / 'checkpoints_tiny').is_dir()  # written in the working folder, not in the repository
 
     text = ''.join(o.get('text', '') for o in nb.cells[-1].outputs if o.output_type == 'stream')
     (line,) = [ln for ln in text.splitlines() if ln.startswith(MARK)]

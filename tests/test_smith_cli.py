@@ -49,8 +49,8 @@ def test_smith_writes_every_promised_file(smith_run):
     out, _ = smith_run
     for name in (*PNGS, 'runs.jsonl', 'report.md', 'lr_find.json', 'interpolation.json'):
         assert (out / name).stat().st_size > 0, name
-    assert list((out / 'snapshots').glob('snapshot_*.pth')), 'no weight snapshots'
-    assert list((out / 'checkpoints').glob('ckpt_*.pth')), 'no checkpoints'
+    assert list((out / 'snapshots').glob('*/snapshot_*.pth')), 'no weight snapshots'
+    assert list((out / 'checkpoints').glob('*/ckpt_*.pth')), 'no checkpoints'
 
 
 def test_report_links_every_plot_and_states_the_choices(smith_run):

@@ -1,6 +1,7 @@
 """notebooks/finetuning.ipynb (seeds 000, 002, 003) runs top to bottom in a real Jupyter kernel at its 'tiny' size,
-and what it claims to do really happens: the head-only phase leaves the body's weights alone, the full phase moves
-them, and the learning rates per group follow the slice, the per-block factors, layer decay and per-module settings.
+and what it claims to do really happens: the fine-tuned model starts from the body pretrained in its first section,
+the head-only phase leaves the body's weights alone, the full phase moves them, and the learning rates per group
+follow the slice, the per-block factors, layer decay and per-module settings.
 
 Needs nbformat, nbclient and ipykernel (the `dev` extra); skipped when they are missing.
 """
@@ -39,8 +40,11 @@ def _diff(a, b, kinds):
     return out
 
 _k = _kinds(learn.model)
+_loaded = all(torch.equal(w0['0.' + n], pretrained_body[n]) for n in pretrained_body
+              if _k.get('0.' + n) == 'body')
 print(%r + json.dumps({'head_phase': _diff(w0, w_head, _k), 'full_phase': _diff(w_head, w_full, _k),
-                       'runs': runs, 'size': SIZE, 'n_train': len(data.train_ds)}))
+                       'runs': runs, 'size': SIZE, 'n_train': len(data.train_ds), 'loaded': _loaded,
+                       'task_a': [data_a.c, len(data_a.train_ds)], 'task_b': data.c}))
 ''' % MARK
 
 
@@ -63,6 +67,7 @@ def test_finetuning_notebook_is_saved_without_outputs():
     assert nb.metadata.kernelspec.name == 'python3'
     src = '\n'.join(c.source for c in code)
     assert 'pretrained=True' not in src and "weights='" not in src  # nothing is downloaded
+    assert 'load_state_dict(pretrained_body)' in src  # ... the pretrained body is made in the notebook instead
     text = '\n'.join(c.source for c in nb.cells if c.cell_type == 'markdown')
     assert all(f'seed {n}' in text for n in ('000', '002', '003'))
     assert len(_plot_cells(nb)) >= 8
@@ -98,6 +103,9 @@ def test_finetuning_notebook_executes(tmp_path, monkeypatch):
     (line,) = [ln for o in probe.outputs for ln in o.get('text', '').splitlines() if ln.startswith(MARK)]
     res = json.loads(line[len(MARK):])
     assert res['size'] == 'tiny' and res['n_train'] <= 500
+    # section 1 pretrains the body on another task (its own classes and head); section 3 starts from that body
+    assert res['task_a'][0] != res['task_b'] and res['task_a'][1] <= 500
+    assert res['loaded'], 'the fine-tuned model does not start from the body pretrained in section 1'
 
     # head only (freeze, train_bn=True): body weights untouched, its BatchNorm layers and the whole head trained
     (body_moved, n_body), (norm_moved, _), (head_moved, n_head) = (res['head_phase'][k] for k in ('body', 'norm',

@@ -13,7 +13,7 @@ from pathlib import Path
 from .checkpoint import check_state_dict, load_state
 from .determinism import rng_state
 
-__all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info', 'resumable']
+__all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info', 'resumable', 'is_finished']
 
 FORMAT, VERSION = 'minifast-checkpoint', 1
 _SEQ = re.compile(r'_(\d+)_epoch(\d+)_step(\d+)\.pth$')
@@ -101,7 +101,7 @@ def resumable(folder):
         return False
     st = load_state(file)
     pos = st.get('position') if isinstance(st, dict) else None
-    return pos is not None and pos['where'] is not None and not _is_finished(pos)
+    return pos is not None and pos['where'] is not None and not is_finished(pos)
 
 
 def checkpoint_info(file):
@@ -120,7 +120,8 @@ def _describe(pos):
     return f"epoch {pos['epoch']} of {pos['n_epoch']}, batch {pos['batch']} ({pos['train_iter']} steps)"
 
 
-def _is_finished(pos):
+def is_finished(pos):
+    """True when a checkpoint's position is the end of its fit (nothing left to resume)."""
     return pos['where'] == 'end' or (pos['where'] == 'epoch' and pos['epoch'] + 1 >= pos['n_epoch'])
 
 
@@ -177,7 +178,7 @@ def load_for_resume(learn, resume):
         raise ValueError(f"resume: {file} was written by a newer minifast (format version {state['version']}, this "
                          f'one reads {VERSION})')
     pos = state['position']
-    if pos['where'] is not None and _is_finished(pos):
+    if pos['where'] is not None and is_finished(pos):
         done = f"{pos['n_epoch']} epochs, {pos['train_iter']} steps"
         raise ValueError(f'resume: the run saved in {file} already finished ({done}); there is nothing to resume. '
                          f'Fit without resume= (or into a new checkpoint folder) to train again.')

@@ -257,10 +257,6 @@ def _newest_state(folder):
     return (files[-1], load_state(files[-1])) if files else (None, None)
 
 
-def _finished(pos):
-    return pos['where'] == 'end' or (pos['where'] == 'epoch' and pos['epoch'] + 1 >= pos['n_epoch'])
-
-
 def _final_plots(learn, out):
     _save(learn.recorder.plot_losses(), out / 'final_losses.png')
     _save(learn.recorder.plot_lr(show_moms=True), out / 'final_lr.png')
@@ -283,6 +279,7 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     checkpoint, or is skipped when its record is in the log. Returns (record, learn or None, what happened)."""
     from . import Checkpoint, WeightSnapshots, set_seed
     from .grid import _append, _plain, read_log, run_record
+    from .resume import is_finished
     from .learner import DivergenceError
     config = {'final': True, 'policy': 'one_cycle', 'epochs': epochs, 'max_lr': max_lr, 'moms': moms, 'wd': wd}
     key = _plain({'config': config, 'seed': seed, 'tag': TAG})
@@ -304,7 +301,7 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     snaps = WeightSnapshots(learn, save_list=snap_epochs, path=snap_dir)
     ck = Checkpoint(learn, path=ck_dir)
     t0, status = time.perf_counter(), 'done'
-    if state is not None and state.get('position') and _finished(state['position']):
+    if state is not None and state.get('position') and is_finished(state['position']):
         # finished earlier, killed before its record was written: take its state instead of training again
         learn.model.load_state_dict(state['model'])
         learn.recorder.load_state_dict(state['callbacks']['Recorder'])

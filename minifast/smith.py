@@ -446,7 +446,7 @@ def run(args):
     from .grid import _plain
     t_start = time.perf_counter()
     s = _sizes(args)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # absolute: Checkpoint and WeightSnapshots resolve relative paths differently
     out.mkdir(parents=True, exist_ok=True)
     log = out / 'runs.jsonl'
 

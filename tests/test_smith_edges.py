@@ -141,3 +141,14 @@ def test_the_notebooks_final_cell_pattern_runs_twice_and_resumes_after_a_crash(t
     assert resumable('ck')
     resumed = cell(3)
     assert len(resumed.recorder.train_losses) == 3 and not resumable('ck')
+
+
+def test_smith_with_a_relative_out_keeps_everything_in_that_folder(tmp_path, monkeypatch):
+    """`minifast smith` (default --out runs/smith, relative): checkpoints and snapshots land in the run folder
+    itself (learn.path is that folder, and Checkpoint resolves relative paths against it)."""
+    _tiny_smith(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert smith.run(_args('runs/x')) == 0
+    run = tmp_path / 'runs' / 'x'
+    assert list(run.glob('checkpoints/*/ckpt_*.pth')) and list(run.glob('snapshots/*/snapshot_*.pth'))
+    assert not (run / 'runs').exists()

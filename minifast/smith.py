@@ -252,9 +252,9 @@ def _snapshot_epochs(epochs):
 
 def _newest_state(folder):
     from .checkpoint import load_state
-    from .resume import list_checkpoints
-    files = list_checkpoints(folder)
-    return (files[-1], load_state(files[-1])) if files else (None, None)
+    from .resume import find_checkpoint
+    file = find_checkpoint(folder)
+    return (file, load_state(file)) if file is not None else (None, None)
 
 
 def _final_plots(learn, out):

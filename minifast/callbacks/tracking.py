@@ -9,7 +9,7 @@ import torch
 
 from ..checkpoint import atomic_save
 from ..learner import Callback, CancelEpochException, CancelTrainException, DivergenceError
-from ..resume import list_checkpoints, training_state
+from ..resume import _SEQ, list_checkpoints, training_state
 from .lr_finder import _deep_clone
 
 __all__ = ['Checkpoint', 'DivergenceGuard', 'monitored_value', 'monitor_mode']
@@ -141,7 +141,7 @@ class Checkpoint(Callback):
         folder = self.folder(learn)
         if file is None:
             files = list_checkpoints(folder)
-            seq = 1 + max((int(_SEQ_OF.search(p.name).group(1)) for p in files), default=-1)
+            seq = 1 + max((int(_SEQ.search(p.name).group(1)) for p in files), default=-1)
             file = folder / f'{self.name}_{seq:05d}_epoch{learn.epoch}_step{step}.pth'
         if best:
             self.best_file = file  # before the state is taken, so the file records itself as the best
@@ -169,9 +169,6 @@ class Checkpoint(Callback):
         """Restore what `state_dict` returned."""
         self.best = state['best']
         self.best_file = None if state['best_file'] is None else Path(state['best_file'])
-
-
-_SEQ_OF = re.compile(r'_(\d+)_epoch\d+_step\d+\.pth$')
 
 
 def _weights_finite(model):

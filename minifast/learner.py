@@ -150,7 +150,8 @@ class Learner:
         self.interrupted, self.diverged, self._boundary, self._interrupt_requested = False, None, None, False
         self.pending_cancel, self._phase, self._fit_args = None, None, None
         self._fit_cbs = self._epoch_rng = self._skip = self._resumed_epoch = self._buffers = None
-        self._fwd = None  # the module that runs the forward during a fit (compiled / DDP-wrapped); None: self.model
+        # the modules that run the training / evaluation forward during a fit (compiled, DDP-wrapped); None: self.model
+        self._fwd = self._fwd_eval = None
         self.callbacks = []
         for cb in _as_list(callbacks):
             self.add_cb(cb)
@@ -499,7 +500,8 @@ class Learner:
     def _do_one_batch(self):
         if self._first_batch and self.training:  # restored if the first batch's checks fail after the forward
             self._buffers = [b.detach().clone() for b in self.model.buffers()]
-        model = self.model if self._fwd is None else self._fwd
+        model = self._fwd if self.training else self._fwd_eval
+        model = self.model if model is None else model
         if self.bf16:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 self.pred = model(*self.xb)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, load_state, check_state_dict
 from .device import resolve_device
-from . import optim
+from . import accel, optim
 from .checks import check_batch, check_data, check_fit, check_metrics
 from .determinism import rng_state, set_rng_state
 from .optim import AdamW, set_hyper
@@ -118,7 +118,8 @@ class Learner:
 
     def __init__(self, data, model, loss_func=None, opt_func=AdamW, metrics=None, callbacks=None,
                  callback_fns=None, wd=1e-2, true_wd=True, bn_wd=True, path='.', model_dir='models', device=None,
-                 bf16=False, channels_last=False, silent=False, layer_groups=None, splitter=None, layer_decay=None,
+                 bf16=False, fp16=False, channels_last=None, compile=False, cudnn_benchmark=None, silent=False,
+                 layer_groups=None, splitter=None, layer_decay=None,
                  train_bn=True, training_mode=None, check_finite=True, check_inputs=False):
         from .callbacks.recorder import Recorder
         from .callbacks.progress import ProgressCallback
@@ -126,9 +127,19 @@ class Learner:
         check_data(data)
         self.data, self.metrics = data, check_metrics(metrics)
         self.device = resolve_device(device)
-        self.bf16, self.channels_last, self.silent = bf16, channels_last, silent
+        if bf16 and fp16:
+            raise ValueError('Learner: give bf16=True or fp16=True, not both')
+        self.silent, self.cudnn_benchmark, self.bf16, self.fp16, self._scaler = silent, cudnn_benchmark, False, False, None
+        accel.compile_options(compile)  # a bad value fails here, not at the first fit
+        self.compile, self._compiled = compile, {}
+        if bf16:
+            self.to_bf16()
+        elif fp16:
+            self.to_fp16()
         self.model = model.to(self.device)
-        if channels_last:
+        self.channels_last = accel.wants_channels_last(self.model, self.device) if channels_last is None \
+            else bool(channels_last)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_func = F.cross_entropy if loss_func is None else loss_func
         self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, wd, true_wd, bn_wd
@@ -258,6 +269,7 @@ class Learner:
         epochs = check_fit(self, epochs)
         self._prepare_opt(lr, self.wd if wd is None else wd)
         self._build_hooks(_as_list(callbacks))
+        self._setup_forward()
         self.n_epoch, self.train_iter, self.exception, self.last_metrics = epochs, 0, None, []
         self.epoch, self.interrupted, self.diverged, self._boundary, self.pending_cancel = 0, False, None, None, None
         self._fit_args = {'lr': [g['lr'] for g in self.opt.param_groups], 'wd': self.wd if wd is None else wd}
@@ -267,10 +279,10 @@ class Learner:
                 from .resume import load_for_resume
                 state = load_for_resume(self, resume)
         except BaseException:
-            self._hooks = self._fit_cbs = None
+            self._hooks = self._fit_cbs = self._fwd = self._fwd_eval = None
             raise
         try:
-            with self._deferred_interrupt():
+            with self._deferred_interrupt(), accel.cudnn_benchmark(self):
                 try:
                     try:
                         start = self._begin_fit(state)
@@ -290,7 +302,83 @@ class Learner:
                 self._interrupt_requested, self.interrupted = False, True
                 raise KeyboardInterrupt
         finally:
-            self._hooks = self._fit_cbs = self._skip = self._resumed_epoch = None
+            self._hooks = self._fit_cbs = self._skip = self._resumed_epoch = self._fwd = self._fwd_eval = None
+
+    def _setup_forward(self):
+        """The forward modules of this fit: with `compile`, torch.compile'd wrappers of the model (made once and
+        kept), which share its parameters; `learn.model` itself stays the plain module."""
+        self._fwd = accel.compile_module(self, self.model if self._fwd is None else self._fwd)
+        self._fwd_eval = accel.compile_module(self, self.model)
+        if self._fwd is self.model:
+            self._fwd = None
+        if self._fwd_eval is self.model:
+            self._fwd_eval = None
+
+    def warmup(self):
+        """Run one training forward and backward and the validation forwards (a full batch, and the last partial
+        batch's size) outside any fit, then put everything back: weights, gradients, BatchNorm statistics, RNG
+        states and train/eval mode. With `compile`, this is where torch.compile compiles (minutes for a deep
+        model); on CUDA it also autotunes cuDNN. Call it before timing epochs. Returns the learner."""
+        from .checks import check_data
+        check_data(self.data)
+        params = list(self.model.parameters())
+        grads, was_training, rng = [p.grad for p in params], self.model.training, rng_state()
+        bufs = [b.detach().clone() for b in self.model.buffers()]
+        self._setup_forward()
+        amp = self.bf16 or self.fp16
+        dtype = torch.bfloat16 if self.bf16 else torch.float16
+
+        def forward(model, xb, yb):
+            with torch.autocast(self.device.type, dtype=dtype, enabled=amp):
+                return self.loss_func(model(*xb), yb)
+        try:
+            with accel.cudnn_benchmark(self):
+                xb, yb = self._prepare_batch(next(iter(self.data.train_dl)))
+                self.model.train()
+                forward(self.model if self._fwd is None else self._fwd, xb, yb).backward()
+                valid = self.data.valid_dl
+                if valid is not None:
+                    self.model.eval()
+                    xb, yb = self._prepare_batch(next(iter(valid)))
+                    n, bs = len(getattr(valid, 'dataset', ())), len(yb)
+                    sizes = [bs] + ([n % bs] if n and n % bs and n > bs else [])
+                    with torch.no_grad():
+                        for k in sizes:
+                            forward(self.model if self._fwd_eval is None else self._fwd_eval,
+                                    tuple(x[:k] for x in xb), yb[:k])
+            if self.device.type == 'cuda':
+                torch.cuda.synchronize(self.device)
+        finally:
+            with torch.no_grad():
+                for b, v in zip(self.model.buffers(), bufs):
+                    b.copy_(v)
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.model.train(was_training)
+            set_rng_state(rng)
+            self._fwd = self._fwd_eval = None
+        return self
+
+    # ---- precision -------------------------------------------------------------------------------------------
+    def to_bf16(self):
+        """Mixed precision with bfloat16: forward and loss under torch.autocast (matrix products and convolutions in
+        bf16, BatchNorm and the weights in fp32); no loss scaling is needed. Returns the learner."""
+        self.bf16, self.fp16, self._scaler = True, False, None
+        return self
+
+    def to_fp16(self, init_scale=2. ** 16, growth_interval=2000):
+        """Mixed precision with float16: autocast plus a dynamic loss scale (torch.amp.GradScaler); steps whose
+        gradients overflow are skipped and the scale lowered. Gradients seen in `after_backward` are scaled.
+        Returns the learner."""
+        self.bf16, self.fp16 = False, True
+        self._scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale, growth_interval=growth_interval)
+        return self
+
+    def to_fp32(self):
+        """Back to full precision. Returns the learner."""
+        self.bf16 = self.fp16 = False
+        self._scaler = None
+        return self
 
     def _begin_fit(self, state):
         """before_fit, with a resumed run's state put back around it; returns the epoch to start at."""
@@ -471,12 +559,15 @@ class Learner:
         set_rng_state(rng)
         return it, k
 
-    def _one_batch(self, b):
+    def _prepare_batch(self, b):
         dev = self.device
-        self.xb = (_to(b[0], dev),) if len(b) == 2 else _to(b[:-1], dev)  # (x, y) is the common case: no slicing
-        self.yb = _to(b[-1], dev)
+        xb = (_to(b[0], dev),) if len(b) == 2 else _to(b[:-1], dev)  # (x, y) is the common case: no slicing
         if self.channels_last:
-            self.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in self.xb)
+            xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in xb)
+        return xb, _to(b[-1], dev)
+
+    def _one_batch(self, b):
+        self.xb, self.yb = self._prepare_batch(b)
         if self.check_inputs:
             from .checks import check_finite_inputs
             check_finite_inputs(self.xb, self.epoch, self.iter)
@@ -502,16 +593,16 @@ class Learner:
             self._buffers = [b.detach().clone() for b in self.model.buffers()]
         model = self._fwd if self.training else self._fwd_eval
         model = self.model if model is None else model
-        if self.bf16:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        if self.bf16 or self.fp16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16 if self.bf16 else torch.float16):
                 self.pred = model(*self.xb)
         else:
             self.pred = model(*self.xb)
         self('after_pred')
         if self._first_batch:
             self._check_first_batch()
-        if self.bf16:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        if self.bf16 or self.fp16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16 if self.bf16 else torch.float16):
                 self.loss = self.loss_func(self.pred, self.yb)
         else:
             self.loss = self.loss_func(self.pred, self.yb)
@@ -520,11 +611,24 @@ class Learner:
             mets = [m(self.pred, self.yb) for m in self._val_metrics]
             self._vals.append((self.yb.shape[0], self.loss.detach(), mets))
             return
-        self.loss.backward()
-        self('after_backward')
-        self._wd.step()
+        if self._scaler is None:
+            self.loss.backward()
+            self('after_backward')
+            self._wd.step()
+        else:  # fp16: gradients are scaled in after_backward; the step is skipped when they overflowed
+            self._scaler.scale(self.loss).backward()
+            self('after_backward')
+            self._scaled_step()
         self('after_step')
         self.opt.zero_grad()
+
+    def _scaled_step(self):
+        scaler, wd = self._scaler, self._wd
+        if not wd.native:  # L2 / decoupled decay by hand must see true gradients
+            scaler.unscale_(self.opt)
+            wd._decay()
+        scaler.step(self.opt)  # fused optimizers take the scale and the overflow flag in-kernel: no host sync
+        scaler.update()
 
     def _check_first_batch(self):
         try:

@@ -413,7 +413,9 @@ def create_opt(learn, lr=3e-3, wd=None):
     set through `set_hyper`, so layer decay and per-module settings hold from the first step."""
     groups = param_groups(learn.layer_groups, learn.bn_wd)
     lrs = group_lrs(learn, lr)
-    opt = learn.opt_func(groups, lr=lrs[-1])
+    from .accel import fused_option  # CUDA: torch's fused Adam/AdamW/SGD kernels unless the user chose otherwise
+    opt = learn.opt_func(groups, lr=lrs[-1], **fused_option(learn.opt_func, [p for g in groups for p in g['params']],
+                                                            learn.device))
     asked = getattr(learn.opt_func, 'keywords', None) or {}  # set by the user in a partial, not torch's default
     if asked.get('weight_decay'):
         warnings.warn(f"opt_func sets weight_decay={asked['weight_decay']}, which the Learner replaces by its "

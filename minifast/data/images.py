@@ -186,7 +186,8 @@ class LabelLists:
         self.crop = isinstance(size, int)  # fastai: an int size keeps the aspect ratio (centre crop), a pair squishes
         return self
 
-    def databunch(self, bs=64, val_bs=None, num_workers=None, device=None, ignore_errors=None, cache=True):
+    def databunch(self, bs=64, val_bs=None, num_workers=None, device=None, ignore_errors=None, cache=True,
+                  device_data='auto'):
         """Decode every image once (cached on disk) and build an ImageDataBunch.
 
         num_workers sets the decoding processes (used for large folders only); batches are made by indexing.
@@ -210,7 +211,8 @@ class LabelLists:
                       [items[k] for k in ok]]
         xt, yt, it, xv, yv, iv = parts
         return ImageDataBunch(xt, yt, xv, yv, self.classes, bs=bs, val_bs=val_bs, train_tfms=self.tfms[0],
-                              valid_tfms=self.tfms[1], device=device, path=self.path, train_items=it, valid_items=iv)
+                              valid_tfms=self.tfms[1], device=device, path=self.path, train_items=it, valid_items=iv,
+                              device_data=device_data)
 
 
 class ImageDataset:
@@ -274,12 +276,27 @@ def _resize_uint8(x, size, chunk=1024):
     return torch.cat(out)
 
 
+def _on_device(device_data, device, tensors):
+    """Whether the dataset's tensors go to `device` once, up front: device_data True/False, or 'auto' (CUDA, and
+    they take at most a quarter of the free GPU memory)."""
+    if device_data not in (True, False, 'auto'):
+        raise ValueError(f"ImageDataBunch: device_data must be True, False or 'auto', got {device_data!r}")
+    if device_data is True or device_data is False:
+        return device_data
+    if device.type != 'cuda':
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(t.numel() * t.element_size() for t in tensors) <= free // 4
+
+
 class ImageDataBunch(DataBunch):
     """Training and validation images held as uint8 tensors; batches are made by indexing and augmented, converted
-    and normalised on the batch's device (the GPU when there is one)."""
+    and normalised on the batch's device (the GPU when there is one). With `device_data` ('auto': on CUDA when the
+    images take at most a quarter of the free GPU memory) the uint8 images and labels live on the GPU, so no batch
+    crosses the host-device link."""
 
     def __init__(self, x_train, y_train, x_valid, y_valid, classes, bs=64, val_bs=None, train_tfms=(), valid_tfms=(),
-                 device=None, path='.', train_items=None, valid_items=None, drop_last=True):
+                 device=None, path='.', train_items=None, valid_items=None, drop_last=True, device_data='auto'):
         if len(x_train) != len(y_train) or len(x_valid) != len(y_valid):
             raise ValueError(f'ImageDataBunch: {len(x_train)} training images but {len(y_train)} labels, '
                              f'{len(x_valid)} validation images but {len(y_valid)} labels')
@@ -291,6 +308,8 @@ class ImageDataBunch(DataBunch):
                                      f'{len(classes) - 1} ({len(classes)} classes)')
         self.device, self.path, self.stats, self._stats_on = resolve_device(device), Path(path), None, {}
         self.train_tfms, self.valid_tfms = list(train_tfms), list(valid_tfms)
+        if _on_device(device_data, self.device, (x_train, y_train, x_valid, y_valid)):
+            x_train, y_train, x_valid, y_valid = (t.to(self.device) for t in (x_train, y_train, x_valid, y_valid))
         train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=True, drop_last=drop_last,
                                  device=self.device, after_batch=_Pipeline(self.train_tfms, self))
         valid = TensorDataLoader(x_valid, y_valid, batch_size=val_bs or bs, device=self.device,
@@ -301,7 +320,7 @@ class ImageDataBunch(DataBunch):
 
     @classmethod
     def from_tensors(cls, x_train, y_train, x_valid, y_valid, classes=None, tfms=None, size=None, bs=64,
-                     val_bs=None, device=None, path='.'):
+                     val_bs=None, device=None, path='.', device_data='auto'):
         """From tensors or numpy arrays (N×C×H×W or N×H×W×C; uint8, or float in [0, 1]), resized to `size`."""
         size = _size2(size)
         xt = _resize_uint8(_to_uint8_images(x_train, 'x_train'), size)
@@ -312,7 +331,7 @@ class ImageDataBunch(DataBunch):
             classes = [str(i) for i in range(int(max(yt.max(), yv.max() if len(yv) else 0)) + 1)]
         tr, va = _split_tfms(tfms, 'ImageDataBunch.from_tensors')
         return cls(xt, yt, xv, yv, classes, bs=bs, val_bs=val_bs, train_tfms=tr, valid_tfms=va, device=device,
-                   path=path)
+                   path=path, device_data=device_data)
 
     def __repr__(self):
         x = self.train_ds.x

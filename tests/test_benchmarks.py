@@ -1,0 +1,36 @@
+"""The GPU benchmark's CPU smoke mode, so the script cannot rot where no GPU runs it (CI)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+
+def _load(name):
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'bench_{name}', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_resnet56_tiny_runs_all_three_runners(tmp_path, capsys):
+    out = _load('gpu_resnet56').main(['--tiny', '--json', str(tmp_path / 'r.json')])
+    for k in ('hand-written', 'minifast', 'plain fp32'):
+        assert out[k]['img_per_s'] > 0 and math.isfinite(out[k]['final']['valid_loss'])
+        assert 0 <= out[k]['final']['accuracy'] <= 1
+    assert out['ratio_minifast_vs_hand_written'] == out['minifast']['img_per_s'] / out['hand-written']['img_per_s']
+    assert json.loads((tmp_path / 'r.json').read_text())['env']['device']
+    assert 'RESULT minifast/hand-written' in capsys.readouterr().out
+
+
+def test_crop_flip_is_a_per_sample_shifted_window():
+    import torch
+    crop_flip = _load('gpu_resnet56').crop_flip
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).view(2, 3, 6, 6)
+    torch.manual_seed(0)
+    out = crop_flip(x, pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for n in range(2):  # every output is some 6x6 window of the padded image, maybe flipped
+        ok = any(torch.equal(o, padded[n, :, r:r + 6, c:c + 6]) for r in range(5) for c in range(5)
+                 for o in (out[n], out[n].flip(2)))
+        assert ok

@@ -58,6 +58,21 @@ def torch_loader_fit(bs):
             'single_validate': _plain_validate(learn, vdl)}
 
 
+def resume_fit(out, rank):
+    """fit_one_cycle(2) checkpointed every 5 steps, and the same fit resumed (on every rank) from rank 0's checkpoint
+    in the middle of epoch 0: the final weights of both."""
+    def run(path, resume=None):
+        set_seed(2)
+        data = make_data(n_train=N_TRAIN, n_valid=N_VALID, bs=32, val_bs=VAL_BS)
+        learn = Learner(data, make_mlp(), metrics=[accuracy], silent=True, path=path,
+                        callbacks=[Checkpoint(path='ck', every=5, keep_last=None)])
+        learn.fit_one_cycle(EPOCHS, LR, resume=resume)
+        return {k: v.clone() for k, v in learn.model.state_dict().items()}
+    full = run(out / f'resume{rank}')
+    file = out / 'resume0' / 'ck' / 'ckpt_00000_epoch0_step5.pth'  # rank 0 wrote it; every rank reads it
+    return {'full': full, 'resumed': run(out / f'resumed{rank}', resume=file), 'file': file.name}
+
+
 def _plain_validate(learn, dl):
     """The validation loss of the whole set in this process, without any sharding."""
     import torch.nn.functional as F
@@ -70,6 +85,7 @@ def main(out):
     rank = int(os.environ['RANK'])
     result = experiment(out / f'rank{rank}', bs=32)
     result['torch_loader'] = torch_loader_fit(bs=16)
+    result['resume'] = resume_fit(out, rank)
     try:
         Learner(make_data(), make_mlp(), sync_bn=True)
         result['sync_bn_error'] = None

@@ -126,6 +126,16 @@ def test_ddp_torch_dataloader_and_sync_bn(ddp):
     assert 'SyncBatchNorm works on CUDA devices only' in r0['sync_bn_error']
 
 
+def test_ddp_resume_mid_epoch(ddp):
+    r0, r1, out, _ = ddp
+    for r in (r0['resume'], r1['resume']):
+        for k, v in r['full'].items():
+            assert torch.equal(r['resumed'][k], v), f'{k}: the resumed run differs'
+            assert torch.equal(r0['resume']['full'][k], v)
+    assert not (out / 'resume1').exists() and not (out / 'resumed1').exists()
+    assert (out / 'resumed0' / 'ck').is_dir()
+
+
 # ---- without processes ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('world', [2, 3])
 def test_shard_union_equals_global_batch(world):

@@ -1,8 +1,8 @@
 """ParamScheduler (sets hyper-parameters every training step from a schedule) and the fit_* policies built on it.
 
 Every policy lays its schedule out in training steps (steps per epoch = len(data.train_dl); in distributed training
-the global steps, len of each rank's share) and sets it before each step; the Recorder records what was applied. `lr` (and the other per-group values) is a number, one number per layer
-group, or a slice, as in `Learner.fit`.
+the global steps, len of each rank's share) and sets it before each step; the Recorder records what was applied.
+`lr` (and the other per-group values) is a number, one number per layer group, or a slice, as in `Learner.fit`.
 """
 import math
 from numbers import Number

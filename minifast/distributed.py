@@ -161,12 +161,16 @@ def ddp_wrap(learn):
     """The DistributedDataParallel module that runs learn.model's training forward (learn.model stays the plain
     module: its state dict has no 'module.' prefix). DDP fixes its parameters when it is built, so it is rebuilt
     when the set of trainable parameters changes (freeze/unfreeze); building it copies rank 0's weights and buffers
-    to every rank. `learn.ddp_kwargs` are passed to DistributedDataParallel."""
+    to every rank (as a cached wrapper does at the start of each fit). `learn.ddp_kwargs` are passed to
+    DistributedDataParallel."""
     from torch.nn.parallel import DistributedDataParallel
     model = learn.model
     key = (id(model), tuple(p.requires_grad for p in model.parameters()))
     cached = getattr(learn, '_ddp', None)
     if cached is not None and cached[0] == key:
+        with torch.no_grad():  # e.g. a learn.load done on rank 0 only: start the fit from rank 0's weights
+            for t in model.state_dict().values():
+                dist.broadcast(t, 0)
         return cached[1]
     kw = dict(getattr(learn, 'ddp_kwargs', None) or {})  # buffers (BatchNorm statistics) follow rank 0's
     if learn.device.type == 'cuda':

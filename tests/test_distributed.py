@@ -118,7 +118,7 @@ def test_ddp_lr_find_broadcast(ddp):
 def test_ddp_torch_dataloader_and_sync_bn(ddp):
     r0, r1, _, _ = ddp
     a, b = r0['torch_loader'], r1['torch_loader']
-    assert a['steps'] == b['steps'] == 200 // 32
+    assert a['steps'] == b['steps'] == 200 // 32  # the second fit's steps
     for k in a['state']:
         assert torch.equal(a['state'][k], b['state'][k]), k
     assert a['validate'] == b['validate']

@@ -239,8 +239,14 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
             a run's identity in the log, so a log shared by different setups never hands one setup's runs to
             another.
 
-    A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on.
+    A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on. It runs as one
+    process: under torchrun it is an error (its log is not written for several ranks).
     """
+    from .distributed import launched
+    if launched():
+        raise RuntimeError('grid_search runs as one process, not under torchrun (its log and skipping of finished '
+                           'runs are not made for several ranks); run it without torchrun, or set '
+                           'MINIFAST_DISTRIBUTED=0')
     if policy not in POLICIES:
         raise ValueError(f'grid_search: policy must be one of {POLICIES}, got {policy!r}')
     configs = _configs(grid)

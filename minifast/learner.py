@@ -120,12 +120,14 @@ class Learner:
                  callback_fns=None, wd=1e-2, true_wd=True, bn_wd=True, path='.', model_dir='models', device=None,
                  bf16=False, fp16=False, channels_last=None, compile=False, cudnn_benchmark=None, silent=False,
                  layer_groups=None, splitter=None, layer_decay=None,
-                 train_bn=True, training_mode=None, check_finite=True, check_inputs=False):
+                 train_bn=True, training_mode=None, check_finite=True, check_inputs=False, distributed=None,
+                 ddp_kwargs=None, sync_bn=False):
         from .callbacks.recorder import Recorder
         from .callbacks.progress import ProgressCallback
         from .callbacks.tracking import DivergenceGuard
         check_data(data)
         self.data, self.metrics = data, check_metrics(metrics)
+        self._init_distributed(distributed, ddp_kwargs)
         self.device = resolve_device(device)
         if bf16 and fp16:
             raise ValueError('Learner: give bf16=True or fp16=True, not both')
@@ -137,6 +139,8 @@ class Learner:
         elif fp16:
             self.to_fp16()
         self.model = model.to(self.device)
+        if self._world > 1:
+            self.model = self._setup_distributed_model(sync_bn)
         self.channels_last = accel.wants_channels_last(self.model, self.device) if channels_last is None \
             else bool(channels_last)
         if self.channels_last:
@@ -269,7 +273,6 @@ class Learner:
         epochs = check_fit(self, epochs)
         self._prepare_opt(lr, self.wd if wd is None else wd)
         self._build_hooks(_as_list(callbacks))
-        self._setup_forward()
         self.n_epoch, self.train_iter, self.exception, self.last_metrics = epochs, 0, None, []
         self.epoch, self.interrupted, self.diverged, self._boundary, self.pending_cancel = 0, False, None, None, None
         self._fit_args = {'lr': [g['lr'] for g in self.opt.param_groups], 'wd': self.wd if wd is None else wd}
@@ -298,6 +301,9 @@ class Learner:
                     raise
                 else:
                     self('after_fit')
+                    if self._world > 1:  # rank 0's files (checkpoints, logs) exist before any rank goes on
+                        from .distributed import barrier
+                        barrier()
             if self._interrupt_requested:  # Ctrl-C after the last batch boundary: fit completed, then stop
                 self._interrupt_requested, self.interrupted = False, True
                 raise KeyboardInterrupt
@@ -385,6 +391,11 @@ class Learner:
         from .resume import restore_callbacks, restore_model_opt
         if state is not None:
             restore_model_opt(self, state)
+        if self._world > 1:
+            from .distributed import ddp_wrap, sync_rng
+            sync_rng()  # every rank draws rank 0's permutations (a resumed run then sets the checkpoint's RNG)
+            self._fwd = ddp_wrap(self)  # built before before_fit; copies rank 0's weights to every rank
+        self._setup_forward()  # torch.compile (of the DDP wrapper when there is one)
         self.opt.zero_grad()  # gradients left by an interrupted step must not leak into this fit's first step
         self('before_fit')
         if state is None:
@@ -494,13 +505,15 @@ class Learner:
         sweep stays in `learn.recorder` for `learn.recorder.plot(suggestion=True)`; the returned LRFindResult holds
         the 'steep', 'valley' and 'minimum' suggestions.
         """
-        from .callbacks.lr_finder import lr_find
+        from .callbacks.lr_finder import lr_find, lr_find_distributed
+        if self._world > 1:  # the sweep runs on rank 0 alone; every rank returns its result
+            return lr_find_distributed(self, start_lr, end_lr, num_it, stop_div, wd)
         return lr_find(self, start_lr, end_lr, num_it, stop_div, wd)
 
     def _do_epoch(self):
         self._resumed_epoch = None  # read by the Recorder's before_epoch of a resumed epoch
         self.last_metrics = []  # a cancelled epoch must not report the previous epoch's validation
-        self.dl, self.training, self._phase = self.data.train_dl, True, 'train'
+        self.dl, self.training, self._phase = self._loader(self.data.train_dl, True), True, 'train'
         self.model.train()
         self._with_events(self._all_batches, 'train', CancelTrainException)
         valid_dl = self.data.valid_dl
@@ -509,7 +522,7 @@ class Learner:
         self._phase = None
 
     def _validate(self, dl, metrics):
-        self.dl, self.training = dl, False
+        self.dl, self.training = self._loader(dl, False), False
         self.model.eval()
         self._val_metrics, self._vals = metrics, []
         with torch.no_grad():
@@ -517,6 +530,9 @@ class Learner:
         return self._reduce_vals(metrics)
 
     def _reduce_vals(self, metrics):
+        if self._world > 1:  # sums and counts over every rank's share, in one all_reduce
+            from .distributed import reduce_vals
+            return reduce_vals(self, metrics)
         if not self._vals:
             return [float('nan')] * (1 + len(metrics))
         bs = torch.tensor([v[0] for v in self._vals], dtype=torch.float32, device=self.device)
@@ -642,6 +658,58 @@ class Learner:
         finally:
             self._buffers = None
 
+    # ---- distributed data parallel (torchrun) ------------------------------------------------------------------
+    def _init_distributed(self, distributed, ddp_kwargs):
+        """Join torchrun's process group (see minifast.distributed); sets `_world` (1: one process) and `is_main`."""
+        from .distributed import init_distributed, rank
+        if distributed not in (None, True, False):
+            raise ValueError(f'Learner: distributed must be None (automatic under torchrun), True or False, got '
+                             f'{distributed!r}')
+        if ddp_kwargs is not None and not isinstance(ddp_kwargs, dict):
+            raise TypeError(f'Learner: ddp_kwargs must be a dict of DistributedDataParallel arguments, got '
+                            f'{type(ddp_kwargs).__name__}')
+        self.ddp_kwargs, self._ddp, self._shards = dict(ddp_kwargs or {}), None, {}
+        self._world = init_distributed(distributed)
+        # the process that prints and writes files; every process when training is not distributed
+        self.is_main = self._world == 1 or rank() == 0
+
+    def _setup_distributed_model(self, sync_bn):
+        from .distributed import check_device
+        check_device(self.device)
+        if not sync_bn:
+            return self.model
+        if self.device.type != 'cuda':
+            raise ValueError(f'Learner(sync_bn=True): SyncBatchNorm works on CUDA devices only, and this process '
+                             f'trains on {self.device}; leave sync_bn off (each rank then normalises with its own '
+                             f'batch statistics)')
+        return nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+
+    def _loader(self, dl, train):
+        """`dl`, or in distributed training this rank's share of it (built once per fit)."""
+        if self._world == 1:
+            return dl
+        key = (id(dl), train)
+        got = self._shards.get(key)
+        if got is None or got[0] is not dl:
+            from .distributed import rank, shard_loader
+            got = self._shards[key] = (dl, shard_loader(dl, rank(), self._world, train))
+        return got[1]
+
+    def _train_len(self):
+        """Optimizer steps in a training epoch: len(data.train_dl), or of this rank's share of it in distributed
+        training (the same on every rank). TypeError for a loader without a length."""
+        return len(self._loader(self.data.train_dl, True))
+
+    @contextlib.contextmanager
+    def _local(self):
+        """Train as a single process while in this block (lr_find on rank 0): no DDP wrapper, sharding, reductions
+        or RNG sync."""
+        old, shards, self._world = self._world, self._shards, 1
+        try:
+            yield self
+        finally:
+            self._world, self._shards = old, shards
+
     # ---- optimizer -------------------------------------------------------------------------------------------
     def create_opt(self, lr=3e-3, wd=None):
         """Build `learn.opt` from `opt_func` with one group per layer group (two when bn_wd=False)."""
@@ -756,13 +824,20 @@ class Learner:
         """Save the learner's full state to path/model_dir/name.pth (or to `name` when it ends in .pth), atomically:
         model, optimizer (unless with_opt=False), the Recorder's history, the RNG states and, during a fit, the
         position and the callbacks' state. Returns the file's path. `learn.load` reads the weights (and optimizer);
-        torch.load(file, weights_only=True)['model'] is the model's state dict."""
+        torch.load(file, weights_only=True)['model'] is the model's state dict.
+
+        In distributed training call it on every rank: rank 0 writes, and outside a fit the others wait until the
+        file is there (so a `learn.load` on any rank then finds it)."""
         from .resume import training_state
         file = self._model_file(name)
         # a finished state only after a fit that completed; during a fit, or after one that stopped on an error or
         # an interrupt, the file holds no point a fit can resume from (Checkpoint writes those)
         done = self._hooks is None and self.exception is None
-        atomic_save(training_state(self, 'end' if done else None, with_opt=with_opt), file)
+        if self.is_main:
+            atomic_save(training_state(self, 'end' if done else None, with_opt=with_opt), file)
+        if self._world > 1 and self._hooks is None:
+            from .distributed import barrier
+            barrier()
         return file
 
     def load(self, name, with_opt=None, strict=True):

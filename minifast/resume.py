@@ -34,12 +34,13 @@ def _callback_states(learn):
 def fit_signature(learn):
     """What must match to continue a fit exactly: epochs, steps per epoch and each scheduler's sampled values."""
     try:
-        per_epoch = len(learn.data.train_dl)
+        per_epoch = learn._train_len()
     except TypeError:
         per_epoch = None
     scheds = [cb.resume_signature(learn) for cb in (getattr(learn, '_fit_cbs', None) or [])
               if callable(getattr(cb, 'resume_signature', None))]
-    return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn._fit_args}
+    return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn._fit_args,
+            'world_size': learn._world}
 
 
 def training_state(learn, where='end', with_opt=True, batch=None):
@@ -127,6 +128,10 @@ def is_finished(pos):
 
 def _sig_mismatch(saved, now):
     """A sentence on the first difference between two fit signatures, or None."""
+    a, b = saved.get('world_size', 1), now.get('world_size', 1)
+    if a != b:
+        return (f'it was written by {a} process(es) and this run has {b}; resume with the same number of processes '
+                f'(torchrun --nproc_per_node {a} on one node), as the data order and batches depend on it')
     if saved['n_epoch'] != now['n_epoch']:
         return f"it was written by a {saved['n_epoch']}-epoch fit but this call trains {now['n_epoch']} epochs"
     if saved['steps_per_epoch'] != now['steps_per_epoch']:

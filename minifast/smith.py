@@ -438,6 +438,10 @@ def write_report(out, ctx):
 # ----------------------------------------------------------------------------------------------------- run
 def run(args):
     """The whole workflow; returns 0. Prints one line per step (and what it skipped)."""
+    from .distributed import launched
+    if launched():
+        raise SystemExit('minifast smith runs as one process: its grids and report are not written for torchrun; '
+                         'run it without torchrun (or with --nproc_per_node 1), or set MINIFAST_DISTRIBUTED=0')
     import matplotlib
     matplotlib.use('Agg')
     import torch

@@ -8,7 +8,8 @@ __all__ = ['CSVLogger']
 
 
 class CSVLogger(Callback):
-    """Writes epoch, train_loss, valid_loss, each metric and time to learn.path/`filename`.csv, flushed per epoch."""
+    """Writes epoch, train_loss, valid_loss, each metric and time to learn.path/`filename`.csv, flushed per epoch
+    (in distributed training by rank 0 only)."""
     order = 55
 
     def __init__(self, learn=None, filename='history', append=False):
@@ -22,6 +23,9 @@ class CSVLogger(Callback):
 
     def before_fit(self, learn):
         self.learn = learn
+        if not learn.is_main:  # another rank writes the file
+            self.file, self._offset, self._text = None, 0, ''
+            return
         p = self.path(learn)
         p.parent.mkdir(parents=True, exist_ok=True)
         header = ['epoch', 'train_loss', 'valid_loss', *learn.recorder.metrics_names, 'time']
@@ -32,6 +36,8 @@ class CSVLogger(Callback):
             self._row(header)
 
     def _row(self, row):
+        if self.file is None:
+            return
         buf = io.StringIO()
         csv.writer(buf).writerow(row)
         self.file.write(buf.getvalue())
@@ -50,6 +56,9 @@ class CSVLogger(Callback):
 
     def load_state_dict(self, state):
         """Resuming: the file again holds what it held at the checkpoint (rows of epochs run after it go)."""
+        if self.file is None:  # not the rank that writes
+            self._offset, self._text = state['offset'], state['text']
+            return
         self.file.close()
         with open(self.path(), 'r+' if self.path().exists() else 'w', newline='') as f:
             f.truncate(state['offset'])

@@ -176,7 +176,7 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
         raise ValueError(f'lr_find: num_it must be at least 2, got {num_it}')
     n = _steps_per_epoch(learn, 1, 'lr_find')
     head = learn.layer_groups[-1]
-    if any(k in getattr(head, 'settings', {}) for k in ('lr', 'lr_mult')):
+    if learn.is_main and any(k in getattr(head, 'settings', {}) for k in ('lr', 'lr_mult')):
         warnings.warn('lr_find: the last layer group has a fixed lr or an lr_mult, so the recorded lrs (and the '
                       'suggestions) are the values applied to it, not the values you would pass to fit')
     epochs = math.ceil(num_it / n)
@@ -201,5 +201,29 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
     rec = learn.recorder
     lrs, losses = rec.lrs, rec.losses
     sug = suggestions(lrs, losses)
-    print('LR Finder is complete, type learn.recorder.plot() to see the graph.')
+    if learn.is_main:
+        print('LR Finder is complete, type learn.recorder.plot() to see the graph.')
     return LRFindResult(lrs, losses, diverged=finder.diverged, suggestions=sug, **sug)
+
+
+def lr_find_distributed(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
+    """lr_find in distributed training: rank 0 sweeps alone (one process at the per-process batch size, over the
+    whole training set) while the others wait; its result and Recorder history are then broadcast, so every rank
+    returns the same LRFindResult and can plot it. An error on rank 0 is raised on every rank."""
+    from ..distributed import broadcast_object
+    res = err = rec = None
+    if learn.is_main:
+        try:
+            with learn._local():
+                res = lr_find(learn, start_lr, end_lr, num_it, stop_div, wd)
+            rec = learn.recorder.state_dict()
+        except Exception as e:  # the other ranks wait in the broadcast below: tell them
+            err = e
+    res, rec, msg = broadcast_object((res, rec, None if err is None else f'{type(err).__name__}: {err}'))
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise RuntimeError(f'lr_find failed on rank 0: {msg}')
+    if not learn.is_main:
+        learn.recorder.load_state_dict(rec)
+    return res

@@ -42,7 +42,8 @@ class ProgressCallback(Callback):
 
     The bar's own update is a counter compare; the smoothed loss shown beside it is read at most every
     `comment_every` seconds, so the bar costs no per-step host synchronisation. Outside a notebook, when stdout
-    is not a terminal (CI logs, files), only the epoch table is printed.
+    is not a terminal (CI logs, files), only the epoch table is printed. In distributed training only rank 0 shows
+    anything.
     """
     order = 60
 
@@ -52,7 +53,7 @@ class ProgressCallback(Callback):
     def before_fit(self, learn):
         self.mbar = self.pbar = None
         self._outer = []
-        if learn.silent:
+        if learn.silent or not learn.is_main:
             return
         self.mbar = master_bar(range(learn.n_epoch)) if _live() else _PlainTable()
         self.mbar.on_iter_begin()
@@ -66,7 +67,7 @@ class ProgressCallback(Callback):
     def _start_bar(self, learn):
         self._outer.append(self.pbar)  # a validate() called from a callback nests inside the training bar
         self.pbar = None
-        if learn.silent or not _live():
+        if learn.silent or not learn.is_main or not _live():
             return
         n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
         if n:

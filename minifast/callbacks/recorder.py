@@ -40,6 +40,10 @@ class Recorder(Callback):
 
     Per-step losses stay on the device until read (at epoch end, or when a property asks), so recording costs no
     host synchronisation. `smooth_loss` is the debiased exponential moving average (beta=0.98) of raw losses.
+
+    In distributed training each rank records its own losses during an epoch (a progress bar shows rank 0's); at
+    the end of the epoch's training they are averaged across ranks in one all_reduce, so the history (and `bs`, then
+    the global batch size) is that of one process with the global batch.
     """
     order = 50
 
@@ -58,6 +62,7 @@ class Recorder(Callback):
         self._reset()
         self.metrics_names = [metric_name(m) for m in learn.metrics]
         self._pgs, self._mom_key = learn.opt.param_groups, momentum_key(learn.opt)
+        self._world = learn._world
 
     def before_epoch(self, learn):
         self._t0, self._start = time.perf_counter(), len(self.bs)
@@ -98,6 +103,31 @@ class Recorder(Callback):
             self.group_moms.append([g['betas'][0] for g in pgs])
         elif key is not None:
             self.group_moms.append([g[key] for g in pgs])
+
+    def after_train(self, learn):
+        if self._world > 1:  # every rank gets here after the same steps: a collective is safe here (not in _flush)
+            self._reduce_epoch(learn)
+
+    def _reduce_epoch(self, learn):
+        """Replace this epoch's per-step losses by their average over the ranks (weighted by batch size) and the
+        batch sizes by their sum, and recompute the smoothed losses from the epoch's start."""
+        from ..distributed import all_reduce_
+        self._flush()
+        s = self._start
+        raw, bs = self._raw[s:], self.bs[s:]
+        t = torch.tensor([[v * b for v, b in zip(raw, bs)], bs], dtype=torch.float64, device=learn.device)
+        all_reduce_(t)
+        total, bs = t.tolist()
+        raw = [v / b for v, b in zip(total, bs)]
+        self.bs[s:] = [int(b) for b in bs]
+        # the average before the epoch, recovered from its debiased value
+        mov = self._smooth[s - 1] * (1 - self.beta ** s) if s else 0.
+        del self._raw[s:], self._smooth[s:]
+        for n, v in enumerate(raw, s + 1):
+            mov, smooth = ema_step(mov, v, self.beta, n)
+            self._smooth.append(smooth)
+        self._raw.extend(raw)
+        self._mov = mov
 
     def after_epoch(self, learn):
         raw, bs = self.raw_losses[self._start:], self.bs[self._start:]

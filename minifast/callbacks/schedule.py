@@ -1,8 +1,8 @@
 """ParamScheduler (sets hyper-parameters every training step from a schedule) and the fit_* policies built on it.
 
-Every policy lays its schedule out in training steps (steps per epoch = len(data.train_dl)) and sets it before each
-step; the Recorder records what was applied. `lr` (and the other per-group values) is a number, one number per layer
-group, or a slice, as in `Learner.fit`.
+Every policy lays its schedule out in training steps (steps per epoch = len(data.train_dl); in distributed training
+the global steps, len of each rank's share) and sets it before each step; the Recorder records what was applied.
+`lr` (and the other per-group values) is a number, one number per layer group, or a slice, as in `Learner.fit`.
 """
 import math
 from numbers import Number
@@ -38,7 +38,7 @@ class ParamScheduler(Callback):
         total = getattr(self.sched, 'total_steps', None)
         if total is None:
             try:
-                total = self.start_step + learn.n_epoch * len(learn.data.train_dl)
+                total = self.start_step + learn.n_epoch * learn._train_len()
             except TypeError:
                 total = self.start_step + 1
         steps = sorted({int(round(i * (total - 1) / 8)) for i in range(9)} | {self.start_step})
@@ -102,7 +102,7 @@ def _steps_per_epoch(learn, epochs, where):
     from ..checks import check_fit
     check_fit(learn, epochs)
     try:
-        return len(learn.data.train_dl)
+        return learn._train_len()  # in distributed training: global steps, len of this rank's share
     except TypeError:
         raise TypeError(f'{where} needs a training DataLoader with a length (the schedule is laid out in '
                         f'steps)') from None

@@ -61,7 +61,7 @@ class WeightSnapshots(Callback):
             return
         sd = state_dict_copy(learn.model)
         self.snapshots[e] = sd
-        if self.path is not None:
+        if self.path is not None and learn.is_main:  # distributed: rank 0 writes, every rank keeps the copy
             self.files[e] = atomic_save(sd, self.path / f'snapshot_{e}.pth')
 
     def state_dict(self):

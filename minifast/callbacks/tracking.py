@@ -67,7 +67,8 @@ class Checkpoint(Callback):
     A completed fit also writes a final 'finished' state unless its last epoch's checkpoint already is one, and a
     Ctrl-C taken at a batch boundary (minifast defers it there) writes the state at that boundary. Writes are atomic
     (a temporary file in the same folder, then os.replace), and with the learner's divergence check on, only weights
-    verified finite are written. Usable in callback_fns= and callbacks=.
+    verified finite are written. Usable in callback_fns= and callbacks=. In distributed training every rank makes the
+    same decisions (the values it monitors are reduced across ranks) and rank 0 writes the files.
     """
     order = 90  # after the Recorder, loggers and snapshots: the epoch's row and their state are complete
 
@@ -131,13 +132,16 @@ class Checkpoint(Callback):
                 self._write(learn, 'end', self.last_file if same else None)
         elif isinstance(e, KeyboardInterrupt) and learn._boundary is not None:
             # a Ctrl-C deferred to a batch boundary: after a training batch, or in validation (training is done)
-            all_batches = len(learn.data.train_dl) if learn._boundary == 'valid' else None
+            all_batches = learn._train_len() if learn._boundary == 'valid' else None
             self._write(learn, 'boundary', batch=all_batches)
 
     def _write(self, learn, where, file=None, batch=None, best=False):
         if learn.check_finite:
             learn.guard.verify(learn)  # raises DivergenceError (nothing written) unless the weights are finite
         step = learn.train_iter + (1 if where == 'batch' else 0)
+        if not learn.is_main:  # distributed: rank 0 writes; the others only follow where it is
+            self._last_where, self._last_step = (where, learn.epoch), step
+            return
         folder = self.folder(learn)
         if file is None:
             files = list_checkpoints(folder)
@@ -187,6 +191,10 @@ class DivergenceGuard(Callback):
     that copy, which is then at most `check_every` steps older than the first non-finite loss. The weights are also
     checked (and copied) at the end of each epoch's training and before every checkpoint, so no checkpoint or
     snapshot holds non-finite weights. The copy costs the memory of the model and optimizer state once more.
+
+    In distributed training the ranks decide together (their losses differ): on CPU each step's finite flag is
+    reduced across ranks (a one-number all_reduce), on a GPU the first bad step at each check; all ranks stop at the
+    same step.
     """
     order = -10
 
@@ -197,6 +205,7 @@ class DivergenceGuard(Callback):
 
     def before_fit(self, learn):
         self.every = self.check_every or (1 if learn.device.type == 'cpu' else 32)
+        self._world = learn._world
         self._bad = None if self.every == 1 else torch.full((), -1, dtype=torch.long, device=learn.device)
         self._good, self._good_step = self._copy(learn), 0
         # checking every step: the buffers (BatchNorm statistics) as they were after the last finite loss's forward,
@@ -214,8 +223,12 @@ class DivergenceGuard(Callback):
             return
         loss = learn.loss.detach()
         if self.every == 1:  # on CPU, reading a scalar loss costs about a microsecond
-            if not (math.isfinite(loss.item()) if loss.ndim == 0 else bool(torch.isfinite(loss).all())):
-                self._diverged(learn, learn.train_iter, float(loss.float().flatten()[0]))
+            finite = math.isfinite(loss.item()) if loss.ndim == 0 else bool(torch.isfinite(loss).all())
+            if self._world > 1:  # every rank must stop at the same step, or the others hang in backward
+                finite = self._all_finite(finite, learn.device)
+            if not finite:
+                value = float(loss.float().flatten()[0])
+                self._diverged(learn, learn.train_iter, None if math.isfinite(value) else value)
             if self._bufs:
                 torch._foreach_copy_(self._shadow, self._bufs)
             return
@@ -224,6 +237,11 @@ class DivergenceGuard(Callback):
         if (learn.train_iter + 1) % self.every == 0:
             self.verify(learn)
 
+    @staticmethod
+    def _all_finite(finite, device):
+        from ..distributed import all_reduce_
+        return bool(all_reduce_(torch.tensor([int(finite)], dtype=torch.int32, device=device), 'min')[0])
+
     def after_train(self, learn):
         self.verify(learn)
 
@@ -231,6 +249,11 @@ class DivergenceGuard(Callback):
         """Raise DivergenceError (after restoring the last verified weights) if a non-finite loss was seen since the
         last check or the weights are not finite; otherwise remember the current weights as verified."""
         if self._bad is not None:
+            if self._world > 1:  # the earliest bad step of any rank (-1: none)
+                from ..distributed import all_reduce_
+                big = torch.iinfo(torch.long).max
+                first = all_reduce_(torch.where(self._bad < 0, big, self._bad), 'min')
+                self._bad = torch.where(first == big, -1, first)
             bad = int(self._bad)  # the host sync of the lagged check
             if bad >= 0:
                 self._diverged(learn, bad, None)

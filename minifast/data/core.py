@@ -49,6 +49,62 @@ class TensorDataLoader:
                 b = tuple(t if t.device == dev else t.to(dev, non_blocking=True) for t in b)
             yield b if fn is None else fn(b)
 
+    def shard(self, rank, world, train=True):
+        """This loader as rank `rank` of `world` sees it in distributed training (same tensors, device and
+        after_batch).
+
+        train=True: every rank draws the same permutation (torch's global RNG, synced across ranks) exactly as this
+        loader does, cuts it into global batches of batch_size * world items (a partial one is dropped), and takes
+        items [rank * batch_size, (rank + 1) * batch_size) of each: the ranks together see the batches of one
+        process with batch_size * world. train=False: the contiguous block [rank * c, (rank + 1) * c) of the items,
+        c = ceil(n / world), in batches of batch_size, with no padding and nothing dropped (a rank may get fewer
+        items, or none).
+        """
+        return _Shard(self, rank, world, train)
+
+
+class _Shard:
+    """One rank's view of a TensorDataLoader (see TensorDataLoader.shard)."""
+
+    def __init__(self, dl, rank, world, train):
+        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f'TensorDataLoader.shard: need 0 <= rank < world, got rank {rank!r}, world {world!r}')
+        self.dl, self.rank, self.world, self.train = dl, rank, world, train
+        self.tensors, self.batch_size, self.shuffle, self.device = dl.tensors, dl.batch_size, dl.shuffle, dl.device
+        self.after_batch, self.dataset, self.drop_last = dl.after_batch, dl.dataset, train
+
+    def _block(self):
+        from ..distributed import shard_bounds
+        return shard_bounds(len(self.tensors[0]), self.rank, self.world)
+
+    def __len__(self):
+        n, bs = len(self.tensors[0]), self.batch_size
+        if self.train:
+            return n // (bs * self.world)
+        start, stop = self._block()
+        return math.ceil((stop - start) / bs)
+
+    def __iter__(self):
+        n, bs = len(self.tensors[0]), self.batch_size
+        # drawn as the loader draws it, so that every rank's RNG advances as one process's would
+        idx = torch.randperm(n, device=self.tensors[0].device) if self.shuffle else None
+        if self.train:
+            g, lo = bs * self.world, self.rank * bs
+            parts = [(i * g + lo, i * g + lo + bs) for i in range(len(self))]
+        else:  # every item once, in order (the permutation, if any, is drawn only to advance the RNG)
+            idx, (start, stop) = None, self._block()
+            parts = [(a, min(a + bs, stop)) for a in range(start, stop, bs)]
+        dev, fn = self.device, self.after_batch
+        for a, b in parts:
+            if idx is None:
+                batch = tuple(t[a:b] for t in self.tensors)
+            else:
+                j = idx[a:b]
+                batch = tuple(t[j if t.device == j.device else j.to(t.device)] for t in self.tensors)
+            if dev is not None:
+                batch = tuple(t if t.device == dev else t.to(dev, non_blocking=True) for t in batch)
+            yield batch if fn is None else fn(batch)
+
 
 class DataBunch:
     """A training loader and an optional validation loader, as the Learner expects them."""

@@ -1,0 +1,230 @@
+"""Data-parallel training under torchrun: one launch of 2 CPU processes (gloo) compared with one process at the
+global batch size, plus the shard arithmetic and the reductions without processes."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+
+from minifast import Learner, TensorDataLoader
+from minifast.distributed import ShardSampler, launched, reduce_vals, shard_bounds, shard_loader
+
+from conftest import make_data, make_mlp
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TOL = 1e-5
+
+
+# ---- the launch ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def ddp(tmp_path_factory):
+    """Run tests/ddp_worker.py on 2 processes once for the whole module; (rank 0's result, rank 1's, the folder)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip('torch.distributed with gloo is not available')
+    out = tmp_path_factory.mktemp('ddp')
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
+                                                          'MASTER_PORT', 'MINIFAST_DISTRIBUTED')}
+    env.update(OMP_NUM_THREADS='1', MPLBACKEND='Agg', CUDA_VISIBLE_DEVICES='',
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get('PYTHONPATH')])]))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           str(HERE / 'ddp_worker.py'), str(out)]
+    try:
+        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b'')[-4000:]
+        pytest.fail(f'torchrun did not finish in {e.timeout}s; stderr tail:\n'
+                    f'{tail.decode(errors="replace") if isinstance(tail, bytes) else tail}')
+    if p.returncode != 0:
+        pytest.fail(f'torchrun exited with {p.returncode}; stderr tail:\n{p.stderr[-6000:]}\nstdout tail:\n'
+                    f'{p.stdout[-2000:]}')
+    r0, r1 = (torch.load(out / f'rank{r}.pt', weights_only=False) for r in (0, 1))
+    return r0, r1, out, p
+
+
+@pytest.fixture(scope='module')
+def single(tmp_path_factory):
+    """The same experiment in this process with the global batch size (2 x 32)."""
+    from ddp_worker import experiment
+    return experiment(tmp_path_factory.mktemp('single'), bs=64)
+
+
+def _close(a, b, what):
+    assert len(a) == len(b), f'{what}: {len(a)} vs {len(b)} values'
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert abs(x - y) <= TOL, f'{what}[{i}]: {x} vs {y}'
+
+
+def test_ddp_trains_data_parallel(ddp):
+    r0, r1, _, _ = ddp
+    for r in (r0, r1):
+        assert r['world'] == 2 and r['wrapped'] and r['fwd_after_fit'] is None
+        assert r['nb_batches'] == [10, 10]  # 640 items, 2 x 32 a step: global steps
+        assert r['bs'] == [64] * 20  # the Recorder records the global batch
+
+
+def test_ddp_matches_single_process_bs64(ddp, single):
+    r0, r1, _, _ = ddp
+    assert single['world'] == 1 and not single['wrapped']
+    for k, v in single['state'].items():
+        assert torch.equal(r0['state'][k], r1['state'][k]), f'{k}: the ranks differ'
+        diff = (r0['state'][k] - v).abs().max().item()
+        assert diff <= TOL, f'{k}: 2 processes x 32 and 1 process x 64 differ by {diff}'
+    for r in (r0, r1):
+        assert r['lrs'] == pytest.approx(single['lrs'], abs=1e-12, rel=0) and len(r['lrs']) == 20
+        assert r['moms'] == pytest.approx(single['moms'], abs=1e-12, rel=0)
+        _close(r['raw'], single['raw'], 'per-step losses')
+        _close(r['smooth'], single['smooth'], 'smoothed losses')
+        _close(r['train_losses'], single['train_losses'], 'train_losses')
+        _close(r['val_losses'], single['val_losses'], 'val_losses')
+        _close([m[0] for m in r['metrics']], [m[0] for m in single['metrics']], 'accuracy')
+        _close(r['validate'], single['validate'], 'validate()')
+
+
+def test_ddp_rank0_only_outputs(ddp, single):
+    r0, r1, out, p = ddp
+    rows = (out / 'rank0' / 'history.csv').read_text().splitlines()
+    assert rows[0].startswith('epoch,train_loss,valid_loss,accuracy') and len(rows) == 3
+    assert sorted(f.name for f in (out / 'rank0' / 'ck').iterdir()) == ['ckpt_00000_epoch0_step10.pth',
+                                                                       'ckpt_00001_epoch1_step20.pth']
+    assert not (out / 'rank1').exists(), f'rank 1 wrote {sorted(map(str, (out / "rank1").rglob("*")))}'
+    assert r1['stdout'] == ''
+    assert r0['stdout'].count('LR Finder is complete') == 1
+    rows = lambda text: [line for line in text.splitlines() if line.startswith(('epoch', '0 ', '1 '))]  # noqa: E731
+    table = rows(r0['stdout'])
+    # lr_find's sweep prints a header too, as in one process; then the fit's header and its two rows
+    assert len(table) == len(rows(single['stdout'])) == 4
+    assert table[1].split()[:4] == ['epoch', 'train_loss', 'valid_loss', 'accuracy']
+    # rank 0's table shows the global values, those of one process
+    assert float(table[2].split()[1]) == pytest.approx(single['train_losses'][0], abs=2e-6)
+    assert float(table[3].split()[2]) == pytest.approx(single['val_losses'][1], abs=2e-6)
+    ck = torch.load(out / 'rank0' / 'ck' / 'ckpt_00001_epoch1_step20.pth', weights_only=True)
+    assert ck['signature']['world_size'] == 2 and ck['signature']['steps_per_epoch'] == 10
+
+
+def test_ddp_lr_find_broadcast(ddp):
+    r0, r1, _, _ = ddp
+    assert r0['lr_find'] == r1['lr_find'] and r0['lr_find']['valley'] is not None
+    assert len(r0['lr_find']['lrs']) == 10
+    assert r0['sweep'] == r1['sweep'] == (r0['lr_find']['lrs'], r0['lr_find']['losses'])
+
+
+def test_ddp_torch_dataloader_and_sync_bn(ddp):
+    r0, r1, _, _ = ddp
+    a, b = r0['torch_loader'], r1['torch_loader']
+    assert a['steps'] == b['steps'] == 200 // 32  # the second fit's steps
+    for k in a['state']:
+        assert torch.equal(a['state'][k], b['state'][k]), k
+    assert a['validate'] == b['validate']
+    assert a['validate'][0] == pytest.approx(a['single_validate'], abs=TOL)
+    assert 'SyncBatchNorm works on CUDA devices only' in r0['sync_bn_error']
+
+
+def test_ddp_resume_mid_epoch(ddp):
+    r0, r1, out, _ = ddp
+    for r in (r0['resume'], r1['resume']):
+        for k, v in r['full'].items():
+            assert torch.equal(r['resumed'][k], v), f'{k}: the resumed run differs'
+            assert torch.equal(r0['resume']['full'][k], v)
+    assert not (out / 'resume1').exists() and not (out / 'resumed1').exists()
+    assert (out / 'resumed0' / 'ck').is_dir()
+
+
+# ---- without processes ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('world', [2, 3])
+def test_shard_union_equals_global_batch(world):
+    n, bs = 50, 4
+    x = torch.arange(n)
+    torch.manual_seed(3)
+    glob = list(TensorDataLoader(x, x * 10, batch_size=bs * world, shuffle=True, drop_last=True))
+    after = torch.get_rng_state()
+    shards = []
+    for r in range(world):
+        torch.manual_seed(3)
+        dl = TensorDataLoader(x, x * 10, batch_size=bs, shuffle=True).shard(r, world)
+        shards.append(list(dl))
+        assert len(dl) == len(glob) == n // (bs * world)
+        assert torch.equal(torch.get_rng_state(), after)  # the RNG moved as one process's would
+    for i, (gx, gy) in enumerate(glob):
+        assert torch.equal(torch.cat([s[i][0] for s in shards]), gx)
+        assert torch.equal(torch.cat([s[i][1] for s in shards]), gy)
+        assert all(len(s[i][0]) == bs for s in shards)
+
+
+@pytest.mark.parametrize('n,world,bs', [(50, 2, 16), (7, 3, 2), (4, 3, 4), (1, 2, 3), (0, 2, 2)])
+def test_valid_shards_cover_once(n, world, bs):
+    x = torch.arange(n)
+    seen = []
+    for r in range(world):
+        dl = TensorDataLoader(x, x, batch_size=bs).shard(r, world, train=False)
+        batches = [b[0] for b in dl]
+        assert len(batches) == len(dl) and all(0 < len(b) <= bs for b in batches)
+        seen += torch.cat(batches).tolist() if batches else []
+        lo, hi = shard_bounds(n, r, world)
+        assert hi - lo <= math.ceil(n / world)
+    assert seen == list(range(n))
+
+
+def test_shard_sampler_matches_tensor_shard():
+    n, bs, world = 45, 4, 2
+    torch.manual_seed(0)
+    perm = torch.randperm(n)
+    for r in range(world):
+        torch.manual_seed(0)
+        got = list(ShardSampler(n, bs, r, world))
+        want = torch.cat([perm[i * 8 + r * 4:i * 8 + r * 4 + 4] for i in range(n // 8)]).tolist()
+        assert got == want and len(ShardSampler(n, bs, r, world)) == len(want)
+    evals = [list(ShardSampler(n, bs, r, world, train=False)) for r in range(world)]
+    assert evals[0] + evals[1] == list(range(n))
+    ds = TensorDataset(torch.arange(n))
+    shard = shard_loader(DataLoader(ds, batch_size=bs, shuffle=True), 1, world, True)
+    assert isinstance(shard.sampler, ShardSampler) and len(shard) == n // 8 and shard.batch_size == bs
+    with pytest.raises(ValueError, match='cannot shard a list'):
+        shard_loader([1, 2], 0, 2, True)
+
+
+def test_reduce_vals_arithmetic_and_empty_rank():
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    vals = [(16, torch.tensor(1.0), [torch.tensor(0.5)]), (4, torch.tensor(2.0), [torch.tensor(1.0)])]
+    learn._vals = vals
+    want = learn._reduce_vals([None])
+    got = reduce_vals(SimpleNamespace(_vals=vals, device=learn.device), [None])
+    assert got == pytest.approx(want, abs=1e-7) and got == pytest.approx([1.2, 0.6])
+    empty = reduce_vals(SimpleNamespace(_vals=[], device=learn.device), [None])
+    assert all(math.isnan(v) for v in empty) and len(empty) == 2
+
+
+def test_resume_refuses_another_world_size():
+    from minifast.resume import _sig_mismatch
+    sig = {'n_epoch': 2, 'steps_per_epoch': 10, 'schedules': [], 'args': {}, 'world_size': 2}
+    assert 'written by 2 process(es) and this run has 1' in _sig_mismatch(sig, dict(sig, world_size=1))
+    assert 'nproc_per_node 2' in _sig_mismatch(sig, dict(sig, world_size=1))
+    old = {k: v for k, v in sig.items() if k != 'world_size'}  # checkpoints from before: one process
+    assert _sig_mismatch(old, dict(sig, world_size=1)) is None
+
+
+def test_single_process_paths_and_refusals(monkeypatch, tmp_path):
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    assert learn._world == 1 and learn.is_main and learn._fwd is None
+    assert learn._loader(learn.data.train_dl, True) is learn.data.train_dl
+    with pytest.raises(ValueError, match='not launched for distributed training'):
+        Learner(make_data(), make_mlp(), distributed=True)
+    with pytest.raises(ValueError, match='distributed must be None'):
+        Learner(make_data(), make_mlp(), distributed='yes')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert launched()
+    from minifast import grid_search
+    from minifast.smith import run
+    with pytest.raises(SystemExit, match='smith runs as one process'):
+        run(SimpleNamespace(out=str(tmp_path)))
+    with pytest.raises(RuntimeError, match='grid_search runs as one process'):
+        grid_search(lambda: learn, {'wd': [0.]})
+    monkeypatch.setenv('MINIFAST_DISTRIBUTED', '0')
+    assert not launched()
+    assert Learner(make_data(), make_mlp(), silent=True)._world == 1  # opted out: a plain process

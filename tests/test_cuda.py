@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minifast import Callback, DataBunch, Learner, accuracy
+from minifast import SGD, Callback, DataBunch, Learner, accuracy
 from conftest import make_data, make_mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -207,7 +207,8 @@ def test_fast_path_has_no_per_step_host_sync(prec):
     make = lambda n: Learner(_conv_data(n=n, bs=16), _conv_model(), silent=True, metrics=[accuracy],  # noqa: E731
                              **{prec: True})
     few, many = _syncs(make, 64), _syncs(make, 640)  # 8 vs 80 training steps in all
-    assert many - few < 4, f'{few} syncs for 8 steps but {many} for 80: something syncs every step'
+    # 72 more steps add the lagged divergence check (one read per 32 steps), nothing per step
+    assert many - few < 8, f'{few} syncs for 8 steps but {many} for 80: something syncs every step'
 
 
 def test_fp16_on_cuda_equals_hand_written_grad_scaler_loop():
@@ -231,19 +232,22 @@ def test_fp16_on_cuda_equals_hand_written_grad_scaler_loop():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
-def test_compile_on_cuda_matches_eager_and_warmup_compiles_everything():
+@pytest.mark.parametrize('mode', [True, 'reduce-overhead'])
+def test_compile_on_cuda_matches_eager_and_warmup_compiles_everything(mode):
     from torch._dynamo.utils import counters
     runs = []
-    for compile in (False, True):
-        learn = Learner(_conv_data(), _conv_model(), silent=True, bf16=True, compile=compile, metrics=[accuracy])
+    for compile in (False, mode):
+        learn = Learner(_conv_data(), _conv_model(), silent=True, compile=compile, metrics=[accuracy], opt_func=SGD)
         if compile:
             learn.warmup()
             graphs = dict(counters['stats'])
         torch.manual_seed(0)
-        learn.fit(2, 1e-2)
+        learn.fit(1, 1e-2)
         runs.append(learn)
     assert dict(counters['stats']) == graphs, 'the fit compiled something that warmup() had not'
     assert not any('_orig_mod' in k for k in runs[1].model.state_dict())
+    # fp32 and SGD (Adam's normalised steps would turn rounding differences of near-zero gradients into +-lr moves):
+    # 8 steps; kernel choices (TF32 convolutions) differ between eager and compiled
     for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
-        torch.testing.assert_close(p, q, atol=2e-2, rtol=2e-2)  # bf16 and kernel choice differ
-    assert abs(runs[0].recorder.val_losses[-1] - runs[1].recorder.val_losses[-1]) < 5e-2
+        torch.testing.assert_close(p, q, atol=2e-3, rtol=0)
+    assert abs(runs[0].recorder.val_losses[-1] - runs[1].recorder.val_losses[-1]) < 5e-3

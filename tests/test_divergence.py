@@ -92,6 +92,23 @@ def test_lagged_check_restores_the_copy_from_the_last_check():
     ref = reference_after(7)
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, learn.model.state_dict()[k]), k
+    ro, lo = ref.opt.state_dict()['state'], learn.opt.state_dict()['state']  # Adam's moments and step, in place
+    assert ro.keys() == lo.keys() and ro
+    for i in ro:
+        assert ro[i].keys() == lo[i].keys() and all(torch.equal(ro[i][k], lo[i][k]) for k in ro[i]), i
+
+
+def test_lagged_check_before_the_first_check_restores_the_start_and_drops_new_optimizer_state():
+    torch.manual_seed(0)
+    learn = make_learner()
+    learn.guard = DivergenceGuard(check_every=4)
+    start = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(DivergenceError, match=r'step 2 of this fit.*verified finite after 0 steps'):
+        learn.fit(1, 1e-2, callbacks=[PoisonInput(2)])
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in start.items())
+    assert len(learn.opt.state) == 0  # the optimizer had no state when the fit started
+    learn.fit(1, 1e-2)  # and the learner trains on
+    assert all(p.isfinite().all() for p in learn.model.parameters())
 
 
 def test_no_checkpoint_or_snapshot_holds_non_finite_weights(tmp_path):

@@ -10,7 +10,6 @@ import torch
 from ..checkpoint import atomic_save
 from ..learner import Callback, CancelEpochException, CancelTrainException, DivergenceError
 from ..resume import _SEQ, list_checkpoints, training_state
-from .lr_finder import _deep_clone
 
 __all__ = ['Checkpoint', 'DivergenceGuard', 'monitored_value', 'monitor_mode']
 
@@ -175,9 +174,18 @@ class Checkpoint(Callback):
         self.best_file = None if state['best_file'] is None else Path(state['best_file'])
 
 
+def _all_finite(ts):
+    """Whether every floating-point tensor in `ts` is finite (one host read)."""
+    ts = [t for t in ts if t.is_floating_point() or t.is_complex()]
+    if not ts:
+        return True
+    if all(t.device == ts[0].device for t in ts):  # one foreach kernel: the max-abs of a tensor is nan/inf iff one is
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, float('inf')))).all())
+    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+
+
 def _weights_finite(model):
-    ts = [t for t in model.state_dict().values() if t.is_floating_point() or t.is_complex()]
-    return not ts or bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+    return _all_finite(model.state_dict().values())
 
 
 class DivergenceGuard(Callback):
@@ -206,17 +214,48 @@ class DivergenceGuard(Callback):
     def before_fit(self, learn):
         self.every = self.check_every or (1 if learn.device.type == 'cpu' else 32)
         self._world = learn._world
-        self._bad = None if self.every == 1 else torch.full((), -1, dtype=torch.long, device=learn.device)
-        self._good, self._good_step = self._copy(learn), 0
+        self._losses, self._steps = [], []  # checking every n steps: the losses (on the device) since the last check
+        self._live_key = self._live_ts = self._good = None
+        self._snapshot(learn)
         # checking every step: the buffers (BatchNorm statistics) as they were after the last finite loss's forward,
         # since the forward that yields a non-finite loss has already folded it into them
         self._bufs = list(learn.model.buffers()) if self.every == 1 else []
         self._shadow = [b.detach().clone() for b in self._bufs]
 
-    @staticmethod
-    def _copy(learn):
-        return ({k: v.detach().clone() for k, v in learn.model.state_dict().items()},
-                None if learn.opt is None else _deep_clone(learn.opt.state_dict()))
+    def _live(self, learn):
+        """(the model's state tensors, [(param, key, tensor)] of the optimizer's state): what a snapshot copies.
+        Kept between checks, and rebuilt when the optimizer's state grows (its first step creates it)."""
+        opt = learn.opt
+        key = (id(learn.model), id(opt), None if opt is None else id(opt.state),  # load_state_dict: a new state
+               -1 if opt is None else sum(len(st) for st in opt.state.values()))
+        if key != self._live_key:
+            model_ts = list(learn.model.state_dict().values())  # they share storage with the parameters and buffers
+            opt_ts = [] if opt is None else [(p, k, v) for p, st in opt.state.items() for k, v in st.items()
+                                              if isinstance(v, torch.Tensor)]
+            self._live_key, self._live_ts = key, (model_ts, opt_ts)
+        return self._live_ts
+
+    def _snapshot(self, learn):
+        """Copy the model's and optimizer's state into the snapshot (one foreach copy, into the buffers of the last
+        snapshot when the state has the same tensors)."""
+        live = self._live(learn)
+        ts = live[0] + [v for _, _, v in live[1]]
+        with torch.no_grad():
+            if self._good is not None and self._good[0] is live:
+                torch._foreach_copy_(self._good[1], ts)
+            else:
+                self._good = (live, [t.detach().clone() for t in ts])
+        self._good_step = learn.train_iter
+
+    def _restore(self, learn):
+        """Put the snapshot back in place; optimizer state created after it (a first step) is dropped."""
+        (model_ts, opt_ts), saved = self._good
+        with torch.no_grad():
+            torch._foreach_copy_(model_ts + [v for _, _, v in opt_ts], saved)
+        if learn.opt is not None:
+            had = {id(p) for p, _, _ in opt_ts}
+            for p in [p for p in learn.opt.state if id(p) not in had]:
+                del learn.opt.state[p]
 
     def after_loss(self, learn):
         if not learn.training:
@@ -232,8 +271,8 @@ class DivergenceGuard(Callback):
             if self._bufs:
                 torch._foreach_copy_(self._shadow, self._bufs)
             return
-        ok = torch.isfinite(loss).all()
-        self._bad = torch.where(ok | (self._bad >= 0), self._bad, learn.train_iter)  # first bad step, on device
+        self._losses.append(loss if loss.ndim == 0 else loss.float().sum())  # no kernel in the common case
+        self._steps.append(learn.train_iter)
         if (learn.train_iter + 1) % self.every == 0:
             self.verify(learn)
 
@@ -248,18 +287,29 @@ class DivergenceGuard(Callback):
     def verify(self, learn):
         """Raise DivergenceError (after restoring the last verified weights) if a non-finite loss was seen since the
         last check or the weights are not finite; otherwise remember the current weights as verified."""
-        if self._bad is not None:
-            if self._world > 1:  # the earliest bad step of any rank (-1: none)
-                from ..distributed import all_reduce_
-                big = torch.iinfo(torch.long).max
-                first = all_reduce_(torch.where(self._bad < 0, big, self._bad), 'min')
-                self._bad = torch.where(first == big, -1, first)
-            bad = int(self._bad)  # the host sync of the lagged check
-            if bad >= 0:
-                self._diverged(learn, bad, None)
-        if not _weights_finite(learn.model):
+        if self.every > 1:
+            losses, steps, self._losses, self._steps = self._losses, self._steps, [], []
+            if self._world > 1 or losses:  # every rank reduces, also one that saw no batch
+                bad = self._first_bad(losses, learn.device)
+                if self._world > 1:  # the earliest bad step of any rank (-1: none); ranks run the same steps
+                    from ..distributed import all_reduce_
+                    big = torch.iinfo(torch.long).max
+                    first = all_reduce_(torch.where(bad < 0, big, bad), 'min')
+                    bad = torch.where(first == big, -1, first)
+                i = int(bad)  # the host sync of the lagged check
+                if i >= 0:
+                    self._diverged(learn, steps[i], None)
+        if not _all_finite(self._live(learn)[0]):
             self._diverged(learn, None, None)
-        self._good, self._good_step = self._copy(learn), learn.train_iter
+        self._snapshot(learn)
+
+    @staticmethod
+    def _first_bad(losses, device):
+        """The index of the first non-finite loss in `losses` as a device scalar, -1 if all are finite."""
+        if not losses:
+            return torch.full((), -1, dtype=torch.long, device=device)
+        bad = ~torch.isfinite(torch.stack([t.float() for t in losses]))
+        return torch.where(bad.any(), bad.int().argmax(), -1)
 
     def _diverged(self, learn, step, value):
         exact = False
@@ -271,10 +321,7 @@ class DivergenceGuard(Callback):
         if exact:
             kept = 'the model holds the weights that loss was computed from (the last finite ones)'
         else:
-            sd, opt = self._good
-            learn.model.load_state_dict(sd)
-            if opt is not None and learn.opt is not None:
-                learn.opt.load_state_dict(opt)
+            self._restore(learn)
             kept = (f'the weights and optimizer state were restored to those verified finite after '
                     f'{self._good_step} steps of this fit')
         n = learn.n_iter or 1

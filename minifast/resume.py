@@ -70,6 +70,9 @@ def training_state(learn, where='end', with_opt=True, batch=None):
         'callbacks': {k: cb.state_dict() for k, cb in _callback_states(learn).items()} if in_fit else
         {'Recorder': rec.state_dict()},
     }
+    scaler = getattr(learn, '_scaler', None)
+    if scaler is not None:  # fp16: the loss scale and its growth counter, so a resumed run scales the same
+        state['grad_scaler'] = scaler.state_dict()
     return state
 
 
@@ -211,6 +214,9 @@ def restore_model_opt(learn, state):
         except (ValueError, KeyError) as e:
             raise ValueError(f"resume: {state['file']}: the optimizer state does not match this learner's "
                              f'parameter groups: {e}') from e
+    scaler = getattr(learn, '_scaler', None)
+    if scaler is not None and state.get('grad_scaler'):
+        scaler.load_state_dict(state['grad_scaler'])
 
 
 def restore_callbacks(learn, state):

@@ -232,3 +232,26 @@ def test_compile_inductor_matches_eager():  # the first inductor compile takes ~
         learn.fit(1, 1e-2)
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path):
+    from minifast import Checkpoint
+
+    class Crash(Callback):
+        def after_step(self, learn):
+            if learn.train_iter == 7:
+                raise RuntimeError('simulated crash')
+
+    def run(path, *extra, resume=None):
+        learn = Learner(make_data(n_train=96), make_mlp(), silent=True, path=path, fp16=True)
+        learn.to_fp16(init_scale=2. ** 10, growth_interval=3)  # the scale grows during the run: it must be restored
+        torch.manual_seed(1)
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4), *extra], resume=resume)
+        return learn
+    ref = run(tmp_path / 'ref')
+    with pytest.raises(Exception, match='simulated crash'):
+        run(tmp_path / 'b', Crash())
+    b = run(tmp_path / 'b', resume=True)
+    assert ref._scaler.get_scale() == b._scaler.get_scale() > 2. ** 10
+    assert ref.recorder.raw_losses == b.recorder.raw_losses
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in ref.model.state_dict().items())

@@ -298,6 +298,8 @@ class Learner:
                 except BaseException as e:
                     self.exception, self.interrupted = e, isinstance(e, KeyboardInterrupt)
                     self._cleanup('after_fit')
+                    if self._world > 1:
+                        self._drop_ddp()
                     raise
                 else:
                     self('after_fit')
@@ -310,10 +312,24 @@ class Learner:
         finally:
             self._hooks = self._fit_cbs = self._skip = self._resumed_epoch = self._fwd = self._fwd_eval = None
 
+    def _drop_ddp(self):
+        """Forget the DDP wrapper after a fit that stopped on an error: it may have stopped between a forward and
+        its backward, and that wrapper's gradient hooks would then start an all_reduce in the next backward on this
+        rank alone (a rank-0 lr_find), which hangs every rank. The next fit builds a new one."""
+        ddp, self._ddp = getattr(self, '_ddp', None), None
+        if ddp is not None:
+            self._compiled = {k: v for k, v in self._compiled.items() if v[0] is not ddp[1]}
+            reducer = getattr(ddp[1], 'reducer', None)
+            if reducer is not None and hasattr(reducer, '_remove_autograd_hooks'):
+                reducer._remove_autograd_hooks()  # do not wait for the wrapper to be collected
+
     def _setup_forward(self):
         """The forward modules of this fit: with `compile`, torch.compile'd wrappers of the model (made once and
         kept), which share its parameters; `learn.model` itself stays the plain module."""
-        self._fwd = accel.compile_module(self, self.model if self._fwd is None else self._fwd)
+        base = self.model if self._fwd is None else self._fwd
+        if self._compiled:  # keep only the wrappers of what runs now (not an old model or DDP wrapper)
+            self._compiled = {k: v for k, v in self._compiled.items() if v[0] is base or v[0] is self.model}
+        self._fwd = accel.compile_module(self, base)
         self._fwd_eval = accel.compile_module(self, self.model)
         if self._fwd is self.model:
             self._fwd = None
@@ -327,9 +343,11 @@ class Learner:
         model); on CUDA it also autotunes cuDNN. Call it before timing epochs. Returns the learner."""
         from .checks import check_data
         check_data(self.data)
-        params = list(self.model.parameters())
-        grads, was_training, rng = [p.grad for p in params], self.model.training, rng_state()
+        params, modules = list(self.model.parameters()), list(self.model.modules())
+        grads, modes, rng = [p.grad for p in params], [m.training for m in modules], rng_state()
         bufs = [b.detach().clone() for b in self.model.buffers()]
+        for p in params:  # the warm-up backward writes fresh gradients; the ones there are put back untouched
+            p.grad = None
         self._setup_forward()
         amp = self.bf16 or self.fp16
         dtype = torch.bfloat16 if self.bf16 else torch.float16
@@ -360,7 +378,8 @@ class Learner:
                     b.copy_(v)
             for p, g in zip(params, grads):
                 p.grad = g
-            self.model.train(was_training)
+            for m, mode in zip(modules, modes):
+                m.training = mode
             set_rng_state(rng)
             self._fwd = self._fwd_eval = None
         return self
@@ -642,7 +661,13 @@ class Learner:
         scaler, wd = self._scaler, self._wd
         if not wd.native:  # L2 / decoupled decay by hand must see true gradients
             scaler.unscale_(self.opt)
-            wd._decay()
+            keep = None
+            if wd.true_wd:  # the decay multiplies the weights: not on a step the scaler skips (read on the device)
+                grads = [p.grad for g in self.opt.param_groups for p in g['params'] if p.grad is not None]
+                if grads:
+                    norms = torch._foreach_norm(grads, float('inf'))
+                    keep = torch.isfinite(torch.stack([n.float() for n in norms])).all()
+            wd._decay(keep)
         scaler.step(self.opt)  # fused optimizers take the scale and the overflow flag in-kernel: no host sync
         scaler.update()
 

@@ -151,7 +151,9 @@ class WeightDecay:
             g['weight_decay'] = g.get('wd', 0.) if self.native else 0.
 
     @torch.no_grad()
-    def _decay(self):
+    def _decay(self, keep=None):
+        """`keep`: None, or a boolean device tensor; where False the decoupled decay is not applied (a step that
+        a gradient scaler skips), decided on the device without a host read."""
         for g in self.opt.param_groups:
             wd = g['wd']
             if not wd:
@@ -160,7 +162,8 @@ class WeightDecay:
             if not ps:
                 continue
             if self.true_wd:
-                torch._foreach_mul_(ps, 1. - g['lr'] * wd)
+                f = 1. - g['lr'] * wd
+                torch._foreach_mul_(ps, f if keep is None else torch.where(keep, f, 1.).to(ps[0].dtype))
             else:
                 torch._foreach_add_([p.grad for p in ps], ps, alpha=wd)
 

@@ -78,6 +78,33 @@ def resume_fit(out, rank):
     return {'full': full, 'resumed': run(out / f'resumed{rank}', resume=file), 'file': file.name}
 
 
+def diverged_then_lr_find():
+    """A fit stopped by a non-finite loss (after the DDP forward, before its backward), then lr_find and a fit."""
+    from minifast import Callback, DivergenceError
+
+    class NanAt(Callback):
+        on = True
+
+        def after_pred(self, learn):
+            if self.on and learn.training and learn.train_iter == 3:
+                learn.pred = learn.pred * float('nan')
+    set_seed(3)
+    nan = NanAt()
+    learn = Learner(make_data(n_train=256, bs=32), make_mlp(), silent=True, callbacks=[nan])
+    error = None
+    try:
+        learn.fit(1, 1e-2)
+    except DivergenceError as e:
+        error = type(e).__name__
+    wrapped_after = learn._ddp is not None
+    nan.on = False
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = learn.lr_find(num_it=5)
+    learn.fit(1, 1e-2)
+    return {'error': error, 'wrapped_after': wrapped_after, 'lr_find_steps': len(res.lrs), 'valley': res.valley,
+            'fit_steps': learn.train_iter}
+
+
 def _plain_validate(learn, dl):
     """The validation loss of the whole set in this process, without any sharding."""
     import torch.nn.functional as F
@@ -91,6 +118,7 @@ def main(out):
     result = experiment(out / f'rank{rank}', bs=32)
     result['torch_loader'] = torch_loader_fit(bs=16)
     result['resume'] = resume_fit(out, rank)
+    result['diverged'] = diverged_then_lr_find()
     try:
         Learner(make_data(), make_mlp(), sync_bn=True)
         result['sync_bn_error'] = None

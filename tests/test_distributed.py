@@ -31,7 +31,7 @@ def ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp('ddp')
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
                                                           'MASTER_PORT', 'MINIFAST_DISTRIBUTED')}
-    env.update(OMP_NUM_THREADS='1', MPLBACKEND='Agg', CUDA_VISIBLE_DEVICES='',
+    env.update(OMP_NUM_THREADS='1', MPLBACKEND='Agg', CUDA_VISIBLE_DEVICES='', MINIFAST_DIST_TIMEOUT='1',
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get('PYTHONPATH')])]))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            str(HERE / 'ddp_worker.py'), str(out)]
@@ -228,3 +228,13 @@ def test_single_process_paths_and_refusals(monkeypatch, tmp_path):
     monkeypatch.setenv('MINIFAST_DISTRIBUTED', '0')
     assert not launched()
     assert Learner(make_data(), make_mlp(), silent=True)._world == 1  # opted out: a plain process
+
+
+def test_ddp_lr_find_after_a_diverged_fit(ddp):
+    """A fit that stops between the DDP forward and its backward (a non-finite loss) must not leave gradient hooks
+    that make rank 0's lone lr_find start an all_reduce (every rank would hang)."""
+    r0, r1, _, _ = ddp
+    for r in (r0, r1):
+        assert r['diverged']['error'] == 'DivergenceError' and r['diverged']['wrapped_after'] is False
+        assert r['diverged']['lr_find_steps'] == 5 and r['diverged']['fit_steps'] == 4
+    assert r0['diverged']['valley'] == r1['diverged']['valley']

@@ -1,5 +1,6 @@
 """Divergence: a non-finite loss stops fit naming epoch and step; the learner, checkpoints and snapshots keep the last
 finite weights; lr_find stops on NaN; the check can be switched off."""
+from functools import partial
 import math
 
 import pytest
@@ -164,3 +165,23 @@ def test_lr_find_stops_on_nan(stop_div):
 def test_guard_arguments_are_checked():
     with pytest.raises(ValueError, match='check_every must be a positive integer'):
         DivergenceGuard(check_every=0)
+
+
+def test_lagged_restore_puts_back_optimizer_state_that_is_not_a_tensor():
+    class CountingSGD(torch.optim.SGD):  # keeps a python int in its state, as LBFGS and others do
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g['params']:
+                    if p.grad is not None:
+                        st = self.state[p]
+                        st['count'] = st.get('count', 0) + 1
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    learn = Learner(make_data(n_train=160), make_mlp(), silent=True, opt_func=partial(CountingSGD, momentum=0.9))
+    learn.guard = DivergenceGuard(check_every=4)
+    with pytest.raises(DivergenceError, match='verified finite after 3 steps'):
+        learn.fit(1, 0.1, callbacks=[PoisonInput(6)])
+    counts = [learn.opt.state[p]['count'] for p in learn.model.parameters()]
+    assert counts == [3] * 4  # the state of the check after 3 steps, not dropped and not the later count
+    assert all('momentum_buffer' in learn.opt.state[p] for p in learn.model.parameters())

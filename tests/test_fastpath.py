@@ -126,9 +126,12 @@ def test_warmup_changes_nothing():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(11)
     rng = rng_state()
-    model.eval()
+    model[1].eval()  # a frozen BatchNorm in a model in train mode
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # gradients already there stay as they were
     assert learn.warmup() is learn
-    assert not model.training
+    assert model.training and not model[1].training
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    model[0].weight.grad = None
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # weights and BN statistics
     assert all(p.grad is None for p in model.parameters())
     now = rng_state()
@@ -255,3 +258,26 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path):
     assert ref._scaler.get_scale() == b._scaler.get_scale() > 2. ** 10
     assert ref.recorder.raw_losses == b.recorder.raw_losses
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
+
+
+def test_fp16_skipped_steps_do_not_decay_the_weights():
+    """SGD with true_wd decays by hand; a step the scaler skips (overflow) must not shrink the weights either."""
+    learn = Learner(make_data(n_train=64, bs=16), make_mlp(), silent=True, opt_func=SGD, wd=0.5)
+    learn.to_fp16(init_scale=2. ** 125)  # scaled losses overflow fp32: every step of the epoch is skipped
+    learn.create_opt()
+    assert not learn._wd.native
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    learn.fit(1, 0.1)
+    assert learn._scaler.get_scale() < 2. ** 125
+    assert all(torch.equal(a, p) for a, p in zip(before, learn.model.parameters()))
+    learn.to_fp16()  # a normal scale: steps happen and the weights decay
+    learn.fit(1, 0.1)
+    assert not all(torch.equal(a, p) for a, p in zip(before, learn.model.parameters()))
+
+
+def test_lr_find_leaves_the_loss_scale_as_it_was():
+    learn = Learner(make_data(n_train=128), make_mlp(), silent=True, fp16=True)
+    learn.fit(1, 1e-2)
+    before = learn._scaler.state_dict()
+    learn.lr_find(num_it=20, end_lr=1e8)  # the sweep overflows and lowers the scale
+    assert learn._scaler.state_dict() == before

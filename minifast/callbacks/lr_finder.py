@@ -133,6 +133,7 @@ def _snapshot(learn):
         'modes': [m.training for m in model.modules()],
         'opt': None if learn.opt is None else (learn.opt, _deep_clone(learn.opt.state_dict()), learn._wd),
         'rng': rng_state(),
+        'scaler': None if getattr(learn, '_scaler', None) is None else learn._scaler.state_dict(),  # fp16
     }
 
 
@@ -167,6 +168,8 @@ def _restore(learn, snap):
         opt, state, wd = snap['opt']
         opt.load_state_dict(state)  # moments and per-group hyper-parameters (lr, betas, wd) as they were
         learn.opt, learn._wd = opt, wd
+    if snap.get('scaler') is not None and getattr(learn, '_scaler', None) is not None:
+        learn._scaler.load_state_dict(snap['scaler'])  # the sweep's overflows must not lower the fit's loss scale
 
 
 def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):

@@ -232,28 +232,34 @@ class DivergenceGuard(Callback):
             model_ts = list(learn.model.state_dict().values())  # they share storage with the parameters and buffers
             opt_ts = [] if opt is None else [(p, k, v) for p, st in opt.state.items() for k, v in st.items()
                                               if isinstance(v, torch.Tensor)]
-            self._live_key, self._live_ts = key, (model_ts, opt_ts)
+            self._live_key, self._live_ts = key, (model_ts, opt_ts, [] if opt is None else list(opt.state))
         return self._live_ts
 
     def _snapshot(self, learn):
         """Copy the model's and optimizer's state into the snapshot (one foreach copy, into the buffers of the last
-        snapshot when the state has the same tensors)."""
+        snapshot when the state has the same tensors; values that are not tensors, such as step counts kept as
+        numbers, by value)."""
         live = self._live(learn)
         ts = live[0] + [v for _, _, v in live[1]]
+        other = [] if learn.opt is None else [(st, k, v) for p in live[2] for st in (learn.opt.state[p],)
+                                              for k, v in st.items() if not isinstance(v, torch.Tensor)]
         with torch.no_grad():
             if self._good is not None and self._good[0] is live:
                 torch._foreach_copy_(self._good[1], ts)
+                self._good = (live, self._good[1], other)
             else:
-                self._good = (live, [t.detach().clone() for t in ts])
+                self._good = (live, [t.detach().clone() for t in ts], other)
         self._good_step = learn.train_iter
 
     def _restore(self, learn):
         """Put the snapshot back in place; optimizer state created after it (a first step) is dropped."""
-        (model_ts, opt_ts), saved = self._good
+        (model_ts, opt_ts, had), saved, other = self._good
         with torch.no_grad():
             torch._foreach_copy_(model_ts + [v for _, _, v in opt_ts], saved)
+        for st, k, v in other:
+            st[k] = v
         if learn.opt is not None:
-            had = {id(p) for p, _, _ in opt_ts}
+            had = {id(p) for p in had}
             for p in [p for p in learn.opt.state if id(p) not in had]:
                 del learn.opt.state[p]
 

@@ -348,6 +348,9 @@ class Learner:
         bufs = [b.detach().clone() for b in self.model.buffers()]
         for p in params:  # the warm-up backward writes fresh gradients; the ones there are put back untouched
             p.grad = None
+        if self._world > 1:  # under torchrun the fit compiles the DDP wrapper: warm that one (every rank calls this)
+            from .distributed import ddp_wrap
+            self._fwd = ddp_wrap(self)
         self._setup_forward()
         amp = self.bf16 or self.fp16
         dtype = torch.bfloat16 if self.bf16 else torch.float16
@@ -812,9 +815,10 @@ class Learner:
             activ = (lambda o: o.softmax(-1)) if self._is_ce() else (lambda o: o)
         preds, targs = [], []
         self.model.eval()
-        with torch.no_grad():
+        amp, dtype = self.bf16 or self.fp16, torch.bfloat16 if self.bf16 else torch.float16
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=amp):  # as validation runs
             for b in dl:
-                xb = _to(b[:-1], self.device)
+                xb, _ = self._prepare_batch(b)
                 preds.append(activ(self.model(*xb).float()).cpu())
                 targs.append(b[-1].cpu())
         return torch.cat(preds), torch.cat(targs)

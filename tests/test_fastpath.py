@@ -281,3 +281,14 @@ def test_lr_find_leaves_the_loss_scale_as_it_was():
     before = learn._scaler.state_dict()
     learn.lr_find(num_it=20, end_lr=1e8)  # the sweep overflows and lowers the scale
     assert learn._scaler.state_dict() == before
+
+
+def test_get_preds_runs_like_validation_under_bf16():
+    data = make_data(n_train=64, n_valid=40)
+    learn = Learner(data, make_mlp(), silent=True, bf16=True)
+    learn.fit(1, 1e-2)
+    probs, targs = learn.get_preds()
+    nll = float(F.nll_loss(probs.log(), targs))
+    with torch.no_grad():
+        fp32 = float(F.cross_entropy(learn.model(data.valid_dl.tensors[0]), data.valid_dl.tensors[1]))
+    assert abs(nll - learn.validate()[0]) < 1e-4 < abs(fp32 - learn.validate()[0])

@@ -1,6 +1,5 @@
 """EarlyStopping, ReduceLROnPlateau and SaveModelCallback: decisions against hand-computed sequences and torch's
 ReduceLROnPlateau, the Recorder/CSVLogger history of a stopped fit, the fit_* policies, and resume after a crash."""
-import math
 from functools import partial
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 from torch import nn
 
 import minifast
-from minifast import (Callback, CSVLogger, EarlyStopping, Learner, ReduceLROnPlateau, SaveModelCallback)
+from minifast import Callback, CSVLogger, EarlyStopping, Learner, ReduceLROnPlateau, SaveModelCallback
 from minifast.callbacks.tracking import Checkpoint
 from minifast.determinism import set_seed
 
@@ -35,8 +34,8 @@ class Script(Callback):
 def learner(tmp_path, values=None, name='score', model=None, **kw):
     """3 training steps an epoch; the metric `name` follows `values`."""
     script = Script(values or [0.] * 100, name)
-    learn = Learner(make_data(), model or make_mlp(), path=tmp_path, silent=True, metrics=[script], callbacks=[script], **kw)
-    return learn
+    return Learner(make_data(), model or make_mlp(), path=tmp_path, silent=True, metrics=[script], callbacks=[script],
+                   **kw)
 
 
 def steps_per_epoch(learn, what):
@@ -159,9 +158,8 @@ def test_reduce_lr_on_plateau_matches_torch(tmp_path, values, mode, kw):
     got = steps_per_epoch(learn, learn.recorder.group_lrs)
     lrs0 = got[0][0]
     assert lrs0 == pytest.approx([1e-3, 1e-2])
-    floors = kw['min_lr'] if isinstance(kw['min_lr'], list) else kw['min_lr']
     want = torch_plateau_lrs(lrs0, [m[0] for m in learn.recorder.metrics], mode, kw['factor'], kw['patience'],
-                             kw.get('min_delta', 0.), floors)
+                             kw.get('min_delta', 0.), kw['min_lr'])
     for e, (steps, w) in enumerate(zip(got, want)):
         assert all(s == w for s in steps), (e, steps, w)
     assert len({tuple(w) for w in want}) >= 3  # the sequence does drop, more than once
@@ -311,7 +309,7 @@ def resume_run(path, method, every='epoch', extra=(), resume=None):
 
 def decisions(cbs):
     es, sm, rl = cbs
-    return {'es': es.state_dict(), 'sm': sm.state_dict(), 'rl': {k: v for k, v in rl.state_dict().items()}}
+    return {'es': es.state_dict(), 'sm': sm.state_dict(), 'rl': rl.state_dict()}
 
 
 @pytest.mark.parametrize('method, every, crash', [

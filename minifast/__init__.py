@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .callbacks.gradients import GradientAccumulation, GradientClipping
 from .callbacks.logging import CSVLogger
 from .callbacks.lr_finder import LRFinder, LRFindResult
 from .callbacks.progress import ProgressCallback, ShowGraph
@@ -52,7 +53,7 @@ __all__ = [
     'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
-    'DivergenceError', 'UnsafeCheckpointError', 'set_seed', 'resumable',
+    'DivergenceError', 'UnsafeCheckpointError', 'set_seed', 'resumable', 'GradientClipping', 'GradientAccumulation',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .callbacks.control import EarlyStopping, ReduceLROnPlateau, SaveModelCallback
+from .callbacks.gradients import GradientAccumulation, GradientClipping
 from .callbacks.logging import CSVLogger
 from .callbacks.lr_finder import LRFinder, LRFindResult
 from .callbacks.progress import ProgressCallback, ShowGraph
@@ -54,7 +55,7 @@ __all__ = [
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
     'DivergenceError', 'UnsafeCheckpointError', 'set_seed', 'resumable', 'EarlyStopping', 'ReduceLROnPlateau',
-    'SaveModelCallback',
+    'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -29,7 +29,8 @@ EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_p
 
 # What one pass of the loop changes on the learner; validate() restores it, so it can be called from a callback.
 _LOOP_STATE = ('_hooks', 'dl', 'training', 'iter', 'n_iter', 'xb', 'yb', 'pred', 'loss', '_vals', '_val_metrics',
-               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_stop_training', 'pending_cancel')
+               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_stop_training', 'pending_cancel',
+               'stepping', '_n_acc', '_acc_loss', '_acc_count', '_step_bs', '_unscaled')
 
 
 class CancelBatchException(Exception):
@@ -107,6 +108,15 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _accumulation(cbs):
+    """The number of batches per optimizer step that `cbs` ask for (a GradientAccumulation's n_step; 1: none)."""
+    from .callbacks.gradients import GradientAccumulation
+    accs = [cb for cb in cbs if isinstance(cb, GradientAccumulation)]
+    if len(accs) > 1:
+        raise ValueError(f'fit: {len(accs)} GradientAccumulation callbacks; give one (n_step batches per step)')
+    return accs[0].n_step if accs else 1
+
+
 def _to(b, device):
     if isinstance(b, torch.Tensor):
         return b if b.device == device else b.to(device, non_blocking=True)
@@ -158,6 +168,10 @@ class Learner:
         self.layer_decay, self.train_bn = layer_decay, train_bn
         self.opt = self._wd = None
         self.epoch = self.n_epoch = self.iter = self.n_iter = self.train_iter = 0
+        # gradient accumulation (GradientAccumulation): batches per optimizer step, whether the current training batch
+        # ends a step, and the running loss, batch count and item count of the current group
+        self.stepping, self._n_acc, self._acc_loss, self._acc_count, self._step_bs = True, 1, None, 0, None
+        self._unscaled = False  # fp16: the gradients of this step were unscaled already (GradientClipping)
         self.training, self.exception, self.last_metrics, self._hooks = False, None, [], None
         self.xb = self.yb = self.pred = self.loss = self.dl = None
         self.recorder, self.progress, self.guard = Recorder(), ProgressCallback(), DivergenceGuard()
@@ -203,6 +217,7 @@ class Learner:
         from .callbacks.v1 import v1_hooks, v1_stop_epoch_hook
         guard = [self.guard] if self.check_finite else []
         cbs = sorted([self.recorder, self.progress, *guard, *self.callbacks, *extra], key=_cb_order)
+        n_acc = _accumulation(cbs)
         hooks, any_v1 = {e: [] for e in EVENTS}, False
         for cb in cbs:
             _check_hooks(cb)
@@ -216,6 +231,7 @@ class Learner:
         if any_v1:
             hooks['after_batch'].append(('fastai v1 stop_epoch', v1_stop_epoch_hook))
         self._hooks, self._v1_stop_epoch, self._stop_training, self._fit_cbs = hooks, False, False, cbs
+        self._n_acc, self.stepping, self._acc_loss, self._acc_count, self._unscaled = n_acc, True, None, 0, False
 
     def __call__(self, event):
         cancel = None
@@ -252,7 +268,7 @@ class Learner:
                 warnings.warn(f'{name} raised {type(e).__name__}: {e} while handling {self.exception!r}')
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def fit(self, epochs, lr=3e-3, wd=None, callbacks=None, resume=None):
+    def fit(self, epochs, lr=3e-3, wd=None, callbacks=None, resume=None, clip=None):
         """Train for `epochs` epochs.
 
         Args:
@@ -265,14 +281,19 @@ class Learner:
                 order within the epoch, Recorder and callback state). The call must repeat the interrupted call's
                 arguments; a different schedule length or a finished run is an error. A folder without
                 checkpoints starts from the beginning (with a warning).
+            clip: clip the gradients to this total norm before each step (a GradientClipping for this call).
 
         Ctrl-C (KeyboardInterrupt) takes effect at the end of the current batch (press it twice to stop at once):
         the learner is left consistent, `learn.interrupted` is set, and a Checkpoint callback saves that point.
         A non-finite training loss stops fit with DivergenceError (see Learner's check_finite).
         """
         epochs = check_fit(self, epochs)
+        callbacks = _as_list(callbacks)
+        if clip is not None:
+            from .callbacks.gradients import GradientClipping
+            callbacks.append(GradientClipping(clip=clip))
         self._prepare_opt(lr, self.wd if wd is None else wd)
-        self._build_hooks(_as_list(callbacks))
+        self._build_hooks(callbacks)
         self.n_epoch, self.train_iter, self.exception, self.last_metrics = epochs, 0, None, []
         self.epoch, self.interrupted, self.diverged, self._boundary, self.pending_cancel = 0, False, None, None, None
         self._fit_args = {'lr': [g['lr'] for g in self.opt.param_groups], 'wd': self.wd if wd is None else wd}
@@ -454,7 +475,7 @@ class Learner:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def fit_one_cycle(self, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25., pct_start=0.3, final_div=None,
-                      wd=None, callbacks=None, tot_epochs=None, start_epoch=None, resume=None):
+                      wd=None, callbacks=None, tot_epochs=None, start_epoch=None, resume=None, clip=None):
         """Train with Smith's 1cycle policy (fastai v1 semantics; every step equals torch's OneCycleLR).
 
         Args:
@@ -468,57 +489,61 @@ class Learner:
             callbacks: callbacks for this call only.
             tot_epochs, start_epoch: lay the cycle over tot_epochs and start at start_epoch (to continue a run).
             resume: continue an interrupted call exactly from a Checkpoint folder or file (see `fit`).
+            clip: clip the gradients to this total norm before each step (see `fit`).
         """
         from .callbacks.schedule import fit_one_cycle
         fit_one_cycle(self, cyc_len, max_lr, moms, div_factor, pct_start, final_div, wd, callbacks, tot_epochs,
-                      start_epoch, resume)
+                      start_epoch, resume, clip)
 
-    def fit_sgdr(self, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=None, callbacks=None, resume=None):
+    def fit_sgdr(self, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=None, callbacks=None, resume=None,
+                 clip=None):
         """Cosine annealing with warm restarts: n_cycles cycles of cycle_len * cycle_mult**i epochs (torch's
         CosineAnnealingWarmRestarts stepped per batch)."""
         from .callbacks.schedule import fit_sgdr
-        fit_sgdr(self, n_cycles, cycle_len, lr, cycle_mult, eta_min, wd, callbacks, resume)
+        fit_sgdr(self, n_cycles, cycle_len, lr, cycle_mult, eta_min, wd, callbacks, resume, clip)
 
     def fit_clr(self, epochs, base_lr, max_lr, step_size_up, step_size_down=None, mode='triangular', gamma=1.,
-                cycle_momentum=True, base_momentum=0.8, max_momentum=0.9, wd=None, callbacks=None, resume=None):
+                cycle_momentum=True, base_momentum=0.8, max_momentum=0.9, wd=None, callbacks=None, resume=None,
+                clip=None):
         """Cyclical learning rates ('triangular', 'triangular2', 'exp_range'; step sizes in steps; torch's
         CyclicLR)."""
         from .callbacks.schedule import fit_clr
         fit_clr(self, epochs, base_lr, max_lr, step_size_up, step_size_down, mode, gamma, cycle_momentum,
-                base_momentum, max_momentum, wd, callbacks, resume)
+                base_momentum, max_momentum, wd, callbacks, resume, clip)
 
-    def fit_step(self, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None, resume=None):
+    def fit_step(self, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None, resume=None, clip=None):
         """Step decay: lr * gamma every step_size epochs (torch's StepLR)."""
         from .callbacks.schedule import fit_step
-        fit_step(self, epochs, lr, step_size, gamma, wd, callbacks, resume)
+        fit_step(self, epochs, lr, step_size, gamma, wd, callbacks, resume, clip)
 
-    def fit_exp(self, epochs, lr, gamma, wd=None, callbacks=None, resume=None):
+    def fit_exp(self, epochs, lr, gamma, wd=None, callbacks=None, resume=None, clip=None):
         """Exponential decay: lr * gamma**epoch (torch's ExponentialLR)."""
         from .callbacks.schedule import fit_exp
-        fit_exp(self, epochs, lr, gamma, wd, callbacks, resume)
+        fit_exp(self, epochs, lr, gamma, wd, callbacks, resume, clip)
 
     def fit_warmup_cosine(self, epochs, lr=3e-3, warmup_epochs=1, warmup_lr=None, min_lr=0., wd=None,
-                          callbacks=None, resume=None):
+                          callbacks=None, resume=None, clip=None):
         """Linear warm-up from warmup_lr (default lr/100) to lr, then cosine to min_lr, per step (timm-style)."""
         from .callbacks.schedule import fit_warmup_cosine
-        fit_warmup_cosine(self, epochs, lr, warmup_epochs, warmup_lr, min_lr, wd, callbacks, resume)
+        fit_warmup_cosine(self, epochs, lr, warmup_epochs, warmup_lr, min_lr, wd, callbacks, resume, clip)
 
-    def fit_fc(self, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callbacks=None, resume=None):
+    def fit_fc(self, epochs, lr=3e-3, pct_start=0.75, div_final=1e5, wd=None, callbacks=None, resume=None, clip=None):
         """Flat then cosine: lr for pct_start of the steps, then cosine to lr / div_final."""
         from .callbacks.schedule import fit_fc
-        fit_fc(self, epochs, lr, pct_start, div_final, wd, callbacks, resume)
+        fit_fc(self, epochs, lr, pct_start, div_final, wd, callbacks, resume, clip)
 
-    def fit_phases(self, phases, lr=3e-3, wd=None, callbacks=None, resume=None):
+    def fit_phases(self, phases, lr=3e-3, wd=None, callbacks=None, resume=None, clip=None):
         """Train through TrainingPhase objects, each annealing 'lr', 'mom' and 'wd' its own way."""
         from .callbacks.schedule import fit_phases
-        fit_phases(self, phases, lr, wd, callbacks, resume)
+        fit_phases(self, phases, lr, wd, callbacks, resume, clip)
 
     def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
         """LR range test: one step per learning rate, exponentially from start_lr to end_lr; restores everything.
 
         Args:
             start_lr, end_lr: the sweep's ends (numbers, or one per layer group).
-            num_it: steps in the sweep (over as many epochs as that needs; no validation).
+            num_it: steps in the sweep (over as many epochs as that needs; no validation). A GradientAccumulation or
+                GradientClipping in learn.callbacks stays for the sweep: a step is then n_step batches.
             stop_div: stop once the smoothed loss exceeds 4x its best, or any loss is not finite.
             wd: weight decay during the sweep (None keeps learn.wd).
 
@@ -572,10 +597,30 @@ class Learner:
                 self.iter = start - 1
             else:
                 self._epoch_rng = rng_state()  # fixes this epoch's data order: a checkpoint can replay it
+            if self._n_acc > 1:
+                self._accumulate_batches(batches, start)
+                batches = ()
         for self.iter, b in enumerate(batches, start):
             self._one_batch(b)
         if self.training and self.iter == -1:
             raise ValueError('the training DataLoader yielded no batches (data.train_dl is empty)')
+
+    def _accumulate_batches(self, batches, start):
+        """The training batches under gradient accumulation: a step after every n_step batches and after the last
+        batch of the epoch. In distributed training the batches that do not step skip DDP's gradient all_reduce
+        (its no_sync())."""
+        n, last = self._n_acc, self.n_iter - 1
+        ddp = self._ddp[1] if self._world > 1 and self._ddp is not None else None
+        try:
+            for self.iter, b in enumerate(batches, start):
+                self.stepping = (self.iter + 1) % n == 0 or self.iter == last
+                if ddp is None or self.stepping:
+                    self._one_batch(b)
+                else:
+                    with ddp.no_sync():
+                        self._one_batch(b)
+        finally:
+            self.stepping, self._acc_loss = True, None
 
     def _skip_batches(self):
         """A resumed epoch: replay its data order from the RNG state of its start, pass the batches the checkpoint
@@ -617,9 +662,10 @@ class Learner:
         try:
             self('after_batch')
         finally:
-            if self.training:
+            if self.training and self.stepping:  # train_iter counts optimizer steps
                 self.train_iter += 1
-        if self._interrupt_requested:  # a deferred Ctrl-C: this batch is complete, stop here
+        if self._interrupt_requested and (self.stepping or not self.training):
+            # a deferred Ctrl-C: this batch is complete (with accumulation: its group too), stop here
             # where a Checkpoint can save this point: after this training batch, or (interrupted in the epoch's
             # validation) after the epoch's training; elsewhere (a validate() inside a training hook) nowhere
             self._interrupt_requested = False
@@ -649,21 +695,46 @@ class Learner:
             mets = [m(self.pred, self.yb) for m in self._val_metrics]
             self._vals.append((self.yb.shape[0], self.loss.detach(), mets))
             return
-        if self._scaler is None:
+        if self._n_acc > 1:
+            if not self._accumulate():
+                return
+        elif self._scaler is None:
             self.loss.backward()
-            self('after_backward')
-            self._wd.step()
         else:  # fp16: gradients are scaled in after_backward; the step is skipped when they overflowed
             self._scaler.scale(self.loss).backward()
-            self('after_backward')
+        self('after_backward')
+        if self._scaler is None:
+            self._wd.step()
+        else:
             self._scaled_step()
         self('after_step')
         self.opt.zero_grad()
 
+    def _accumulate(self):
+        """Gradient accumulation: the backward of this batch's loss divided by the number of batches in its group
+        (n_step, or fewer in the last group of an epoch), so the gradients become the mean over the group's batches.
+        True for the group's last batch, whose gradients are then complete: `loss` is set to the mean of the group's
+        (undivided) losses and the caller runs after_backward and the step; False for the others (done here)."""
+        n, i = self._n_acc, self.iter
+        k = min(n, self.n_iter - (i - i % n))  # batches in this group
+        loss = self.loss.detach()
+        if i % n == 0 or self._acc_loss is None:  # a new group
+            self._acc_loss, self._acc_count, self._step_bs = loss, 1, len(self.yb)
+        else:
+            self._acc_loss, self._acc_count, self._step_bs = self._acc_loss + loss, self._acc_count + 1, \
+                self._step_bs + len(self.yb)
+        scaled = self.loss / k
+        (scaled if self._scaler is None else self._scaler.scale(scaled)).backward()
+        if not self.stepping:
+            return False
+        self.loss = self._acc_loss / self._acc_count
+        return True
+
     def _scaled_step(self):
         scaler, wd = self._scaler, self._wd
         if not wd.native:  # L2 / decoupled decay by hand must see true gradients
-            scaler.unscale_(self.opt)
+            if not self._unscaled:  # GradientClipping may have unscaled them already
+                scaler.unscale_(self.opt)
             keep = None
             if wd.true_wd:  # the decay multiplies the weights: not on a step the scaler skips (read on the device)
                 grads = [p.grad for g in self.opt.param_groups for p in g['params'] if p.grad is not None]
@@ -673,6 +744,7 @@ class Learner:
             wd._decay(keep)
         scaler.step(self.opt)  # fused optimizers take the scale and the overflow flag in-kernel: no host sync
         scaler.update()
+        self._unscaled = False
 
     def _check_first_batch(self):
         try:
@@ -723,10 +795,19 @@ class Learner:
             got = self._shards[key] = (dl, shard_loader(dl, rank(), self._world, train))
         return got[1]
 
-    def _train_len(self):
-        """Optimizer steps in a training epoch: len(data.train_dl), or of this rank's share of it in distributed
-        training (the same on every rank). TypeError for a loader without a length."""
+    def _train_batches(self):
+        """Batches in a training epoch: len(data.train_dl), or of this rank's share of it in distributed training
+        (the same on every rank). TypeError for a loader without a length."""
         return len(self._loader(self.data.train_dl, True))
+
+    def _train_len(self, callbacks=None):
+        """Optimizer steps in a training epoch: the batches (`_train_batches`), or with gradient accumulation
+        ceil(batches / n_step). Outside a fit (or given `callbacks`, those of the coming call) the accumulation is
+        read from learn.callbacks and `callbacks`. TypeError for a loader without a length."""
+        n = self._train_batches()
+        k = self._n_acc if self._hooks is not None and callbacks is None else \
+            _accumulation([*self.callbacks, *_as_list(callbacks)])
+        return -(-n // k)
 
     @contextlib.contextmanager
     def _local(self):

@@ -40,7 +40,7 @@ def fit_signature(learn):
     scheds = [cb.resume_signature(learn) for cb in (getattr(learn, '_fit_cbs', None) or [])
               if callable(getattr(cb, 'resume_signature', None))]
     return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn._fit_args,
-            'world_size': learn._world}
+            'world_size': learn._world, 'accumulate': learn._n_acc}
 
 
 def training_state(learn, where='end', with_opt=True, batch=None):
@@ -135,6 +135,10 @@ def _sig_mismatch(saved, now):
     if a != b:
         return (f'it was written by {a} process(es) and this run has {b}; resume with the same number of processes '
                 f'(torchrun --nproc_per_node {a} on one node), as the data order and batches depend on it')
+    a, b = saved.get('accumulate', 1), now.get('accumulate', 1)
+    if a != b:
+        return (f'it was written by a fit accumulating gradients over {a} batch(es) per step and this call '
+                f'accumulates over {b} (GradientAccumulation n_step)')
     if saved['n_epoch'] != now['n_epoch']:
         return f"it was written by a {saved['n_epoch']}-epoch fit but this call trains {now['n_epoch']} epochs"
     if saved['steps_per_epoch'] != now['steps_per_epoch']:

@@ -105,6 +105,32 @@ def diverged_then_lr_find():
             'fit_steps': learn.train_iter}
 
 
+def accumulate_fit(bs):
+    """fit_one_cycle(2) with GradientAccumulation(n_step=2) and clip: the weights, the steps, and how many gradient
+    all_reduces DDP made (one per step: the batches that do not step run under no_sync)."""
+    from minifast import Callback, GradientAccumulation
+
+    class CountReduces(Callback):
+        n = 0
+
+        def before_fit(self, learn):
+            if learn._ddp is not None:
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+                def hook(state, bucket):
+                    self.n += 1
+                    return allreduce_hook(state, bucket)
+                learn._ddp[1].register_comm_hook(None, hook)
+    set_seed(4)
+    count = CountReduces()
+    data = make_data(n_train=N_TRAIN, n_valid=N_VALID, bs=bs, val_bs=VAL_BS)
+    learn = Learner(data, make_mlp(), silent=True, callbacks=[GradientAccumulation(n_step=2), count])
+    learn.fit_one_cycle(EPOCHS, LR, clip=0.05)
+    r = learn.recorder
+    return {'state': {k: v.clone() for k, v in learn.model.state_dict().items()}, 'steps': learn.train_iter,
+            'reduces': count.n, 'lrs': r.lrs, 'raw': r.raw_losses, 'bs': r.bs}
+
+
 def _plain_validate(learn, dl):
     """The validation loss of the whole set in this process, without any sharding."""
     import torch.nn.functional as F
@@ -119,6 +145,7 @@ def main(out):
     result['torch_loader'] = torch_loader_fit(bs=16)
     result['resume'] = resume_fit(out, rank)
     result['diverged'] = diverged_then_lr_find()
+    result['accumulate'] = accumulate_fit(bs=32)
     try:
         Learner(make_data(), make_mlp(), sync_bn=True)
         result['sync_bn_error'] = None

@@ -230,6 +230,21 @@ def test_single_process_paths_and_refusals(monkeypatch, tmp_path):
     assert Learner(make_data(), make_mlp(), silent=True)._world == 1  # opted out: a plain process
 
 
+def test_ddp_gradient_accumulation_skips_reduces_and_equals_one_process(ddp):
+    """2 ranks x 32 items x 2 accumulated batches equal one process accumulating 2 batches of 64 (clipped, one
+    cycle); DDP reduces the gradients once per step, not once per batch."""
+    from ddp_worker import accumulate_fit
+    one = accumulate_fit(bs=64)
+    for r in ddp[:2]:
+        acc = r['accumulate']
+        assert acc['steps'] == one['steps'] == 2 * 5  # 640 items: 10 batches of 64 per epoch, 5 steps
+        assert acc['reduces'] == acc['steps']  # a single gradient bucket for this small model
+        assert acc['lrs'] == one['lrs'] and acc['bs'] == one['bs'] == [128] * 10
+        _close(acc['raw'], one['raw'], 'per-step losses')
+        for k, v in one['state'].items():
+            torch.testing.assert_close(acc['state'][k], v, atol=TOL, rtol=0)
+
+
 def test_ddp_lr_find_after_a_diverged_fit(ddp):
     """A fit that stops between the DDP forward and its backward (a non-finite loss) must not leave gradient hooks
     that make rank 0's lone lr_find start an all_reduce (every rank would hang)."""

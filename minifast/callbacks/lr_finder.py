@@ -188,8 +188,10 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
     interrupted = False
     try:
         # the sweep runs with the Recorder and the finder only: the user's callbacks (loggers, checkpoints,
-        # early stopping) must neither see it nor write anything
-        learn.callbacks = []
+        # early stopping) must neither see it nor write anything; those that shape a step (gradient accumulation
+        # and clipping) stay, so each sweep step is a step as the fit would take it
+        from .gradients import GradientAccumulation, GradientClipping
+        learn.callbacks = [cb for cb in learn.callbacks if isinstance(cb, (GradientAccumulation, GradientClipping))]
         try:
             learn.fit(epochs, start_lr, wd=wd, callbacks=[finder])
         except DivergenceError:  # a non-finite loss ends the sweep (with or without stop_div); it is recorded

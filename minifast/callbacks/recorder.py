@@ -38,6 +38,9 @@ def new_figure(ax=None, ncols=1, figsize=None):
 class Recorder(Callback):
     """History of the current fit: per step lr, momentum, raw and smoothed loss; per epoch losses, metrics, time.
 
+    A step is an optimizer step: with GradientAccumulation its loss is the mean over its batches and `bs` counts the
+    items of all of them.
+
     Per-step losses stay on the device until read (at epoch end, or when a property asks), so recording costs no
     host synchronisation. `smooth_loss` is the debiased exponential moving average (beta=0.98) of raw losses.
 
@@ -63,6 +66,7 @@ class Recorder(Callback):
         self.metrics_names = [metric_name(m) for m in learn.metrics]
         self._pgs, self._mom_key = learn.opt.param_groups, momentum_key(learn.opt)
         self._world = learn._world
+        self._acc = learn._n_acc > 1  # gradient accumulation: a step's items are those of its batches
 
     def before_epoch(self, learn):
         self._t0, self._start = time.perf_counter(), len(self.bs)
@@ -96,7 +100,7 @@ class Recorder(Callback):
 
     def after_step(self, learn):  # runs every step: kept to a few appends
         self._pending.append(learn.loss.detach())
-        self.bs.append(len(learn.yb))
+        self.bs.append(learn._step_bs if self._acc else len(learn.yb))
         pgs, key = self._pgs, self._mom_key
         self.group_lrs.append([g['lr'] for g in pgs])
         if key == 'betas':

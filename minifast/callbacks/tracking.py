@@ -105,7 +105,8 @@ class Checkpoint(Callback):
         return self.best is None or (v < self.best if self.mode == 'min' else v > self.best)
 
     def after_batch(self, learn):
-        if learn.training and not isinstance(self.every, str) and (learn.train_iter + 1) % self.every == 0:
+        if (learn.training and not isinstance(self.every, str) and learn.stepping
+                and (learn.train_iter + 1) % self.every == 0):  # with accumulation: only where a step ended
             cancel = learn.pending_cancel  # raised by an earlier hook of this after_batch, after the hooks run
             if isinstance(cancel, CancelEpochException):
                 return  # the epoch ends here, unvalidated: no point inside it to resume into
@@ -131,7 +132,7 @@ class Checkpoint(Callback):
                 self._write(learn, 'end', self.last_file if same else None)
         elif isinstance(e, KeyboardInterrupt) and learn._boundary is not None:
             # a Ctrl-C deferred to a batch boundary: after a training batch, or in validation (training is done)
-            all_batches = learn._train_len() if learn._boundary == 'valid' else None
+            all_batches = learn._train_batches() if learn._boundary == 'valid' else None
             self._write(learn, 'boundary', batch=all_batches)
 
     def _write(self, learn, where, file=None, batch=None, best=False):
@@ -279,7 +280,7 @@ class DivergenceGuard(Callback):
             return
         self._losses.append(loss if loss.ndim == 0 else loss.float().sum())  # no kernel in the common case
         self._steps.append(learn.train_iter)
-        if (learn.train_iter + 1) % self.every == 0:
+        if (learn.train_iter + 1) % self.every == 0 and learn.stepping:  # accumulation: at the step's last batch
             self.verify(learn)
 
     @staticmethod
@@ -330,12 +331,17 @@ class DivergenceGuard(Callback):
             self._restore(learn)
             kept = (f'the weights and optimizer state were restored to those verified finite after '
                     f'{self._good_step} steps of this fit')
-        n = learn.n_iter or 1
+        try:
+            n = learn._train_len()  # steps per epoch (with accumulation: optimizer steps)
+        except TypeError:
+            n = learn.n_iter or 1
         if step is None:
             where = f'the weights became non-finite by step {learn.train_iter} of this fit (epoch {learn.epoch})'
             epoch = batch = None
         else:
             epoch, batch = (learn.epoch, learn.iter) if self.every == 1 else divmod(step, n)
+            if self.every > 1:  # with accumulation: the first batch of that step
+                batch *= learn._n_acc
             what = 'not finite' if value is None else f'{value}'
             where = f'the training loss is {what} at epoch {epoch}, batch {batch} (step {step} of this fit)'
         learn.diverged = {'epoch': epoch, 'batch': batch, 'step': step}

@@ -30,7 +30,7 @@ EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_p
 # What one pass of the loop changes on the learner; validate() restores it, so it can be called from a callback.
 _LOOP_STATE = ('_hooks', 'dl', 'training', 'iter', 'n_iter', 'xb', 'yb', 'pred', 'loss', '_vals', '_val_metrics',
                '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_stop_training', 'pending_cancel',
-               'stepping', '_n_acc', '_acc_loss', '_acc_count', '_step_bs', '_unscaled')
+               'stepping', '_n_acc', '_acc_loss', '_acc_count', '_step_bs', '_unscaled', '_fit_cbs')
 
 
 class CancelBatchException(Exception):
@@ -432,7 +432,11 @@ class Learner:
     def _begin_fit(self, state):
         """before_fit, with a resumed run's state put back around it; returns the epoch to start at."""
         from .resume import restore_callbacks, restore_model_opt
-        if state is not None:
+        before = None
+        if state is not None:  # put back if a callback's before_fit refuses its settings: nothing may change then
+            from .callbacks.lr_finder import _deep_clone
+            before = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                      _deep_clone(self.opt.state_dict()), None if self._scaler is None else self._scaler.state_dict())
             restore_model_opt(self, state)
         if self._world > 1:
             from .distributed import ddp_wrap, sync_rng
@@ -440,7 +444,15 @@ class Learner:
             self._fwd = ddp_wrap(self)  # built before before_fit; copies rank 0's weights to every rank
         self._setup_forward()  # torch.compile (of the DDP wrapper when there is one)
         self.opt.zero_grad()  # gradients left by an interrupted step must not leak into this fit's first step
-        self('before_fit')
+        try:
+            self('before_fit')
+        except BaseException:
+            if before is not None:
+                self.model.load_state_dict(before[0])
+                self.opt.load_state_dict(before[1])
+                if before[2] is not None:
+                    self._scaler.load_state_dict(before[2])
+            raise
         if state is None:
             return 0
         restore_callbacks(self, state)  # after before_fit, which resets the Recorder and the callbacks
@@ -619,7 +631,11 @@ class Learner:
                 else:
                     with ddp.no_sync():
                         self._one_batch(b)
+                if self.stepping:
+                    self._acc_loss = None  # the group is over (stepped, or cancelled and cleared)
         finally:
+            if self._acc_loss is not None:  # left inside a group (CancelTrain/CancelEpoch, an error): its gradients
+                self.opt.zero_grad()        # must not reach the next step
             self.stepping, self._acc_loss = True, None
 
     def _skip_batches(self):
@@ -658,7 +674,8 @@ class Learner:
             self('before_batch')
             self._do_one_batch()
         except CancelBatchException:
-            pass
+            if self.training and (self._unscaled or (self._n_acc > 1 and self.stepping)):
+                self._cancelled_step()
         try:
             self('after_batch')
         finally:
@@ -729,6 +746,15 @@ class Learner:
             return False
         self.loss = self._acc_loss / self._acc_count
         return True
+
+    def _cancelled_step(self):
+        """A batch that would have stepped was cancelled: with accumulation its group's gradients are dropped (they
+        must not reach the next group's step), and gradients already unscaled for clipping (fp16) are dropped and the
+        scaler's record of them closed, or the next step would treat scaled gradients as unscaled."""
+        if self._unscaled:
+            self._scaler.update()  # unscale_ recorded this step's overflow check: update() consumes it
+            self._unscaled = False
+        self.opt.zero_grad()
 
     def _scaled_step(self):
         scaler, wd = self._scaler, self._wd

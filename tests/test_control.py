@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 import minifast
-from minifast import Callback, CSVLogger, EarlyStopping, Learner, ReduceLROnPlateau, SaveModelCallback
+from minifast import Callback, CSVLogger, EarlyStopping, Learner, ReduceLROnPlateau, SaveModelCallback, TrainingPhase
 from minifast.callbacks.tracking import Checkpoint
 from minifast.determinism import set_seed
 
 from conftest import make_data, make_mlp
 from test_resume import assert_identical, make_learner, outcome
 
-NAN = float('nan')
+NAN, INF = float('nan'), float('inf')
 
 
 class Script(Callback):
@@ -55,6 +55,8 @@ def steps_per_epoch(learn, what):
     ([5., 4.25, 3.5, 3.], dict(min_delta=0.5), 3),                # 0.75 better each time, then 0.5: stops at 3
     ([1., NAN, 0.5, NAN, NAN], dict(patience=1), 4),              # NaN never improves
     ([NAN, 2., 1.], dict(), 0),                                   # not even the first one
+    ([INF, 2., 1.], dict(), 0),                                   # nor inf (torch's best starts at inf)
+    ([5., -INF, 4., 6., 6.], dict(patience=1), 4),                # -inf is no improvement either: 4. still is
 ])
 def test_early_stopping_stops_where_hand_computed(tmp_path, values, kw, last):
     learn = learner(tmp_path, values, name='my_loss', callback_fns=[CSVLogger])  # 'loss' in the name: min
@@ -149,6 +151,8 @@ def torch_plateau_lrs(lrs0, values, mode, factor, patience, min_delta, min_lrs):
     ([5., 4., 3.75, 3.5, 3.5, 2., 2., 2., 1., 1., 1., 1.], 'min', dict(patience=1, factor=0.5, min_lr=3e-4,
                                                                        min_delta=0.3)),
     ([.1, .2, .2, .25, .25, .25, .3, .3, .3, .3, .3, .3], 'max', dict(patience=0, factor=0.1, min_lr=[1e-6, 2e-4])),
+    ([INF, 5., 5., 4.], 'min', dict(patience=0, factor=0.5, min_lr=0.)),  # a first inf is a bad epoch
+    ([-INF, 1., 1., 2.], 'max', dict(patience=0, factor=0.5, min_lr=0.)),
 ])
 def test_reduce_lr_on_plateau_matches_torch(tmp_path, values, mode, kw):
     model = make_mlp()
@@ -200,6 +204,63 @@ def test_reduce_lr_with_a_flat_schedule_equals_plain_fit_and_min_lr_bounds(tmp_p
     assert [e[0] for e in steps_per_epoch(plain, plain.recorder.lrs)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-4, 5e-5])
 
 
+def test_reduce_lr_with_phases_that_do_not_all_set_the_lr(tmp_path):
+    # phase 1 (3 epochs) names no lr: fit's lr holds and the drops change it in place, once each; phase 2 sets the lr
+    # every step and the drops so far scale it
+    phases = [TrainingPhase(epochs=3, mom=0.9), TrainingPhase(epochs=1, lr=(1e-2, 1e-3))]
+    ref = learner(tmp_path)
+    ref.fit_phases(phases, lr=1e-2)
+    learn = learner(tmp_path, [3., 3., 3., 3.], name='my_loss')
+    cb = ReduceLROnPlateau(monitor='my_loss', factor=0.5, min_lr=0.)
+    learn.fit_phases(phases, lr=1e-2, callbacks=[cb])
+    got = steps_per_epoch(learn, learn.recorder.lrs)
+    assert got[:3] == [[1e-2] * 3, [1e-2] * 3, [5e-3] * 3]
+    want = [lr * 0.25 for lr in steps_per_epoch(ref, ref.recorder.lrs)[3]]
+    assert got[3] == pytest.approx(want, rel=1e-12) and want[0] == pytest.approx(2.5e-3)
+    assert [(e, lrs) for e, lrs in cb.reductions[:2]] == [(1, [5e-3]), (2, [2.5e-3])]
+    assert cb.reductions[2][0] == 3 and cb.reductions[2][1] == pytest.approx([want[-1] * 0.5])
+
+
+def test_reduce_lr_with_phases_resumed_in_a_phase_without_lr(tmp_path):
+    phases = [TrainingPhase(epochs=3, mom=0.9), TrainingPhase(epochs=1, lr=(1e-2, 1e-3))]
+
+    def run(path, extra=(), resume=None):
+        learn = learner(path, [3., 3., 3., 3.], name='my_loss')
+        set_seed(0)
+        learn.fit_phases(phases, lr=1e-2, callbacks=[Checkpoint(every='epoch'), *extra,
+                                                     ReduceLROnPlateau(monitor='my_loss', factor=0.5, min_lr=0.)],
+                         resume=resume)
+        return learn
+    ref = run(tmp_path / 'ref')
+    with pytest.raises(Exception, match='simulated crash'):
+        run(tmp_path / 'b', [CrashAt(epoch=2)])
+    b = run(tmp_path / 'b', resume='checkpoints')
+    assert b.recorder.lrs == ref.recorder.lrs and steps_per_epoch(b, b.recorder.lrs)[2] == [5e-3] * 3
+
+
+@pytest.mark.parametrize('method', ['fit', 'fit_one_cycle'])
+def test_reduce_lr_leaves_a_fixed_group_lr_alone(tmp_path, method):
+    def run(cbs):
+        model = make_mlp()
+        learn = learner(tmp_path, [1., 1., 1., 1.], model=model)  # 'score': max, never improves after epoch 0
+        learn.split({'0': dict(lr=0.05), '2': {}})
+        getattr(learn, method)(4, 1e-2, callbacks=cbs)
+        return learn
+    ref = run([])
+    cb = ReduceLROnPlateau(monitor='score', factor=0.5, min_lr=0.)
+    learn = run([cb])
+    fixed = [g.get('layer_group') == 0 for g in learn.opt.param_groups]
+    assert any(fixed) and not all(fixed)
+    scale = [1., 1., 0.5, 0.25]  # drops after epochs 1 and 2 (and 3, after the last step, unless below eps)
+    for t, (lrs, ref_lrs) in enumerate(zip(learn.recorder.group_lrs, ref.recorder.group_lrs)):
+        for lr, ref_lr, f in zip(lrs, ref_lrs, fixed):
+            assert lr == 0.05 if f else lr == pytest.approx(ref_lr * scale[t // 3], rel=1e-12), (t, lrs)
+    assert [e for e, _ in cb.reductions] == [1, 2] + ([3] if method == 'fit' else []) and all(
+        lr == 0.05 for _, lrs in cb.reductions for lr, f in zip(lrs, fixed) if f)
+    assert [g['lr'] for g, f in zip(learn.opt.param_groups, fixed) if f] == [0.05] * sum(fixed)
+    assert [s for s, f in zip(cb.scales, fixed) if f] == [1.] * sum(fixed)
+
+
 # ---- SaveModelCallback -----------------------------------------------------------------------------------------
 class Keep(Callback):
     """The weights after each epoch."""
@@ -245,11 +306,17 @@ def test_save_model_without_load_at_end_keeps_the_last_weights_and_all_nan_saves
     keep = Keep()
     learn.fit(3, 1e-2, callbacks=[SaveModelCallback(monitor='my_loss', load_at_end=False), keep])
     assert_identical(learn.model.state_dict(), keep.weights[2])
-    learn = learner(tmp_path / 'n', [NAN, NAN], name='my_loss')
-    keep = Keep()
-    learn.fit(2, 1e-2, callbacks=[SaveModelCallback(monitor='my_loss'), keep])
-    assert not (tmp_path / 'n' / 'models').exists()
-    assert_identical(learn.model.state_dict(), keep.weights[1])
+    for sub, values in (('n', [NAN, NAN]), ('i', [INF, INF])):  # an inf loss is no better than a NaN
+        learn = learner(tmp_path / sub, values, name='my_loss')
+        keep = Keep()
+        learn.fit(2, 1e-2, callbacks=[SaveModelCallback(monitor='my_loss'), keep])
+        assert not (tmp_path / sub / 'models').exists()
+        assert_identical(learn.model.state_dict(), keep.weights[1])
+    learn = learner(tmp_path / 'f', [INF, 3., 4.], name='my_loss')
+    saves = counting_saves(learn)
+    cb = SaveModelCallback(monitor='my_loss')
+    learn.fit(3, 1e-2, callbacks=[cb])
+    assert saves == [(1, 'bestmodel')] and cb.state_dict() == {'best': 3., 'best_epoch': 1}
 
 
 def test_save_model_every_epoch(tmp_path):

@@ -422,3 +422,128 @@ def test_resume_refuses_another_accumulation(tmp_path):
     learn.callbacks[0].n_step = 3  # 6 batches: still 2 steps per epoch, but not the same steps
     with pytest.raises(ValueError, match='accumulating gradients over 4 batch'):
         learn.fit_one_cycle(3, 1e-2, clip=0.5, resume='checkpoints')
+
+
+# ---- cancels and failures inside a group (review of issue 9) ------------------------------------------------------
+class _GradLog(Callback):
+    order = 100
+
+    def before_fit(self, learn):
+        self.seen = []
+
+    def after_backward(self, learn):
+        self.seen.append((learn.epoch, learn.iter, learn.model[0].weight.grad.clone(), float(learn.loss),
+                          learn._step_bs))
+
+
+class _CancelAt(Callback):
+    def __init__(self, at, exc=minifast.CancelBatchException, event='after_loss'):
+        self.at, self.exc = at, exc
+        setattr(self, event, self._maybe)
+
+    def _maybe(self, learn):
+        if learn.training and (learn.epoch, learn.iter) in self.at:
+            raise self.exc()
+
+
+def _acc_log(*cbs, epochs=1):
+    data = make_data(n_train=96, bs=16)  # 6 batches: groups (0, 1), (2, 3), (4, 5) with n_step=2
+    learn = Learner(data, make_mlp(), silent=True, opt_func=SGD)
+    log = _GradLog()
+    torch.manual_seed(0)
+    learn.fit(epochs, 0., callbacks=[GradientAccumulation(n_step=2), log, *cbs])  # lr 0: the weights never move
+    return log.seen
+
+
+def test_a_cancelled_stepping_batch_drops_its_groups_gradients():
+    ref = {(e, i): g for e, i, g, _, _ in _acc_log()}
+    seen = _acc_log(_CancelAt({(0, 1)}))  # the first group's stepping batch: no step, and batch 0's gradient is gone
+    assert [(e, i) for e, i, *_ in seen] == [(0, 3), (0, 5)]
+    for e, i, g, _, _ in seen:
+        assert torch.equal(g, ref[(e, i)])
+
+
+def test_a_group_whose_first_batch_is_cancelled_does_not_reuse_the_previous_groups_losses():
+    class BatchLoss(Callback):
+        def after_loss(self, learn):
+            if learn.training:
+                self.losses = {**getattr(self, 'losses', {}), learn.iter: float(learn.loss)}
+    bl = BatchLoss()
+    seen = _acc_log(_CancelAt({(0, 2)}, event='before_batch'), bl)  # the second group has only batch 3
+    (_, _, _, loss3, bs3), = [s for s in seen if s[1] == 3]
+    assert bs3 == 16 and loss3 == pytest.approx(bl.losses[3], abs=1e-7)
+
+
+def test_cancel_train_inside_a_group_leaves_no_gradient_for_the_next_epoch():
+    class Check(Callback):
+        def before_epoch(self, learn):
+            self.grads = getattr(self, 'grads', []) + [learn.model[0].weight.grad]
+    check = Check()
+    _acc_log(_CancelAt({(0, 2)}, minifast.CancelTrainException, event='after_batch'), check, epochs=2)
+    assert check.grads == [None, None]
+
+
+def test_fp16_clip_then_cancel_in_after_backward_does_not_apply_scaled_gradients():
+    class CancelAfterClip(Callback):
+        order = 100  # after GradientClipping has unscaled
+
+        def after_backward(self, learn):
+            if learn.train_iter == 1:
+                raise minifast.CancelBatchException()
+    runs = []
+    for extra in ([], [CancelAfterClip()]):
+        learn = Learner(make_data(n_train=64, bs=16), make_mlp(), silent=True, opt_func=SGD, wd=0, fp16=True)
+        before = [p.detach().clone() for p in learn.model.parameters()]
+        torch.manual_seed(0)
+        learn.fit(1, 1e-3, clip=1e6, callbacks=extra)
+        runs.append(sum(float((p.detach() - b).abs().sum()) for p, b in zip(learn.model.parameters(), before)))
+    assert runs[1] < 2 * runs[0]  # one step fewer; with the scaled gradients applied it was ~1e4 times larger
+
+
+def test_clipping_covers_layers_unfrozen_during_the_fit():
+    class Unfreeze(Callback):
+        def before_epoch(self, learn):
+            if learn.epoch == 1:
+                learn.unfreeze()
+
+    class Norm(Callback):
+        order = 100
+
+        def after_backward(self, learn):
+            self.last = float(torch.norm(torch.stack([p.grad.norm() for p in learn.model.parameters()
+                                                      if p.grad is not None])))
+    data = make_data(n_train=64, bs=16)
+    learn = Learner(data, make_mlp(), silent=True, splitter=lambda m: [m[0], m[2]])
+    learn.freeze()
+    norm = Norm()
+    learn.fit(2, 1e-2, clip=0.01, callbacks=[Unfreeze(), norm])
+    assert norm.last <= 0.01 + 1e-6
+
+
+def test_validate_from_a_callback_keeps_the_fits_callbacks_for_checkpoints(tmp_path):
+    class ValidateMidEpoch(Callback):
+        def after_batch(self, learn):
+            if learn.training and learn.iter == 1:
+                learn.validate()
+    learn = Learner(make_data(n_train=64), make_mlp(), silent=True, path=tmp_path)
+    es = minifast.EarlyStopping(monitor='valid_loss', patience=5)
+    learn.fit_one_cycle(2, 1e-2, callbacks=[es, ValidateMidEpoch(), Checkpoint(every=3)])
+    state = torch.load(list_checkpoints(tmp_path / 'checkpoints')[0], weights_only=False)
+    assert 'EarlyStopping' in state['callbacks'] and state['signature']['schedules']
+
+
+def test_resume_with_a_callback_that_refuses_its_settings_leaves_the_model_as_it_was(tmp_path):
+    class Crash(Callback):
+        def before_epoch(self, learn):
+            if learn.epoch == 1:
+                raise RuntimeError('crash')
+    learn = Learner(make_data(n_train=64), make_mlp(), silent=True, path=tmp_path)
+    with pytest.raises(minifast.CallbackException, match='crash'):
+        learn.fit(2, 1e-2, callbacks=[Checkpoint(every='epoch'), Crash()])
+    other = Learner(make_data(n_train=64), make_mlp(seed=5), silent=True, path=tmp_path)
+    other.create_opt()
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(minifast.CallbackException, match="monitor 'valid_los' is not recorded"):
+        other.fit(2, 1e-2, callbacks=[Checkpoint(every='epoch'), minifast.EarlyStopping(monitor='valid_los')],
+                  resume=tmp_path / 'checkpoints')
+    assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in before.items())

@@ -4,7 +4,8 @@ SaveModelCallback (fastai v1 semantics; ReduceLROnPlateau decides as torch's Red
 Each reads this epoch's value of `monitor` ('train_loss', 'valid_loss' or a metric's name) from the Recorder in
 after_epoch, keeps its counters in `state_dict()` (so a fit resumed from a Checkpoint decides as the uninterrupted one
 would), and checks at before_fit that `monitor` is recorded. An epoch whose value was not computed (its validation
-skipped by CancelEpochException) changes nothing; a NaN value is never an improvement.
+skipped by CancelEpochException) changes nothing; a NaN or infinite value is never an improvement (a first value of
+inf counts as a bad epoch, as in torch, whose best starts at inf in min mode and -inf in max mode).
 """
 import math
 from numbers import Integral, Real
@@ -63,8 +64,9 @@ class _Monitor(Callback):
         check_monitor(learn, self.monitor, type(self).__name__)
 
     def improved(self, v):
-        """Whether `v` beats the best so far by more than min_delta (NaN never does; the first finite value does)."""
-        if v is None or math.isnan(v):
+        """Whether `v` beats the best so far by more than min_delta (NaN and +-inf never do; the first finite value
+        does). `best` stays None until a finite value comes, which decides as torch's initial best of +-inf."""
+        if v is None or not math.isfinite(v):
             return False
         if self.best is None:
             return True
@@ -79,10 +81,11 @@ class EarlyStopping(_Monitor):
     """Stop the fit once `monitor` has not improved by more than `min_delta` for more than `patience` epochs.
 
     fastai v1's EarlyStoppingCallback: after each epoch, an improvement (lower for 'min', higher for 'max'; the
-    first value always is one, NaN never is) resets the wait to 0 and becomes `best`; any other epoch adds 1 to
-    `wait`, and when wait > patience, after_epoch raises CancelFitException: every after_epoch hook still sees that
-    epoch (Recorder, CSVLogger, Checkpoint), after_fit runs, and fit returns normally with the epochs trained in the
-    Recorder's history (`learn.n_epoch` keeps the number asked for; `stopped_epoch` is the last epoch trained).
+    first finite value always is one, NaN and +-inf never are) resets the wait to 0 and becomes `best`; any other
+    epoch adds 1 to `wait`, and when wait > patience, after_epoch raises CancelFitException: every after_epoch hook
+    still sees that epoch (Recorder, CSVLogger, Checkpoint), after_fit runs, and fit returns normally with the epochs
+    trained in the Recorder's history (`learn.n_epoch` keeps the number asked for; `stopped_epoch` is the last epoch
+    trained).
 
     Args:
         monitor: 'valid_loss', 'train_loss' or a metric's name; an unknown name fails at before_fit, listing the
@@ -115,7 +118,8 @@ class EarlyStopping(_Monitor):
         self.wait += 1
         if self.wait > self.patience:
             self.stopped_epoch = learn.epoch
-            self._say(learn, f'Epoch {learn.epoch}: early stopping ({self.monitor} did not improve on {self.best} '
+            best = 'no finite value' if self.best is None else self.best
+            self._say(learn, f'Epoch {learn.epoch}: early stopping ({self.monitor} did not improve on {best} '
                              f'for {self.wait} epoch(s))')
             raise CancelFitException()
 
@@ -137,6 +141,8 @@ class ReduceLROnPlateau(_Monitor):
     any other epoch (NaN included) adds 1, also once the lr is at min_lr (fastai v1 stopped counting there); when
     wait > patience each group's lr becomes max(lr * factor, its min_lr), changed only when that lowers it by more
     than `eps`, and wait goes back to 0. Groups keep their ratios (discriminative lrs) until one reaches its floor.
+    A group whose LayerGroup settings fix its lr (see `Learner.split`) keeps that lr: it is neither reduced nor
+    scaled. An infinite value is a bad epoch as in torch; unlike torch, -inf in min mode (inf in max mode) is too.
 
     min_lr: a number is the floor of every parameter group (as torch's single min_lr); a sequence gives one floor
     per layer group (each parameter group takes its layer group's). The default 0.001 is fastai v1's.
@@ -148,7 +154,8 @@ class ReduceLROnPlateau(_Monitor):
     whose schedule names 'lr'), the drops scale the schedule: each group's lr is the schedule's value times the
     group's `scales` entry, which each drop multiplies by new_lr / old_lr computed on the lr of the epoch's last
     step, as above (min_lr bounds that lr, not the schedule's later values). Without a schedule (`fit`), the lr is
-    set once and the drops change it in place.
+    set once and the drops change it in place; so do they in the steps where a schedule does not set the lr (a
+    TrainingPhase of fit_phases that names no 'lr'), while the steps it sets are scaled.
     """
 
     def __init__(self, learn=None, monitor='valid_loss', patience=0, factor=0.2, min_lr=0.001, min_delta=0.,
@@ -162,7 +169,7 @@ class ReduceLROnPlateau(_Monitor):
         else:
             self.min_lr = _check_number(min_lr, 'min_lr', who)
         self.eps = _check_number(eps, 'eps', who)
-        self.wait, self.scales, self.reductions, self._scaled = 0, None, [], False
+        self.wait, self.scales, self.reductions, self._scaled, self._scheds = 0, None, [], False, []
 
     def _floors(self, groups):
         if not isinstance(self.min_lr, list):
@@ -180,13 +187,19 @@ class ReduceLROnPlateau(_Monitor):
         self._floors(groups)  # a min_lr of the wrong length fails before training
         self.best, self.wait, self.reductions = None, 0, []
         self.scales = [1.] * len(groups)
-        self._scaled = any(isinstance(cb, ParamScheduler) and _sets_lr(cb) for cb in learn._fit_cbs or ())
+        self._scheds = [cb for cb in learn._fit_cbs or () if isinstance(cb, ParamScheduler) and _sets_lr(cb)]
+        self._scaled = bool(self._scheds)
 
     def before_batch(self, learn):
-        if self._scaled and learn.training:  # after the ParamScheduler (order 10) set this step's lr
-            for g, s in zip(learn.opt.param_groups, self.scales):
-                if s != 1.:
-                    g['lr'] = g['lr'] * s
+        if not (self._scaled and learn.training):
+            return
+        # after the ParamScheduler (order 10): scale the lr only when it set it for this step; otherwise the group
+        # still holds the lr of the last step (or the one after_epoch lowered in place), already scaled
+        if not any('lr' in cb.sched(cb.start_step + learn.train_iter) for cb in self._scheds):
+            return
+        for g, s in zip(learn.opt.param_groups, self.scales):
+            if s != 1. and not _fixed_lr(g):
+                g['lr'] = g['lr'] * s
 
     def after_epoch(self, learn):
         v = _epoch_value(learn, self.monitor)
@@ -202,6 +215,8 @@ class ReduceLROnPlateau(_Monitor):
         groups = learn.opt.param_groups
         changed = False
         for i, (g, floor) in enumerate(zip(groups, self._floors(groups))):
+            if _fixed_lr(g):
+                continue
             old = float(g['lr'])
             new = max(old * self.factor, floor)
             if old - new > self.eps:
@@ -230,6 +245,11 @@ class ReduceLROnPlateau(_Monitor):
                 g['lr'] = lr
 
 
+def _fixed_lr(g):
+    """Whether param group `g` holds a fixed lr (a LayerGroup setting that fit, schedules and lr_find leave alone)."""
+    return 'lr' in (g.get('fixed') or {})
+
+
 def _sets_lr(cb):
     """Whether a ParamScheduler's schedule sets 'lr'."""
     names = getattr(cb.sched, 'names', None)
@@ -242,7 +262,7 @@ class SaveModelCallback(_Monitor):
     """Save the model (with `learn.save`) when `monitor` improves, or after every epoch; load the best at the end.
 
     fastai v1's SaveModelCallback: every='improvement' writes learn.path/model_dir/`name`.pth after each epoch whose
-    `monitor` beats the best so far (strictly; NaN never does), and with `load_at_end` loads that file into the
+    `monitor` beats the best so far (strictly; NaN and +-inf never do), and with `load_at_end` loads that file into the
     learner (model and optimizer) at after_fit, when the fit completed or was stopped by a CancelFitException
     (EarlyStopping), not after an error or interrupt. every='epoch' writes `name`_{epoch}.pth after every epoch
     and leaves the model as the last epoch made it (load_at_end does not apply).

@@ -29,7 +29,8 @@ class GradientClipping(Callback):
         self.clip = float(clip)
 
     def before_fit(self, learn):
-        self._params = [p for p in learn.model.parameters() if p.requires_grad]
+        # every parameter: clip_grad_norm_ skips those without a gradient, so layers unfrozen during the fit count
+        self._params = list(learn.model.parameters())
 
     def after_backward(self, learn):
         scaler = learn._scaler

@@ -131,6 +131,21 @@ def accumulate_fit(bs):
             'reduces': count.n, 'lrs': r.lrs, 'raw': r.raw_losses, 'bs': r.bs}
 
 
+def control_fit(path, bs):
+    """EarlyStopping, ReduceLROnPlateau and SaveModelCallback in one fit with a learning rate high enough for the
+    validation loss to stall: their decisions, the lrs per step and the final (best) weights."""
+    from minifast import EarlyStopping, ReduceLROnPlateau, SaveModelCallback
+    set_seed(4)
+    data = make_data(n_train=N_TRAIN, n_valid=N_VALID, bs=bs, val_bs=VAL_BS)
+    es, rp = EarlyStopping(monitor='valid_loss', patience=1), ReduceLROnPlateau(patience=0, factor=0.5, min_lr=1e-4)
+    sm = SaveModelCallback(monitor='accuracy')
+    learn = Learner(data, make_mlp(), metrics=[accuracy], silent=True, path=path, callbacks=[es, rp, sm])
+    learn.fit(8, 0.3)
+    return {'stopped': es.stopped_epoch, 'reductions': rp.reductions, 'best_epoch': sm.best_epoch,
+            'epochs': len(learn.recorder.val_losses), 'lrs': learn.recorder.lrs,
+            'state': {k: v.clone() for k, v in learn.model.state_dict().items()}}
+
+
 def _plain_validate(learn, dl):
     """The validation loss of the whole set in this process, without any sharding."""
     import torch.nn.functional as F
@@ -145,6 +160,7 @@ def main(out):
     result['torch_loader'] = torch_loader_fit(bs=16)
     result['resume'] = resume_fit(out, rank)
     result['diverged'] = diverged_then_lr_find()
+    result['control'] = control_fit(out / 'control', bs=32)  # one folder, as on one machine or a shared disk
     result['accumulate'] = accumulate_fit(bs=32)
     try:
         Learner(make_data(), make_mlp(), sync_bn=True)

@@ -253,3 +253,19 @@ def test_ddp_lr_find_after_a_diverged_fit(ddp):
         assert r['diverged']['error'] == 'DivergenceError' and r['diverged']['wrapped_after'] is False
         assert r['diverged']['lr_find_steps'] == 5 and r['diverged']['fit_steps'] == 4
     assert r0['diverged']['valley'] == r1['diverged']['valley']
+
+
+def test_ddp_control_callbacks_decide_as_one_process(ddp, tmp_path):
+    """EarlyStopping, ReduceLROnPlateau and SaveModelCallback decide from values reduced across ranks: both ranks make
+    the decisions of one process at the global batch size, and only rank 0 writes the best model."""
+    from ddp_worker import control_fit
+    r0, r1, out, _ = ddp
+    one = control_fit(tmp_path, bs=64)
+    assert one['reductions'] and one['epochs'] < 8  # the run exercises a drop and an early stop
+    for r in (r0['control'], r1['control']):
+        assert (r['stopped'], r['best_epoch'], r['epochs']) == (one['stopped'], one['best_epoch'], one['epochs'])
+        assert [e for e, _ in r['reductions']] == [e for e, _ in one['reductions']]
+        _close(r['lrs'], one['lrs'], 'lrs')
+        for k, v in one['state'].items():
+            assert torch.allclose(r['state'][k], v, atol=TOL, rtol=0), k
+    assert (out / 'control' / 'models' / 'bestmodel.pth').exists()  # written by rank 0, loaded by both

@@ -744,6 +744,11 @@ class Learner:
         (scaled if self._scaler is None else self._scaler.scale(scaled)).backward()
         if not self.stepping:
             return False
+        if self._acc_count < k:  # batches of the group were cancelled before their backward: the mean is over the rest
+            with torch.no_grad():
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, k / self._acc_count)
         self.loss = self._acc_loss / self._acc_count
         return True
 

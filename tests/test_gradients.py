@@ -547,3 +547,15 @@ def test_resume_with_a_callback_that_refuses_its_settings_leaves_the_model_as_it
         other.fit(2, 1e-2, callbacks=[Checkpoint(every='epoch'), minifast.EarlyStopping(monitor='valid_los')],
                   resume=tmp_path / 'checkpoints')
     assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_group_with_a_cancelled_batch_steps_with_the_mean_of_the_others():
+    data = make_data(n_train=96, bs=16)
+    learn = Learner(data, make_mlp(), silent=True, opt_func=SGD)
+    log = _GradLog()
+    torch.manual_seed(0)
+    learn.fit(1, 0., callbacks=[log])  # the same data order without accumulation: each batch's own gradient
+    own = {i: g for _, i, g, _, _ in log.seen}
+    seen = {i: g for _, i, g, _, _ in _acc_log(_CancelAt({(0, 2)}, event='before_batch'))}
+    torch.testing.assert_close(seen[3], own[3], atol=1e-7, rtol=0)  # batch 3 alone, not half of it
+    torch.testing.assert_close(seen[1], (own[0] + own[1]) / 2, atol=1e-7, rtol=0)

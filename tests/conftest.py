@@ -78,3 +78,14 @@ def _decode_cache_in_tmp(tmp_path_factory):
         os.environ.pop('MINIFAST_CACHE', None)
     else:
         os.environ['MINIFAST_CACHE'] = old
+
+
+# Files whose tests choose their device themselves; every other test runs on the CPU, also where a GPU is present,
+# so the suite checks the same thing on every machine (the GPU paths are in these files).
+_DEVICE_AWARE = {'test_cuda', 'test_fastpath', 'test_benchmarks'}
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_device_aware(request, monkeypatch):
+    if torch.cuda.is_available() and request.module.__name__ not in _DEVICE_AWARE:
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)

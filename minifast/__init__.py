@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .callbacks.control import EarlyStopping, ReduceLROnPlateau, SaveModelCallback
+from .callbacks.control import (EarlyStopping, EarlyStoppingCallback, ReduceLROnPlateau, ReduceLROnPlateauCallback,
+                                SaveModelCallback)
 from .callbacks.gradients import GradientAccumulation, GradientClipping
 from .callbacks.logging import CSVLogger
 from .callbacks.lr_finder import LRFinder, LRFindResult
@@ -55,7 +56,8 @@ __all__ = [
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
     'DivergenceError', 'UnsafeCheckpointError', 'set_seed', 'resumable', 'EarlyStopping', 'ReduceLROnPlateau',
-    'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
+    'SaveModelCallback', 'GradientClipping', 'GradientAccumulation', 'EarlyStoppingCallback',
+    'ReduceLROnPlateauCallback',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -405,3 +405,14 @@ def test_resume_from_the_checkpoint_of_the_stopping_epoch_trains_nothing_more(tm
     b, cbs = resume_run(tmp_path / 'b', 'fit', resume='checkpoints')
     assert cbs[0].stopped_epoch == 5 and len(b.recorder.val_losses) == 6
     assert_identical(outcome(ref), outcome(b))
+
+
+def test_fastai_v1_names_in_callback_fns():
+    from minifast import EarlyStoppingCallback, ReduceLROnPlateauCallback
+    learn = Learner(make_data(n_train=64), make_mlp(), silent=True,
+                    callback_fns=[partial(EarlyStoppingCallback, monitor='valid_loss', min_delta=10., patience=0),
+                                  partial(ReduceLROnPlateauCallback, monitor='valid_loss', patience=0, min_delta=10.)])
+    learn.fit(5, 1e-2)
+    assert len(learn.recorder.val_losses) == 2  # epoch 1 cannot beat epoch 0 by 10: stopped after it
+    es, rp = learn.callbacks
+    assert isinstance(es, minifast.EarlyStopping) and es.stopped_epoch == 1 and rp.reductions

@@ -13,7 +13,8 @@ from numbers import Integral, Real
 from ..learner import Callback, CancelFitException
 from .tracking import check_monitor, monitor_mode
 
-__all__ = ['EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback']
+__all__ = ['EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'EarlyStoppingCallback',
+           'ReduceLROnPlateauCallback']
 
 
 def _epoch_value(learn, monitor):
@@ -318,3 +319,8 @@ class SaveModelCallback(_Monitor):
     def load_state_dict(self, state):
         """Restore what `state_dict` returned."""
         self.best, self.best_epoch = state['best'], state['best_epoch']
+
+
+# fastai v1's names (pass the arguments by keyword: v1 put `mode` before min_delta/patience)
+EarlyStoppingCallback = EarlyStopping
+ReduceLROnPlateauCallback = ReduceLROnPlateau

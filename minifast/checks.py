@@ -52,11 +52,12 @@ def check_epochs(epochs, name='epochs'):
     return n
 
 
-def check_fit(learn, epochs):
+def check_fit(learn, epochs, labels=True):
     """Arguments of fit and the data, before any batch runs; returns epochs as an int.
 
     Rejects an empty training or validation loader and, for class-index losses, in-memory labels that are floats
-    or lie outside [0, data.c).
+    or lie outside [0, data.c) (unless `labels=False`: the fit_* policies check the rest first, fit then scans the
+    labels once).
     """
     n = check_epochs(epochs)
     dl = learn.data.train_dl
@@ -66,7 +67,7 @@ def check_fit(learn, epochs):
     valid_dl = getattr(learn.data, 'valid_dl', None)
     if valid_dl is not None:
         _check_not_empty(valid_dl, 'validation')
-    if _is_class_loss(learn.loss_func):
+    if labels and _is_class_loss(learn.loss_func):
         for split, d in (('train', dl), ('valid', valid_dl)):
             y = _labels_in_memory(d)
             if y is not None:

@@ -103,7 +103,7 @@ def _steps_per_epoch(learn, epochs, where, callbacks=None):
     """Checks fit's arguments and returns the number of training (optimizer) steps in an epoch; `callbacks` are
     the coming call's (a GradientAccumulation there or in learn.callbacks makes a step n_step batches)."""
     from ..checks import check_fit
-    check_fit(learn, epochs)
+    check_fit(learn, epochs, labels=False)  # fit scans the labels (once) before any batch
     try:
         return learn._train_len(callbacks)  # in distributed training: global steps, len of this rank's share
     except TypeError:

@@ -433,18 +433,19 @@ class Learner:
         """before_fit, with a resumed run's state put back around it; returns the epoch to start at."""
         from .resume import restore_callbacks, restore_model_opt
         before = None
-        if state is not None:  # put back if a callback's before_fit refuses its settings: nothing may change then
+        if state is not None:  # put back if anything up to before_fit fails (a callback refusing its settings)
             from .callbacks.lr_finder import _deep_clone
             before = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
                       _deep_clone(self.opt.state_dict()), None if self._scaler is None else self._scaler.state_dict())
-            restore_model_opt(self, state)
-        if self._world > 1:
-            from .distributed import ddp_wrap, sync_rng
-            sync_rng()  # every rank draws rank 0's permutations (a resumed run then sets the checkpoint's RNG)
-            self._fwd = ddp_wrap(self)  # built before before_fit; copies rank 0's weights to every rank
-        self._setup_forward()  # torch.compile (of the DDP wrapper when there is one)
-        self.opt.zero_grad()  # gradients left by an interrupted step must not leak into this fit's first step
         try:
+            if state is not None:
+                restore_model_opt(self, state)
+            if self._world > 1:
+                from .distributed import ddp_wrap, sync_rng
+                sync_rng()  # every rank draws rank 0's permutations (a resumed run then sets the checkpoint's RNG)
+                self._fwd = ddp_wrap(self)  # built before before_fit; copies rank 0's weights to every rank
+            self._setup_forward()  # torch.compile (of the DDP wrapper when there is one)
+            self.opt.zero_grad()  # gradients left by an interrupted step must not leak into this fit's first step
             self('before_fit')
         except BaseException:
             if before is not None:
@@ -676,6 +677,10 @@ class Learner:
         except CancelBatchException:
             if self.training and (self._unscaled or (self._n_acc > 1 and self.stepping)):
                 self._cancelled_step()
+        except BaseException:  # another cancel, an error or Ctrl-C after clipping unscaled (fp16): close that step
+            if self._unscaled:
+                self._cancelled_step()
+            raise
         try:
             self('after_batch')
         finally:

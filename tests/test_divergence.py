@@ -185,3 +185,29 @@ def test_lagged_restore_puts_back_optimizer_state_that_is_not_a_tensor():
     counts = [learn.opt.state[p]['count'] for p in learn.model.parameters()]
     assert counts == [3] * 4  # the state of the check after 3 steps, not dropped and not the later count
     assert all('momentum_buffer' in learn.opt.state[p] for p in learn.model.parameters())
+
+
+def test_lagged_restore_after_a_load_during_the_fit(tmp_path):
+    learn = make_learner(tmp_path)
+    learn.fit(1, 1e-2)
+    learn.save('m')
+    learn.fit(1, 1e-2)
+    learn.guard = DivergenceGuard(check_every=4)
+    seen = {}
+
+    class LoadThenNan(Callback):
+        order = -20
+
+        def before_batch(self, learn):
+            if learn.training and learn.train_iter == 0:
+                seen['opt'] = {id(p): {k: v.clone() for k, v in st.items()} for p, st in learn.opt.state.items()}
+            if learn.training and learn.train_iter == 2:
+                learn.load('m')  # new optimizer state tensors in the middle of the check interval
+
+        def after_loss(self, learn):
+            if learn.training and learn.train_iter == 3:
+                learn.loss = learn.loss * float('nan')
+    with pytest.raises(DivergenceError, match='verified finite after 0 steps'):
+        learn.fit(1, 1e-2, callbacks=[LoadThenNan()])
+    for p, st in learn.opt.state.items():
+        assert all(torch.equal(v, seen['opt'][id(p)][k]) for k, v in st.items())

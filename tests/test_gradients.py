@@ -483,21 +483,35 @@ def test_cancel_train_inside_a_group_leaves_no_gradient_for_the_next_epoch():
     assert check.grads == [None, None]
 
 
-def test_fp16_clip_then_cancel_in_after_backward_does_not_apply_scaled_gradients():
+@pytest.mark.parametrize('exc', [minifast.CancelBatchException, minifast.CancelTrainException])
+def test_fp16_clip_then_cancel_in_after_backward_does_not_apply_scaled_gradients(exc):
     class CancelAfterClip(Callback):
         order = 100  # after GradientClipping has unscaled
 
         def after_backward(self, learn):
-            if learn.train_iter == 1:
-                raise minifast.CancelBatchException()
+            if learn.train_iter == 1 and learn.epoch == 0:
+                raise exc()
     runs = []
     for extra in ([], [CancelAfterClip()]):
         learn = Learner(make_data(n_train=64, bs=16), make_mlp(), silent=True, opt_func=SGD, wd=0, fp16=True)
         before = [p.detach().clone() for p in learn.model.parameters()]
         torch.manual_seed(0)
-        learn.fit(1, 1e-3, clip=1e6, callbacks=extra)
+        learn.fit(2, 1e-3, clip=1e6, callbacks=extra)
         runs.append(sum(float((p.detach() - b).abs().sum()) for p, b in zip(learn.model.parameters(), before)))
-    assert runs[1] < 2 * runs[0]  # one step fewer; with the scaled gradients applied it was ~1e4 times larger
+    assert runs[1] < 2 * runs[0]  # a few steps fewer; with the scaled gradients applied it was ~1e4 times larger
+
+
+def test_fp16_clip_then_cancel_fit_leaves_the_scaler_ready_for_the_next_fit():
+    class StopAfterClip(Callback):
+        order = 100
+
+        def after_backward(self, learn):
+            raise minifast.CancelFitException()
+    learn = Learner(make_data(n_train=64, bs=16), make_mlp(), silent=True, fp16=True)
+    learn.fit(1, 1e-3, clip=1.0, callbacks=[StopAfterClip()])
+    assert not learn._unscaled
+    learn.fit(1, 1e-3, clip=1.0)  # unscale_ would raise if the scaler still had this optimizer unscaled
+    assert learn.train_iter == 4
 
 
 def test_clipping_covers_layers_unfrozen_during_the_fit():
@@ -547,6 +561,14 @@ def test_resume_with_a_callback_that_refuses_its_settings_leaves_the_model_as_it
         other.fit(2, 1e-2, callbacks=[Checkpoint(every='epoch'), minifast.EarlyStopping(monitor='valid_los')],
                   resume=tmp_path / 'checkpoints')
     assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in before.items())
+
+    def broken():
+        raise RuntimeError('compile failed')
+    other._setup_forward = broken  # a failure between loading the checkpoint and before_fit
+    with pytest.raises(RuntimeError, match='compile failed'):
+        other.fit(2, 1e-2, callbacks=[Checkpoint(every='epoch')], resume=tmp_path / 'checkpoints')
+    assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in before.items())
+    assert len(other.opt.state) == 0
 
 
 def test_a_group_with_a_cancelled_batch_steps_with_the_mean_of_the_others():

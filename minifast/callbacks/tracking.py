@@ -255,11 +255,22 @@ class DivergenceGuard(Callback):
     def _restore(self, learn):
         """Put the snapshot back in place; optimizer state created after it (a first step) is dropped."""
         (model_ts, opt_ts, had), saved, other = self._good
+        n = len(model_ts)
         with torch.no_grad():
-            torch._foreach_copy_(model_ts + [v for _, _, v in opt_ts], saved)
-        for st, k, v in other:
-            st[k] = v
+            torch._foreach_copy_(model_ts, saved[:n])
+            if learn.opt is not None:  # looked up now: a learn.load during the fit replaces the state's tensors
+                state = learn.opt.state
+                for (p, k, _), v in zip(opt_ts, saved[n:]):
+                    cur = state[p].get(k)
+                    if isinstance(cur, torch.Tensor) and cur.shape == v.shape and cur.dtype == v.dtype:
+                        cur.copy_(v)
+                    else:
+                        state[p][k] = v.clone()
         if learn.opt is not None:
+            by_id = {id(st): p for p, st in learn.opt.state.items()}
+            for st, k, v in other:
+                p = by_id.get(id(st))
+                (learn.opt.state[p] if p is not None else st)[k] = v
             had = {id(p) for p in had}
             for p in [p for p in learn.opt.state if id(p) not in had]:
                 del learn.opt.state[p]

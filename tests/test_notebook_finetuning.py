@@ -117,7 +117,7 @@ def test_finetuning_notebook_executes(tmp_path, monkeypatch):
 
     runs = {r['name']: r for r in res['runs']}
     assert list(runs) == ['head only', 'full, slice', 'layer3+layer4+head', 'layer decay 0.75, SGDR',
-                          'CLR triangular2', 'body lr x0.1, head wd 0']
+                          'CLR triangular2', 'body lr x0.1, head wd 0', 'plateau: RLROP, early stop']
     for r in runs.values():
         assert math.isfinite(r['valid_loss']) and 0 <= r['accuracy'] <= 1, r['name']
 
@@ -157,3 +157,17 @@ def test_finetuning_notebook_executes(tmp_path, monkeypatch):
     b1, b2, h1, h2 = pm['peak_lrs']
     assert b1 == pytest.approx(0.1 * h1) and b2 == pytest.approx(0.1 * h2) and h1 == pytest.approx(h2)
     assert pm['wd'] == [0.05, 0.0, 0.0, 0.0]
+
+    # plateau: the head's lr is lr_full until the first drop, then 0.2x per drop (never below lr_full / 1000), constant
+    # within an epoch; early stopping ends the fit after the epoch it names; the body keeps 0.1x the head's lr
+    pl = runs['plateau: RLROP, early stop']
+    steps, lrs = pl['steps'], pl['lrs']
+    assert len(lrs) == pl['epochs'] * steps and pl['epochs'] <= 4
+    assert pl['stopped'] is None or pl['stopped'] == pl['epochs'] - 1
+    for e in range(pl['epochs']):
+        drops = sum(d < e for d in pl['reductions'])
+        want = max(pl['lr'] * 0.2 ** drops, pl['lr'] / 1000)
+        assert lrs[e * steps:(e + 1) * steps] == pytest.approx([want] * steps, rel=1e-9), (e, pl['reductions'])
+    b1, b2, h1, h2 = pl['peak_lrs']
+    assert b1 == pytest.approx(0.1 * h1)
+

@@ -141,7 +141,8 @@ class Learner:
         self.device = resolve_device(device)
         if bf16 and fp16:
             raise ValueError('Learner: give bf16=True or fp16=True, not both')
-        self.silent, self.cudnn_benchmark, self.bf16, self.fp16, self._scaler = silent, cudnn_benchmark, False, False, None
+        self.silent, self.cudnn_benchmark = silent, cudnn_benchmark
+        self.bf16, self.fp16, self._scaler = False, False, None  # set by to_bf16 / to_fp16 below
         accel.compile_options(compile)  # a bad value fails here, not at the first fit
         self.compile, self._compiled = compile, {}
         if bf16:

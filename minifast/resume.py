@@ -13,7 +13,8 @@ from pathlib import Path
 from .checkpoint import check_state_dict, load_state
 from .determinism import rng_state
 
-__all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info', 'resumable', 'is_finished']
+__all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info', 'resumable',
+           'is_finished']
 
 FORMAT, VERSION = 'minifast-checkpoint', 1
 _SEQ = re.compile(r'_(\d+)_epoch(\d+)_step(\d+)\.pth$')

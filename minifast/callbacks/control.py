@@ -73,6 +73,18 @@ class _Monitor(Callback):
             return True
         return v < self.best - self.min_delta if self.mode == 'min' else v > self.best + self.min_delta
 
+    def _ran_out(self, learn):
+        """After an epoch: an improvement becomes `best` and resets `wait`; a value not computed changes nothing;
+        any other epoch adds one to `wait`. True when `wait` now exceeds `patience`."""
+        v = _epoch_value(learn, self.monitor)
+        if v is None:
+            return False
+        if self.improved(v):
+            self.best, self.wait = v, 0
+            return False
+        self.wait += 1
+        return self.wait > self.patience
+
     def _say(self, learn, msg):
         if not learn.silent and learn.is_main:
             print(msg, flush=True)
@@ -110,14 +122,7 @@ class EarlyStopping(_Monitor):
             raise CancelFitException()
 
     def after_epoch(self, learn):
-        v = _epoch_value(learn, self.monitor)
-        if v is None:
-            return
-        if self.improved(v):
-            self.best, self.wait = v, 0
-            return
-        self.wait += 1
-        if self.wait > self.patience:
+        if self._ran_out(learn):
             self.stopped_epoch = learn.epoch
             best = 'no finite value' if self.best is None else self.best
             self._say(learn, f'Epoch {learn.epoch}: early stopping ({self.monitor} did not improve on {best} '
@@ -196,21 +201,14 @@ class ReduceLROnPlateau(_Monitor):
             return
         # after the ParamScheduler (order 10): scale the lr only when it set it for this step; otherwise the group
         # still holds the lr of the last step (or the one after_epoch lowered in place), already scaled
-        if not any('lr' in cb.sched(cb.start_step + learn.train_iter) for cb in self._scheds):
+        if not any('lr' in cb.last_values for cb in self._scheds):
             return
         for g, s in zip(learn.opt.param_groups, self.scales):
             if s != 1. and not _fixed_lr(g):
                 g['lr'] = g['lr'] * s
 
     def after_epoch(self, learn):
-        v = _epoch_value(learn, self.monitor)
-        if v is None:
-            return
-        if self.improved(v):
-            self.best, self.wait = v, 0
-            return
-        self.wait += 1
-        if self.wait <= self.patience:
+        if not self._ran_out(learn):
             return
         self.wait = 0
         groups = learn.opt.param_groups

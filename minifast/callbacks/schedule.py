@@ -28,6 +28,7 @@ class ParamScheduler(Callback):
         self.sched, self.start_step = sched, int(start_step)
 
     def before_fit(self, learn):
+        self.last_values = {}  # what before_batch set for the current step (ReduceLROnPlateau reads it)
         names = set(self.sched.names) if hasattr(self.sched, 'names') else None
         self._skip_mom = momentum_key(learn.opt) is None  # e.g. Adagrad: no momentum to cycle
         if names is not None and 'mom' in names and self._skip_mom:
@@ -50,7 +51,8 @@ class ParamScheduler(Callback):
         if not learn.training:
             return
         opt = learn.opt
-        for name, v in self.sched(self.start_step + learn.train_iter).items():
+        self.last_values = vals = self.sched(self.start_step + learn.train_iter)
+        for name, v in vals.items():
             if name == 'mom' and self._skip_mom:
                 continue
             set_hyper(opt, name, v)

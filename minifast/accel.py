@@ -10,14 +10,22 @@ from functools import partial
 import torch
 from torch import nn
 
-__all__ = ['autocast_dtype', 'wants_channels_last', 'fused_option', 'cudnn_benchmark', 'compile_module']
+__all__ = ['autocast', 'all_finite', 'wants_channels_last', 'fused_option', 'cudnn_benchmark', 'compile_module']
 
 _FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
-def autocast_dtype(learn):
-    """The autocast dtype of the learner's forward: bfloat16, float16 or None (full precision)."""
-    return torch.bfloat16 if learn.bf16 else torch.float16 if learn.fp16 else None
+def autocast(learn):
+    """The learner's mixed-precision context: torch.autocast in bfloat16 or float16, or disabled (full precision).
+    (The training loop spells the same choice out inline, to keep its per-step cost down.)"""
+    return torch.autocast(learn.device.type, dtype=torch.bfloat16 if learn.bf16 else torch.float16,
+                          enabled=learn.bf16 or learn.fp16)
+
+
+def all_finite(ts):
+    """A boolean tensor on the tensors' device: whether every tensor in `ts` (a non-empty list on one device) is
+    finite, from one foreach max-abs (nan/inf iff a tensor holds one); no host read."""
+    return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(ts, float('inf'))])).all()
 
 
 def wants_channels_last(model, device):
@@ -25,24 +33,14 @@ def wants_channels_last(model, device):
     return device.type == 'cuda' and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _opt_class(opt_func):
-    f = opt_func
-    while isinstance(f, partial):
-        f = f.func
-    return f if inspect.isclass(f) else None
-
-
 def fused_option(opt_func, params, device):
     """{'fused': True} when `opt_func` builds torch's Adam, AdamW or SGD, every parameter is a float tensor on CUDA
     and the caller chose neither `fused` nor `foreach`; {} otherwise (the optimizer's own default)."""
-    cls = _opt_class(opt_func)
-    if device.type != 'cuda' or cls is None or not issubclass(cls, _FUSABLE):
+    asked, f = {}, opt_func
+    while isinstance(f, partial):  # the keywords of (nested) partials, the outer ones winning
+        asked, f = {**f.keywords, **asked}, f.func
+    if device.type != 'cuda' or not inspect.isclass(f) or not issubclass(f, _FUSABLE):
         return {}
-    asked = {}
-    f = opt_func
-    while isinstance(f, partial):
-        asked = {**f.keywords, **asked}
-        f = f.func
     if 'fused' in asked or 'foreach' in asked or asked.get('differentiable'):
         return {}
     if not all(p.is_cuda and p.is_floating_point() for p in params):

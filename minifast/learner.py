@@ -374,11 +374,9 @@ class Learner:
             from .distributed import ddp_wrap
             self._fwd = ddp_wrap(self)
         self._setup_forward()
-        amp = self.bf16 or self.fp16
-        dtype = torch.bfloat16 if self.bf16 else torch.float16
 
         def forward(model, xb, yb):
-            with torch.autocast(self.device.type, dtype=dtype, enabled=amp):
+            with accel.autocast(self):
                 return self.loss_func(model(*xb), yb)
         try:
             with accel.cudnn_benchmark(self):
@@ -776,8 +774,7 @@ class Learner:
             if wd.true_wd:  # the decay multiplies the weights: not on a step the scaler skips (read on the device)
                 grads = [p.grad for g in self.opt.param_groups for p in g['params'] if p.grad is not None]
                 if grads:
-                    norms = torch._foreach_norm(grads, float('inf'))
-                    keep = torch.isfinite(torch.stack([n.float() for n in norms])).all()
+                    keep = accel.all_finite(grads)
             wd._decay(keep)
         scaler.step(self.opt)  # fused optimizers take the scale and the overflow flag in-kernel: no host sync
         scaler.update()
@@ -933,8 +930,7 @@ class Learner:
             activ = (lambda o: o.softmax(-1)) if self._is_ce() else (lambda o: o)
         preds, targs = [], []
         self.model.eval()
-        amp, dtype = self.bf16 or self.fp16, torch.bfloat16 if self.bf16 else torch.float16
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=amp):  # as validation runs
+        with torch.no_grad(), accel.autocast(self):  # as validation runs
             for b in dl:
                 xb, _ = self._prepare_batch(b)
                 preds.append(activ(self.model(*xb).float()).cpu())

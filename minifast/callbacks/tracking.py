@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..accel import all_finite
 from ..checkpoint import atomic_save
 from ..learner import Callback, CancelEpochException, CancelTrainException, DivergenceError
 from ..resume import _SEQ, list_checkpoints, training_state
@@ -180,8 +181,8 @@ def _all_finite(ts):
     ts = [t for t in ts if t.is_floating_point() or t.is_complex()]
     if not ts:
         return True
-    if all(t.device == ts[0].device for t in ts):  # one foreach kernel: the max-abs of a tensor is nan/inf iff one is
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, float('inf')))).all())
+    if all(t.device == ts[0].device for t in ts):
+        return bool(all_finite(ts))
     return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
 
 

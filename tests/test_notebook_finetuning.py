@@ -10,7 +10,6 @@ matplotlib.use('Agg')
 
 import json  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -18,6 +17,7 @@ import pytest  # noqa: E402
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 pytest.importorskip('ipykernel')
+from nbrun import execute  # noqa: E402  (needs the three above)
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'notebooks' / 'finetuning.ipynb'
@@ -81,26 +81,14 @@ def test_finetuning_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.delenv('MPLBACKEND', raising=False)  # the kernel picks its own (inline) backend, as in Jupyter
     nb = nbformat.read(NOTEBOOK, as_version=4)
     n_plots = len(_plot_cells(nb))
-    setup = nbformat.v4.new_code_cell("import os\nos.environ['MINIFAST_NB_SIZE'] = 'tiny'\n"
-                                      f'import sys\nsys.path.insert(0, {str(REPO)!r})\nprint(sys.prefix)')
-    nb.cells.insert(0, setup)
-    probe = nbformat.v4.new_code_cell(PROBE)
-    nb.cells.append(probe)
-    client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=180,
-                                     resources={'metadata': {'path': str(tmp_path)}})
-    client.execute()  # raises CellExecutionError on the first failing cell
-
-    assert ''.join(o.get('text', '') for o in setup.outputs).strip() == sys.prefix, \
-        'the python3 kernel does not run the Python that runs the tests'
-    for c in _code(nb):
-        assert not [o for o in c.outputs if o.output_type == 'error'], c.source
+    text = execute(nb, tmp_path, timeout=180, size='tiny', append=PROBE)
     plots = _plot_cells(nb)
     for c in plots:
         assert sum('image/png' in o.get('data', {}) for o in c.outputs) == 1, f'{c.source}: expected one figure'
     images = sum('image/png' in o.get('data', {}) for c in _code(nb) for o in c.outputs)
     assert images >= n_plots
 
-    (line,) = [ln for o in probe.outputs for ln in o.get('text', '').splitlines() if ln.startswith(MARK)]
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(MARK)]
     res = json.loads(line[len(MARK):])
     assert res['size'] == 'tiny' and res['n_train'] <= 500
     # section 1 pretrains the body on another task (its own classes and head); section 3 starts from that body

@@ -11,7 +11,6 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -19,6 +18,7 @@ import pytest  # noqa: E402
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 pytest.importorskip('ipykernel')
+from nbrun import execute  # noqa: E402  (needs the three above)
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'notebooks' / 'smith_cifar100.ipynb'
@@ -117,18 +117,9 @@ def test_smith_notebook_runs_tiny(tmp_path, monkeypatch):
     # one intra-op thread: on a busy 2-core machine torch's spinning threads make the run several times slower
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     nb = _read()
-    setup = nbformat.v4.new_code_cell(f"import os, sys\nos.environ['MINIFAST_NB_SIZE'] = 'tiny'\n"
-                                      f"sys.path.insert(0, {str(REPO)!r})\nprint(sys.prefix)")
-    nb.cells.insert(0, setup)
-    nb.cells.append(nbformat.v4.new_code_cell(REPORT))
-    client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
-                                     resources={'metadata': {'path': str(tmp_path)}})
-    client.execute()  # raises CellExecutionError on the first failing cell
-
-    assert ''.join(o.get('text', '') for o in setup.outputs).strip() == sys.prefix
+    text = execute(nb, tmp_path, timeout=300, size='tiny', append=REPORT)
     for c in nb.cells:
         if c.cell_type == 'code':
-            assert not [o for o in c.outputs if o.output_type == 'error'], c.source
             if PLOT.search(c.source) and c is not nb.cells[-1]:
                 n = sum('image/png' in o.get('data', {}) for o in c.outputs)
                 assert n >= 1, f'no figure shown by cell {c.get("id")}'
@@ -136,7 +127,6 @@ def test_smith_notebook_runs_tiny(tmp_path, monkeypatch):
                     assert n == 1, f'cell {c.get("id")} shows {n} figures'
     assert (tmp_path / 'checkpoints_tiny').is_dir()  # written in the working folder, not in the repository
 
-    text = ''.join(o.get('text', '') for o in nb.cells[-1].outputs if o.output_type == 'stream')
     (line,) = [ln for ln in text.splitlines() if ln.startswith(MARK)]
     r = json.loads(line[len(MARK):])
     assert r['size'] == 'tiny'

@@ -25,7 +25,7 @@ def autocast(learn):
 def all_finite(ts):
     """A boolean tensor on the tensors' device: whether every tensor in `ts` (a non-empty list on one device) is
     finite, from one foreach max-abs (nan/inf iff a tensor holds one); no host read."""
-    return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(ts, float('inf'))])).all()
+    return torch.isfinite(torch.stack(torch._foreach_norm(ts, float('inf')))).all()  # stack promotes dtypes
 
 
 def wants_channels_last(model, device):

@@ -306,6 +306,8 @@ class DivergenceGuard(Callback):
     def verify(self, learn):
         """Raise DivergenceError (after restoring the last verified weights) if a non-finite loss was seen since the
         last check or the weights are not finite; otherwise remember the current weights as verified."""
+        weights = [t for t in self._live(learn)[0] if t.is_floating_point() or t.is_complex()]
+        flags = []  # device scalars, read together: the lagged check costs one host sync
         if self.every > 1:
             losses, steps, self._losses, self._steps = self._losses, self._steps, [], []
             if self._world > 1 or losses:  # every rank reduces, also one that saw no batch
@@ -315,10 +317,16 @@ class DivergenceGuard(Callback):
                     big = torch.iinfo(torch.long).max
                     first = all_reduce_(torch.where(bad < 0, big, bad), 'min')
                     bad = torch.where(first == big, -1, first)
-                i = int(bad)  # the host sync of the lagged check
-                if i >= 0:
-                    self._diverged(learn, steps[i], None)
-        if not _all_finite(self._live(learn)[0]):
+                flags.append(bad)
+        dev = flags[0].device if flags else weights[0].device if weights else None
+        on_dev = bool(weights) and all(t.device == dev for t in weights)
+        if on_dev:
+            flags.append(all_finite(weights).long())
+        vals = torch.stack(flags).tolist() if flags else []
+        i = vals[0] if self.every > 1 and (self._world > 1 or losses) else -1
+        if i >= 0:  # (another rank's step when this one saw no batch: ranks run the same steps)
+            self._diverged(learn, steps[i] if i < len(steps) else None, None)
+        if not (vals[-1] if on_dev else _all_finite(weights)):
             self._diverged(learn, None, None)
         self._snapshot(learn)
 
@@ -327,7 +335,7 @@ class DivergenceGuard(Callback):
         """The index of the first non-finite loss in `losses` as a device scalar, -1 if all are finite."""
         if not losses:
             return torch.full((), -1, dtype=torch.long, device=device)
-        bad = ~torch.isfinite(torch.stack([t.float() for t in losses]))
+        bad = ~torch.isfinite(torch.stack(losses))  # stack promotes mixed dtypes (fp16 and fp32 losses)
         return torch.where(bad.any(), bad.int().argmax(), -1)
 
     def _diverged(self, learn, step, value):

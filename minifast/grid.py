@@ -224,7 +224,8 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
             epochs, max_lr, lr, moms, wd, div_factor, pct_start, final_div) are passed to it as keyword arguments.
         grid: {name: [values]} (every combination is run, in order) or a list of config dicts.
         epochs, max_lr, policy: defaults for configs that do not set them; policy 'one_cycle'
-            (fit_one_cycle(epochs, max_lr, ...)) or 'constant' (fit(epochs, lr) with lr = config's lr, else max_lr).
+            (fit_one_cycle(epochs, max_lr, ...) with max_lr = config's max_lr, else its lr, else max_lr) or
+            'constant' (fit(epochs, lr) with lr = config's lr, else its max_lr, else max_lr).
         seed: every run starts from the same initial weights (those of the first learner made after set_seed(seed))
             and sees the same data order (set_seed(seed) before each fit), so the comparison is fair.
         log: a JSONL file: each finished run is appended as one JSON object (config, seed, status, per-epoch rows,
@@ -297,8 +298,9 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
         t0, status = time.perf_counter(), 'done'
         try:
             if pol == 'one_cycle':
-                lr = fit.pop('max_lr', max_lr)
-                fit.pop('lr', None)
+                # a config's lr is the peak when it gives no max_lr (as max_lr is the constant policy's lr without
+                # lr): dropping it would train every lr of a grid at the default max_lr under different names
+                lr = fit.pop('max_lr', fit.pop('lr', max_lr))  # pops both
                 learn.fit_one_cycle(n_ep, lr, **fit)
             else:
                 lr = fit.pop('lr', fit.pop('max_lr', max_lr))

@@ -20,11 +20,12 @@ AdamW.__doc__ = "torch.optim.AdamW with fastai v1's betas (0.9, 0.99); the defau
 SGD = partial(torch.optim.SGD, momentum=0.9)
 SGD.__doc__ = 'torch.optim.SGD with momentum 0.9.'
 
-NO_WD_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+NO_WD_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+               *((nn.RMSNorm,) if hasattr(nn, 'RMSNorm') else ()))  # torch >= 2.4; a norm layer like LayerNorm
 
 
 def _norm_params(module):
-    """The ids of the parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm)."""
+    """The ids of the parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm)."""
     return {id(p) for m in module.modules() if isinstance(m, NO_WD_TYPES) for p in m.parameters(recurse=False)}
 
 
@@ -451,9 +452,9 @@ TRAINING_MODES = ('head_only', 'full')
 def freeze_to(learn, n, train_bn=True):
     """Freeze the layer groups before `n` (requires_grad=False; n < 0 counts from the end) and unfreeze the rest.
 
-    With train_bn, the normalisation layers of frozen groups (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) keep
-    training. A frozen parameter gets no gradient, so the optimizer skips it: no update and no weight decay. Modules
-    stay in train mode, so BatchNorm running statistics keep updating.
+    With train_bn, the normalisation layers of frozen groups (BatchNorm, LayerNorm, GroupNorm, InstanceNorm,
+    RMSNorm) keep training. A frozen parameter gets no gradient, so the optimizer skips it: no update and no weight
+    decay. Modules stay in train mode, so BatchNorm running statistics keep updating.
     """
     lgs = learn.layer_groups
     k, n = len(lgs), operator.index(n)

@@ -99,6 +99,16 @@ def test_constant_policy_keeps_the_lr_and_the_table_lists_both():
     assert len(res.table().splitlines()) == 3
 
 
+def test_a_config_lr_is_the_one_cycle_peak():
+    # {'lr': [...]} under the default one_cycle policy must train those lrs, not max_lr under their names
+    res = grid_search(make_learner, {'lr': [1e-3, 5e-2]}, epochs=1, max_lr=1e-2)
+    peaks = [max(r['steps']['lr']) for r in res.runs]
+    assert peaks == [pytest.approx(1e-3, rel=0.05), pytest.approx(5e-2, rel=0.05)]
+    assert res.runs[0]['final'] != res.runs[1]['final']
+    both = grid_search(make_learner, [{'lr': 1e-3, 'max_lr': 5e-2}], epochs=1)  # max_lr wins, as lr does for 'constant'
+    assert max(both.runs[0]['steps']['lr']) == pytest.approx(5e-2, rel=0.05)
+
+
 def test_make_learner_gets_the_other_keys():
     res = grid_search(make_learner, {'hidden': [4, 32]}, epochs=1)
     assert [r['config'] for r in res.runs] == [{'hidden': 4}, {'hidden': 32}]

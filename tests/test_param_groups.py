@@ -187,6 +187,17 @@ def test_train_bn_false_freezes_bn_weights_but_stats_still_update():
     assert not torch.equal(before['6.weight'], after['6.weight'])
 
 
+@pytest.mark.skipif(not hasattr(nn, 'RMSNorm'), reason='nn.RMSNorm needs torch >= 2.4')
+def test_rms_norm_is_a_norm_layer_for_bn_wd_and_freeze():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.RMSNorm(16), nn.ReLU(), nn.Linear(16, 3))
+    learn = learner(m, split_by_idx(m, 2), bn_wd=False)
+    no_wd = [p for g in param_groups(learn.layer_groups, bn_wd=False) if not g['decay'] for p in g['params']]
+    assert ids(no_wd) == ids([m[0].bias, m[1].weight, m[3].bias])  # no decay, like LayerNorm's weight
+    freeze(learn)
+    assert not m[0].weight.requires_grad and m[1].weight.requires_grad  # trains in a frozen group (train_bn)
+
+
 def test_freeze_to_ranges_and_training_modes():
     m = bn_net()
     learn = learner(m, split_by_idx(m, 3, 6))

@@ -149,6 +149,18 @@ def test_lr_find_stops_on_divergence():
     plt.close('all')
 
 
+@pytest.mark.parametrize('num_it', [12, 30])
+def test_plot_marks_the_suggestions_lr_find_returned(num_it):
+    # plot() draws from step 10 by default, lr_find suggests from a tenth of the steps: the marks must still be
+    # the returned values (smith picks max_lr from them and saves this plot beside it)
+    learn = Learner(make_data(n_train=160), make_mlp(), silent=True)
+    res = learn.lr_find(num_it=num_it, end_lr=100)
+    fig = learn.recorder.plot(suggestion=True)
+    marked = {ln.get_label().split(':')[0]: float(ln.get_xdata()[0]) for ln in fig.axes[0].lines[1:]}
+    assert marked == {k: pytest.approx(v) for k, v in res.suggestions.items() if v is not None}
+    plt.close('all')
+
+
 def test_suggestions_on_a_known_curve():
     lrs = np.logspace(-6, 1, 200)
     x = np.log10(lrs)

@@ -191,7 +191,8 @@ class Recorder(Callback):
     # ---- plots -----------------------------------------------------------------------------------------------
     def plot(self, skip_start=10, skip_end=5, suggestion=False, ax=None):
         """Smoothed loss against learning rate (log scale): the LR range test plot; with `suggestion`, lr_find's
-        'steep', 'valley' and 'minimum' suggestions are marked. Returns the Figure."""
+        'steep', 'valley' and 'minimum' suggestions are marked (computed as lr_find computes them, whatever part of
+        the curve skip_start/skip_end leave on the plot). Returns the Figure."""
         lrs, losses = self.lrs, self.losses
         self._need(lrs, 'plot')
         if len(lrs) <= skip_start + skip_end:
@@ -201,7 +202,9 @@ class Recorder(Callback):
         ax.plot(lrs[skip_start:end], losses[skip_start:end])
         if suggestion:
             from .lr_finder import suggestions
-            for (name, lr), m in zip(suggestions(lrs, losses, skip_start, skip_end).items(), 'o^s'):
+            # the values lr_find returned (and smith chose from): its own skips, not the plot's, or the marks would
+            # differ from them on sweeps of other than 100 steps
+            for (name, lr), m in zip(suggestions(lrs, losses).items(), 'o^s'):
                 if lr is not None:
                     y = float(np.interp(np.log10(lr), np.log10(lrs), losses))
                     ax.plot([lr], [y], m, markersize=8, label=f'{name}: {lr:.2e}')

@@ -93,6 +93,10 @@ def _cb_order(cb):
 
 def _check_hooks(cb):
     from .callbacks.v1 import V1_EVENTS
+    if isinstance(cb, type):  # its hooks would be called unbound, and fail only when their event first comes
+        n = cb.__name__
+        raise TypeError(f'callbacks= got the class {n}; pass an instance ({n}(learn) or {n}()), or '
+                        f'callback_fns=[{n}]')
     known = set(EVENTS) | set(V1_EVENTS)
     for name in dir(type(cb)):
         if name.startswith(_HOOK_PREFIXES) and name not in known and callable(getattr(type(cb), name)):
@@ -186,6 +190,10 @@ class Learner:
         for cb in _as_list(callbacks):
             self.add_cb(cb)
         for fn in _as_list(callback_fns):
+            if not callable(fn):
+                raise TypeError(f'callback_fns= got a {type(fn).__name__} instance; it takes classes or functions '
+                                f'learn -> callback (callback_fns=[{type(fn).__name__}]); pass instances in '
+                                f'callbacks=[...]')
             self.add_cb(fn(self))
         if training_mode is not None:
             optim.set_training_mode(self, training_mode, train_bn)
@@ -290,6 +298,8 @@ class Learner:
         """
         epochs = check_fit(self, epochs)
         callbacks = _as_list(callbacks)
+        for cb in callbacks:  # before anything is set up: a class given here would fail only at its first event
+            _check_hooks(cb)
         if clip is not None:
             from .callbacks.gradients import GradientClipping
             callbacks.append(GradientClipping(clip=clip))

@@ -1,0 +1,32 @@
+"""Seed 004 typed cell by cell: likely user mistakes get an error naming the thing, before any training."""
+import pytest
+import torch
+
+from minifast import *  # noqa: F403 -- the seed notebook's import line
+from conftest import make_data, make_mlp
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize('cbs', [ShowGraph, [ShowGraph], [Recorder, ShowGraph]])
+def test_callback_class_in_callbacks_is_an_error_before_training(cbs):
+    # callbacks= takes instances; a class (as callback_fns= takes) used to train a whole epoch and then fail with
+    # "type.after_epoch raised TypeError: ... missing 1 required positional argument"
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    w0 = _weights(learn.model)
+    with pytest.raises(TypeError, match=r"callbacks=.*the class \w+; pass an instance.*or callback_fns=\[\w+\]"):
+        learn.fit(1, 1e-2, callbacks=cbs)
+    assert all(torch.equal(a, b) for a, b in zip(w0, learn.model.parameters()))
+    assert learn.opt is None  # nothing was set up either
+    with pytest.raises(TypeError, match=r"callbacks= got the class (Recorder|ShowGraph)"):
+        learn.fit_one_cycle(1, 1e-2, callbacks=cbs)
+    assert all(torch.equal(a, b) for a, b in zip(w0, learn.model.parameters()))
+
+
+def test_callback_instance_in_callback_fns_is_an_error_naming_it():
+    # callback_fns= takes classes or functions learn -> callback; an instance used to give
+    # "TypeError: 'ShowGraph' object is not callable"
+    with pytest.raises(TypeError, match=r"callback_fns=.*ShowGraph instance.*callbacks=\[\.\.\.\]"):
+        Learner(make_data(), make_mlp(), silent=True, callback_fns=[ShowGraph()])

@@ -939,25 +939,33 @@ class Learner:
         if activ is None:
             activ = (lambda o: o.softmax(-1)) if self._is_ce() else (lambda o: o)
         preds, targs = [], []
+        was_training = self.model.training  # put back, as validate does: a callback may call this mid-epoch
         self.model.eval()
-        with torch.no_grad(), accel.autocast(self):  # as validation runs
-            for b in dl:
-                xb, _ = self._prepare_batch(b)
-                preds.append(activ(self.model(*xb).float()).cpu())
-                targs.append(b[-1].cpu())
+        try:
+            with torch.no_grad(), accel.autocast(self):  # as validation runs
+                for b in dl:
+                    xb, _ = self._prepare_batch(b)
+                    preds.append(activ(self.model(*xb).float()).cpu())
+                    targs.append(b[-1].cpu())
+        finally:
+            self.model.train(was_training)
         return torch.cat(preds), torch.cat(targs)
 
     def predict(self, x):
         """Predict one item (no batch dimension; raw, as in data.valid_ds): (label, class index, probabilities) for
         classification. Data with a `preprocess` method (images) converts and normalises the item first."""
+        was_training = self.model.training  # put back, as validate does: a callback may call this mid-epoch
         self.model.eval()
         xs = x if isinstance(x, (tuple, list)) else (x,)
         pre = getattr(self.data, 'preprocess', None)  # e.g. images: uint8 -> float, normalised like validation
-        with torch.no_grad():
-            xs = [t.unsqueeze(0).to(self.device) for t in xs]
-            if pre is not None:
-                xs = [pre(t) for t in xs]
-            out = self.model(*xs)[0].float().cpu()
+        try:
+            with torch.no_grad():
+                xs = [t.unsqueeze(0).to(self.device) for t in xs]
+                if pre is not None:
+                    xs = [pre(t) for t in xs]
+                out = self.model(*xs)[0].float().cpu()
+        finally:
+            self.model.train(was_training)
         if not self._is_ce():
             return out, out, out
         probs = out.softmax(-1)

@@ -30,3 +30,31 @@ def test_callback_instance_in_callback_fns_is_an_error_naming_it():
     # "TypeError: 'ShowGraph' object is not callable"
     with pytest.raises(TypeError, match=r"callback_fns=.*ShowGraph instance.*callbacks=\[\.\.\.\]"):
         Learner(make_data(), make_mlp(), silent=True, callback_fns=[ShowGraph()])
+
+
+def test_get_preds_and_predict_leave_the_train_eval_mode_as_they_found_it():
+    # validate() puts the mode back (it may run inside a fit, from a callback); get_preds and predict left the model
+    # in eval mode, so a callback predicting mid-epoch made the rest of the epoch train without dropout and with
+    # frozen BatchNorm statistics
+    data = make_data()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(16, 3))
+    learn = Learner(data, model, silent=True)
+    modes = []
+
+    class Peek(Callback):
+        def after_batch(self, learn):
+            if learn.training and learn.iter == 0:
+                learn.get_preds()
+                learn.predict(data.valid_ds[0][0])
+
+        def before_batch(self, learn):
+            if learn.training:
+                modes.append(learn.model.training)
+
+    learn.fit(1, 1e-2, callbacks=Peek())
+    assert modes == [True] * len(data.train_dl)
+    learn.model.eval()
+    learn.get_preds()
+    learn.predict(data.valid_ds[0][0])
+    assert not learn.model.training

@@ -58,3 +58,18 @@ def test_get_preds_and_predict_leave_the_train_eval_mode_as_they_found_it():
     learn.get_preds()
     learn.predict(data.valid_ds[0][0])
     assert not learn.model.training
+
+
+def test_snapshot_epochs_beyond_the_fit_warn_at_its_start():
+    # seed 004's save_list=[5, 7] counts epochs from 0; with fewer epochs (or counting from 1) a snapshot was silently
+    # never taken, and the interpolation cell failed later with a KeyError
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    snaps = WeightSnapshots(learn, save_list=[1, 3])
+    with pytest.warns(UserWarning, match=r"WeightSnapshots: epoch\(s\) \[3\] .* 3-epoch fit .*0 to 2"):
+        learn.fit(3, 1e-2, callbacks=snaps)
+    assert sorted(learn.snapshots) == [1]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        learn.fit(4, 1e-2, callbacks=snaps)  # every chosen epoch is reached: nothing to say
+    assert sorted(learn.snapshots) == [1, 3]

@@ -73,3 +73,19 @@ def test_snapshot_epochs_beyond_the_fit_warn_at_its_start():
         warnings.simplefilter('error')
         learn.fit(4, 1e-2, callbacks=snaps)  # every chosen epoch is reached: nothing to say
     assert sorted(learn.snapshots) == [1, 3]
+
+
+def test_interpolating_between_identical_weights_warns():
+    # seed 004's GetWeights keeps `v.cpu()` of the live state dict: on a CPU run that aliases the model, so both
+    # "snapshots" are the final weights and the interpolation is a flat line with nothing to say it is wrong
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    learn.fit(1, 1e-2)
+    live = learn.model.state_dict()
+    with pytest.warns(UserWarning, match=r"interpolate_losses: w1 and w2 are the same weights"):
+        res = interpolate_losses(learn, live, {k: v.cpu() for k, v in live.items()}, alphas=[0., 1.], bn='keep')
+    assert res.loss()[0] == res.loss()[1]
+    import warnings
+    other = {k: v + 1 for k, v in live.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        interpolate_losses(learn, live, other, alphas=[0., 1.], bn='keep')

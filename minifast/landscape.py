@@ -326,6 +326,12 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
     state = _model_tensors(model)
     for name, w in (('w1', w1), ('w2', w2)):
         _check_matches(state, w, name, model, 'interpolate_losses')
+    if all(torch.equal(w1[k], w2[k].to(w1[k].device)) for k in state):
+        # e.g. snapshots kept as `v.cpu()` of the live state dict (seed 004's GetWeights) alias the model on a CPU
+        # run: every alpha then gives the same loss, which looks like a result
+        warnings.warn('interpolate_losses: w1 and w2 are the same weights, so every alpha gives the same loss; '
+                      'keep copies for snapshots (WeightSnapshots, or v.detach().clone() of each state-dict value), '
+                      'not references to the live model')
     bns = _bn_layers(model)
     bn_stats = _bn_stat_keys(model, state)  # by key: the detached aliases in `state` are new tensor objects
     mix, fixed = [], []  # (model tensor, w2, w1) pairs to lerp; (model tensor, value) to set once

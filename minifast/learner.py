@@ -93,6 +93,10 @@ def _cb_order(cb):
 
 def _check_hooks(cb):
     from .callbacks.v1 import V1_EVENTS
+    if isinstance(cb, type):  # its hooks would be called unbound, and fail only when their event first comes
+        n = cb.__name__
+        raise TypeError(f'callbacks= got the class {n}; pass an instance ({n}(learn) or {n}()), or '
+                        f'callback_fns=[{n}]')
     known = set(EVENTS) | set(V1_EVENTS)
     for name in dir(type(cb)):
         if name.startswith(_HOOK_PREFIXES) and name not in known and callable(getattr(type(cb), name)):
@@ -186,6 +190,10 @@ class Learner:
         for cb in _as_list(callbacks):
             self.add_cb(cb)
         for fn in _as_list(callback_fns):
+            if not callable(fn):
+                raise TypeError(f'callback_fns= got a {type(fn).__name__} instance; it takes classes or functions '
+                                f'learn -> callback (callback_fns=[{type(fn).__name__}]); pass instances in '
+                                f'callbacks=[...]')
             self.add_cb(fn(self))
         if training_mode is not None:
             optim.set_training_mode(self, training_mode, train_bn)
@@ -290,6 +298,8 @@ class Learner:
         """
         epochs = check_fit(self, epochs)
         callbacks = _as_list(callbacks)
+        for cb in callbacks:  # before anything is set up: a class given here would fail only at its first event
+            _check_hooks(cb)
         if clip is not None:
             from .callbacks.gradients import GradientClipping
             callbacks.append(GradientClipping(clip=clip))
@@ -929,25 +939,33 @@ class Learner:
         if activ is None:
             activ = (lambda o: o.softmax(-1)) if self._is_ce() else (lambda o: o)
         preds, targs = [], []
+        was_training = self.model.training  # put back, as validate does: a callback may call this mid-epoch
         self.model.eval()
-        with torch.no_grad(), accel.autocast(self):  # as validation runs
-            for b in dl:
-                xb, _ = self._prepare_batch(b)
-                preds.append(activ(self.model(*xb).float()).cpu())
-                targs.append(b[-1].cpu())
+        try:
+            with torch.no_grad(), accel.autocast(self):  # as validation runs
+                for b in dl:
+                    xb, _ = self._prepare_batch(b)
+                    preds.append(activ(self.model(*xb).float()).cpu())
+                    targs.append(b[-1].cpu())
+        finally:
+            self.model.train(was_training)
         return torch.cat(preds), torch.cat(targs)
 
     def predict(self, x):
         """Predict one item (no batch dimension; raw, as in data.valid_ds): (label, class index, probabilities) for
         classification. Data with a `preprocess` method (images) converts and normalises the item first."""
+        was_training = self.model.training  # put back, as validate does: a callback may call this mid-epoch
         self.model.eval()
         xs = x if isinstance(x, (tuple, list)) else (x,)
         pre = getattr(self.data, 'preprocess', None)  # e.g. images: uint8 -> float, normalised like validation
-        with torch.no_grad():
-            xs = [t.unsqueeze(0).to(self.device) for t in xs]
-            if pre is not None:
-                xs = [pre(t) for t in xs]
-            out = self.model(*xs)[0].float().cpu()
+        try:
+            with torch.no_grad():
+                xs = [t.unsqueeze(0).to(self.device) for t in xs]
+                if pre is not None:
+                    xs = [pre(t) for t in xs]
+                out = self.model(*xs)[0].float().cpu()
+        finally:
+            self.model.train(was_training)
         if not self._is_ce():
             return out, out, out
         probs = out.softmax(-1)

@@ -122,7 +122,8 @@ def test_barrier_between_two_seeds_and_none_with_itself():
     b = res.barrier()
     assert b.height > 0.05 and not b.same_basin and 0 < b.alpha_at_max < 1
     assert b.max_loss > 1.5 * max(b.loss_w1, b.loss_w2)
-    same = interpolate_losses(learn, ws[0], ws[0], alphas=np.linspace(-0.5, 1.5, 9))
+    with pytest.warns(UserWarning, match='w1 and w2 are the same weights'):
+        same = interpolate_losses(learn, ws[0], ws[0], alphas=np.linspace(-0.5, 1.5, 9))
     for dl in ('valid', 'train'):
         assert np.ptp(same.loss(dl)) == 0  # a flat line
     assert same.barrier().height == 0 and same.barrier('train').same_basin

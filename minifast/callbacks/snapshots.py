@@ -1,4 +1,5 @@
 """WeightSnapshots: copies of the model's weights at chosen epochs (the seed's GetWeights, built in)."""
+import warnings
 from pathlib import Path
 
 from ..checkpoint import atomic_save
@@ -54,6 +55,11 @@ class WeightSnapshots(Callback):
     def before_fit(self, learn):
         self.snapshots, self.files = {}, {}
         learn.snapshots = self.snapshots
+        late = sorted(e for e in self.epochs if not 0 <= e < learn.n_epoch)
+        if late and learn.is_main:  # else silently never taken, and the interpolation fails later with a KeyError
+            warnings.warn(f'WeightSnapshots: epoch(s) {late} of save_list/cycle_ends are outside this '
+                          f'{learn.n_epoch}-epoch fit (epochs count from 0: 0 to {learn.n_epoch - 1}); no snapshot '
+                          f'will be taken there')
 
     def after_epoch(self, learn):
         e = learn.epoch

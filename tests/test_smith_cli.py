@@ -112,3 +112,13 @@ def test_python_m_minifast_smith_help():
                           env=_env())
     assert proc.returncode == 0, proc.stderr
     assert '--quick' in proc.stdout and 'minifast smith' in proc.stdout
+
+
+@pytest.mark.parametrize('flag, value, least', [('--epochs', '1', 2), ('--grid-epochs', '0', 1), ('--bs', '0', 1),
+                                                ('--num-it', '1', 2), ('--n-train', '0', 1)])
+def test_too_small_sizes_are_refused_before_any_step(tmp_path, flag, value, least):
+    """`--epochs 1` used to run six steps and then fail at step 7 (one snapshot cannot be interpolated)."""
+    with pytest.raises(SystemExit) as e:
+        main(['smith', '--quick', '--quiet', '--out', str(tmp_path / 'run'), flag, value])
+    assert f'{flag} {value}: it must be at least {least}' in str(e.value.code)
+    assert not (tmp_path / 'run').exists()

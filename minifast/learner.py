@@ -432,7 +432,7 @@ class Learner:
         """before_fit, with a resumed run's state put back around it; returns the epoch to start at."""
         from .resume import restore_callbacks, restore_model_opt
         before = None
-        if state is not None:  # put back if anything up to before_fit fails (a callback refusing its settings)
+        if state is not None:  # put back if before_fit or a callback's saved state fails (a callback refusing it)
             from .callbacks.lr_finder import _deep_clone
             before = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
                       _deep_clone(self.opt.state_dict()), None if self._scaler is None else self._scaler.state_dict())
@@ -446,6 +446,8 @@ class Learner:
             self._setup_forward()  # torch.compile (of the DDP wrapper when there is one)
             self.opt.zero_grad()  # gradients left by an interrupted step must not leak into this fit's first step
             self('before_fit')
+            if state is not None:  # after before_fit, which resets the Recorder and the callbacks
+                restore_callbacks(self, state)
         except BaseException:
             if before is not None:
                 self.model.load_state_dict(before[0])
@@ -455,7 +457,6 @@ class Learner:
             raise
         if state is None:
             return 0
-        restore_callbacks(self, state)  # after before_fit, which resets the Recorder and the callbacks
         pos = state['position']
         self.train_iter = pos['train_iter']
         set_rng_state(state['rng'])

@@ -230,7 +230,11 @@ def restore_callbacks(learn, state):
     saved = state['callbacks']
     for key, cb in cbs.items():
         if key in saved:
-            cb.load_state_dict(saved[key])
+            try:
+                cb.load_state_dict(saved[key])
+            except Exception as e:  # e.g. a state written by another version of the callback
+                raise ValueError(f"resume: {state['file']}: {key}.load_state_dict could not restore the state saved "
+                                 f'there: {type(e).__name__}: {e}') from e
     orphans = sorted(set(saved) - set(cbs))
     if orphans:
         warnings.warn(f"resume: {state['file']} holds the state of callback(s) {orphans}, which this fit does not "

@@ -1,0 +1,52 @@
+"""Review B: the training loop's safety guarantees (a failure leaves the learner as it was and names the thing)."""
+import pytest
+import torch
+from torch import nn
+
+from minifast import Callback, DataBunch, Learner
+from minifast.callbacks.tracking import Checkpoint
+
+
+def make_learner(path, seed=0):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    data = DataBunch.from_tensors(x[:48], y[:48], x[48:], y[48:], bs=16)
+    torch.manual_seed(seed)
+    return Learner(data, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), path=path, silent=True)
+
+
+def state(learn):
+    return {k: v.clone() for k, v in learn.model.state_dict().items()}, repr(learn.opt.state_dict())
+
+
+def same_state(a, b):
+    return a[1] == b[1] and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+class _Versioned(Callback):
+    """A callback whose saved state another version of it cannot read."""
+    def __init__(self, key):
+        self.key = key
+
+    def state_dict(self):
+        return {self.key: 1}
+
+    def load_state_dict(self, state):
+        self.value = state['new_key']
+
+
+class _Interrupt(Callback):
+    def after_batch(self, learn):
+        if learn.train_iter == 4:
+            raise KeyboardInterrupt
+
+
+def test_resume_whose_callback_state_fails_to_load_names_it_and_leaves_the_learner_unchanged(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        make_learner(tmp_path).fit(2, callbacks=[Checkpoint(every=2), _Versioned('old_key'), _Interrupt()])
+    learn = make_learner(tmp_path, seed=1)
+    learn.fit(1)
+    before = state(learn)
+    with pytest.raises(ValueError, match=r"ckpt_\d+_epoch1_step4\.pth.*_Versioned.*KeyError.*new_key"):
+        learn.fit(2, callbacks=[Checkpoint(every=2), _Versioned('new_key')], resume=True)
+    assert same_state(before, state(learn))

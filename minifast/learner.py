@@ -235,19 +235,23 @@ class Learner:
         self._n_acc, self.stepping, self._acc_loss, self._acc_count, self._unscaled = n_acc, True, None, 0, False
 
     def __call__(self, event):
-        cancel = None
-        for name, fn in self._hooks[event]:
-            try:
-                fn(self)
-            except _CANCELS as e:
-                if event not in _CLOSING or isinstance(e, CallbackException):
+        cancel, i = None, 0
+        try:
+            for i, (name, fn) in enumerate(self._hooks[event]):
+                try:
+                    fn(self)
+                except _CANCELS as e:
+                    if event not in _CLOSING or isinstance(e, CallbackException):
+                        raise
+                    cancel = cancel or e
+                    self.pending_cancel = cancel  # later hooks of this event can see that it will end a level
+                except DivergenceError:
                     raise
-                cancel = cancel or e
-                self.pending_cancel = cancel  # later hooks of this event can see that it will end a level
-            except DivergenceError:
-                raise
-            except Exception as e:
-                raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
+                except Exception as e:
+                    raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
+        except BaseException:
+            self._failed_hook = i  # fit runs the after_fit hooks after a failing one (they close bars and files)
+            raise
         if cancel is not None:
             self.pending_cancel = None
             raise cancel
@@ -260,9 +264,10 @@ class Learner:
             pass
         self(f'after_{name}')
 
-    def _cleanup(self, event):
-        """Run `event` hooks while an error escapes: every hook runs, and their own errors only warn."""
-        for name, fn in self._hooks[event]:
+    def _cleanup(self, event, start=0):
+        """Run `event` hooks (from the `start`-th) while an error escapes: every hook runs, and their own errors only
+        warn."""
+        for name, fn in self._hooks[event][start:]:
             try:
                 fn(self)
             except Exception as e:  # the escaping exception matters more
@@ -324,7 +329,12 @@ class Learner:
                         self._drop_ddp()
                     raise
                 else:
-                    self('after_fit')
+                    try:
+                        self('after_fit')
+                    except BaseException as e:  # the later after_fit hooks must still close bars and files
+                        self.exception, self.interrupted = e, isinstance(e, KeyboardInterrupt)
+                        self._cleanup('after_fit', start=self._failed_hook + 1)
+                        raise
                     if self._world > 1:  # rank 0's files (checkpoints, logs) exist before any rank goes on
                         from .distributed import barrier
                         barrier()

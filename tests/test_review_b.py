@@ -50,3 +50,24 @@ def test_resume_whose_callback_state_fails_to_load_names_it_and_leaves_the_learn
     with pytest.raises(ValueError, match=r"ckpt_\d+_epoch1_step4\.pth.*_Versioned.*KeyError.*new_key"):
         learn.fit(2, callbacks=[Checkpoint(every=2), _Versioned('new_key')], resume=True)
     assert same_state(before, state(learn))
+
+
+class _FailingAfterFit(Callback):
+    def after_fit(self, learn):
+        raise RuntimeError('summary failed')
+
+
+def test_a_failing_after_fit_hook_still_lets_the_later_ones_close_bars_and_files(tmp_path, monkeypatch):
+    from minifast.callbacks import progress
+    from minifast.callbacks.logging import CSVLogger
+    monkeypatch.setattr(progress, '_live', lambda: True)  # real console bars, as in a terminal
+    learn = make_learner(tmp_path)
+    learn.silent = False
+    log = CSVLogger()
+    with pytest.raises(RuntimeError, match=r'_FailingAfterFit\.after_fit raised RuntimeError: summary failed'):
+        learn.fit(1, callbacks=[_FailingAfterFit(), log])  # order 0: it runs before the bar's and the log's after_fit
+    assert learn.progress.mbar is None and learn.progress.pbar is None
+    assert log.file is None
+    assert isinstance(learn.exception, RuntimeError)  # learn.save then writes no 'finished' state
+    learn.fit(1)
+    assert learn.exception is None and learn.progress.mbar is None

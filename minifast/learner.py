@@ -217,7 +217,9 @@ class Learner:
     def _build_hooks(self, extra=()):
         from .callbacks.v1 import v1_hooks, v1_stop_epoch_hook
         guard = [self.guard] if self.check_finite else []
-        cbs = sorted([self.recorder, self.progress, *guard, *self.callbacks, *extra], key=_cb_order)
+        cbs = [self.recorder, self.progress, *guard, *self.callbacks, *extra]
+        # one instance given twice (in learn.callbacks and in fit's callbacks=) must not see every event twice
+        cbs = sorted({id(cb): cb for cb in cbs}.values(), key=_cb_order)
         n_acc = _accumulation(cbs)
         hooks, any_v1 = {e: [] for e in EVENTS}, False
         for cb in cbs:

@@ -71,3 +71,15 @@ def test_a_failing_after_fit_hook_still_lets_the_later_ones_close_bars_and_files
     assert isinstance(learn.exception, RuntimeError)  # learn.save then writes no 'finished' state
     learn.fit(1)
     assert learn.exception is None and learn.progress.mbar is None
+
+
+def test_a_callback_both_registered_and_passed_to_fit_runs_once(tmp_path):
+    from minifast.callbacks.control import ReduceLROnPlateau
+    ckpt = Checkpoint(keep_last=None)
+    plateau = ReduceLROnPlateau(patience=0, min_delta=10., factor=0.5, min_lr=0.)  # never improves after epoch 0
+    learn = make_learner(tmp_path)
+    learn.add_cb(ckpt)
+    learn.add_cb(plateau)
+    learn.fit(2, 1e-2, callbacks=[ckpt, plateau])
+    assert len(ckpt.files) == 2 and len(list((tmp_path / 'checkpoints').iterdir())) == 2
+    assert [e for e, _ in plateau.reductions] == [1] and learn.opt.param_groups[0]['lr'] == pytest.approx(5e-3)

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import check_state_dict, load_state
+from .checks import metric_name
 from .determinism import rng_state
 
 __all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info', 'resumable',
@@ -41,7 +42,7 @@ def fit_signature(learn):
     scheds = [cb.resume_signature(learn) for cb in (getattr(learn, '_fit_cbs', None) or [])
               if callable(getattr(cb, 'resume_signature', None))]
     return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn._fit_args,
-            'world_size': learn._world, 'accumulate': learn._n_acc}
+            'world_size': learn._world, 'accumulate': learn._n_acc, 'metrics': [metric_name(m) for m in learn.metrics]}
 
 
 def training_state(learn, where='end', with_opt=True, batch=None):
@@ -140,6 +141,9 @@ def _sig_mismatch(saved, now):
     if a != b:
         return (f'it was written by a fit accumulating gradients over {a} batch(es) per step and this call '
                 f'accumulates over {b} (GradientAccumulation n_step)')
+    a, b = saved.get('metrics'), now.get('metrics')
+    if a is not None and a != b:  # the Recorder's history has one column per metric (absent: an older checkpoint)
+        return f'it was written by a learner with the metrics {a} and this one has {b}'
     if saved['n_epoch'] != now['n_epoch']:
         return f"it was written by a {saved['n_epoch']}-epoch fit but this call trains {now['n_epoch']} epochs"
     if saved['steps_per_epoch'] != now['steps_per_epoch']:

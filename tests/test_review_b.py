@@ -83,3 +83,18 @@ def test_a_callback_both_registered_and_passed_to_fit_runs_once(tmp_path):
     learn.fit(2, 1e-2, callbacks=[ckpt, plateau])
     assert len(ckpt.files) == 2 and len(list((tmp_path / 'checkpoints').iterdir())) == 2
     assert [e for e, _ in plateau.reductions] == [1] and learn.opt.param_groups[0]['lr'] == pytest.approx(5e-3)
+
+
+def test_resume_with_other_metrics_is_refused_naming_them(tmp_path):
+    from minifast.metrics import accuracy, error_rate
+    learn = make_learner(tmp_path)
+    learn.metrics = [accuracy]
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(3, callbacks=[Checkpoint(every=2), _Interrupt()])
+    learn = make_learner(tmp_path)
+    learn.metrics = [error_rate]
+    with pytest.raises(ValueError, match=r"metrics \['accuracy'\] and this one has \['error_rate'\]"):
+        learn.fit(3, callbacks=[Checkpoint(every=2)], resume='checkpoints')
+    learn.metrics = [accuracy]  # the same metrics: it continues
+    learn.fit(3, callbacks=[Checkpoint(every=2)], resume='checkpoints')
+    assert learn.recorder.metrics_names == ['accuracy'] and all(len(row) == 1 for row in learn.recorder.metrics)

@@ -447,7 +447,8 @@ class Learner:
         if state is not None:  # put back if before_fit or a callback's saved state fails (a callback refusing it)
             from .callbacks.lr_finder import _deep_clone
             before = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                      _deep_clone(self.opt.state_dict()), None if self._scaler is None else self._scaler.state_dict())
+                      _deep_clone(self.opt.state_dict()), None if self._scaler is None else self._scaler.state_dict(),
+                      [p.requires_grad for p in self.model.parameters()])
         try:
             if state is not None:
                 restore_model_opt(self, state)
@@ -466,6 +467,8 @@ class Learner:
                 self.opt.load_state_dict(before[1])
                 if before[2] is not None:
                     self._scaler.load_state_dict(before[2])
+                for p, train in zip(self.model.parameters(), before[3]):
+                    p.requires_grad_(train)
             raise
         if state is None:
             return 0

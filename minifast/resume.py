@@ -1,9 +1,10 @@
 """The full training state a checkpoint holds, finding the newest checkpoint, and resuming a fit from it exactly.
 
 A checkpoint is a dict of tensors and plain Python values (it loads with torch.load(weights_only=True)):
-model and optimizer state dicts, the position in the fit (epoch, batches done in that epoch, training steps), what
-the fit was (epochs, steps per epoch, the schedule sampled at a few steps), the RNG states now and at the start of
-the epoch (which fixed that epoch's data order), the Recorder's history and every callback's `state_dict()`.
+model and optimizer state dicts, the parameters that are frozen, the position in the fit (epoch, batches done in that
+epoch, training steps), what the fit was (epochs, steps per epoch, the schedule sampled at a few steps), the RNG states
+now and at the start of the epoch (which fixed that epoch's data order), the Recorder's history and every callback's
+`state_dict()`.
 """
 import re
 import time
@@ -64,6 +65,8 @@ def training_state(learn, where='end', with_opt=True, batch=None):
     state = {
         'format': FORMAT, 'version': VERSION, 'time': time.time(),
         'model': learn.model.state_dict(),
+        # which parameters train: a callback may freeze or unfreeze layers during a fit (gradual unfreezing)
+        'frozen': [k for k, p in learn.model.named_parameters() if not p.requires_grad],
         'opt': learn.opt.state_dict() if with_opt and learn.opt is not None else None,
         'position': pos,
         'signature': fit_signature(learn) if in_fit else None,
@@ -217,6 +220,11 @@ def load_for_resume(learn, resume):
 def restore_model_opt(learn, state):
     """Load the checkpoint's weights and optimizer state (checked by `load_for_resume`) into the learner."""
     learn.model.load_state_dict(state['model'])
+    frozen = state.get('frozen')
+    if frozen is not None:  # absent from older checkpoints
+        frozen = set(frozen)
+        for k, p in learn.model.named_parameters():
+            p.requires_grad_(k not in frozen)
     if state['opt'] is not None:
         try:
             learn.opt.load_state_dict(state['opt'])

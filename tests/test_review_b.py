@@ -98,3 +98,46 @@ def test_resume_with_other_metrics_is_refused_naming_them(tmp_path):
     learn.metrics = [accuracy]  # the same metrics: it continues
     learn.fit(3, callbacks=[Checkpoint(every=2)], resume='checkpoints')
     assert learn.recorder.metrics_names == ['accuracy'] and all(len(row) == 1 for row in learn.recorder.metrics)
+
+
+class _UnfreezeAtEpoch1(Callback):
+    """Gradual unfreezing: the body trains from epoch 1 on."""
+    def before_epoch(self, learn):
+        if learn.epoch == 1:
+            learn.unfreeze()
+
+
+def _frozen_fit(path, resume=None, extra=()):
+    from minifast.determinism import set_seed
+    learn = make_learner(path)
+    learn.split(lambda m: [m[0], m[2]])
+    learn.freeze()
+    set_seed(1)
+    learn.fit(3, 1e-2, callbacks=[Checkpoint(every=2), _UnfreezeAtEpoch1(), *extra], resume=resume)
+    return learn
+
+
+def test_resume_after_a_callback_unfroze_layers_trains_them_as_the_uninterrupted_run(tmp_path):
+    ref = _frozen_fit(tmp_path / 'ref')
+    with pytest.raises(KeyboardInterrupt):
+        _frozen_fit(tmp_path / 'run', extra=[_Interrupt()])  # in epoch 1, after the unfreeze
+    learn = _frozen_fit(tmp_path / 'run', resume='checkpoints')
+    assert all(p.requires_grad for p in learn.model.parameters())
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, learn.model.state_dict()[k]), k
+
+
+class _RefuseFit(Callback):
+    def before_fit(self, learn):
+        raise RuntimeError('refused')
+
+
+def test_a_refused_resume_leaves_the_frozen_layers_as_they_were(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _frozen_fit(tmp_path, extra=[_Interrupt()])
+    learn = make_learner(tmp_path)
+    learn.split(lambda m: [m[0], m[2]])
+    learn.freeze()
+    with pytest.raises(RuntimeError, match='_RefuseFit.before_fit'):
+        learn.fit(3, 1e-2, callbacks=[Checkpoint(every=2), _UnfreezeAtEpoch1(), _RefuseFit()], resume='checkpoints')
+    assert [p.requires_grad for p in learn.model.parameters()] == [False, False, True, True]

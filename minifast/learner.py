@@ -225,7 +225,9 @@ class Learner:
     def _build_hooks(self, extra=()):
         from .callbacks.v1 import v1_hooks, v1_stop_epoch_hook
         guard = [self.guard] if self.check_finite else []
-        cbs = sorted([self.recorder, self.progress, *guard, *self.callbacks, *extra], key=_cb_order)
+        cbs = [self.recorder, self.progress, *guard, *self.callbacks, *extra]
+        # one instance given twice (in learn.callbacks and in fit's callbacks=) must not see every event twice
+        cbs = sorted({id(cb): cb for cb in cbs}.values(), key=_cb_order)
         n_acc = _accumulation(cbs)
         hooks, any_v1 = {e: [] for e in EVENTS}, False
         for cb in cbs:
@@ -243,19 +245,23 @@ class Learner:
         self._n_acc, self.stepping, self._acc_loss, self._acc_count, self._unscaled = n_acc, True, None, 0, False
 
     def __call__(self, event):
-        cancel = None
-        for name, fn in self._hooks[event]:
-            try:
-                fn(self)
-            except _CANCELS as e:
-                if event not in _CLOSING or isinstance(e, CallbackException):
+        cancel, i = None, 0
+        try:
+            for i, (name, fn) in enumerate(self._hooks[event]):
+                try:
+                    fn(self)
+                except _CANCELS as e:
+                    if event not in _CLOSING or isinstance(e, CallbackException):
+                        raise
+                    cancel = cancel or e
+                    self.pending_cancel = cancel  # later hooks of this event can see that it will end a level
+                except DivergenceError:
                     raise
-                cancel = cancel or e
-                self.pending_cancel = cancel  # later hooks of this event can see that it will end a level
-            except DivergenceError:
-                raise
-            except Exception as e:
-                raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
+                except Exception as e:
+                    raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
+        except BaseException:
+            self._failed_hook = i  # fit runs the after_fit hooks after a failing one (they close bars and files)
+            raise
         if cancel is not None:
             self.pending_cancel = None
             raise cancel
@@ -268,9 +274,10 @@ class Learner:
             pass
         self(f'after_{name}')
 
-    def _cleanup(self, event):
-        """Run `event` hooks while an error escapes: every hook runs, and their own errors only warn."""
-        for name, fn in self._hooks[event]:
+    def _cleanup(self, event, start=0):
+        """Run `event` hooks (from the `start`-th) while an error escapes: every hook runs, and their own errors only
+        warn."""
+        for name, fn in self._hooks[event][start:]:
             try:
                 fn(self)
             except Exception as e:  # the escaping exception matters more
@@ -334,7 +341,12 @@ class Learner:
                         self._drop_ddp()
                     raise
                 else:
-                    self('after_fit')
+                    try:
+                        self('after_fit')
+                    except BaseException as e:  # the later after_fit hooks must still close bars and files
+                        self.exception, self.interrupted = e, isinstance(e, KeyboardInterrupt)
+                        self._cleanup('after_fit', start=self._failed_hook + 1)
+                        raise
                     if self._world > 1:  # rank 0's files (checkpoints, logs) exist before any rank goes on
                         from .distributed import barrier
                         barrier()
@@ -442,10 +454,11 @@ class Learner:
         """before_fit, with a resumed run's state put back around it; returns the epoch to start at."""
         from .resume import restore_callbacks, restore_model_opt
         before = None
-        if state is not None:  # put back if anything up to before_fit fails (a callback refusing its settings)
+        if state is not None:  # put back if before_fit or a callback's saved state fails (a callback refusing it)
             from .callbacks.lr_finder import _deep_clone
             before = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                      _deep_clone(self.opt.state_dict()), None if self._scaler is None else self._scaler.state_dict())
+                      _deep_clone(self.opt.state_dict()), None if self._scaler is None else self._scaler.state_dict(),
+                      [p.requires_grad for p in self.model.parameters()])
         try:
             if state is not None:
                 restore_model_opt(self, state)
@@ -456,16 +469,19 @@ class Learner:
             self._setup_forward()  # torch.compile (of the DDP wrapper when there is one)
             self.opt.zero_grad()  # gradients left by an interrupted step must not leak into this fit's first step
             self('before_fit')
+            if state is not None:  # after before_fit, which resets the Recorder and the callbacks
+                restore_callbacks(self, state)
         except BaseException:
             if before is not None:
                 self.model.load_state_dict(before[0])
                 self.opt.load_state_dict(before[1])
                 if before[2] is not None:
                     self._scaler.load_state_dict(before[2])
+                for p, train in zip(self.model.parameters(), before[3]):
+                    p.requires_grad_(train)
             raise
         if state is None:
             return 0
-        restore_callbacks(self, state)  # after before_fit, which resets the Recorder and the callbacks
         pos = state['position']
         self.train_iter = pos['train_iter']
         set_rng_state(state['rng'])

@@ -1,9 +1,10 @@
 """The full training state a checkpoint holds, finding the newest checkpoint, and resuming a fit from it exactly.
 
 A checkpoint is a dict of tensors and plain Python values (it loads with torch.load(weights_only=True)):
-model and optimizer state dicts, the position in the fit (epoch, batches done in that epoch, training steps), what
-the fit was (epochs, steps per epoch, the schedule sampled at a few steps), the RNG states now and at the start of
-the epoch (which fixed that epoch's data order), the Recorder's history and every callback's `state_dict()`.
+model and optimizer state dicts, the parameters that are frozen, the position in the fit (epoch, batches done in that
+epoch, training steps), what the fit was (epochs, steps per epoch, the schedule sampled at a few steps), the RNG states
+now and at the start of the epoch (which fixed that epoch's data order), the Recorder's history and every callback's
+`state_dict()`.
 """
 import re
 import time
@@ -11,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import check_state_dict, load_state
+from .checks import metric_name
 from .determinism import rng_state
 
 __all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info', 'resumable',
@@ -41,7 +43,7 @@ def fit_signature(learn):
     scheds = [cb.resume_signature(learn) for cb in (getattr(learn, '_fit_cbs', None) or [])
               if callable(getattr(cb, 'resume_signature', None))]
     return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn._fit_args,
-            'world_size': learn._world, 'accumulate': learn._n_acc}
+            'world_size': learn._world, 'accumulate': learn._n_acc, 'metrics': [metric_name(m) for m in learn.metrics]}
 
 
 def training_state(learn, where='end', with_opt=True, batch=None):
@@ -63,6 +65,8 @@ def training_state(learn, where='end', with_opt=True, batch=None):
     state = {
         'format': FORMAT, 'version': VERSION, 'time': time.time(),
         'model': learn.model.state_dict(),
+        # which parameters train: a callback may freeze or unfreeze layers during a fit (gradual unfreezing)
+        'frozen': [k for k, p in learn.model.named_parameters() if not p.requires_grad],
         'opt': learn.opt.state_dict() if with_opt and learn.opt is not None else None,
         'position': pos,
         'signature': fit_signature(learn) if in_fit else None,
@@ -140,6 +144,9 @@ def _sig_mismatch(saved, now):
     if a != b:
         return (f'it was written by a fit accumulating gradients over {a} batch(es) per step and this call '
                 f'accumulates over {b} (GradientAccumulation n_step)')
+    a, b = saved.get('metrics'), now.get('metrics')
+    if a is not None and a != b:  # the Recorder's history has one column per metric (absent: an older checkpoint)
+        return f'it was written by a learner with the metrics {a} and this one has {b}'
     if saved['n_epoch'] != now['n_epoch']:
         return f"it was written by a {saved['n_epoch']}-epoch fit but this call trains {now['n_epoch']} epochs"
     if saved['steps_per_epoch'] != now['steps_per_epoch']:
@@ -213,6 +220,11 @@ def load_for_resume(learn, resume):
 def restore_model_opt(learn, state):
     """Load the checkpoint's weights and optimizer state (checked by `load_for_resume`) into the learner."""
     learn.model.load_state_dict(state['model'])
+    frozen = state.get('frozen')
+    if frozen is not None:  # absent from older checkpoints
+        frozen = set(frozen)
+        for k, p in learn.model.named_parameters():
+            p.requires_grad_(k not in frozen)
     if state['opt'] is not None:
         try:
             learn.opt.load_state_dict(state['opt'])
@@ -230,7 +242,11 @@ def restore_callbacks(learn, state):
     saved = state['callbacks']
     for key, cb in cbs.items():
         if key in saved:
-            cb.load_state_dict(saved[key])
+            try:
+                cb.load_state_dict(saved[key])
+            except Exception as e:  # e.g. a state written by another version of the callback
+                raise ValueError(f"resume: {state['file']}: {key}.load_state_dict could not restore the state saved "
+                                 f'there: {type(e).__name__}: {e}') from e
     orphans = sorted(set(saved) - set(cbs))
     if orphans:
         warnings.warn(f"resume: {state['file']} holds the state of callback(s) {orphans}, which this fit does not "

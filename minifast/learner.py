@@ -245,9 +245,9 @@ class Learner:
         self._n_acc, self.stepping, self._acc_loss, self._acc_count, self._unscaled = n_acc, True, None, 0, False
 
     def __call__(self, event):
-        cancel, i = None, 0
+        cancel = None
         try:
-            for i, (name, fn) in enumerate(self._hooks[event]):
+            for name, fn in self._hooks[event]:
                 try:
                     fn(self)
                 except _CANCELS as e:
@@ -259,8 +259,8 @@ class Learner:
                     raise
                 except Exception as e:
                     raise CallbackException(f'{name} raised {type(e).__name__}: {e}') from e
-        except BaseException:
-            self._failed_hook = i  # fit runs the after_fit hooks after a failing one (they close bars and files)
+        except BaseException:  # (no cost on the way through: the loop stays as lean as without it)
+            self._failed_hook = (name, fn)  # fit runs the after_fit hooks after a failing one (they close bars, files)
             raise
         if cancel is not None:
             self.pending_cancel = None
@@ -345,7 +345,7 @@ class Learner:
                         self('after_fit')
                     except BaseException as e:  # the later after_fit hooks must still close bars and files
                         self.exception, self.interrupted = e, isinstance(e, KeyboardInterrupt)
-                        self._cleanup('after_fit', start=self._failed_hook + 1)
+                        self._cleanup('after_fit', start=self._hooks['after_fit'].index(self._failed_hook) + 1)
                         raise
                     if self._world > 1:  # rank 0's files (checkpoints, logs) exist before any rank goes on
                         from .distributed import barrier

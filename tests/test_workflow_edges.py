@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minifast import *  # noqa: F403 -- the seed notebook's import line
+from minifast import Callback, Learner, Recorder, ShowGraph, WeightSnapshots, interpolate_losses
 from conftest import make_data, make_mlp
 
 

@@ -1,4 +1,4 @@
-"""Review B: the training loop's safety guarantees (a failure leaves the learner as it was and names the thing)."""
+"""The training loop's safety guarantees (a failure leaves the learner as it was and names the thing)."""
 import pytest
 import torch
 from torch import nn

@@ -14,7 +14,7 @@ from torch import nn
 from .checkpoint import atomic_save, load_state, check_state_dict
 from .device import resolve_device
 from . import accel, optim
-from .checks import check_batch, check_data, check_fit, check_metrics
+from .checks import check_batch, check_data, check_fit, check_metrics, metric_name
 from .determinism import rng_state, set_rng_state
 from .optim import AdamW, set_hyper
 
@@ -739,7 +739,10 @@ class Learner:
             self.loss = self.loss_func(self.pred, self.yb)
         self('after_loss')
         if not self.training:
-            mets = [m(self.pred, self.yb) for m in self._val_metrics]
+            try:
+                mets = [m(self.pred, self.yb) for m in self._val_metrics]
+            except Exception as e:  # a bare shape or dtype error would not say which metric
+                raise self._metric_error(e) from e
             self._vals.append((self.yb.shape[0], self.loss.detach(), mets))
             return
         if self._n_acc > 1:
@@ -756,6 +759,17 @@ class Learner:
             self._scaled_step()
         self('after_step')
         self.opt.zero_grad()
+
+    def _metric_error(self, e):
+        """The error of a metric that raised on this validation batch, naming it (found by calling each again)."""
+        for m in self._val_metrics:
+            try:
+                m(self.pred, self.yb)
+            except Exception:
+                break
+        return RuntimeError(f'metric {metric_name(m)} raised {type(e).__name__} on validation batch {self.iter} '
+                            f'(predictions of shape {tuple(getattr(self.pred, "shape", ()))}, targets of shape '
+                            f'{tuple(getattr(self.yb, "shape", ()))}): {e}')
 
     def _accumulate(self):
         """Gradient accumulation: the backward of this batch's loss divided by the number of batches in its group

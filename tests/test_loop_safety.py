@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from minifast import Callback, DataBunch, Learner
+from minifast import Callback, DataBunch, Learner, accuracy
 from minifast.callbacks.tracking import Checkpoint
+from conftest import make_data, make_mlp
 
 
 def make_learner(path, seed=0):
@@ -141,3 +142,13 @@ def test_a_refused_resume_leaves_the_frozen_layers_as_they_were(tmp_path):
     with pytest.raises(RuntimeError, match='_RefuseFit.before_fit'):
         learn.fit(3, 1e-2, callbacks=[Checkpoint(every=2), _UnfreezeAtEpoch1(), _RefuseFit()], resume='checkpoints')
     assert [p.requires_grad for p in learn.model.parameters()] == [False, False, True, True]
+
+
+def test_a_metric_that_raises_is_named_with_the_shapes():
+    def bad_metric(pred, targ):
+        return (pred.argmax(-1) == targ[:, None]).float().mean(1)[16]  # an index error
+
+    learn = Learner(make_data(), make_mlp(), metrics=[accuracy, bad_metric])
+    with pytest.raises(RuntimeError, match=r'metric bad_metric raised IndexError on validation batch 0 '
+                                           r'\(predictions of shape \(\d+, \d+\), targets of shape \(\d+,\)\)'):
+        learn.validate()

@@ -464,9 +464,9 @@ def run(args):
     model_fn = _model_fn(s['arch'], data.c)
     cpu = torch.device(data.device).type == 'cpu' if hasattr(data, 'device') else not torch.cuda.is_available()
 
-    def make_learner():
+    def make_learner():  # channels_last: also on CPU (faster conv kernels there); on CUDA the Learner's default
         return Learner(data, model_fn(), metrics=[accuracy, top_k_accuracy], path=out, silent=args.quiet,
-                       channels_last=cpu)
+                       channels_last=True if cpu else None)
 
     n_params = sum(p.numel() for p in model_fn().parameters())
     _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out}")

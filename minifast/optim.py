@@ -63,6 +63,11 @@ def param_groups(layer_groups, bn_wd=True):
 def lr_per_group(lr, n):
     """Expand `lr` to one value per layer group: a number, a sequence of n numbers, or fastai's slice(start, end)."""
     if isinstance(lr, slice):
+        if not all(v is None or (isinstance(v, (int, float)) and v > 0) for v in (lr.start, lr.stop)) \
+                or lr.stop is None or lr.step is not None:  # geometric spacing needs positive ends
+            raise ValueError(f'lr={lr}: a slice of learning rates is slice(end) or slice(start, end) with positive '
+                             f'numbers (end: the last layer group; start: the first, the groups between spaced '
+                             f'geometrically)')
         if lr.start is None:
             return [lr.stop / 10] * (n - 1) + [lr.stop]
         if n == 1:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 __all__ = ['dist_env', 'launched', 'init_distributed', 'is_distributed', 'rank', 'world_size', 'is_main', 'barrier',
            'all_reduce_', 'broadcast_object', 'sync_rng', 'ddp_wrap', 'shard_loader', 'reduce_vals',
-           'ShardSampler']
+           'ShardSampler', 'broadcast_buffers']
 
 _OWNED = False  # True when minifast created the process group (and so destroys it at exit)
 
@@ -179,6 +179,18 @@ def ddp_wrap(learn):
     wrapper = DistributedDataParallel(model, **kw)
     learn._ddp = (key, wrapper)
     return wrapper
+
+
+def broadcast_buffers(learn):
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP copies them at the start of each training
+    forward, so after an epoch's last forward each rank holds the statistics of its own last batch: without this,
+    the ranks would validate and predict with different models, and end the fit holding different ones. Nothing
+    when `ddp_kwargs` turns DDP's broadcast_buffers off."""
+    if not is_distributed() or not getattr(learn, 'ddp_kwargs', {}).get('broadcast_buffers', True):
+        return
+    with torch.no_grad():
+        for b in learn.model.buffers():
+            dist.broadcast(b, 0)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------

@@ -601,6 +601,9 @@ class Learner:
         self.dl, self.training, self._phase = self._loader(self.data.train_dl, True), True, 'train'
         self.model.train()
         self._with_events(self._all_batches, 'train', CancelTrainException)
+        if self._world > 1:  # each rank's last forward updated its own BatchNorm statistics: take rank 0's again
+            from .distributed import broadcast_buffers
+            broadcast_buffers(self)
         valid_dl = self.data.valid_dl
         self._phase = 'valid'
         self.last_metrics = self._validate(valid_dl, self.metrics) if valid_dl is not None else []

@@ -146,6 +146,25 @@ def control_fit(path, bs):
             'state': {k: v.clone() for k, v in learn.model.state_dict().items()}}
 
 
+def batchnorm_fit():
+    """One epoch of a BatchNorm model: its state, validate() and get_preds() on each rank, and the validation loss of
+    this rank's model over the whole set computed by hand."""
+    import torch.nn.functional as F
+    from torch import nn
+    set_seed(5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    data = make_data(n_train=256, n_valid=N_VALID, bs=32, val_bs=VAL_BS)
+    learn = Learner(data, model, silent=True)
+    learn.fit(1, 1e-2)
+    model.eval()
+    with torch.no_grad():
+        x, y = data.valid_dl.tensors
+        by_hand = F.cross_entropy(model(x), y).item()
+    return {'state': {k: v.clone() for k, v in model.state_dict().items()}, 'val_loss': learn.recorder.val_losses[0],
+            'validate': learn.validate(), 'preds': learn.get_preds()[0], 'by_hand': by_hand}
+
+
 def _plain_validate(learn, dl):
     """The validation loss of the whole set in this process, without any sharding."""
     import torch.nn.functional as F
@@ -162,6 +181,7 @@ def main(out):
     result['diverged'] = diverged_then_lr_find()
     result['control'] = control_fit(out / 'control', bs=32)  # one folder, as on one machine or a shared disk
     result['accumulate'] = accumulate_fit(bs=32)
+    result['batchnorm'] = batchnorm_fit()
     try:
         Learner(make_data(), make_mlp(), sync_bn=True)
         result['sync_bn_error'] = None

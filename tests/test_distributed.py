@@ -126,6 +126,18 @@ def test_ddp_torch_dataloader_and_sync_bn(ddp):
     assert 'SyncBatchNorm works on CUDA devices only' in r0['sync_bn_error']
 
 
+def test_ddp_batchnorm_statistics_are_rank_0s_after_training(ddp):
+    """Each rank's last training forward updates its own BatchNorm running statistics: they must be rank 0's again
+    before validation, so every rank validates, predicts and ends the fit with the model rank 0 saves."""
+    a, b = ddp[0]['batchnorm'], ddp[1]['batchnorm']
+    for k in a['state']:
+        assert torch.equal(a['state'][k], b['state'][k]), f'{k}: the ranks differ after the fit'
+    assert torch.equal(a['preds'], b['preds'])
+    for r in (a, b):
+        assert r['val_loss'] == pytest.approx(r['by_hand'], abs=TOL)  # the epoch's validation used rank 0's model
+        assert r['validate'][0] == pytest.approx(r['by_hand'], abs=TOL)
+
+
 def test_ddp_resume_mid_epoch(ddp):
     r0, r1, out, _ = ddp
     for r in (r0['resume'], r1['resume']):

@@ -233,6 +233,12 @@ def test_from_tensors_numpy_nhwc_and_resize():
         ImageDataBunch.from_tensors(xv * 255, [0] * 6, xv, [0] * 6)
 
 
+def test_from_tensors_refuses_negative_floats_instead_of_clamping_them():
+    x = torch.linspace(-1, 1, 4 * 3 * 2 * 2).reshape(4, 3, 2, 2)  # already normalised: max 1, half negative
+    with pytest.raises(ValueError, match=r'x_valid: float images must be in \[0, 1\] \(they span \[-1, 1\]\)'):
+        ImageDataBunch.from_tensors(x.clamp(0, 1), [0] * 4, x, [0] * 4)
+
+
 def test_learner_fits_an_image_folder(tmp_path):
     make_folder(tmp_path, n_train=16, n_valid=4)
     data = chain(tmp_path).normalize()

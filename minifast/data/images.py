@@ -261,9 +261,11 @@ def _to_uint8_images(x, name):
     if x.shape[1] != 3:
         raise ValueError(f'{name}: expected 1 or 3 channels, got shape {tuple(x.shape)}')
     if x.dtype != torch.uint8:
-        if x.is_floating_point() and x.numel() and float(x.max()) > 1.0 + 1e-6:
-            raise ValueError(f'{name}: float images must be in [0, 1] (max is {float(x.max()):.3g}); '
-                             f'pass uint8 for 0..255 values')
+        # both ends: clamping would silently zero the negative half of already-normalised ([-1, 1]) images
+        lo, hi = (float(x.min()), float(x.max())) if x.is_floating_point() and x.numel() else (0., 0.)
+        if lo < -1e-6 or hi > 1.0 + 1e-6:
+            raise ValueError(f'{name}: float images must be in [0, 1] (they span [{lo:.3g}, {hi:.3g}]); '
+                             f'pass uint8 for 0..255 values, and un-normalised images (normalize() comes later)')
         x = (x.float() * 255).round().clamp(0, 255).to(torch.uint8)
     return x.contiguous()
 

@@ -233,6 +233,14 @@ def test_from_tensors_numpy_nhwc_and_resize():
         ImageDataBunch.from_tensors(xv * 255, [0] * 6, xv, [0] * 6)
 
 
+def test_from_tensors_takes_integer_images_as_0_to_255():
+    x = torch.arange(4 * 3 * 2 * 2).reshape(4, 3, 2, 2) * 5  # int64, as np.array(lists) gives
+    data = ImageDataBunch.from_tensors(x, [0] * 4, x.numpy().astype(np.int16), [0] * 4, device='cpu')
+    assert torch.equal(data.train_ds.x, x.to(torch.uint8)) and torch.equal(data.valid_ds.x, x.to(torch.uint8))
+    with pytest.raises(ValueError, match=r'x_train: integer images must be in 0..255 \(they span 65..300\)'):
+        ImageDataBunch.from_tensors(x + 65, [0] * 4, x, [0] * 4)
+
+
 def test_from_tensors_refuses_negative_floats_instead_of_clamping_them():
     x = torch.linspace(-1, 1, 4 * 3 * 2 * 2).reshape(4, 3, 2, 2)  # already normalised: max 1, half negative
     with pytest.raises(ValueError, match=r'x_valid: float images must be in \[0, 1\] \(they span \[-1, 1\]\)'):

@@ -248,7 +248,7 @@ class _Pipeline:
 
 
 def _to_uint8_images(x, name):
-    """Tensors or numpy arrays, NCHW or NHWC, uint8 or float in [0, 1] -> a uint8 NCHW tensor."""
+    """Tensors or numpy arrays, NCHW or NHWC, integers in 0..255 or floats in [0, 1] -> a uint8 NCHW tensor."""
     x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     if x.ndim == 3:
         x = x[:, None]  # grayscale N×H×W
@@ -260,6 +260,11 @@ def _to_uint8_images(x, name):
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
         raise ValueError(f'{name}: expected 1 or 3 channels, got shape {tuple(x.shape)}')
+    if x.dtype != torch.uint8 and not x.is_floating_point():  # int64 from np.array(lists), int16...: 0..255 values
+        lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f'{name}: integer images must be in 0..255 (they span {lo}..{hi})')
+        x = x.to(torch.uint8)
     if x.dtype != torch.uint8:
         # both ends: clamping would silently zero the negative half of already-normalised ([-1, 1]) images
         lo, hi = (float(x.min()), float(x.max())) if x.is_floating_point() and x.numel() else (0., 0.)
@@ -323,7 +328,7 @@ class ImageDataBunch(DataBunch):
     @classmethod
     def from_tensors(cls, x_train, y_train, x_valid, y_valid, classes=None, tfms=None, size=None, bs=64,
                      val_bs=None, device=None, path='.', device_data='auto'):
-        """From tensors or numpy arrays (N×C×H×W or N×H×W×C; uint8, or float in [0, 1]), resized to `size`."""
+        """From tensors or numpy arrays (NCHW or NHWC; 0..255 integers or [0, 1] floats), resized to `size`."""
         size = _size2(size)
         xt = _resize_uint8(_to_uint8_images(x_train, 'x_train'), size)
         xv = _resize_uint8(_to_uint8_images(x_valid, 'x_valid'), size)

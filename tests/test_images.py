@@ -93,6 +93,21 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     assert calls[-1] == 19 and len(calls) == 6  # no cache: decoded every time
 
 
+def test_a_damaged_cache_entry_is_decoded_again_not_trusted(tmp_path):
+    make_folder(tmp_path / 'data')
+    data = chain(tmp_path / 'data', cache=tmp_path / 'cache')
+    (entry,) = (tmp_path / 'cache').glob('*.pt')
+    raw = bytearray(entry.read_bytes())
+    x = torch.load(entry, weights_only=True)['x']
+    at = bytes(raw).find(x.numpy().tobytes()[:64])  # the images' bytes, stored uncompressed in torch's zip
+    assert at > 0
+    raw[at + 100] ^= 0xFF  # one flipped byte: the file still loads
+    entry.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match='ignoring unreadable or damaged cache file .* checksum'):
+        again = chain(tmp_path / 'data', cache=tmp_path / 'cache')
+    assert torch.equal(again.train_ds.x, data.train_ds.x) and torch.equal(again.valid_ds.x, data.valid_ds.x)
+
+
 def test_hidden_entries_and_other_files_are_skipped(tmp_path):
     make_folder(tmp_path)
     (tmp_path / 'train' / '.ipynb_checkpoints').mkdir()

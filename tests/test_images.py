@@ -171,6 +171,18 @@ def test_corrupt_image_names_the_file_or_is_skipped(tmp_path):
     ImageList.from_folder(tmp_path, ignore_errors=True).split_by_folder(valid='test')  # also settable at the start
 
 
+def test_without_a_size_an_unreadable_first_image_is_skipped_or_named(tmp_path):
+    make_folder(tmp_path)
+    bad = tmp_path / 'train' / 'ant' / '0.png'  # the first training file, whose size would be every image's
+    bad.write_bytes(b'not a png')
+    il = ImageList.from_folder(tmp_path).split_by_folder(valid='test').label_from_folder()
+    with pytest.raises(ImageDecodeError, match=rf'cannot read image {bad}: .*ignore_errors=True'):
+        il.databunch(device='cpu', cache=False)
+    with pytest.warns(UserWarning, match=r'skipped 1 unreadable image file\(s\)'):
+        data = il.databunch(device='cpu', cache=False, ignore_errors=True)
+    assert data.train_ds.x.shape == (11, 3, 8, 8) and bad not in data.train_ds.items
+
+
 def test_validation_class_absent_from_training(tmp_path):
     make_folder(tmp_path)
     (tmp_path / 'test' / 'dog').mkdir()

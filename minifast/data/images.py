@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..device import resolve_device
 from .augment import apply_tfms, split_index_only
-from .cache import cached_decode
+from .cache import ImageDecodeError, cached_decode
 from .core import DataBunch, TensorDataLoader
 
 __all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'IMG_EXTENSIONS',
@@ -193,11 +193,7 @@ class LabelLists:
         num_workers sets the decoding processes (used for large folders only); batches are made by indexing.
         """
         ignore = self.train.ignore_errors if ignore_errors is None else ignore_errors
-        size = self.size
-        if size is None:
-            from PIL import Image
-            with Image.open(self.train.items[0]) as im:
-                size = (im.height, im.width)
+        size = self.size if self.size is not None else _first_size(self.train.items, ignore)
         # one decode (and one cache entry) for the files of both splits, in a fixed order: every way of splitting
         # the same folder reuses it
         files = sorted(set(self.train.items) | set(self.valid.items))
@@ -213,6 +209,21 @@ class LabelLists:
         return ImageDataBunch(xt, yt, xv, yv, self.classes, bs=bs, val_bs=val_bs, train_tfms=self.tfms[0],
                               valid_tfms=self.tfms[1], device=device, path=self.path, train_items=it, valid_items=iv,
                               device_data=device_data)
+
+
+def _first_size(files, ignore_errors):
+    """(H, W) of the first readable file, the size of every image when transform() gives none; an unreadable file is
+    skipped with ignore_errors (decoding then skips and reports it), else named."""
+    from PIL import Image
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                return im.height, im.width
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad files
+            if not ignore_errors:
+                raise ImageDecodeError(f'cannot read image {f}: {type(e).__name__}: {e}; pass ignore_errors=True '
+                                       f'to skip such files') from e
+    raise ImageDecodeError(f'none of the {len(files)} training images can be read (the first is {files[0]})')
 
 
 class ImageDataset:

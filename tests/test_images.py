@@ -239,6 +239,15 @@ def test_show_batch_returns_titled_figure(tmp_path):
     assert img.shape == (8, 8, 3) and 0 <= img.min() and img.max() <= 1  # de-normalised
 
 
+def test_one_batch_of_an_empty_loader_says_why():
+    x = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    data = ImageDataBunch.from_tensors(x, [0] * 6, x[:0], [], classes=['a'], bs=8, device='cpu')
+    with pytest.raises(ValueError, match=r'training loader has no batches \(6 items, batch_size=8, drop_last=True\)'):
+        data.show_batch()
+    with pytest.raises(ValueError, match=r'validation loader has no batches \(0 items'):
+        data.one_batch(train=False)
+
+
 def test_normalize_from_data_and_bad_stats(tmp_path):
     make_folder(tmp_path)
     data = chain(tmp_path).normalize()

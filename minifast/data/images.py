@@ -395,7 +395,12 @@ class ImageDataBunch(DataBunch):
 
     def one_batch(self, train=True):
         """The first batch of the training (or validation) loader, augmented and normalised."""
-        return next(iter(self.train_dl if train else self.valid_dl))
+        dl = self.train_dl if train else self.valid_dl
+        for batch in dl:
+            return batch
+        # a bare StopIteration here would end an enclosing generator silently, or read as a bug in the loader
+        raise ValueError(f"one_batch: the {'training' if train else 'validation'} loader has no batches "
+                         f"({len(dl.dataset)} items, batch_size={dl.batch_size}, drop_last={dl.drop_last})")
 
     def show_batch(self, rows=3, figsize=(4, 4), train=True):
         """A Figure of rows×rows images from a batch (augmented when `train`), de-normalised, titled by class."""

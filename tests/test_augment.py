@@ -405,3 +405,18 @@ def test_dihedral_gives_each_of_the_8_symmetries():
         seen.add(match[0])
     assert seen == set(range(8))
     assert torch.equal(Dihedral(p=0)(img), img)
+
+
+@pytest.mark.parametrize('h, w', [(5, 5), (4, 6)])
+def test_dihedral_applies_the_symmetry_its_last_params_name(h, w):
+    torch.manual_seed(0)
+    x = uint8_batch(64, h, w)
+    t = Dihedral(p=0.8)
+    out, k = t(x), t.last_params['k']
+
+    def ref(img, k):  # one sample at a time, from the documented bits
+        img = img.transpose(1, 2) if k & 4 else img
+        img = img.flip(2) if k & 1 else img
+        return img.flip(1) if k & 2 else img
+    assert torch.equal(out, torch.stack([ref(x[i], int(k[i])) for i in range(64)]))
+    assert set(k.tolist()) == (set(range(8)) if h == w else set(range(4)))

@@ -93,6 +93,21 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     assert calls[-1] == 19 and len(calls) == 6  # no cache: decoded every time
 
 
+def test_a_damaged_cache_entry_is_decoded_again_not_trusted(tmp_path):
+    make_folder(tmp_path / 'data')
+    data = chain(tmp_path / 'data', cache=tmp_path / 'cache')
+    (entry,) = (tmp_path / 'cache').glob('*.pt')
+    raw = bytearray(entry.read_bytes())
+    x = torch.load(entry, weights_only=True)['x']
+    at = bytes(raw).find(x.numpy().tobytes()[:64])  # the images' bytes, stored uncompressed in torch's zip
+    assert at > 0
+    raw[at + 100] ^= 0xFF  # one flipped byte: the file still loads
+    entry.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match='ignoring unreadable or damaged cache file .* checksum'):
+        again = chain(tmp_path / 'data', cache=tmp_path / 'cache')
+    assert torch.equal(again.train_ds.x, data.train_ds.x) and torch.equal(again.valid_ds.x, data.valid_ds.x)
+
+
 def test_hidden_entries_and_other_files_are_skipped(tmp_path):
     make_folder(tmp_path)
     (tmp_path / 'train' / '.ipynb_checkpoints').mkdir()
@@ -156,6 +171,18 @@ def test_corrupt_image_names_the_file_or_is_skipped(tmp_path):
     ImageList.from_folder(tmp_path, ignore_errors=True).split_by_folder(valid='test')  # also settable at the start
 
 
+def test_without_a_size_an_unreadable_first_image_is_skipped_or_named(tmp_path):
+    make_folder(tmp_path)
+    bad = tmp_path / 'train' / 'ant' / '0.png'  # the first training file, whose size would be every image's
+    bad.write_bytes(b'not a png')
+    il = ImageList.from_folder(tmp_path).split_by_folder(valid='test').label_from_folder()
+    with pytest.raises(ImageDecodeError, match=rf'cannot read image {bad}: .*ignore_errors=True'):
+        il.databunch(device='cpu', cache=False)
+    with pytest.warns(UserWarning, match=r'skipped 1 unreadable image file\(s\)'):
+        data = il.databunch(device='cpu', cache=False, ignore_errors=True)
+    assert data.train_ds.x.shape == (11, 3, 8, 8) and bad not in data.train_ds.items
+
+
 def test_validation_class_absent_from_training(tmp_path):
     make_folder(tmp_path)
     (tmp_path / 'test' / 'dog').mkdir()
@@ -212,6 +239,15 @@ def test_show_batch_returns_titled_figure(tmp_path):
     assert img.shape == (8, 8, 3) and 0 <= img.min() and img.max() <= 1  # de-normalised
 
 
+def test_one_batch_of_an_empty_loader_says_why():
+    x = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    data = ImageDataBunch.from_tensors(x, [0] * 6, x[:0], [], classes=['a'], bs=8, device='cpu')
+    with pytest.raises(ValueError, match=r'training loader has no batches \(6 items, batch_size=8, drop_last=True\)'):
+        data.show_batch()
+    with pytest.raises(ValueError, match=r'validation loader has no batches \(0 items'):
+        data.one_batch(train=False)
+
+
 def test_normalize_from_data_and_bad_stats(tmp_path):
     make_folder(tmp_path)
     data = chain(tmp_path).normalize()
@@ -231,6 +267,20 @@ def test_from_tensors_numpy_nhwc_and_resize():
     assert data.c == 4 and len(data.train_dl) == 4
     with pytest.raises(ValueError, match=r'float images must be in \[0, 1\]'):
         ImageDataBunch.from_tensors(xv * 255, [0] * 6, xv, [0] * 6)
+
+
+def test_from_tensors_takes_integer_images_as_0_to_255():
+    x = torch.arange(4 * 3 * 2 * 2).reshape(4, 3, 2, 2) * 5  # int64, as np.array(lists) gives
+    data = ImageDataBunch.from_tensors(x, [0] * 4, x.numpy().astype(np.int16), [0] * 4, device='cpu')
+    assert torch.equal(data.train_ds.x, x.to(torch.uint8)) and torch.equal(data.valid_ds.x, x.to(torch.uint8))
+    with pytest.raises(ValueError, match=r'x_train: integer images must be in 0..255 \(they span 65..300\)'):
+        ImageDataBunch.from_tensors(x + 65, [0] * 4, x, [0] * 4)
+
+
+def test_from_tensors_refuses_negative_floats_instead_of_clamping_them():
+    x = torch.linspace(-1, 1, 4 * 3 * 2 * 2).reshape(4, 3, 2, 2)  # already normalised: max 1, half negative
+    with pytest.raises(ValueError, match=r'x_valid: float images must be in \[0, 1\] \(they span \[-1, 1\]\)'):
+        ImageDataBunch.from_tensors(x.clamp(0, 1), [0] * 4, x, [0] * 4)
 
 
 def test_learner_fits_an_image_folder(tmp_path):

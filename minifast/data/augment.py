@@ -88,7 +88,10 @@ class FlipUD(_Flip):
 
 class Dihedral(BatchTransform):
     """One of the 8 symmetries of the square (flips, transposes, quarter turns), uniformly at random, for a random
-    subset of samples (probability `p`); non-square images get one of the 4 flips. fastai v1's flip_vert=True."""
+    subset of samples (probability `p`); non-square images get one of the 4 flips. fastai v1's flip_vert=True.
+
+    `last_params['k']` per sample: bit 4 transposes, then bit 1 flips left-right, then bit 2 upside down.
+    """
     index_only = True
 
     def __init__(self, p=1.0):
@@ -98,6 +101,8 @@ class Dihedral(BatchTransform):
         self._check(x)
         n = x.shape[0]
         k = torch.randint(0, 8, (n,), device=x.device) * (_rand(x) < self.p)  # 0: identity
+        if x.shape[2] != x.shape[3]:
+            k = k & 3  # no transpose keeps the shape: last_params then says what was applied
         self.last_params = {'k': k}
         if self.p == 0:
             return x

@@ -2,6 +2,7 @@
 import hashlib
 import os
 import warnings
+import zlib
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -13,7 +14,7 @@ from ..checkpoint import atomic_save
 
 __all__ = ['decode_images', 'cached_decode', 'default_cache_dir', 'ImageDecodeError']
 
-_FORMAT = 2  # bump when the cache layout or the decoding changes
+_FORMAT = 3  # bump when the cache layout or the decoding changes
 _PARALLEL_MIN = 2000  # below this many files, starting worker processes costs more than it saves
 
 
@@ -130,7 +131,7 @@ def cached_decode(files, root, size, num_workers=None, ignore_errors=False, cach
     `cache`: True uses default_cache_dir(), a path uses that folder, False decodes without a cache. Files are
     named by the dataset root's hash and the key of `files`, so splits of the same files share one cache entry,
     and stale entries of the same root and size are removed. Cache files are read with torch's weights-only loader
-    and a damaged one is decoded again, never trusted.
+    and checked against a CRC-32 of the images; a damaged one is decoded again, never trusted.
     """
     files = [Path(f) for f in files]
     if cache is False or cache is None:
@@ -144,15 +145,21 @@ def cached_decode(files, root, size, num_workers=None, ignore_errors=False, cach
         try:
             state = torch.load(p, weights_only=True)
             if state.get('key') == key and (ignore_errors or not state['bad']):
+                # torch.load does not check the zip's CRCs, so a flipped byte would otherwise come back as pixels
+                x = state['x']
+                if tuple(x.shape) != (len(state['keep']), 3, *size) or zlib.crc32(x.numpy()) != state['crc']:
+                    raise ValueError(f"its images (shape {tuple(x.shape)}, for {len(state['keep'])} files of "
+                                     f"{size[0]}x{size[1]}) do not match their shape or checksum")
                 if state['bad']:
                     warnings.warn(f"skipped {len(state['bad'])} unreadable image file(s) (as cached in {p}): "
                                   + ', '.join(state['bad']))
-                return state['x'], state['keep'], p
+                return x, state['keep'], p
         except Exception as e:  # a damaged cache is re-made, never trusted
-            warnings.warn(f'ignoring unreadable cache file {p}: {e}')
+            warnings.warn(f'ignoring unreadable or damaged cache file {p}: {e}')
     x, keep = decode_images(files, size, num_workers, ignore_errors, crop)
     kept = set(keep)
-    state = {'key': key, 'x': x, 'keep': keep, 'bad': [str(f) for i, f in enumerate(files) if i not in kept]}
+    state = {'key': key, 'x': x, 'keep': keep, 'bad': [str(f) for i, f in enumerate(files) if i not in kept],
+             'crc': zlib.crc32(x.numpy())}
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_save(state, p)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..device import resolve_device
 from .augment import apply_tfms, split_index_only
-from .cache import cached_decode
+from .cache import ImageDecodeError, cached_decode
 from .core import DataBunch, TensorDataLoader
 
 __all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'IMG_EXTENSIONS',
@@ -193,11 +193,7 @@ class LabelLists:
         num_workers sets the decoding processes (used for large folders only); batches are made by indexing.
         """
         ignore = self.train.ignore_errors if ignore_errors is None else ignore_errors
-        size = self.size
-        if size is None:
-            from PIL import Image
-            with Image.open(self.train.items[0]) as im:
-                size = (im.height, im.width)
+        size = self.size if self.size is not None else _first_size(self.train.items, ignore)
         # one decode (and one cache entry) for the files of both splits, in a fixed order: every way of splitting
         # the same folder reuses it
         files = sorted(set(self.train.items) | set(self.valid.items))
@@ -213,6 +209,21 @@ class LabelLists:
         return ImageDataBunch(xt, yt, xv, yv, self.classes, bs=bs, val_bs=val_bs, train_tfms=self.tfms[0],
                               valid_tfms=self.tfms[1], device=device, path=self.path, train_items=it, valid_items=iv,
                               device_data=device_data)
+
+
+def _first_size(files, ignore_errors):
+    """(H, W) of the first readable file, the size of every image when transform() gives none; an unreadable file is
+    skipped with ignore_errors (decoding then skips and reports it), else named."""
+    from PIL import Image
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                return im.height, im.width
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad files
+            if not ignore_errors:
+                raise ImageDecodeError(f'cannot read image {f}: {type(e).__name__}: {e}; pass ignore_errors=True '
+                                       f'to skip such files') from e
+    raise ImageDecodeError(f'none of the {len(files)} training images can be read (the first is {files[0]})')
 
 
 class ImageDataset:
@@ -248,7 +259,7 @@ class _Pipeline:
 
 
 def _to_uint8_images(x, name):
-    """Tensors or numpy arrays, NCHW or NHWC, uint8 or float in [0, 1] -> a uint8 NCHW tensor."""
+    """Tensors or numpy arrays, NCHW or NHWC, integers in 0..255 or floats in [0, 1] -> a uint8 NCHW tensor."""
     x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     if x.ndim == 3:
         x = x[:, None]  # grayscale N×H×W
@@ -260,10 +271,17 @@ def _to_uint8_images(x, name):
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
         raise ValueError(f'{name}: expected 1 or 3 channels, got shape {tuple(x.shape)}')
+    if x.dtype != torch.uint8 and not x.is_floating_point():  # int64 from np.array(lists), int16...: 0..255 values
+        lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f'{name}: integer images must be in 0..255 (they span {lo}..{hi})')
+        x = x.to(torch.uint8)
     if x.dtype != torch.uint8:
-        if x.is_floating_point() and x.numel() and float(x.max()) > 1.0 + 1e-6:
-            raise ValueError(f'{name}: float images must be in [0, 1] (max is {float(x.max()):.3g}); '
-                             f'pass uint8 for 0..255 values')
+        # both ends: clamping would silently zero the negative half of already-normalised ([-1, 1]) images
+        lo, hi = (float(x.min()), float(x.max())) if x.is_floating_point() and x.numel() else (0., 0.)
+        if lo < -1e-6 or hi > 1.0 + 1e-6:
+            raise ValueError(f'{name}: float images must be in [0, 1] (they span [{lo:.3g}, {hi:.3g}]); '
+                             f'pass uint8 for 0..255 values, and un-normalised images (normalize() comes later)')
         x = (x.float() * 255).round().clamp(0, 255).to(torch.uint8)
     return x.contiguous()
 
@@ -321,7 +339,7 @@ class ImageDataBunch(DataBunch):
     @classmethod
     def from_tensors(cls, x_train, y_train, x_valid, y_valid, classes=None, tfms=None, size=None, bs=64,
                      val_bs=None, device=None, path='.', device_data='auto'):
-        """From tensors or numpy arrays (N×C×H×W or N×H×W×C; uint8, or float in [0, 1]), resized to `size`."""
+        """From tensors or numpy arrays (NCHW or NHWC; 0..255 integers or [0, 1] floats), resized to `size`."""
         size = _size2(size)
         xt = _resize_uint8(_to_uint8_images(x_train, 'x_train'), size)
         xv = _resize_uint8(_to_uint8_images(x_valid, 'x_valid'), size)
@@ -377,7 +395,12 @@ class ImageDataBunch(DataBunch):
 
     def one_batch(self, train=True):
         """The first batch of the training (or validation) loader, augmented and normalised."""
-        return next(iter(self.train_dl if train else self.valid_dl))
+        dl = self.train_dl if train else self.valid_dl
+        for batch in dl:
+            return batch
+        # a bare StopIteration here would end an enclosing generator silently, or read as a bug in the loader
+        raise ValueError(f"one_batch: the {'training' if train else 'validation'} loader has no batches "
+                         f"({len(dl.dataset)} items, batch_size={dl.batch_size}, drop_last={dl.drop_last})")
 
     def show_batch(self, rows=3, figsize=(4, 4), train=True):
         """A Figure of rows×rows images from a batch (augmented when `train`), de-normalised, titled by class."""

@@ -335,7 +335,7 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
     bns = _bn_layers(model)
     bn_stats = _bn_stat_keys(model, state)  # by key: the detached aliases in `state` are new tensor objects
     mix, fixed = [], []  # (model tensor, w2, w1) pairs to lerp; (model tensor, value) to set once
-    for k, t in state.items():
+    for k, t in _untied(state).items():
         if not t.is_floating_point():
             fixed.append((t, w1[k]))
         elif k in bn_stats and bn != 'interpolate':
@@ -366,6 +366,19 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
 def _model_tensors(model):
     """{key: tensor} aliasing the model's own parameters and buffers (writing into them changes the model)."""
     return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _untied(state):
+    """`state` with each model tensor once: a Parameter shared by two modules (tied weights) is listed under both
+    keys, and mixing it in place once per key would move it twice."""
+    seen, out = set(), {}
+    for k, t in state.items():
+        ident = (t.data_ptr(), t.shape, t.dtype)
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[k] = t
+    return out
 
 
 def _check_matches(state, w, name, model, fn):
@@ -648,7 +661,7 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
     bns = _bn_layers(model)
     bn_stats = _bn_stat_keys(model, state)
     mix, fixed = [], []
-    for k, t in state.items():
+    for k, t in _untied(state).items():
         if not t.is_floating_point() or (k in bn_stats and bn != 'interpolate'):
             fixed.append((t, w0[k]))  # 'recompute' overwrites the statistics per point
         else:

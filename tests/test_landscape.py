@@ -227,3 +227,30 @@ def test_plot_interpolation_blue_train_red_valid():
     assert fig.axes[0].get_yscale() == 'log'
     with pytest.raises(ValueError, match='alpha=0'):
         interpolate_losses(learn, 0, 1, alphas=[0.5], include_endpoints=False).barrier()
+
+
+class TiedMLP(nn.Module):
+    """Two layers sharing one weight Parameter (tied weights): state_dict lists it under both keys."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_tied_weights_are_interpolated_once():
+    learn = Learner(make_data(), TiedMLP(), silent=True)
+    w2 = state_dict_copy(learn.model)
+    w1 = {k: v + 0.3 for k, v in w2.items()}  # still tied: both keys hold the same values
+    res = interpolate_losses(learn, w1, w2, alphas=[0.5], dls='valid', bn='keep', include_endpoints=False)
+    hand = TiedMLP()
+    hand.load_state_dict({k: torch.lerp(w2[k], w1[k], 0.5) for k in w2})
+    xv, yv = learn.data.valid_dl.tensors
+    with torch.no_grad():
+        assert res.loss('valid')[0] == pytest.approx(F.cross_entropy(hand(xv), yv).item(), abs=1e-6)
+    assert torch.equal(learn.model.a.weight, w2['a.weight'])  # restored, still tied
+    assert learn.model.b.weight is learn.model.a.weight

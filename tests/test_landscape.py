@@ -254,3 +254,15 @@ def test_tied_weights_are_interpolated_once():
         assert res.loss('valid')[0] == pytest.approx(F.cross_entropy(hand(xv), yv).item(), abs=1e-6)
     assert torch.equal(learn.model.a.weight, w2['a.weight'])  # restored, still tied
     assert learn.model.b.weight is learn.model.a.weight
+
+
+def test_snapshot_files_on_disk_give_the_same_numbers(tmp_path):
+    learn = Learner(make_data(), bn_mlp(), silent=True,
+                    callback_fns=[functools.partial(WeightSnapshots, save_list=[0, 1], path=tmp_path)])
+    learn.fit(2, 1e-2)
+    ref = interpolate_losses(learn, 0, 1, alphas=[-0.5, 0.5], dls='valid')
+    res = interpolate_losses(learn, str(tmp_path / 'snapshot_0.pth'), tmp_path / 'snapshot_1.pth',
+                             alphas=[-0.5, 0.5], dls='valid')
+    np.testing.assert_array_equal(res.values['valid'], ref.values['valid'])
+    with pytest.raises(TypeError, match="w2 must be a state dict.*list"):
+        interpolate_losses(learn, 0, [learn.snapshots[1]], alphas=[0.5])

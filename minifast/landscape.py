@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -260,7 +261,7 @@ def _endpoint(w, t):
 
 
 def _resolve_weights(learn, w, name, fn='interpolate_losses'):
-    if isinstance(w, int) and not isinstance(w, bool):
+    if isinstance(w, Integral) and not isinstance(w, bool):  # numpy integers too (an array of epochs)
         snaps = getattr(learn, 'snapshots', None)
         if snaps is None or w not in snaps:
             have = sorted(snaps) if snaps else []

@@ -266,3 +266,11 @@ def test_snapshot_files_on_disk_give_the_same_numbers(tmp_path):
     np.testing.assert_array_equal(res.values['valid'], ref.values['valid'])
     with pytest.raises(TypeError, match="w2 must be a state dict.*list"):
         interpolate_losses(learn, 0, [learn.snapshots[1]], alphas=[0.5])
+
+
+def test_numpy_integer_epochs_name_snapshots():
+    learn = trained_bn_learner(epochs=2, save_list=(0, 1))
+    ref = interpolate_losses(learn, 0, 1, alphas=[0.5], dls='valid')
+    e0, e1 = np.array(sorted(learn.snapshots))  # numpy integers, as from np.arange or an array of epochs
+    res = interpolate_losses(learn, e0, e1, alphas=[0.5], dls='valid')
+    np.testing.assert_array_equal(res.values['valid'], ref.values['valid'])

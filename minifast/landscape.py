@@ -1,17 +1,21 @@
 """Loss along the line between two weight snapshots (Smith's interpolation plots), barriers, 2-D loss surfaces,
 weight averaging (SWA-style), BN recompute."""
 import math
+import os
 import signal
 import threading
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
 from torch import nn
 
 from .callbacks.recorder import new_figure
+from .checkpoint import load_state
 from .checks import check_metrics, metric_name
 
 __all__ = ['interpolate_losses', 'InterpolationResult', 'Barrier', 'barrier', 'plot_interpolation',
@@ -257,7 +261,7 @@ def _endpoint(w, t):
 
 
 def _resolve_weights(learn, w, name, fn='interpolate_losses'):
-    if isinstance(w, int) and not isinstance(w, bool):
+    if isinstance(w, Integral) and not isinstance(w, bool):  # numpy integers too (an array of epochs)
         snaps = getattr(learn, 'snapshots', None)
         if snaps is None or w not in snaps:
             have = sorted(snaps) if snaps else []
@@ -266,6 +270,11 @@ def _resolve_weights(learn, w, name, fn='interpolate_losses'):
         return snaps[w]
     if isinstance(w, nn.Module):
         return w.state_dict()
+    if isinstance(w, (str, os.PathLike)):  # a WeightSnapshots file; read weights-only, as load_state always does
+        return load_state(w)
+    if not isinstance(w, Mapping):  # else a str or list is taken for its keys and the error lists characters
+        raise TypeError(f'{fn}: {name} must be a state dict, a file, an epoch of learn.snapshots or a model, '
+                        f'got {type(w).__name__}')
     return w
 
 
@@ -290,7 +299,8 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
 
     Args:
         learn: the Learner whose model, loss_func, metrics, device and data are used.
-        w1, w2: state dicts (e.g. `learn.snapshots[5]`), epochs of `learn.snapshots`, or models.
+        w1, w2: state dicts (e.g. `learn.snapshots[5]`), epochs of `learn.snapshots`, files (WeightSnapshots'
+            snapshot_5.pth, read with `load_state`), or models.
         alphas: default np.linspace(-0.5, 1.5, 100); alpha=1 gives w1 and alpha=0 gives w2 exactly.
         dls: dataset names ('valid', 'train') or {name: loader}.
         bn: BatchNorm running statistics at each alpha. 'recompute' (default, correct: interpolated weights with
@@ -335,7 +345,7 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
     bns = _bn_layers(model)
     bn_stats = _bn_stat_keys(model, state)  # by key: the detached aliases in `state` are new tensor objects
     mix, fixed = [], []  # (model tensor, w2, w1) pairs to lerp; (model tensor, value) to set once
-    for k, t in state.items():
+    for k, t in _untied(state).items():
         if not t.is_floating_point():
             fixed.append((t, w1[k]))
         elif k in bn_stats and bn != 'interpolate':
@@ -366,6 +376,19 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
 def _model_tensors(model):
     """{key: tensor} aliasing the model's own parameters and buffers (writing into them changes the model)."""
     return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _untied(state):
+    """`state` with each model tensor once: a Parameter shared by two modules (tied weights) is listed under both
+    keys, and mixing it in place once per key would move it twice."""
+    seen, out = set(), {}
+    for k, t in state.items():
+        ident = (t.data_ptr(), t.shape, t.dtype)
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[k] = t
+    return out
 
 
 def _check_matches(state, w, name, model, fn):
@@ -579,7 +602,7 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
 
     Args:
         learn: the Learner whose model, loss_func, metrics, device and data are used.
-        center: w0, a state dict, an epoch of `learn.snapshots`, or a model; the point (0, 0).
+        center: w0, a state dict, an epoch of `learn.snapshots`, a file, or a model; the point (0, 0).
         directions: with dir1/dir2 not given: None or 'filter' (default) draws two filter-normalised random
             directions (Li et al. 2018, see `filter_normalized_direction`; biases and BatchNorm get zero), or a
             pair (d1, d2) of direction state dicts; the weights at (x, y) are center + x * d1 + y * d2.
@@ -648,7 +671,7 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
     bns = _bn_layers(model)
     bn_stats = _bn_stat_keys(model, state)
     mix, fixed = [], []
-    for k, t in state.items():
+    for k, t in _untied(state).items():
         if not t.is_floating_point() or (k in bn_stats and bn != 'interpolate'):
             fixed.append((t, w0[k]))  # 'recompute' overwrites the statistics per point
         else:

@@ -227,3 +227,50 @@ def test_plot_interpolation_blue_train_red_valid():
     assert fig.axes[0].get_yscale() == 'log'
     with pytest.raises(ValueError, match='alpha=0'):
         interpolate_losses(learn, 0, 1, alphas=[0.5], include_endpoints=False).barrier()
+
+
+class TiedMLP(nn.Module):
+    """Two layers sharing one weight Parameter (tied weights): state_dict lists it under both keys."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_tied_weights_are_interpolated_once():
+    learn = Learner(make_data(), TiedMLP(), silent=True)
+    w2 = state_dict_copy(learn.model)
+    w1 = {k: v + 0.3 for k, v in w2.items()}  # still tied: both keys hold the same values
+    res = interpolate_losses(learn, w1, w2, alphas=[0.5], dls='valid', bn='keep', include_endpoints=False)
+    hand = TiedMLP()
+    hand.load_state_dict({k: torch.lerp(w2[k], w1[k], 0.5) for k in w2})
+    xv, yv = learn.data.valid_dl.tensors
+    with torch.no_grad():
+        assert res.loss('valid')[0] == pytest.approx(F.cross_entropy(hand(xv), yv).item(), abs=1e-6)
+    assert torch.equal(learn.model.a.weight, w2['a.weight'])  # restored, still tied
+    assert learn.model.b.weight is learn.model.a.weight
+
+
+def test_snapshot_files_on_disk_give_the_same_numbers(tmp_path):
+    learn = Learner(make_data(), bn_mlp(), silent=True,
+                    callback_fns=[functools.partial(WeightSnapshots, save_list=[0, 1], path=tmp_path)])
+    learn.fit(2, 1e-2)
+    ref = interpolate_losses(learn, 0, 1, alphas=[-0.5, 0.5], dls='valid')
+    res = interpolate_losses(learn, str(tmp_path / 'snapshot_0.pth'), tmp_path / 'snapshot_1.pth',
+                             alphas=[-0.5, 0.5], dls='valid')
+    np.testing.assert_array_equal(res.values['valid'], ref.values['valid'])
+    with pytest.raises(TypeError, match="w2 must be a state dict.*list"):
+        interpolate_losses(learn, 0, [learn.snapshots[1]], alphas=[0.5])
+
+
+def test_numpy_integer_epochs_name_snapshots():
+    learn = trained_bn_learner(epochs=2, save_list=(0, 1))
+    ref = interpolate_losses(learn, 0, 1, alphas=[0.5], dls='valid')
+    e0, e1 = np.array(sorted(learn.snapshots))  # numpy integers, as from np.arange or an array of epochs
+    res = interpolate_losses(learn, e0, e1, alphas=[0.5], dls='valid')
+    np.testing.assert_array_equal(res.values['valid'], ref.values['valid'])

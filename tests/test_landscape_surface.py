@@ -218,3 +218,14 @@ def test_filter_direction_moves_embeddings_too():
     w = model.state_dict()
     torch.testing.assert_close(d['0.weight'].norm(dim=1), w['0.weight'].norm(dim=1))
     assert d['1.weight'].abs().sum() == 0 and d['2.bias'].abs().sum() == 0
+
+
+def test_tied_weights_move_once_along_given_directions():
+    from test_landscape import TiedMLP
+    learn = Learner(make_data(), TiedMLP(), silent=True)
+    w0 = state_dict_copy(learn.model)
+    d1 = {k: torch.full_like(v, 0.1) for k, v in w0.items()}  # the tied weight's direction under both keys
+    d2 = {k: torch.zeros_like(v) for k, v in w0.items()}
+    res = loss_surface(learn, w0, directions=(d1, d2), span=(0, 1), steps=2, bn='keep')
+    hand = {k: v + d1[k] for k, v in w0.items()}
+    assert res.loss_at(1, 0) == pytest.approx(evaluate_weights(learn, hand)['loss'], abs=1e-6)

@@ -275,6 +275,9 @@ def test_from_tensors_takes_integer_images_as_0_to_255():
     assert torch.equal(data.train_ds.x, x.to(torch.uint8)) and torch.equal(data.valid_ds.x, x.to(torch.uint8))
     with pytest.raises(ValueError, match=r'x_train: integer images must be in 0..255 \(they span 65..300\)'):
         ImageDataBunch.from_tensors(x + 65, [0] * 4, x, [0] * 4)
+    mask = x % 2 == 1  # bool images (masks) keep meaning False -> 0 and True -> 255, not 0 and 1
+    data = ImageDataBunch.from_tensors(mask, [0] * 4, mask, [0] * 4, device='cpu')
+    assert torch.equal(data.train_ds.x, mask.to(torch.uint8) * 255)
 
 
 def test_from_tensors_refuses_negative_floats_instead_of_clamping_them():

@@ -271,7 +271,8 @@ def _to_uint8_images(x, name):
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
         raise ValueError(f'{name}: expected 1 or 3 channels, got shape {tuple(x.shape)}')
-    if x.dtype != torch.uint8 and not x.is_floating_point():  # int64 from np.array(lists), int16...: 0..255 values
+    if x.dtype not in (torch.uint8, torch.bool) and not x.is_floating_point():  # int64 (np.array of lists),
+        # int16...: 0..255 values (bool masks stay 0 or 255, below)
         lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
         if lo < 0 or hi > 255:
             raise ValueError(f'{name}: integer images must be in 0..255 (they span {lo}..{hi})')

@@ -148,3 +148,14 @@ def test_seed_getweights_runs_unchanged():
     loss1, _, _ = learn.validate()
     loss2, _, _ = learn.validate(data.train_dl)
     assert loss1 > 0 and loss2 > 0
+
+
+def test_v1_on_train_begin_gets_metrics_names():
+    class Names(Callback):  # fastai v1's Recorder.on_train_begin(self, pbar, metrics_names, **kwargs)
+        def on_train_begin(self, pbar, metrics_names, **kwargs):
+            self.names = metrics_names
+
+    learn = Learner(make_data(), make_mlp(), metrics=[accuracy, top_k_accuracy], silent=True)
+    cb = Names()
+    learn.fit(1, callbacks=cb)
+    assert cb.names == ['accuracy', 'top_k_accuracy']

@@ -1,4 +1,5 @@
 """Runs fastai v1 callbacks (on_train_begin(**kwargs) ... on_train_end) unchanged on minifast's events."""
+from ..checks import metric_name
 from ..learner import CancelBatchException, CancelTrainException, CancelValidateException
 
 __all__ = ['V1_EVENTS', 'v1_hooks', 'v1_stop_epoch_hook']
@@ -55,11 +56,15 @@ def _apply(learn, name, ret):
 
 def _make(fn, v1name, name):
     train_only = v1name in _TRAIN_ONLY
+    first = v1name == 'on_train_begin'
 
     def hook(learn):
         if train_only and not learn.training:
             return
-        _apply(learn, name, fn(**_state(learn)))
+        state = _state(learn)
+        if first:  # v1 passed the metrics' names to on_train_begin only (its Recorder takes them by name)
+            state['metrics_names'] = [metric_name(m) for m in learn.metrics]  # before the Recorder's before_fit
+        _apply(learn, name, fn(**state))
     return hook
 
 

@@ -29,8 +29,8 @@ EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_p
 
 # What one pass of the loop changes on the learner; validate() restores it, so it can be called from a callback.
 _LOOP_STATE = ('_hooks', 'dl', 'training', 'iter', 'n_iter', 'xb', 'yb', 'pred', 'loss', '_vals', '_val_metrics',
-               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_stop_training', 'pending_cancel',
-               'stepping', '_n_acc', '_acc_loss', '_acc_count', '_step_bs', '_unscaled', '_fit_cbs')
+               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_v1_skip_validate', '_stop_training',
+               'pending_cancel', 'stepping', '_n_acc', '_acc_loss', '_acc_count', '_step_bs', '_unscaled', '_fit_cbs')
 
 
 class CancelBatchException(Exception):
@@ -242,6 +242,7 @@ class Learner:
         if any_v1:
             hooks['after_batch'].append(('fastai v1 stop_epoch', v1_stop_epoch_hook))
         self._hooks, self._v1_stop_epoch, self._stop_training, self._fit_cbs = hooks, False, False, cbs
+        self._v1_skip_validate = False
         self._n_acc, self.stepping, self._acc_loss, self._acc_count, self._unscaled = n_acc, True, None, 0, False
 
     def __call__(self, event):
@@ -606,7 +607,8 @@ class Learner:
             broadcast_buffers(self)
         valid_dl = self.data.valid_dl
         self._phase = 'valid'
-        self.last_metrics = self._validate(valid_dl, self.metrics) if valid_dl is not None else []
+        skip = valid_dl is None or self._v1_skip_validate  # a fastai v1 callback returned {'skip_validate': True}
+        self.last_metrics = [] if skip else self._validate(valid_dl, self.metrics)
         self._phase = None
 
     def _validate(self, dl, metrics):

@@ -45,10 +45,12 @@ def _apply(learn, name, ret):
             learn._stop_training = learn._stop_training or bool(v)
         elif k == 'stop_epoch':
             learn._v1_stop_epoch = learn._v1_stop_epoch or bool(v)
+        elif k == 'skip_validate':  # v1 keeps it for the rest of the fit (its LRFinder sets it in on_train_begin)
+            learn._v1_skip_validate = learn._v1_skip_validate or bool(v)
         elif k in _SKIPS:
             skip = skip or bool(v)
         elif k not in ('epoch', 'iteration', 'num_batch', 'n_epochs', 'smooth_loss', 'train', 'metrics', 'pbar',
-                       'exception', 'skip_validate'):
+                       'exception'):
             raise KeyError(f"{name} returned {k!r}, which is not a fastai v1 state name")
     if skip:  # skip_bwd/skip_step/skip_zero: the rest of this batch's update is skipped
         raise CancelBatchException()

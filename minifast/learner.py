@@ -1049,9 +1049,19 @@ class Learner:
         if opt_sd is not None and with_opt is not False:
             if self.opt is None:
                 self.create_opt()
+            before = self.opt.state_dict()
             try:  # torch checks the groups before changing anything, so a mismatch leaves the optimizer as it was
                 self.opt.load_state_dict(opt_sd)
             except (ValueError, KeyError) as e:
                 raise ValueError(f'{os.fspath(file)}: optimizer state does not match this learner: {e}') from e
+            # torch checks only the groups' sizes: another optimizer's state (AdamW's in an SGD) loads, and the next
+            # step fails on a setting it lacks ('momentum'). Settings newer torch versions added are filled in by
+            # the optimizer's own loading, so only another kind of optimizer lacks any.
+            lacking = sorted({k for g in self.opt.param_groups for k in self.opt.defaults if k not in g})
+            if lacking:
+                self.opt.load_state_dict(before)
+                raise ValueError(f'{os.fspath(file)}: its optimizer state is not one of this learner\'s '
+                                 f'{type(self.opt).__name__} (it lacks the settings {lacking}); the learner was left '
+                                 f'unchanged. load(..., with_opt=False) loads the weights only')
         self.model.load_state_dict(model_sd, strict=strict)
         return self

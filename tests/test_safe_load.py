@@ -215,3 +215,21 @@ def test_safetensors_files_go_through_safetensors(tmp_path, monkeypatch):
     assert calls == [(str(good), 'cpu')]
     with pytest.raises(ValueError, match=r'bad\.safetensors \(7 bytes\) is truncated or not a torch file'):
         load_state(bad)
+
+
+def test_learner_load_of_another_optimizers_state_is_refused(tmp_path):
+    from functools import partial
+    learn = _learner(tmp_path)  # AdamW
+    learn.fit(1)
+    learn.save('adamw')
+    sgd = Learner(make_data(), bn_model(), path=tmp_path, silent=True, opt_func=partial(torch.optim.SGD, momentum=0.9))
+    sgd.fit(1)
+    snap, opt_before = snapshot(sgd.model), sgd.opt.state_dict()
+    with pytest.raises(ValueError, match=r"adamw\.pth: its optimizer state is not one of this learner's SGD.*"
+                                         r"'momentum'"):
+        sgd.load('adamw')
+    assert identical(sgd.model, snap)
+    assert sgd.opt.state_dict()['param_groups'] == opt_before['param_groups']
+    sgd.fit(1)  # the optimizer still steps
+    sgd.load('adamw', with_opt=False)
+    assert identical(sgd.model, snapshot(learn.model))

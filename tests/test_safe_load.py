@@ -233,3 +233,13 @@ def test_learner_load_of_another_optimizers_state_is_refused(tmp_path):
     sgd.fit(1)  # the optimizer still steps
     sgd.load('adamw', with_opt=False)
     assert identical(sgd.model, snapshot(learn.model))
+
+
+def test_atomic_save_gives_the_file_the_usual_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        file = atomic_save({'x': torch.ones(2)}, tmp_path / 'a.pth')
+        torch.save({'x': torch.ones(2)}, tmp_path / 'b.pth')
+    finally:
+        os.umask(umask)
+    assert file.stat().st_mode & 0o777 == (tmp_path / 'b.pth').stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600

@@ -91,6 +91,22 @@ def _cb_order(cb):
     return o if o else getattr(cb, '_order', 0)
 
 
+def _unwrapped(sd, model):
+    """`sd` without the key prefix of a wrapper it was saved from (DDP/DataParallel's 'module.', torch.compile's
+    '_orig_mod.'), when every key has it and the model's keys do not: learn.model is always the plain module."""
+    if not isinstance(sd, dict) or not sd:
+        return sd
+    own = model.state_dict().keys()
+    stripped = True
+    while stripped:  # wrappers nest: torch.compile of a DDP model saves '_orig_mod.module.'
+        stripped = False
+        for prefix in ('module.', '_orig_mod.'):
+            if all(isinstance(k, str) and k.startswith(prefix) for k in sd) and \
+                    not any(k.startswith(prefix) for k in own):
+                sd, stripped = {k[len(prefix):]: v for k, v in sd.items()}, True
+    return sd
+
+
 def _check_hooks(cb):
     from .callbacks.v1 import V1_EVENTS
     if isinstance(cb, type):  # its hooks would be called unbound, and fail only when their event first comes
@@ -1043,7 +1059,7 @@ class Learner:
         from .resume import model_state
         file = self._model_file(name)
         state = load_state(file, self.device)
-        model_sd = model_state(state)
+        model_sd = _unwrapped(model_state(state), self.model)
         check_state_dict(self.model, model_sd, file, strict)
         opt_sd = state.get('opt') if isinstance(state, dict) and model_sd is not state else None
         if opt_sd is not None and with_opt is not False:

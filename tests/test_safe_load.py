@@ -243,3 +243,15 @@ def test_atomic_save_gives_the_file_the_usual_mode(tmp_path):
     finally:
         os.umask(umask)
     assert file.stat().st_mode & 0o777 == (tmp_path / 'b.pth').stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+
+
+@pytest.mark.parametrize('prefix', ['module.', '_orig_mod.', '_orig_mod.module.'])
+def test_learner_load_of_a_wrapped_models_state_dict(tmp_path, prefix):
+    learn = _learner(tmp_path)  # a file torch.save'd from a DDP / DataParallel / torch.compile wrapper's state_dict
+    learn.fit(1)
+    saved = snapshot(learn.model)
+    (tmp_path / 'models').mkdir(exist_ok=True)
+    torch.save({prefix + k: v for k, v in saved.items()}, tmp_path / 'models' / 'wrapped.pth')
+    other = _learner(tmp_path)
+    other.load('wrapped')
+    assert identical(other.model, saved)

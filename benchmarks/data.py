@@ -91,7 +91,19 @@ def main(argv=None):
     make_folder(root, args.n, args.classes)
     print(f'folder: {args.n} training PNGs, {args.classes} classes in {root} ({time.perf_counter() - t0:.1f}s)')
 
-    os.environ['MINIFAST_CACHE'] = tempfile.mkdtemp(prefix='minifast_bench_cache_')  # a cold cache for this run
+    cache, old_cache = tempfile.mkdtemp(prefix='minifast_bench_cache_'), os.environ.get('MINIFAST_CACHE')
+    os.environ['MINIFAST_CACHE'] = cache  # a cold cache for this run, removed at its end (it holds every image)
+    try:
+        return _run(args, root)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if old_cache is None:
+            os.environ.pop('MINIFAST_CACHE', None)
+        else:
+            os.environ['MINIFAST_CACHE'] = old_cache
+
+
+def _run(args, root):
     t0 = time.perf_counter()
     data = minifast_bunch(root, cifar_transforms(), args.bs, args.device)
     first = time.perf_counter() - t0

@@ -21,6 +21,11 @@ def atomic_save(obj, file):
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{file.name}.', suffix='.tmp', dir=file.parent)
     try:
+        # mkstemp makes the file readable by its owner only; give it the mode torch.save(file) would (0o666 less
+        # the umask), so a checkpoint in a shared folder stays readable by whoever could read it before
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
             f.flush()

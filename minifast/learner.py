@@ -29,8 +29,8 @@ EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_p
 
 # What one pass of the loop changes on the learner; validate() restores it, so it can be called from a callback.
 _LOOP_STATE = ('_hooks', 'dl', 'training', 'iter', 'n_iter', 'xb', 'yb', 'pred', 'loss', '_vals', '_val_metrics',
-               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_stop_training', 'pending_cancel',
-               'stepping', '_n_acc', '_acc_loss', '_acc_count', '_step_bs', '_unscaled', '_fit_cbs')
+               '_first_batch', 'exception', 'last_metrics', '_v1_stop_epoch', '_v1_skip_validate', '_stop_training',
+               'pending_cancel', 'stepping', '_n_acc', '_acc_loss', '_acc_count', '_step_bs', '_unscaled', '_fit_cbs')
 
 
 class CancelBatchException(Exception):
@@ -89,6 +89,22 @@ class Callback:
 def _cb_order(cb):
     o = getattr(cb, 'order', 0)
     return o if o else getattr(cb, '_order', 0)
+
+
+def _unwrapped(sd, model):
+    """`sd` without the key prefix of a wrapper it was saved from (DDP/DataParallel's 'module.', torch.compile's
+    '_orig_mod.'), when every key has it and the model's keys do not: learn.model is always the plain module."""
+    if not isinstance(sd, dict) or not sd:
+        return sd
+    own = model.state_dict().keys()
+    stripped = True
+    while stripped:  # wrappers nest: torch.compile of a DDP model saves '_orig_mod.module.'
+        stripped = False
+        for prefix in ('module.', '_orig_mod.'):
+            if all(isinstance(k, str) and k.startswith(prefix) for k in sd) and \
+                    not any(k.startswith(prefix) for k in own):
+                sd, stripped = {k[len(prefix):]: v for k, v in sd.items()}, True
+    return sd
 
 
 def _check_hooks(cb):
@@ -242,6 +258,7 @@ class Learner:
         if any_v1:
             hooks['after_batch'].append(('fastai v1 stop_epoch', v1_stop_epoch_hook))
         self._hooks, self._v1_stop_epoch, self._stop_training, self._fit_cbs = hooks, False, False, cbs
+        self._v1_skip_validate = False
         self._n_acc, self.stepping, self._acc_loss, self._acc_count, self._unscaled = n_acc, True, None, 0, False
 
     def __call__(self, event):
@@ -606,7 +623,8 @@ class Learner:
             broadcast_buffers(self)
         valid_dl = self.data.valid_dl
         self._phase = 'valid'
-        self.last_metrics = self._validate(valid_dl, self.metrics) if valid_dl is not None else []
+        skip = valid_dl is None or self._v1_skip_validate  # a fastai v1 callback returned {'skip_validate': True}
+        self.last_metrics = [] if skip else self._validate(valid_dl, self.metrics)
         self._phase = None
 
     def _validate(self, dl, metrics):
@@ -1041,15 +1059,25 @@ class Learner:
         from .resume import model_state
         file = self._model_file(name)
         state = load_state(file, self.device)
-        model_sd = model_state(state)
+        model_sd = _unwrapped(model_state(state), self.model)
         check_state_dict(self.model, model_sd, file, strict)
         opt_sd = state.get('opt') if isinstance(state, dict) and model_sd is not state else None
         if opt_sd is not None and with_opt is not False:
             if self.opt is None:
                 self.create_opt()
+            before = self.opt.state_dict()
             try:  # torch checks the groups before changing anything, so a mismatch leaves the optimizer as it was
                 self.opt.load_state_dict(opt_sd)
             except (ValueError, KeyError) as e:
                 raise ValueError(f'{os.fspath(file)}: optimizer state does not match this learner: {e}') from e
+            # torch checks only the groups' sizes: another optimizer's state (AdamW's in an SGD) loads, and the next
+            # step fails on a setting it lacks ('momentum'). Settings newer torch versions added are filled in by
+            # the optimizer's own loading, so only another kind of optimizer lacks any.
+            lacking = sorted({k for g in self.opt.param_groups for k in self.opt.defaults if k not in g})
+            if lacking:
+                self.opt.load_state_dict(before)
+                raise ValueError(f'{os.fspath(file)}: its optimizer state is not one of this learner\'s '
+                                 f'{type(self.opt).__name__} (it lacks the settings {lacking}); the learner was left '
+                                 f'unchanged. load(..., with_opt=False) loads the weights only')
         self.model.load_state_dict(model_sd, strict=strict)
         return self

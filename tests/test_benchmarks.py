@@ -1,4 +1,4 @@
-"""The GPU benchmark's CPU smoke mode, so the script cannot rot where no GPU runs it (CI)."""
+"""The benchmarks' CPU smoke modes, so the scripts cannot rot where no GPU runs them (CI)."""
 import importlib.util
 import json
 import math
@@ -34,3 +34,16 @@ def test_crop_flip_is_a_per_sample_shifted_window():
         ok = any(torch.equal(o, padded[n, :, r:r + 6, c:c + 6]) for r in range(5) for c in range(5)
                  for o in (out[n], out[n].flip(2)))
         assert ok
+
+
+def test_data_benchmark_smoke_run_leaves_no_cache_behind(tmp_path, monkeypatch, capsys):
+    import os
+    import tempfile
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    (tmp_path / 'tmp').mkdir()
+    monkeypatch.delenv('MINIFAST_CACHE', raising=False)
+    assert _load('data').main(['--n', '64', '--classes', '4', '--bs', '16', '--rounds', '1', '--workers', '0',
+                               '--root', str(tmp_path / 'png')]) == 0
+    assert 'RESULT cifar_transforms' in capsys.readouterr().out
+    assert list((tmp_path / 'tmp').glob('minifast_bench_cache_*')) == []  # the run's decoded-image cache is gone
+    assert 'MINIFAST_CACHE' not in os.environ

@@ -215,3 +215,43 @@ def test_safetensors_files_go_through_safetensors(tmp_path, monkeypatch):
     assert calls == [(str(good), 'cpu')]
     with pytest.raises(ValueError, match=r'bad\.safetensors \(7 bytes\) is truncated or not a torch file'):
         load_state(bad)
+
+
+def test_learner_load_of_another_optimizers_state_is_refused(tmp_path):
+    from functools import partial
+    learn = _learner(tmp_path)  # AdamW
+    learn.fit(1)
+    learn.save('adamw')
+    sgd = Learner(make_data(), bn_model(), path=tmp_path, silent=True, opt_func=partial(torch.optim.SGD, momentum=0.9))
+    sgd.fit(1)
+    snap, opt_before = snapshot(sgd.model), sgd.opt.state_dict()
+    with pytest.raises(ValueError, match=r"adamw\.pth: its optimizer state is not one of this learner's SGD.*"
+                                         r"'momentum'"):
+        sgd.load('adamw')
+    assert identical(sgd.model, snap)
+    assert sgd.opt.state_dict()['param_groups'] == opt_before['param_groups']
+    sgd.fit(1)  # the optimizer still steps
+    sgd.load('adamw', with_opt=False)
+    assert identical(sgd.model, snapshot(learn.model))
+
+
+def test_atomic_save_gives_the_file_the_usual_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        file = atomic_save({'x': torch.ones(2)}, tmp_path / 'a.pth')
+        torch.save({'x': torch.ones(2)}, tmp_path / 'b.pth')
+    finally:
+        os.umask(umask)
+    assert file.stat().st_mode & 0o777 == (tmp_path / 'b.pth').stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+
+
+@pytest.mark.parametrize('prefix', ['module.', '_orig_mod.', '_orig_mod.module.'])
+def test_learner_load_of_a_wrapped_models_state_dict(tmp_path, prefix):
+    learn = _learner(tmp_path)  # a file torch.save'd from a DDP / DataParallel / torch.compile wrapper's state_dict
+    learn.fit(1)
+    saved = snapshot(learn.model)
+    (tmp_path / 'models').mkdir(exist_ok=True)
+    torch.save({prefix + k: v for k, v in saved.items()}, tmp_path / 'models' / 'wrapped.pth')
+    other = _learner(tmp_path)
+    other.load('wrapped')
+    assert identical(other.model, saved)

@@ -148,3 +148,26 @@ def test_seed_getweights_runs_unchanged():
     loss1, _, _ = learn.validate()
     loss2, _, _ = learn.validate(data.train_dl)
     assert loss1 > 0 and loss2 > 0
+
+
+def test_v1_on_train_begin_gets_metrics_names():
+    class Names(Callback):  # fastai v1's Recorder.on_train_begin(self, pbar, metrics_names, **kwargs)
+        def on_train_begin(self, pbar, metrics_names, **kwargs):
+            self.names = metrics_names
+
+    learn = Learner(make_data(), make_mlp(), metrics=[accuracy, top_k_accuracy], silent=True)
+    cb = Names()
+    learn.fit(1, callbacks=cb)
+    assert cb.names == ['accuracy', 'top_k_accuracy']
+
+
+def test_v1_skip_validate_skips_validation_for_the_fit():
+    class NoValid(Callback):  # fastai v1's LRFinder returns this from on_train_begin
+        def on_train_begin(self, **kwargs):
+            return {'skip_validate': True}
+
+    learn = Learner(make_data(), make_mlp(), metrics=[accuracy], silent=True)
+    learn.fit(2, callbacks=NoValid())
+    assert learn.recorder.val_losses == [None, None] and learn.recorder.metrics == [[], []]
+    learn.fit(1)  # the next fit, without the callback, validates again
+    assert learn.recorder.val_losses[0] is not None

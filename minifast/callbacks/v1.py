@@ -1,4 +1,5 @@
 """Runs fastai v1 callbacks (on_train_begin(**kwargs) ... on_train_end) unchanged on minifast's events."""
+from ..checks import metric_name
 from ..learner import CancelBatchException, CancelTrainException, CancelValidateException
 
 __all__ = ['V1_EVENTS', 'v1_hooks', 'v1_stop_epoch_hook']
@@ -44,10 +45,12 @@ def _apply(learn, name, ret):
             learn._stop_training = learn._stop_training or bool(v)
         elif k == 'stop_epoch':
             learn._v1_stop_epoch = learn._v1_stop_epoch or bool(v)
+        elif k == 'skip_validate':  # v1 keeps it for the rest of the fit (its LRFinder sets it in on_train_begin)
+            learn._v1_skip_validate = learn._v1_skip_validate or bool(v)
         elif k in _SKIPS:
             skip = skip or bool(v)
         elif k not in ('epoch', 'iteration', 'num_batch', 'n_epochs', 'smooth_loss', 'train', 'metrics', 'pbar',
-                       'exception', 'skip_validate'):
+                       'exception'):
             raise KeyError(f"{name} returned {k!r}, which is not a fastai v1 state name")
     if skip:  # skip_bwd/skip_step/skip_zero: the rest of this batch's update is skipped
         raise CancelBatchException()
@@ -55,11 +58,15 @@ def _apply(learn, name, ret):
 
 def _make(fn, v1name, name):
     train_only = v1name in _TRAIN_ONLY
+    first = v1name == 'on_train_begin'
 
     def hook(learn):
         if train_only and not learn.training:
             return
-        _apply(learn, name, fn(**_state(learn)))
+        state = _state(learn)
+        if first:  # v1 passed the metrics' names to on_train_begin only (its Recorder takes them by name)
+            state['metrics_names'] = [metric_name(m) for m in learn.metrics]  # before the Recorder's before_fit
+        _apply(learn, name, fn(**state))
     return hook
 
 

@@ -11,6 +11,10 @@ import torch
 
 __all__ = ['atomic_save', 'load_state', 'check_state_dict', 'UnsafeCheckpointError']
 
+# the process's umask, read once at import: reading it means setting it, which would race with threads creating files
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_save(obj, file):
     """torch.save `obj` to `file` through a temporary file in the same folder and os.replace.
@@ -23,9 +27,7 @@ def atomic_save(obj, file):
     try:
         # mkstemp makes the file readable by its owner only; give it the mode torch.save(file) would (0o666 less
         # the umask), so a checkpoint in a shared folder stays readable by whoever could read it before
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
             f.flush()

@@ -407,7 +407,7 @@ def test_opt_func_weight_decay_is_reported_not_silently_replaced():
 
 @pytest.mark.parametrize('lr', [slice(0, 1e-2), slice(1e-4, 0), slice(-1e-4, 1e-2), slice(None), slice(1e-4, 1e-2, 2)])
 def test_a_slice_of_lrs_needs_positive_ends(lr):
-    """slice(0, b) used to fail inside numpy ('Geometric sequence cannot include zero'), slice(None) with a TypeError."""
+    """slice(0, b) used to fail inside numpy ('Geometric sequence cannot include zero'), slice(None) in a TypeError."""
     from minifast.optim import lr_per_group
     with pytest.raises(ValueError, match=r'lr=slice\(.*a slice of learning rates is slice\(end\) or slice\(start, '):
         lr_per_group(lr, 3)

@@ -178,6 +178,23 @@ def test_fused_option_choice():
         assert fused_option(lambda ps, lr: torch.optim.AdamW(ps, lr), g, cuda) == {}
 
 
+def test_fused_option_leaves_subclasses_alone():
+    """fused=True goes to torch's own Adam, AdamW and SGD only: a subclass may not take it (its own __init__), which
+    made create_opt fail on CUDA alone. Checked on CPU with a CUDA-looking device and parameter (only .type,
+    .is_cuda and .is_floating_point() are read)."""
+    from types import SimpleNamespace
+    cuda, p = SimpleNamespace(type='cuda'), SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)
+
+    class MyAdam(torch.optim.Adam):
+        def __init__(self, params, lr=1e-3):
+            super().__init__(params, lr=lr)
+
+    assert fused_option(AdamW, [p], cuda) == fused_option(SGD, [p], cuda) == {'fused': True}
+    assert fused_option(torch.optim.Adam, [p], cuda) == {'fused': True}
+    assert fused_option(MyAdam, [p], cuda) == fused_option(partial(MyAdam, lr=1e-2), [p], cuda) == {}
+    assert fused_option(partial(AdamW, fused=False), [p], cuda) == {}
+
+
 def test_cudnn_benchmark_is_on_only_during_fit():
     flags = []
 

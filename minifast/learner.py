@@ -1010,7 +1010,7 @@ class Learner:
         xs = x if isinstance(x, (tuple, list)) else (x,)
         pre = getattr(self.data, 'preprocess', None)  # e.g. images: uint8 -> float, normalised like validation
         try:
-            with torch.no_grad():
+            with torch.no_grad(), accel.autocast(self):  # as get_preds and validation run (bf16/fp16)
                 xs = [t.unsqueeze(0).to(self.device) for t in xs]
                 if pre is not None:
                     xs = [pre(t) for t in xs]

@@ -309,3 +309,13 @@ def test_get_preds_runs_like_validation_under_bf16():
     with torch.no_grad():
         fp32 = float(F.cross_entropy(learn.model(data.valid_dl.tensors[0]), data.valid_dl.tensors[1]))
     assert abs(nll - learn.validate()[0]) < 1e-4 < abs(fp32 - learn.validate()[0])
+
+
+@pytest.mark.parametrize('flag', ['bf16', 'fp16'])
+def test_predict_runs_under_the_same_autocast_as_get_preds(flag):
+    data = make_data(n_train=64, n_valid=40)
+    learn = Learner(data, make_mlp(), silent=True, **{flag: True})
+    learn.fit(1, 1e-2)
+    probs, _ = learn.get_preds()
+    for i in range(3):
+        assert torch.equal(learn.predict(data.valid_dl.tensors[0][i])[2], probs[i])

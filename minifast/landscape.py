@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .accel import autocast
 from .callbacks.recorder import new_figure
 from .checkpoint import load_state
 from .checks import check_metrics, metric_name
@@ -455,7 +456,7 @@ def _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_b
     acc = torch.zeros(n_points, len(batches), n_cols, device=dev, dtype=torch.float32)  # read once at the end
     bs = {k: [float(len(y)) for _, y in b] for k, b in batches.items()}
     tot = {k: sum(v) for k, v in bs.items()}
-    loss_func, bf16 = learn.loss_func, getattr(learn, 'bf16', False)
+    loss_func = learn.loss_func
     with torch.no_grad():
         for t, v in fixed:
             t.copy_(v)
@@ -469,17 +470,14 @@ def _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_b
                     m.reset_running_stats()
                 model.train()
                 for xb, _ in bn_batches:
-                    _forward(model, xb, bf16, dev)
+                    _forward(learn, model, xb)
         model.eval()
         with torch.inference_mode():
             for j, (k, b) in enumerate(batches.items()):
                 row = acc[i, j]
                 for (xb, yb), n in zip(b, bs[k]):
-                    pred = _forward(model, xb, bf16, dev)
-                    if bf16:
-                        with torch.autocast(dev.type, dtype=torch.bfloat16):
-                            loss = loss_func(pred, yb)
-                    else:
+                    pred = _forward(learn, model, xb)
+                    with autocast(learn):
                         loss = loss_func(pred, yb)
                     vals = [loss, *[m(pred, yb) for m in metrics]]
                     row += torch.stack([torch.as_tensor(v, device=dev).float().reshape(()) for v in vals]) * n
@@ -488,11 +486,9 @@ def _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_b
     return {k: out[:, j] for j, k in enumerate(batches)}
 
 
-def _forward(model, xb, bf16, dev):
-    if bf16:
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            return model(*xb)
-    return model(*xb)
+def _forward(learn, model, xb):
+    with autocast(learn):  # the learner's bf16/fp16 autocast: evaluated as learn.validate does
+        return model(*xb)
 
 
 # ---- 2-D loss surfaces ---------------------------------------------------------------------------------------

@@ -104,6 +104,16 @@ def test_endpoints_reproduce_validate():
                                                 'train_accuracy'}
 
 
+
+@pytest.mark.parametrize('flag', ['bf16', 'fp16'])
+def test_evaluate_weights_runs_under_the_learners_autocast(flag):
+    """fp16 learners validate under float16 autocast: the analyses must evaluate the same way (they ran fp32)."""
+    from minifast.landscape import evaluate_weights
+    learn = Learner(make_data(n_valid=40), bn_mlp(), metrics=[accuracy], silent=True, **{flag: True})
+    learn.fit(1, 1e-2)
+    got = evaluate_weights(learn, state_dict_copy(learn.model))
+    assert [got['loss'], got['accuracy']] == learn.validate()
+
 def xor_data():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(512, 2, generator=g) * 2 - 1

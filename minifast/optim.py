@@ -3,6 +3,7 @@ import difflib
 import inspect
 import operator
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from functools import partial
 
@@ -326,7 +327,10 @@ def split_by_idx(model, *idxs):
         raise ValueError(f'split_by_idx: give strictly increasing cut points between 1 and {n - 1} (the Sequential '
                          f'has {n} children); got {list(idxs)}')
     bounds = [0, *cuts, n]
-    return [model[a:b] for a, b in zip(bounds, bounds[1:])]
+    # plain nn.Sequentials with the children's own names: model[a:b] calls type(model)(OrderedDict), which a subclass
+    # with its own __init__ (create_cnn's BodyHead) does not take
+    items = list(model._modules.items())
+    return [nn.Sequential(OrderedDict(items[a:b])) for a, b in zip(bounds, bounds[1:])]
 
 
 def module_groups(model, spec):

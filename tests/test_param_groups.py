@@ -55,6 +55,18 @@ def test_split_by_idx_cuts_a_sequential_and_shares_its_modules():
         split_by_idx(nn.Linear(2, 2), 1)
 
 
+def test_split_by_idx_cuts_a_sequential_subclass_with_its_own_init():
+    class Net(nn.Sequential):  # as create_cnn's BodyHead: slicing it with m[a:b] would call Net(OrderedDict)
+        def __init__(self, body, head, extra):
+            super().__init__(body, head)
+            self.extra = extra
+
+    m = Net(nn.Linear(2, 3), nn.Linear(3, 1), extra=0)
+    groups = split_by_idx(m, 1)
+    assert [type(g) for g in groups] == [nn.Sequential, nn.Sequential]
+    assert groups[0][0] is m[0] and groups[1][0] is m[1] and list(groups[1]._modules) == ['1']
+
+
 def test_split_model_sources_and_coverage_check():
     m = bn_net()
     assert split_model(m) == [m]

@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 from minifast import DataBunch, Learner
-from minifast.models import (CIFAR_DEPTHS, AdaptiveConcatPool2d, BodyHead, Flatten, cifar_resnet, create_cnn,
-                             create_head, from_seed_state_dict, resnet56, to_seed_state_dict)
+from minifast.models import (CIFAR_DEPTHS, AdaptiveConcatPool2d, BodyHead, CifarResNet, Flatten, cifar_resnet,
+                             create_cnn, create_head, from_seed_state_dict, resnet56, to_seed_state_dict)
 
 
 # ---- the reference: seed 004's model code, verbatim ---------------------------------------------------------------
@@ -221,6 +221,25 @@ def test_create_head_structure_and_dropouts():
     assert [type(x) for x in h] == [AdaptiveConcatPool2d, Flatten, nn.BatchNorm1d, nn.Linear]
     with pytest.raises(ValueError, match='ps has 2 .* 3 Linear'):
         create_head(8, 2, lin_ftrs=[6, 4], ps=[0.1, 0.2])
+
+
+def test_bad_head_and_model_arguments_are_named():
+    # each was a torch error naming no argument ('empty(): argument size ...', "'int' object is not iterable"), or
+    # no error at all for a zero-sized layer
+    cases = [(lambda: create_head(8, None), 'create_head: nc'), (lambda: create_head(8, 0), 'create_head: nc'),
+             (lambda: create_head(8, 2.0), 'create_head: nc'), (lambda: create_head('8', 2), 'create_head: nf'),
+             (lambda: create_head(8, 2, lin_ftrs=512), 'create_head: lin_ftrs'),
+             (lambda: create_head(8, 2, lin_ftrs=[0]), 'create_head: each of lin_ftrs'),
+             (lambda: create_head(8, 2, lin_ftrs=[1.5]), 'create_head: each of lin_ftrs'),
+             (lambda: create_head(8, 2, ps=None), 'create_head: ps'), (lambda: create_head(8, 2, ps='0.5'), 'ps'),
+             (lambda: cifar_resnet(8, num_classes=None), 'CifarResNet: num_classes'),
+             (lambda: cifar_resnet(8, num_classes=10.0), 'CifarResNet: num_classes'),
+             (lambda: CifarResNet((2.5, 1, 1)), 'each of num_blocks'), (lambda: CifarResNet(3), 'num_blocks'),
+             (lambda: create_cnn(torchvision.models.resnet18, None), 'create_cnn: nc')]
+    for make, name in cases:
+        with pytest.raises(ValueError, match=name):
+            make()
+    assert [x.p for x in create_head(8, 2, lin_ftrs=(4,), ps=(0.1, 0.3)) if isinstance(x, nn.Dropout)] == [0.1, 0.3]
 
 
 def test_create_cnn_resnet18():

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import create_head
+from .layers import check_size, create_head
 
 __all__ = ['BasicBlock', 'CifarResNet', 'cifar_resnet', 'resnet56', 'CIFAR_DEPTHS', 'from_seed_state_dict',
            'to_seed_state_dict']
@@ -54,9 +54,11 @@ class CifarResNet(nn.Module):
 
     def __init__(self, num_blocks=(9, 9, 9), num_classes=100):
         super().__init__()
-        if len(num_blocks) != 3 or any(int(n) < 1 for n in num_blocks):
+        if not isinstance(num_blocks, (list, tuple)) or len(num_blocks) != 3:
             raise ValueError(f'CifarResNet: num_blocks must be three positive block counts (one per stage), '
                              f'got {num_blocks!r}')
+        num_blocks = [check_size(n, 'CifarResNet: each of num_blocks') for n in num_blocks]
+        num_classes = check_size(num_classes, 'CifarResNet: num_classes')
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.layer1 = self._stage(16, 16, num_blocks[0], stride=1)

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .layers import create_head
+from .layers import check_size, create_head
 
 __all__ = ['BodyHead', 'create_cnn', 'cut_body']
 
@@ -104,6 +104,7 @@ def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, conc
         raise TypeError(f'create_cnn: arch must be a model function such as torchvision.models.resnet18, '
                         f'got {arch!r}')
     name = getattr(arch, '__name__', repr(arch))
+    nc = check_size(nc, 'create_cnn: nc (the number of classes)')  # before a download or building the backbone
     if pretrained:
         try:
             model = arch(weights='DEFAULT')

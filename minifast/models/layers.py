@@ -1,5 +1,6 @@
 """Head building blocks: concat pooling, Flatten, and fastai v1's classifier head `create_head`."""
 import numbers
+import operator
 
 import torch
 from torch import nn
@@ -36,8 +37,23 @@ class Flatten(nn.Module):
         return 'full=True' if self.full else ''
 
 
+def check_size(v, what):
+    """`v` as an int when it is a positive integer (a layer size, a number of classes), else a ValueError naming it."""
+    try:  # operator.index: ints, numpy ints and integer 0-d tensors (y.max() + 1), not floats
+        n = None if isinstance(v, bool) else operator.index(v)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f'{what} must be a positive integer, got {v!r}')
+    return n
+
+
 def _as_ps(ps, n_lin):
     """Dropout probabilities, one per Linear layer of the head; one float p gives p/2 for all but the last."""
+    ps = ps.tolist() if hasattr(ps, 'tolist') else ps  # a numpy array or tensor of probabilities (or a 0-d one)
+    if isinstance(ps, bool) or not (isinstance(ps, numbers.Real) or isinstance(ps, (list, tuple)) and ps and
+                                    all(isinstance(p, numbers.Real) and not isinstance(p, bool) for p in ps)):
+        raise ValueError(f'create_head: ps must be a dropout probability or a list of them, got {ps!r}')
     if isinstance(ps, numbers.Real):
         ps = [ps / 2] * (n_lin - 1) + [ps]
     ps = [float(p) for p in ps]
@@ -60,7 +76,12 @@ def create_head(nf, nc, lin_ftrs=None, ps=0.5, concat_pool=True, bn_final=False)
     Linear but the last, which gets p) or one per Linear layer; a zero probability adds no Dropout layer. `bn_final`
     appends a BatchNorm1d on the outputs.
     """
-    sizes = [nf] + ([512] if lin_ftrs is None else list(lin_ftrs)) + [nc]
+    lin_ftrs = lin_ftrs.tolist() if hasattr(lin_ftrs, 'tolist') else lin_ftrs
+    if lin_ftrs is not None and not isinstance(lin_ftrs, (list, tuple)):
+        raise ValueError(f'create_head: lin_ftrs must be a list of hidden layer sizes, got {lin_ftrs!r}')
+    sizes = [check_size(nf, 'create_head: nf')] + \
+        [check_size(n, 'create_head: each of lin_ftrs') for n in ([512] if lin_ftrs is None else lin_ftrs)] + \
+        [check_size(nc, 'create_head: nc (the number of classes)')]
     ps = _as_ps(ps, len(sizes) - 1)
     layers = [AdaptiveConcatPool2d() if concat_pool else nn.AdaptiveAvgPool2d(1), Flatten()]
     for i, (n_in, n_out, p) in enumerate(zip(sizes[:-1], sizes[1:], ps)):

@@ -268,6 +268,15 @@ def test_create_cnn_errors():
         create_cnn(torchvision.models.resnet18(), 2)
     with pytest.raises(TypeError, match='nn.Sequential'):
         create_cnn(torchvision.models.resnet18, 2, cut=lambda m: m.layer1[0])
+    # these failed later with errors naming nothing (a shape mismatch, a slice TypeError, a float split at fit time)
+    for cut in (10, 'layer3', 6.5):
+        with pytest.raises(ValueError, match=r'create_cnn: cut must be an index into the 10 children of ResNet'):
+            create_cnn(torchvision.models.resnet18, 2, cut=cut)
+    for split_at in (6.0, 'layer3'):
+        with pytest.raises(ValueError, match='split_at must cut the body in two'):
+            create_cnn(torchvision.models.resnet18, 2, split_at=split_at)
+    with pytest.raises(TypeError, match='create_cnn: arch <lambda> returned a int'):
+        create_cnn(lambda weights=None: 5, 2)
 
 
 def test_learner_finds_resnet56_layer_groups_and_freezes_to_the_head():

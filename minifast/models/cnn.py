@@ -1,4 +1,6 @@
 """fastai v1's `create_cnn`: a torchvision backbone's body, cut before its pooling, followed by `create_head`."""
+import operator
+
 import torch
 from torch import nn
 
@@ -14,9 +16,10 @@ class BodyHead(nn.Sequential):
 
     def __init__(self, body, head, split_at):
         super().__init__(body, head)
-        if not 0 < split_at < len(body):
-            raise ValueError(f'BodyHead: split_at must cut the body in two (1 to {len(body) - 1}), got {split_at}')
-        self.split_at = split_at
+        if isinstance(split_at, bool) or not hasattr(split_at, '__index__') or not 0 < split_at < len(body):
+            raise ValueError(f'BodyHead: split_at must cut the body in two (an int from 1 to {len(body) - 1}), got '
+                             f'{split_at!r}')
+        self.split_at = operator.index(split_at)
 
     def layer_groups(self):
         """Body before `split_at`, body from `split_at`, head."""
@@ -41,6 +44,11 @@ def cut_body(model, cut=None):
     if cut is None:
         pools = [i for i, c in enumerate(children) if isinstance(c, _POOLS)]
         cut = pools[-1] if pools else -1
+    n = len(children)
+    # cut >= n would keep the classifier in the body and fail later on a shape mismatch that names nothing
+    if isinstance(cut, bool) or not hasattr(cut, '__index__') or not -n <= operator.index(cut) < n:
+        raise ValueError(f'create_cnn: cut must be an index into the {n} children of {type(model).__name__} '
+                         f'({-n} to {n - 1}) or a function model -> body, got {cut!r}')
     body = nn.Sequential(*children[:cut])
     if len(body) == 1 and isinstance(body[0], nn.Sequential):
         body = body[0]
@@ -114,6 +122,8 @@ def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, conc
                                f'or use pretrained=False') from e
     else:
         model = arch(weights=None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'create_cnn: arch {name} returned a {type(model).__name__}, not an nn.Module')
     body = cut_body(model, cut)
     nf = _body_channels(body) * (2 if concat_pool else 1)
     head = create_head(nf, nc, lin_ftrs=lin_ftrs, ps=ps, concat_pool=concat_pool, bn_final=bn_final)

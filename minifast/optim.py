@@ -466,7 +466,10 @@ def freeze_to(learn, n, train_bn=True):
     decay. Modules stay in train mode, so BatchNorm running statistics keep updating.
     """
     lgs = learn.layer_groups
-    k, n = len(lgs), operator.index(n)
+    k = len(lgs)
+    if isinstance(n, bool) or not hasattr(n, '__index__'):  # operator.index alone says "'float' object cannot ..."
+        raise TypeError(f'freeze_to({n!r}): n must be an int, the index of the first layer group to train')
+    n = operator.index(n)
     if not -k <= n <= k:
         raise ValueError(f'freeze_to({n}): the learner has {k} layer groups (give -{k} to {k})')
     frozen, seen = set(range(k)[:n]), set()

@@ -228,6 +228,9 @@ def test_freeze_to_ranges_and_training_modes():
         set_training_mode(learn, 'head')
     with pytest.raises(ValueError, match=r'freeze_to\(4\): the learner has 3 layer groups'):
         freeze_to(learn, 4)
+    for bad in (1.5, None, True):  # was "'float' object cannot be interpreted as an integer", naming no function
+        with pytest.raises(TypeError, match=r'freeze_to\(.*\): n must be an int'):
+            freeze_to(learn, bad)
     one = learner(bn_net())
     with pytest.warns(UserWarning, match='single layer group, so nothing is frozen'):
         freeze(one)

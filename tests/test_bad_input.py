@@ -204,3 +204,36 @@ def test_check_finite_inputs_passes_clean_and_non_float_inputs():
     assert check_finite_inputs((torch.randn(4, 3), ids, torch.ones(2, dtype=torch.bool)), 0, 1) is None
     assert check_finite_inputs(torch.randn(3), 1, 0) is None
     assert check_finite_inputs((), 0, 0) is None
+
+
+# ---- hyper-parameters: rejected before any step, naming the argument and the value ------------------------------
+def _mlp_learner(**kw):
+    from conftest import make_data
+    return Learner(make_data(), make_mlp(), silent=True, **kw)
+
+
+@pytest.mark.parametrize('lr', [float('nan'), float('inf'), -1e-3, 'a', None, [1e-3, float('nan')]])
+def test_bad_learning_rates_fail_before_any_step(lr):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    lr1 = lr if not isinstance(lr, list) else lr[1]
+    with pytest.raises(ValueError, match=r'lr must be a finite number >= 0 .*got ' + repr(lr1).replace('.', r'\.')):
+        learn.fit(1, lr if not isinstance(lr, list) else lr[1:])
+    learn.fit(1, 1e-3)  # the optimizer exists now: a later fit checks as well (it used to train with lr=-1)
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'lr must be a finite number >= 0'):
+        learn.fit(1, lr if not isinstance(lr, list) else lr[1:])
+    assert same_state(learn.model, snap) and len(learn.recorder.lrs) == 3
+
+
+def test_bad_learning_rates_in_the_policies():
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'max_lr must be a finite number >= 0 .*got nan'):
+        learn.fit_one_cycle(1, float('nan'))
+    with pytest.raises(ValueError, match=r'fit_sgdr: eta_min: eta_min must be a finite number >= 0 .*got -1'):
+        learn.fit_sgdr(1, 1, 1e-3, eta_min=-1)
+    with pytest.raises(ValueError, match=r'fit_warmup_cosine: warmup_lr: warmup_lr must be a finite number >= 0'):
+        learn.fit_warmup_cosine(1, 1e-3, warmup_lr=-1.)
+    assert same_state(learn.model, snap)
+    learn.fit(1, 0.)  # lr=0 stays allowed

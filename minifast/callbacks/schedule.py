@@ -94,7 +94,7 @@ def fit_one_cycle(learn, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25.
     epochs = min(check_epochs(cyc_len), tot - start)
     if epochs <= 0:
         raise ValueError(f'fit_one_cycle: start_epoch {start} is at or past the end of a {tot}-epoch cycle')
-    lrs = group_lrs(learn, max_lr)
+    lrs = group_lrs(learn, max_lr, 'max_lr')
     sched = one_cycle_schedule(tot * n, lrs if len(lrs) > 1 else lrs[0], moms, div_factor, pct_start, final_div)
     learn.fit(epochs, lrs, wd=wd, callbacks=[ParamScheduler(sched, start * n), *_as_list(callbacks)], resume=resume,
               clip=clip)
@@ -122,7 +122,7 @@ def _groups(v, learn, name, where):
     try:
         # every learning-rate value (lr, base_lr, eta_min, warmup_lr, min_lr...) follows layer_decay alike
         is_lr = name.endswith('lr') or name == 'eta_min'
-        vals = group_lrs(learn, v) if is_lr else lr_per_group(v, len(learn.layer_groups))
+        vals = group_lrs(learn, v, name) if is_lr else lr_per_group(v, len(learn.layer_groups), name)
     except ValueError as e:
         raise ValueError(f'{where}: {name}: {e}') from None
     return vals[0] if len(set(vals)) == 1 else vals

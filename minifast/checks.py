@@ -1,14 +1,17 @@
 """Input checks that fail early with messages naming the thing that is wrong."""
 import functools
+import math
+import numbers
 import operator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-__all__ = ['check_data', 'check_metrics', 'check_epochs', 'check_fit', 'check_batch', 'check_finite_inputs',
-           'metric_name']
+__all__ = ['check_data', 'check_metrics', 'check_epochs', 'check_wd', 'check_fit', 'check_batch',
+           'check_finite_inputs', 'metric_name']
 
 
 def check_data(data):
@@ -50,6 +53,15 @@ def check_epochs(epochs, name='epochs'):
     if n is None or isinstance(epochs, bool) or n < 0:
         raise ValueError(f'fit: {name} must be a non-negative integer, got {epochs!r}')
     return n
+
+
+def check_wd(wd, where):
+    """`wd` (a weight decay: a number, or one per layer group) must hold finite numbers >= 0; returns it."""
+    for v in (wd if isinstance(wd, (list, tuple, np.ndarray)) else [wd]):
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        if not ok:
+            raise ValueError(f'{where}: wd must be a finite number >= 0 (or one per layer group), got {wd!r}')
+    return wd
 
 
 def check_fit(learn, epochs, labels=True):

@@ -14,7 +14,7 @@ from torch import nn
 from .checkpoint import atomic_save, load_state, check_state_dict
 from .device import resolve_device
 from . import accel, optim
-from .checks import check_batch, check_data, check_fit, check_metrics, metric_name
+from .checks import check_batch, check_data, check_fit, check_metrics, check_wd, metric_name
 from .determinism import rng_state, set_rng_state
 from .optim import AdamW, set_hyper
 
@@ -177,7 +177,7 @@ class Learner:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_func = F.cross_entropy if loss_func is None else loss_func
-        self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, wd, true_wd, bn_wd
+        self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, check_wd(wd, 'Learner'), true_wd, bn_wd
         self.path, self.model_dir = Path(path), model_dir
         if layer_groups is not None and splitter is not None:
             raise ValueError('Learner: give layer_groups or splitter, not both')
@@ -920,6 +920,7 @@ class Learner:
         return optim.create_opt(self, lr, wd)
 
     def _prepare_opt(self, lr, wd):
+        check_wd(wd, 'fit')
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError('fit: every parameter of the model is frozen (requires_grad=False); call '
                              'learn.unfreeze() or learn.freeze_to(n) with n < the number of layer groups '

@@ -237,3 +237,20 @@ def test_bad_learning_rates_in_the_policies():
         learn.fit_warmup_cosine(1, 1e-3, warmup_lr=-1.)
     assert same_state(learn.model, snap)
     learn.fit(1, 0.)  # lr=0 stays allowed
+
+
+@pytest.mark.parametrize('wd', [-1e-2, float('nan'), float('inf'), 'x', [1e-2, -1.]])
+def test_bad_weight_decay_fails_before_any_step(wd):
+    with pytest.raises(ValueError, match=r'Learner: wd must be a finite number >= 0 \(or one per layer group\), got '):
+        _mlp_learner(wd=wd)
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'fit: wd must be a finite number >= 0 \(or one per layer group\), got '):
+        learn.fit(1, 1e-3, wd=wd)
+    with pytest.raises(ValueError, match=r'fit: wd must be a finite number >= 0'):
+        learn.fit_one_cycle(1, 1e-3, wd=wd)
+    with pytest.raises(ValueError, match=r'fit: wd must be a finite number >= 0'):
+        learn.lr_find(num_it=5, wd=wd)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == []
+    learn.fit(1, 1e-3, wd=0)  # 0 and per-group lists stay allowed
+    learn.fit(1, 1e-3, wd=[1e-4])

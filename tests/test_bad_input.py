@@ -254,3 +254,40 @@ def test_bad_weight_decay_fails_before_any_step(wd):
     assert same_state(learn.model, snap) and learn.recorder.lrs == []
     learn.fit(1, 1e-3, wd=0)  # 0 and per-group lists stay allowed
     learn.fit(1, 1e-3, wd=[1e-4])
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(moms=(1.5, 0.85)), r'fit_one_cycle: moms must hold momentums in \[0, 1\) .*got \(1\.5, 0\.85\)'),
+    (dict(moms=(-0.1, 0.5)), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(moms=(float('nan'), 0.85)), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(moms='ab'), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(div_factor=0), r'one_cycle_schedule: div_factor must be > 0, got 0'),
+    (dict(div_factor=-1), r'one_cycle_schedule: div_factor must be > 0, got -1'),
+    (dict(div_factor=float('nan')), r'one_cycle_schedule: div_factor must be a finite number, got nan'),
+    (dict(final_div=0), r'one_cycle_schedule: final_div must be > 0, got 0'),
+    (dict(final_div=-1), r'one_cycle_schedule: final_div must be > 0, got -1'),
+    (dict(final_div=float('nan')), r'one_cycle_schedule: final_div must be a finite number, got nan')])
+def test_bad_one_cycle_arguments_fail_before_any_step(kw, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        learn.fit_one_cycle(1, 1e-3, **kw)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == []
+
+
+def test_one_cycle_keeps_accepting_reversed_moms_and_no_moms():
+    learn = _mlp_learner()
+    learn.fit_one_cycle(1, 1e-3, moms=(0.85, 0.95), div_factor=1, final_div=1)  # unusual, not invalid
+    learn.fit_one_cycle(1, 1e-3, moms=None)
+
+
+@pytest.mark.parametrize('call, msg', [
+    (lambda l: l.fit_step(2, 1e-3, 1, gamma=float('inf')), r'fit_step: gamma must be a finite number, got inf'),
+    (lambda l: l.fit_exp(2, 1e-3, float('inf')), r'fit_exp: gamma must be a finite number, got inf'),
+    (lambda l: l.fit_clr(1, 1e-3, 1e-2, float('inf')), r'fit_clr: step_size_up \(steps\) must be a finite number')])
+def test_infinite_policy_arguments_fail_before_any_step(call, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        call(learn)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == []

@@ -77,6 +77,11 @@ def _check_moms(moms, where):
     moms = tuple(moms)
     if len(moms) != 2:
         raise ValueError(f'{where}: moms must be a (max, min) pair, got {len(moms)} values')
+    for m in moms:  # a number, or one per layer group
+        for v in (m if isinstance(m, (list, tuple, np.ndarray)) else [m]):
+            if isinstance(v, bool) or not isinstance(v, Number) or not 0 <= v < 1:
+                raise ValueError(f'{where}: moms must hold momentums in [0, 1) (SGD momentum or Adam beta1), '
+                                 f'got {moms!r}')
     return moms
 
 

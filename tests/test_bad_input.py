@@ -291,3 +291,19 @@ def test_infinite_policy_arguments_fail_before_any_step(call, msg):
     with pytest.raises(ValueError, match=msg):
         call(learn)
     assert same_state(learn.model, snap) and learn.recorder.lrs == []
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(start_lr=1, end_lr=1e-3), r'lr_find: the sweep needs 0 < start_lr < end_lr .*got start_lr=1, end_lr=0\.001'),
+    (dict(start_lr=1e-3, end_lr=1e-3), r'lr_find: the sweep needs 0 < start_lr < end_lr'),
+    (dict(start_lr=0), r'lr_find: the sweep needs 0 < start_lr < end_lr .*got start_lr=0'),
+    (dict(start_lr=-1e-3), r'start_lr must be a finite number >= 0 .*got -0\.001'),
+    (dict(end_lr=float('nan')), r'end_lr must be a finite number >= 0 .*got nan'),
+    (dict(num_it=2.5), r'lr_find: num_it must be an integer of at least 2, got 2\.5'),
+    (dict(num_it=1), r'lr_find: num_it must be an integer of at least 2, got 1')])
+def test_bad_lr_find_arguments_fail_before_any_step(kw, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        learn.lr_find(**kw)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == [] and learn.opt is None

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-__all__ = ['check_data', 'check_metrics', 'check_epochs', 'check_wd', 'check_fit', 'check_batch',
+__all__ = ['check_data', 'check_learner_args', 'check_metrics', 'check_epochs', 'check_wd', 'check_fit', 'check_batch',
            'check_finite_inputs', 'metric_name']
 
 
@@ -23,6 +23,19 @@ def check_data(data):
     if not hasattr(data, 'valid_dl'):
         raise TypeError(f'Learner: data ({type(data).__name__}) has `train_dl` but no `valid_dl`; set valid_dl=None '
                         f'when there is no validation set.')
+
+
+def check_learner_args(model, loss_func, opt_func):
+    """Learner's model, loss_func and opt_func have the right kinds, so a mistake fails here, not at the first batch."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'Learner: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}')
+    if loss_func is not None and not callable(loss_func):
+        raise TypeError(f'Learner: loss_func must be a function (pred, target) -> loss such as F.cross_entropy, got '
+                        f'{type(loss_func).__name__} {loss_func!r:.60}')
+    if isinstance(opt_func, torch.optim.Optimizer) or not callable(opt_func):
+        raise TypeError(f'Learner: opt_func must be a function or class (params, lr) -> optimizer, such as AdamW or '
+                        f'partial(torch.optim.SGD, momentum=0.9), not {type(opt_func).__name__} {opt_func!r:.60}; '
+                        f'the Learner builds the optimizer itself')
 
 
 def metric_name(m):

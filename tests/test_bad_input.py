@@ -307,3 +307,14 @@ def test_bad_lr_find_arguments_fail_before_any_step(kw, msg):
     with pytest.raises(ValueError, match=msg):
         learn.lr_find(**kw)
     assert same_state(learn.model, snap) and learn.recorder.lrs == [] and learn.opt is None
+
+
+@pytest.mark.parametrize('alphas', [[0.5, float('nan')], [float('inf')]])
+def test_interpolate_losses_rejects_non_finite_alphas(alphas):
+    from minifast import interpolate_losses
+    learn = _mlp_learner()
+    w1 = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    w2 = {k: v + 1 for k, v in w1.items()}
+    with pytest.raises(ValueError, match=r'interpolate_losses: alphas must be finite numbers, got \[(nan|inf)\]'):
+        interpolate_losses(learn, w1, w2, alphas=alphas)
+    assert same_state(learn.model, w1)

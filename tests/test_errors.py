@@ -140,3 +140,12 @@ def test_learner_arguments_of_the_wrong_kind(kw, msg):
     args = {'model': make_mlp(), 'silent': True, **kw}
     with pytest.raises(TypeError, match=msg):
         Learner(make_data(), **args)
+
+
+@pytest.mark.parametrize('kw, msg', [(dict(bs=2.5), r'batch_size must be an integer >= 1, got 2\.5'),
+                                     (dict(bs=0), r'batch_size must be an integer >= 1, got 0'),
+                                     (dict(val_bs=0), r'batch_size must be an integer >= 1, got 0')])
+def test_from_tensors_bad_batch_sizes(kw, msg):
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    with pytest.raises(ValueError, match=msg):
+        DataBunch.from_tensors(x, y, x, y, **kw)

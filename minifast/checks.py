@@ -1,14 +1,17 @@
 """Input checks that fail early with messages naming the thing that is wrong."""
 import functools
+import math
+import numbers
 import operator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-__all__ = ['check_data', 'check_metrics', 'check_epochs', 'check_fit', 'check_batch', 'check_finite_inputs',
-           'metric_name']
+__all__ = ['check_data', 'check_learner_args', 'check_metrics', 'check_epochs', 'check_wd', 'check_fit', 'check_batch',
+           'check_finite_inputs', 'metric_name']
 
 
 def check_data(data):
@@ -20,6 +23,19 @@ def check_data(data):
     if not hasattr(data, 'valid_dl'):
         raise TypeError(f'Learner: data ({type(data).__name__}) has `train_dl` but no `valid_dl`; set valid_dl=None '
                         f'when there is no validation set.')
+
+
+def check_learner_args(model, loss_func, opt_func):
+    """Learner's model, loss_func and opt_func have the right kinds, so a mistake fails here, not at the first batch."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'Learner: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}')
+    if loss_func is not None and not callable(loss_func):
+        raise TypeError(f'Learner: loss_func must be a function (pred, target) -> loss such as F.cross_entropy, got '
+                        f'{type(loss_func).__name__} {loss_func!r:.60}')
+    if isinstance(opt_func, torch.optim.Optimizer) or not callable(opt_func):
+        raise TypeError(f'Learner: opt_func must be a function or class (params, lr) -> optimizer, such as AdamW or '
+                        f'partial(torch.optim.SGD, momentum=0.9), not {type(opt_func).__name__} {opt_func!r:.60}; '
+                        f'the Learner builds the optimizer itself')
 
 
 def metric_name(m):
@@ -50,6 +66,15 @@ def check_epochs(epochs, name='epochs'):
     if n is None or isinstance(epochs, bool) or n < 0:
         raise ValueError(f'fit: {name} must be a non-negative integer, got {epochs!r}')
     return n
+
+
+def check_wd(wd, where):
+    """`wd` (a weight decay: a number, or one per layer group) must hold finite numbers >= 0; returns it."""
+    for v in (wd if isinstance(wd, (list, tuple, np.ndarray)) else [wd]):
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        if not ok:
+            raise ValueError(f'{where}: wd must be a finite number >= 0 (or one per layer group), got {wd!r}')
+    return wd
 
 
 def check_fit(learn, epochs, labels=True):

@@ -327,6 +327,9 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
     if bn not in BN_MODES:
         raise ValueError(f"interpolate_losses: bn must be one of {', '.join(map(repr, BN_MODES))}, got {bn!r}")
     alphas = np.linspace(-0.5, 1.5, 100) if alphas is None else np.asarray(alphas, dtype=np.float64).reshape(-1)
+    if not np.isfinite(alphas).all():
+        raise ValueError(f'interpolate_losses: alphas must be finite numbers, got {alphas[~np.isfinite(alphas)]} '
+                         f'among them')
     if include_endpoints:
         alphas = np.union1d(alphas, [0., 1.])
     if not len(alphas):

@@ -14,7 +14,7 @@ from torch import nn
 from .checkpoint import atomic_save, load_state, check_state_dict
 from .device import resolve_device
 from . import accel, optim
-from .checks import check_batch, check_data, check_fit, check_metrics, metric_name
+from .checks import check_batch, check_data, check_fit, check_learner_args, check_metrics, check_wd, metric_name
 from .determinism import rng_state, set_rng_state
 from .optim import AdamW, set_hyper
 
@@ -114,6 +114,9 @@ def _check_hooks(cb):
         raise TypeError(f'callbacks= got the class {n}; pass an instance ({n}(learn) or {n}()), or '
                         f'callback_fns=[{n}]')
     known = set(EVENTS) | set(V1_EVENTS)
+    if not isinstance(cb, Callback) and not any(callable(getattr(cb, e, None)) for e in known):
+        raise TypeError(f'{cb!r:.60} ({type(cb).__name__}) is not a callback: a callback subclasses minifast.Callback '
+                        f'(or is a fastai v1 callback with on_* methods)')
     for name in dir(type(cb)):
         if name.startswith(_HOOK_PREFIXES) and name not in known and callable(getattr(type(cb), name)):
             near = difflib.get_close_matches(name, sorted(known), n=1)
@@ -156,6 +159,7 @@ class Learner:
         from .callbacks.progress import ProgressCallback
         from .callbacks.tracking import DivergenceGuard
         check_data(data)
+        check_learner_args(model, loss_func, opt_func)
         self.data, self.metrics = data, check_metrics(metrics)
         self._init_distributed(distributed, ddp_kwargs)
         self.device = resolve_device(device)
@@ -177,7 +181,7 @@ class Learner:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_func = F.cross_entropy if loss_func is None else loss_func
-        self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, wd, true_wd, bn_wd
+        self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, check_wd(wd, 'Learner'), true_wd, bn_wd
         self.path, self.model_dir = Path(path), model_dir
         if layer_groups is not None and splitter is not None:
             raise ValueError('Learner: give layer_groups or splitter, not both')
@@ -920,6 +924,7 @@ class Learner:
         return optim.create_opt(self, lr, wd)
 
     def _prepare_opt(self, lr, wd):
+        check_wd(wd, 'fit')
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError('fit: every parameter of the model is frozen (requires_grad=False); call '
                              'learn.unfreeze() or learn.freeze_to(n) with n < the number of layer groups '

@@ -1,6 +1,7 @@
 """Parameter groups: layer groups, slice() and layer-decay LRs, freezing, per-module settings, weight-decay modes."""
 import difflib
 import inspect
+import math
 import operator
 import warnings
 from collections import OrderedDict
@@ -61,8 +62,20 @@ def param_groups(layer_groups, bn_wd=True):
     return groups
 
 
-def lr_per_group(lr, n):
-    """Expand `lr` to one value per layer group: a number, a sequence of n numbers, or fastai's slice(start, end)."""
+def _rate(v, name):
+    """`v` as a float when it is a finite number >= 0 (a learning rate, or another per-group value), else ValueError."""
+    try:
+        f = None if isinstance(v, (bool, str)) else float(v)
+    except (TypeError, ValueError):
+        f = None
+    if f is None or not math.isfinite(f) or f < 0:
+        raise ValueError(f'{name} must be a finite number >= 0 (or one per layer group, or a slice), got {v!r}')
+    return f
+
+
+def lr_per_group(lr, n, name='lr'):
+    """Expand `lr` to one value per layer group: a number, a sequence of n numbers, or fastai's slice(start, end).
+    Every value must be a finite number >= 0 (`name` is the argument's name in the error)."""
     if isinstance(lr, slice):
         if not all(v is None or (isinstance(v, (int, float)) and v > 0) for v in (lr.start, lr.stop)) \
                 or lr.stop is None or lr.step is not None:  # geometric spacing needs positive ends
@@ -77,8 +90,8 @@ def lr_per_group(lr, n):
     if isinstance(lr, (list, tuple, np.ndarray)):
         if len(lr) != n:
             raise ValueError(f'lr has {len(lr)} values but the learner has {n} layer groups')
-        return [float(v) for v in lr]
-    return [float(lr)] * n
+        return [_rate(v, name) for v in lr]
+    return [_rate(lr, name)] * n
 
 
 def _group_value(g, name, v):
@@ -408,17 +421,17 @@ def layer_decay_lrs(lr, n_groups, decay):
     return [float(lr) * decay ** (n_groups - 1 - i) for i in range(n_groups)]
 
 
-def group_lrs(learn, lr):
+def group_lrs(learn, lr, name='lr'):
     """One lr per layer group of `learn`: `lr_per_group`, except that `learn.layer_decay`, when set, spreads a
     single number with `layer_decay_lrs`; explicit per-group values (a list) are used as given."""
     n = len(learn.layer_groups)
     decay = getattr(learn, 'layer_decay', None)
     if decay is None or isinstance(lr, (list, tuple, np.ndarray)):
-        return lr_per_group(lr, n)
+        return lr_per_group(lr, n, name)
     if isinstance(lr, slice):
         raise ValueError(f'lr=slice(...) and layer_decay={decay} both spread the lr over the layer groups; give a '
                          f'single number (the head\'s lr), or set learn.layer_decay = None')
-    return layer_decay_lrs(lr, n, decay)
+    return layer_decay_lrs(_rate(lr, name), n, decay)
 
 
 def create_opt(learn, lr=3e-3, wd=None):

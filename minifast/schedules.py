@@ -104,7 +104,9 @@ def one_cycle_schedule(total_steps, max_lr, moms=(0.95, 0.85), div_factor=25., p
         raise ValueError(f'one_cycle_schedule: total_steps must be >= 1, got {total_steps}')
     if not 0 <= pct_start < 1:
         raise ValueError(f'one_cycle_schedule: pct_start must be in [0, 1), got {pct_start}')
-    final_div = div_factor * 1e4 if final_div is None else final_div
+    div_factor = _real(div_factor, 'div_factor', 'one_cycle_schedule', low=0, low_open=True)
+    final_div = div_factor * 1e4 if final_div is None else \
+        _real(final_div, 'final_div', 'one_cycle_schedule', low=0, low_open=True)
     scale = lambda v, d: v / d if isinstance(v, Number) else [x / d for x in v]  # noqa: E731
     start, low = scale(max_lr, div_factor), scale(max_lr, final_div)
     up = {'lr': (start, max_lr, anneal)}
@@ -131,9 +133,9 @@ def _int_at_least(v, name, where, low=1):
 
 
 def _real(v, name, where, low=None, high=None, low_open=False):
-    """`v` as a float, checked against [low, high] (or (low, high] when low_open)."""
-    if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(v):
-        raise ValueError(f'{where}: {name} must be a number, got {v!r}')
+    """`v` as a finite float, checked against [low, high] (or (low, high] when low_open)."""
+    if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+        raise ValueError(f'{where}: {name} must be a finite number, got {v!r}')
     if low is not None and (v < low or (low_open and v == low)):
         raise ValueError(f'{where}: {name} must be {">" if low_open else ">="} {low:g}, got {v!r}')
     if high is not None and v > high:

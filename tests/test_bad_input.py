@@ -204,3 +204,117 @@ def test_check_finite_inputs_passes_clean_and_non_float_inputs():
     assert check_finite_inputs((torch.randn(4, 3), ids, torch.ones(2, dtype=torch.bool)), 0, 1) is None
     assert check_finite_inputs(torch.randn(3), 1, 0) is None
     assert check_finite_inputs((), 0, 0) is None
+
+
+# ---- hyper-parameters: rejected before any step, naming the argument and the value ------------------------------
+def _mlp_learner(**kw):
+    from conftest import make_data
+    return Learner(make_data(), make_mlp(), silent=True, **kw)
+
+
+@pytest.mark.parametrize('lr', [float('nan'), float('inf'), -1e-3, 'a', None, [1e-3, float('nan')]])
+def test_bad_learning_rates_fail_before_any_step(lr):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    lr1 = lr if not isinstance(lr, list) else lr[1]
+    with pytest.raises(ValueError, match=r'lr must be a finite number >= 0 .*got ' + repr(lr1).replace('.', r'\.')):
+        learn.fit(1, lr if not isinstance(lr, list) else lr[1:])
+    learn.fit(1, 1e-3)  # the optimizer exists now: a later fit checks as well (it used to train with lr=-1)
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'lr must be a finite number >= 0'):
+        learn.fit(1, lr if not isinstance(lr, list) else lr[1:])
+    assert same_state(learn.model, snap) and len(learn.recorder.lrs) == 3
+
+
+def test_bad_learning_rates_in_the_policies():
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'max_lr must be a finite number >= 0 .*got nan'):
+        learn.fit_one_cycle(1, float('nan'))
+    with pytest.raises(ValueError, match=r'fit_sgdr: eta_min: eta_min must be a finite number >= 0 .*got -1'):
+        learn.fit_sgdr(1, 1, 1e-3, eta_min=-1)
+    with pytest.raises(ValueError, match=r'fit_warmup_cosine: warmup_lr: warmup_lr must be a finite number >= 0'):
+        learn.fit_warmup_cosine(1, 1e-3, warmup_lr=-1.)
+    assert same_state(learn.model, snap)
+    learn.fit(1, 0.)  # lr=0 stays allowed
+
+
+@pytest.mark.parametrize('wd', [-1e-2, float('nan'), float('inf'), 'x', [1e-2, -1.]])
+def test_bad_weight_decay_fails_before_any_step(wd):
+    with pytest.raises(ValueError, match=r'Learner: wd must be a finite number >= 0 \(or one per layer group\), got '):
+        _mlp_learner(wd=wd)
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'fit: wd must be a finite number >= 0 \(or one per layer group\), got '):
+        learn.fit(1, 1e-3, wd=wd)
+    with pytest.raises(ValueError, match=r'fit: wd must be a finite number >= 0'):
+        learn.fit_one_cycle(1, 1e-3, wd=wd)
+    with pytest.raises(ValueError, match=r'fit: wd must be a finite number >= 0'):
+        learn.lr_find(num_it=5, wd=wd)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == []
+    learn.fit(1, 1e-3, wd=0)  # 0 and per-group lists stay allowed
+    learn.fit(1, 1e-3, wd=[1e-4])
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(moms=(1.5, 0.85)), r'fit_one_cycle: moms must hold momentums in \[0, 1\) .*got \(1\.5, 0\.85\)'),
+    (dict(moms=(-0.1, 0.5)), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(moms=(float('nan'), 0.85)), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(moms='ab'), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(div_factor=0), r'one_cycle_schedule: div_factor must be > 0, got 0'),
+    (dict(div_factor=-1), r'one_cycle_schedule: div_factor must be > 0, got -1'),
+    (dict(div_factor=float('nan')), r'one_cycle_schedule: div_factor must be a finite number, got nan'),
+    (dict(final_div=0), r'one_cycle_schedule: final_div must be > 0, got 0'),
+    (dict(final_div=-1), r'one_cycle_schedule: final_div must be > 0, got -1'),
+    (dict(final_div=float('nan')), r'one_cycle_schedule: final_div must be a finite number, got nan')])
+def test_bad_one_cycle_arguments_fail_before_any_step(kw, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        learn.fit_one_cycle(1, 1e-3, **kw)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == []
+
+
+def test_one_cycle_keeps_accepting_reversed_moms_and_no_moms():
+    learn = _mlp_learner()
+    learn.fit_one_cycle(1, 1e-3, moms=(0.85, 0.95), div_factor=1, final_div=1)  # unusual, not invalid
+    learn.fit_one_cycle(1, 1e-3, moms=None)
+
+
+@pytest.mark.parametrize('call, msg', [
+    (lambda l: l.fit_step(2, 1e-3, 1, gamma=float('inf')), r'fit_step: gamma must be a finite number, got inf'),
+    (lambda l: l.fit_exp(2, 1e-3, float('inf')), r'fit_exp: gamma must be a finite number, got inf'),
+    (lambda l: l.fit_clr(1, 1e-3, 1e-2, float('inf')), r'fit_clr: step_size_up \(steps\) must be a finite number')])
+def test_infinite_policy_arguments_fail_before_any_step(call, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        call(learn)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == []
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(start_lr=1, end_lr=1e-3), r'lr_find: the sweep needs 0 < start_lr < end_lr .*got start_lr=1, end_lr=0\.001'),
+    (dict(start_lr=1e-3, end_lr=1e-3), r'lr_find: the sweep needs 0 < start_lr < end_lr'),
+    (dict(start_lr=0), r'lr_find: the sweep needs 0 < start_lr < end_lr .*got start_lr=0'),
+    (dict(start_lr=-1e-3), r'start_lr must be a finite number >= 0 .*got -0\.001'),
+    (dict(end_lr=float('nan')), r'end_lr must be a finite number >= 0 .*got nan'),
+    (dict(num_it=2.5), r'lr_find: num_it must be an integer of at least 2, got 2\.5'),
+    (dict(num_it=1), r'lr_find: num_it must be an integer of at least 2, got 1')])
+def test_bad_lr_find_arguments_fail_before_any_step(kw, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        learn.lr_find(**kw)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == [] and learn.opt is None
+
+
+@pytest.mark.parametrize('alphas', [[0.5, float('nan')], [float('inf')]])
+def test_interpolate_losses_rejects_non_finite_alphas(alphas):
+    from minifast import interpolate_losses
+    learn = _mlp_learner()
+    w1 = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    w2 = {k: v + 1 for k, v in w1.items()}
+    with pytest.raises(ValueError, match=r'interpolate_losses: alphas must be finite numbers, got \[(nan|inf)\]'):
+        interpolate_losses(learn, w1, w2, alphas=alphas)
+    assert same_state(learn.model, w1)

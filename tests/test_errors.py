@@ -126,3 +126,26 @@ def test_plain_torch_dataloader_works():
     learn = Learner(DataBunch(dl, DataLoader(TensorDataset(x, y), batch_size=16)), make_mlp(), silent=True)
     learn.fit(2)
     assert learn.recorder.nb_batches == [5, 5] and learn.recorder.val_losses[-1] > 0
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(model=None), r'Learner: model must be a torch.nn.Module, got NoneType'),
+    (dict(model='resnet'), r"Learner: model must be a torch.nn.Module, got str 'resnet'"),
+    (dict(loss_func='ce'), r"Learner: loss_func must be a function \(pred, target\) -> loss .*got str 'ce'"),
+    (dict(opt_func='adam'), r"Learner: opt_func must be a function or class .*not str 'adam'"),
+    (dict(opt_func=torch.optim.SGD(make_mlp().parameters(), lr=0.1)), r'Learner: opt_func .*not SGD'),
+    (dict(callbacks=[3]), r'3 \(int\) is not a callback'),
+    (dict(callback_fns=[lambda learn: None]), r'None \(NoneType\) is not a callback')])
+def test_learner_arguments_of_the_wrong_kind(kw, msg):
+    args = {'model': make_mlp(), 'silent': True, **kw}
+    with pytest.raises(TypeError, match=msg):
+        Learner(make_data(), **args)
+
+
+@pytest.mark.parametrize('kw, msg', [(dict(bs=2.5), r'batch_size must be an integer >= 1, got 2\.5'),
+                                     (dict(bs=0), r'batch_size must be an integer >= 1, got 0'),
+                                     (dict(val_bs=0), r'batch_size must be an integer >= 1, got 0')])
+def test_from_tensors_bad_batch_sizes(kw, msg):
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    with pytest.raises(ValueError, match=msg):
+        DataBunch.from_tensors(x, y, x, y, **kw)

@@ -1,5 +1,6 @@
 """The LR range test: an exponential learning-rate sweep that leaves the learner exactly as it found it."""
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -175,8 +176,12 @@ def _restore(learn, snap):
 def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None):
     """Learner.lr_find's implementation (see its docstring)."""
     from .schedule import _steps_per_epoch
-    if num_it < 2:
-        raise ValueError(f'lr_find: num_it must be at least 2, got {num_it}')
+    if isinstance(num_it, bool) or not isinstance(num_it, numbers.Integral) or num_it < 2:
+        raise ValueError(f'lr_find: num_it must be an integer of at least 2, got {num_it!r}')
+    starts, ends = group_lrs(learn, start_lr, 'start_lr'), group_lrs(learn, end_lr, 'end_lr')
+    if not all(0 < s < e for s, e in zip(starts, ends)):  # the sweep is exponential and rises
+        raise ValueError(f'lr_find: the sweep needs 0 < start_lr < end_lr (for every layer group), got '
+                         f'start_lr={start_lr!r}, end_lr={end_lr!r}')
     n = _steps_per_epoch(learn, 1, 'lr_find')
     head = learn.layer_groups[-1]
     if learn.is_main and any(k in getattr(head, 'settings', {}) for k in ('lr', 'lr_mult')):

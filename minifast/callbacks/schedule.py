@@ -77,6 +77,11 @@ def _check_moms(moms, where):
     moms = tuple(moms)
     if len(moms) != 2:
         raise ValueError(f'{where}: moms must be a (max, min) pair, got {len(moms)} values')
+    for m in moms:  # a number, or one per layer group
+        for v in (m if isinstance(m, (list, tuple, np.ndarray)) else [m]):
+            if isinstance(v, bool) or not isinstance(v, Number) or not 0 <= v < 1:
+                raise ValueError(f'{where}: moms must hold momentums in [0, 1) (SGD momentum or Adam beta1), '
+                                 f'got {moms!r}')
     return moms
 
 
@@ -94,7 +99,7 @@ def fit_one_cycle(learn, cyc_len, max_lr=3e-3, moms=(0.95, 0.85), div_factor=25.
     epochs = min(check_epochs(cyc_len), tot - start)
     if epochs <= 0:
         raise ValueError(f'fit_one_cycle: start_epoch {start} is at or past the end of a {tot}-epoch cycle')
-    lrs = group_lrs(learn, max_lr)
+    lrs = group_lrs(learn, max_lr, 'max_lr')
     sched = one_cycle_schedule(tot * n, lrs if len(lrs) > 1 else lrs[0], moms, div_factor, pct_start, final_div)
     learn.fit(epochs, lrs, wd=wd, callbacks=[ParamScheduler(sched, start * n), *_as_list(callbacks)], resume=resume,
               clip=clip)
@@ -122,7 +127,7 @@ def _groups(v, learn, name, where):
     try:
         # every learning-rate value (lr, base_lr, eta_min, warmup_lr, min_lr...) follows layer_decay alike
         is_lr = name.endswith('lr') or name == 'eta_min'
-        vals = group_lrs(learn, v) if is_lr else lr_per_group(v, len(learn.layer_groups))
+        vals = group_lrs(learn, v, name) if is_lr else lr_per_group(v, len(learn.layer_groups), name)
     except ValueError as e:
         raise ValueError(f'{where}: {name}: {e}') from None
     return vals[0] if len(set(vals)) == 1 else vals

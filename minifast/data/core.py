@@ -1,5 +1,6 @@
 """DataBunch (a train and a validation loader) and TensorDataLoader (batches by indexing in-memory tensors)."""
 import math
+import numbers
 
 import torch
 from torch.utils.data import TensorDataset
@@ -24,8 +25,8 @@ class TensorDataLoader:
         for i, t in enumerate(tensors[1:], 1):
             if len(t) != n:
                 raise ValueError(f'TensorDataLoader: tensor 0 has {n} items but tensor {i} has {len(t)}')
-        if batch_size < 1:
-            raise ValueError(f'TensorDataLoader: batch_size must be >= 1, got {batch_size}')
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f'TensorDataLoader: batch_size must be an integer >= 1, got {batch_size!r}')
         self.tensors, self.batch_size, self.shuffle, self.drop_last = tensors, int(batch_size), shuffle, drop_last
         self.device = None if device is None else resolve_device(device)
         self.after_batch = after_batch
@@ -133,7 +134,7 @@ class DataBunch:
             if x is not None and len(x) != len(y):
                 raise ValueError(f'DataBunch.from_tensors: x_{name} has {len(x)} items but y_{name} has {len(y)}')
         train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=shuffle, drop_last=drop_last)
-        valid = None if x_valid is None else TensorDataLoader(x_valid, y_valid, batch_size=val_bs or bs)
+        valid = None if x_valid is None else TensorDataLoader(x_valid, y_valid, batch_size=bs if val_bs is None else val_bs)
         c = None
         if classes is None and not y_train.is_floating_point() and y_train.ndim == 1:
             c = int(max(y_train.max(), y_valid.max() if y_valid is not None and len(y_valid) else 0)) + 1

@@ -134,7 +134,8 @@ class DataBunch:
             if x is not None and len(x) != len(y):
                 raise ValueError(f'DataBunch.from_tensors: x_{name} has {len(x)} items but y_{name} has {len(y)}')
         train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=shuffle, drop_last=drop_last)
-        valid = None if x_valid is None else TensorDataLoader(x_valid, y_valid, batch_size=bs if val_bs is None else val_bs)
+        valid = None if x_valid is None else TensorDataLoader(x_valid, y_valid,
+                                                               batch_size=bs if val_bs is None else val_bs)
         c = None
         if classes is None and not y_train.is_floating_point() and y_train.ndim == 1:
             c = int(max(y_train.max(), y_valid.max() if y_valid is not None and len(y_valid) else 0)) + 1

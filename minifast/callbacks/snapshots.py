@@ -32,6 +32,18 @@ def clr_cycle_ends(epochs, step_size_up, step_size_down=None, steps_per_epoch=1)
     return [e for e in range(epochs) if ((e + 1) * steps_per_epoch) % cycle == 0]
 
 
+def _epochs(v, name):
+    """The set of 0-based epochs in `v` (a list of ints; None for none), or a TypeError naming `name`."""
+    if v is None:
+        return set()
+    if isinstance(v, (str, bytes)) or not hasattr(v, '__iter__'):  # save_list=5 meant [5]: say so
+        raise TypeError(f'WeightSnapshots: {name} must be a list of epochs (0-based ints), e.g. [5, 7]; got {v!r}')
+    bad = [e for e in v if isinstance(e, bool) or not hasattr(e, '__index__')]
+    if bad:
+        raise TypeError(f'WeightSnapshots: {name} must hold epochs as ints (0-based); got {bad[0]!r} in {v!r}')
+    return {int(e) for e in v}
+
+
 class WeightSnapshots(Callback):
     """Keep CPU copies of the model's state dict after chosen epochs: `learn.snapshots[epoch]` is one.
 
@@ -48,7 +60,7 @@ class WeightSnapshots(Callback):
     def __init__(self, learn=None, save_list=None, every_epoch=False, cycle_ends=None, path=None):
         super().__init__(learn)
         self.every_epoch = every_epoch or (save_list is None and cycle_ends is None)
-        self.epochs = {int(e) for e in (save_list or [])} | {int(e) for e in (cycle_ends or [])}
+        self.epochs = _epochs(save_list, 'save_list') | _epochs(cycle_ends, 'cycle_ends')
         self.path = None if path is None else Path(path)
         self.snapshots, self.files = {}, {}
 

@@ -182,7 +182,12 @@ class Learner:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_func = F.cross_entropy if loss_func is None else loss_func
         self.opt_func, self.wd, self.true_wd, self.bn_wd = opt_func, check_wd(wd, 'Learner'), true_wd, bn_wd
-        self.path, self.model_dir = Path(path), model_dir
+        for name, v in (('path', path), ('model_dir', model_dir)):
+            if not (isinstance(v, (str, os.PathLike)) or (name == 'path' and v is None)):
+                raise TypeError(f'Learner: {name} must be a folder (a str or Path), got {v!r}')
+        # path=None: the data's folder, as fastai v1 does (and '.' for data without one)
+        self.path = Path(path if path is not None else getattr(data, 'path', None) or '.')
+        self.model_dir = model_dir
         if layer_groups is not None and splitter is not None:
             raise ValueError('Learner: give layer_groups or splitter, not both')
         # given groups go through split_model too, so lists of modules are accepted as a splitter's are

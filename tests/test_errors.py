@@ -1,4 +1,6 @@
 """Bad input fails early with a message that names the thing, and leaves the model untouched."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -149,3 +151,15 @@ def test_from_tensors_bad_batch_sizes(kw, msg):
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     with pytest.raises(ValueError, match=msg):
         DataBunch.from_tensors(x, y, x, y, **kw)
+
+
+def test_learner_path_none_is_the_datas_folder_and_bad_folders_are_named(tmp_path):
+    data = make_data()
+    data.path = tmp_path / 'data'
+    assert Learner(data, make_mlp(), path=None).path == tmp_path / 'data'  # fastai v1's default
+    assert Learner(data, make_mlp()).path == Path('.')
+    assert Learner(make_data(), make_mlp(), path=None).path == Path('.')  # data without a folder
+    with pytest.raises(TypeError, match=r"Learner: model_dir must be a folder \(a str or Path\), got None"):
+        Learner(data, make_mlp(), model_dir=None)  # used to fail only at the first save
+    with pytest.raises(TypeError, match=r"Learner: path must be a folder \(a str or Path\), got 3"):
+        Learner(data, make_mlp(), path=3)

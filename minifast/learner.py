@@ -190,6 +190,9 @@ class Learner:
         self.model_dir = model_dir
         if layer_groups is not None and splitter is not None:
             raise ValueError('Learner: give layer_groups or splitter, not both')
+        if layer_groups is not None and not isinstance(layer_groups, (list, tuple, nn.ModuleList)):
+            raise TypeError(f'Learner: layer_groups must be a list of layer groups (modules or lists of modules), '
+                            f'got {layer_groups!r}')
         # given groups go through split_model too, so lists of modules are accepted as a splitter's are
         self.layer_groups = optim.split_model(self.model, splitter if layer_groups is None else
                                               (lambda m: list(layer_groups)))

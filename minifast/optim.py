@@ -316,6 +316,10 @@ def split_model(model, splitter=None):
                         f'{{module name: settings}} dict; got a {type(splitter).__name__}')
     if isinstance(groups, nn.Module) or not isinstance(groups, (list, tuple)):
         raise TypeError(f'the splitter returned a {type(groups).__name__}; it must return a list of layer groups')
+    for i, g in enumerate(groups):  # else LayerGroup(3) fails as "'int' object is not iterable"
+        if not isinstance(g, (nn.Module, list, tuple)):
+            raise TypeError(f'layer group {i} is a {type(g).__name__} ({g!r}); a layer group is a module or a list '
+                            f'of modules')
     groups = [g if isinstance(g, nn.Module) else LayerGroup(g) for g in groups]
     check_layer_groups(model, groups)
     return groups

@@ -163,3 +163,11 @@ def test_learner_path_none_is_the_datas_folder_and_bad_folders_are_named(tmp_pat
         Learner(data, make_mlp(), model_dir=None)  # used to fail only at the first save
     with pytest.raises(TypeError, match=r"Learner: path must be a folder \(a str or Path\), got 3"):
         Learner(data, make_mlp(), path=3)
+
+
+@pytest.mark.parametrize('groups', [[3], 3])
+def test_layer_groups_that_are_not_modules_are_named(groups):
+    # [3] used to fail as "'int' object is not iterable"
+    with pytest.raises(TypeError, match=r'layer group 0 is a int \(3\); a layer group is a module or a list of modules'
+                       if groups == [3] else r'Learner: layer_groups must be a list of layer groups'):
+        Learner(make_data(), make_mlp(), layer_groups=groups)

@@ -91,11 +91,11 @@ def test_interpolating_between_identical_weights_warns():
         interpolate_losses(learn, live, other, alphas=[0., 1.], bn='keep')
 
 
-@pytest.mark.parametrize('kw, msg', [({'save_list': 5}, r"save_list must be a list of epochs \(0-based ints\), e\.g\. "
-                                                        r"\[5, 7\]; got 5"),
-                                     ({'save_list': ['a']}, r"save_list must hold epochs as ints \(0-based\); got 'a'"),
-                                     ({'cycle_ends': [1.5]}, r"cycle_ends must hold epochs as ints \(0-based\); got 1\.5"),
-                                     ({'save_list': '57'}, r"save_list must be a list of epochs")])
+@pytest.mark.parametrize('kw, msg', [
+    ({'save_list': 5}, r"save_list must be a list of epochs \(0-based ints\), e\.g\. \[5, 7\]; got 5"),
+    ({'save_list': ['a']}, r"save_list must hold epochs as ints \(0-based\); got 'a'"),
+    ({'cycle_ends': [1.5]}, r"cycle_ends must hold epochs as ints \(0-based\); got 1\.5"),
+    ({'save_list': '57'}, r"save_list must be a list of epochs")])
 def test_snapshot_epochs_of_the_wrong_kind_are_named(kw, msg):
     # save_list=5 used to fail as "'int' object is not iterable", ['a'] as int()'s ValueError, 1.5 became epoch 1
     with pytest.raises(TypeError, match=r'WeightSnapshots: ' + msg):

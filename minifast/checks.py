@@ -57,13 +57,21 @@ def check_metrics(metrics):
     return ms
 
 
+def int_value(v):
+    """`v` as an int when it is an integer (an int, a numpy integer, an integer 0-d tensor), else None (also for a
+    bool, a float or a string)."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def check_epochs(epochs, name='epochs'):
     """`epochs` as an int; ValueError unless it is a non-negative integer (not a float, string or bool)."""
-    try:
-        n = operator.index(epochs)  # ints and numpy integers
-    except TypeError:
-        n = None
-    if n is None or isinstance(epochs, bool) or n < 0:
+    n = int_value(epochs)
+    if n is None or n < 0:
         raise ValueError(f'fit: {name} must be a non-negative integer, got {epochs!r}')
     return n
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import int_value
+
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
            'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
            'check_layer_groups', 'layer_decay_lrs', 'group_lrs', 'create_opt', 'freeze_to', 'freeze', 'unfreeze',
@@ -484,9 +486,10 @@ def freeze_to(learn, n, train_bn=True):
     """
     lgs = learn.layer_groups
     k = len(lgs)
-    if isinstance(n, bool) or not hasattr(n, '__index__'):  # operator.index alone says "'float' object cannot ..."
+    i = int_value(n)
+    if i is None:  # operator.index alone says "'float' object cannot ..."
         raise TypeError(f'freeze_to({n!r}): n must be an int, the index of the first layer group to train')
-    n = operator.index(n)
+    n = i
     if not -k <= n <= k:
         raise ValueError(f'freeze_to({n}): the learner has {k} layer groups (give -{k} to {k})')
     frozen, seen = set(range(k)[:n]), set()

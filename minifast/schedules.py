@@ -11,11 +11,11 @@ value is a number or one number per layer group.
 """
 import bisect
 import math
-import operator
 from numbers import Number, Real
 
 import numpy as np
 
+from .checks import int_value
 from .optim import lr_per_group
 
 __all__ = ['annealing_cos', 'annealing_linear', 'annealing_exp', 'annealing_no', 'ANNEALERS', 'Phase',
@@ -123,11 +123,8 @@ HYPERS = ('lr', 'mom', 'wd')
 
 
 def _int_at_least(v, name, where, low=1):
-    try:
-        n = operator.index(v)  # ints and numpy integers, not floats or bools
-    except TypeError:
-        n = None
-    if n is None or isinstance(v, bool) or n < low:
+    n = int_value(v)
+    if n is None or n < low:
         raise ValueError(f'{where}: {name} must be an integer >= {low}, got {v!r}')
     return n
 

@@ -2,6 +2,7 @@
 import warnings
 from pathlib import Path
 
+from ..checks import int_value
 from ..checkpoint import atomic_save
 from ..learner import Callback
 
@@ -38,10 +39,10 @@ def _epochs(v, name):
         return set()
     if isinstance(v, (str, bytes)) or not hasattr(v, '__iter__'):  # save_list=5 meant [5]: say so
         raise TypeError(f'WeightSnapshots: {name} must be a list of epochs (0-based ints), e.g. [5, 7]; got {v!r}')
-    bad = [e for e in v if isinstance(e, bool) or not hasattr(e, '__index__')]
+    bad = [e for e in v if int_value(e) is None]
     if bad:
         raise TypeError(f'WeightSnapshots: {name} must hold epochs as ints (0-based); got {bad[0]!r} in {v!r}')
-    return {int(e) for e in v}
+    return {int_value(e) for e in v}
 
 
 class WeightSnapshots(Callback):

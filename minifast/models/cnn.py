@@ -1,9 +1,9 @@
 """fastai v1's `create_cnn`: a torchvision backbone's body, cut before its pooling, followed by `create_head`."""
-import operator
 
 import torch
 from torch import nn
 
+from ..checks import int_value
 from .layers import check_size, create_head
 
 __all__ = ['BodyHead', 'create_cnn', 'cut_body']
@@ -16,10 +16,11 @@ class BodyHead(nn.Sequential):
 
     def __init__(self, body, head, split_at):
         super().__init__(body, head)
-        if isinstance(split_at, bool) or not hasattr(split_at, '__index__') or not 0 < split_at < len(body):
+        i = int_value(split_at)
+        if i is None or not 0 < i < len(body):
             raise ValueError(f'BodyHead: split_at must cut the body in two (an int from 1 to {len(body) - 1}), got '
                              f'{split_at!r}')
-        self.split_at = operator.index(split_at)
+        self.split_at = i
 
     def layer_groups(self):
         """Body before `split_at`, body from `split_at`, head."""
@@ -46,7 +47,8 @@ def cut_body(model, cut=None):
         cut = pools[-1] if pools else -1
     n = len(children)
     # cut >= n would keep the classifier in the body and fail later on a shape mismatch that names nothing
-    if isinstance(cut, bool) or not hasattr(cut, '__index__') or not -n <= operator.index(cut) < n:
+    i = int_value(cut)
+    if i is None or not -n <= i < n:
         raise ValueError(f'create_cnn: cut must be an index into the {n} children of {type(model).__name__} '
                          f'({-n} to {n - 1}) or a function model -> body, got {cut!r}')
     body = nn.Sequential(*children[:cut])

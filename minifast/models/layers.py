@@ -1,9 +1,10 @@
 """Head building blocks: concat pooling, Flatten, and fastai v1's classifier head `create_head`."""
 import numbers
-import operator
 
 import torch
 from torch import nn
+
+from ..checks import int_value
 
 __all__ = ['AdaptiveConcatPool2d', 'Flatten', 'create_head']
 
@@ -39,10 +40,7 @@ class Flatten(nn.Module):
 
 def check_size(v, what):
     """`v` as an int when it is a positive integer (a layer size, a number of classes), else a ValueError naming it."""
-    try:  # operator.index: ints, numpy ints and integer 0-d tensors (y.max() + 1), not floats
-        n = None if isinstance(v, bool) else operator.index(v)
-    except TypeError:
-        n = None
+    n = int_value(v)  # also numpy ints and integer 0-d tensors (y.max() + 1)
     if n is None or n < 1:
         raise ValueError(f'{what} must be a positive integer, got {v!r}')
     return n

@@ -15,9 +15,8 @@ def demo(args):
     import torch
     from torch import nn
     from . import Learner, accuracy, cifar10, cifar_transforms, synthetic_cifar, top_k_accuracy
-    for k, least in (('epochs', 1), ('bs', 1), ('n_train', 1)):
-        if getattr(args, k) < least:  # else `--epochs 0` trains nothing and fails later, drawing empty plots
-            raise SystemExit(f"demo: --{k.replace('_', '-')} {getattr(args, k)}: it must be at least {least}")
+    from .smith import refuse_small
+    refuse_small('demo', vars(args), epochs=1, bs=1, n_train=1)  # `--epochs 0` trained nothing, then drew empty plots
     torch.manual_seed(args.seed)
     if args.data:
         data = cifar10(args.data, download=False, tfms=cifar_transforms(), bs=args.bs)

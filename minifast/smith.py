@@ -72,13 +72,20 @@ def _sizes(args):
         v = getattr(args, k, None)
         if v is not None:
             s[k] = v
-    for k, least, why in (('epochs', 2, 'step 7 interpolates between two snapshots of the final fit'),
-                          ('grid_epochs', 1, ''), ('bs', 1, ''), ('num_it', 2, ''), ('n_train', 1, ''),
-                          ('n_valid', 1, '')):
-        if s[k] is not None and s[k] < least:  # else a step fails much later, e.g. `--epochs 1` at step 7
-            raise SystemExit(f"smith: --{k.replace('_', '-')} {s[k]}: it must be at least {least}"
-                             + (f' ({why})' if why else ''))
+    # else a step fails much later, e.g. `--epochs 1` at step 7
+    refuse_small('smith', s, epochs=(2, 'step 7 interpolates between two snapshots of the final fit'), grid_epochs=1,
+                 bs=1, num_it=2, n_train=1, n_valid=1)
     return s
+
+
+def refuse_small(cmd, values, **least):
+    """SystemExit naming the flag when one of `values` (a dict; None: not set) is below its least value (a number, or
+    (number, why))."""
+    for k, low in least.items():
+        low, why = low if isinstance(low, tuple) else (low, '')
+        if values[k] is not None and values[k] < low:
+            raise SystemExit(f"{cmd}: --{k.replace('_', '-')} {values[k]}: it must be at least {low}"
+                             + (f' ({why})' if why else ''))
 
 
 def _save(fig, file):

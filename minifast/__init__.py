@@ -29,8 +29,9 @@ from .landscape import (InterpolationResult, SurfaceResult, average_weights, eva
                         plot_surface, recompute_bn)
 from .determinism import set_seed
 from .resume import resumable
-from .learner import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
-                      CancelFitException, CancelTrainException, CancelValidateException, DivergenceError, Learner)
+from .core import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException, CancelException,
+                   CancelFitException, CancelTrainException, CancelValidateException, DivergenceError)
+from .learner import Learner
 from .metrics import accuracy, error_rate, top_k_accuracy
 from .models import (AdaptiveConcatPool2d, Flatten, cifar_resnet, create_cnn, create_head, from_seed_state_dict,
                      resnet56, to_seed_state_dict)
@@ -42,7 +43,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     # the library
-    'Learner', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException', 'CancelValidateException',
+    'Learner', 'Callback', 'EVENTS', 'CancelException', 'CancelBatchException', 'CancelTrainException', 'CancelValidateException',
     'CancelEpochException', 'CancelFitException', 'CallbackException', 'Recorder', 'ProgressCallback',
     'ShowGraph', 'CSVLogger', 'DataBunch', 'TensorDataLoader', 'synthetic_classification', 'ImageList',
     'ImageDataBunch', 'cifar_stats', 'imagenet_stats', 'get_transforms', 'cifar_transforms', 'BatchTransform',

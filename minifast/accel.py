@@ -9,16 +9,18 @@ from functools import partial
 import torch
 from torch import nn
 
-__all__ = ['autocast', 'all_finite', 'wants_channels_last', 'fused_option', 'cudnn_benchmark', 'compile_module']
+from .checks import check_data
+from .state import preserved
+
+__all__ = ['autocast', 'all_finite', 'wants_channels_last', 'fused_option', 'cudnn_benchmark', 'compile_module',
+           'sync_batchnorm', 'warmup', 'to_bf16', 'to_fp16', 'to_fp32']
 
 _FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
 def autocast(learn):
-    """The learner's mixed-precision context: torch.autocast in bfloat16 or float16, or disabled (full precision).
-    (The training loop spells the same choice out inline, to keep its per-step cost down.)"""
-    return torch.autocast(learn.device.type, dtype=torch.bfloat16 if learn.bf16 else torch.float16,
-                          enabled=learn.bf16 or learn.fp16)
+    """The learner's mixed-precision context: torch.autocast in bfloat16 or float16, or disabled (full precision)."""
+    return learn.stepper.autocast()
 
 
 def all_finite(ts):
@@ -83,9 +85,75 @@ def compile_module(learn, module):
     opts = compile_options(learn.compile)
     if opts is None:
         return module
-    cache = learn.__dict__.setdefault('_compiled', {})
+    cache = learn.compiled
     key = (id(module), tuple(sorted(opts.items(), key=lambda kv: kv[0])).__repr__())
     hit = cache.get(key)
     if hit is None or hit[0] is not module:
         hit = cache[key] = (module, torch.compile(module, **opts))
     return hit[1]
+
+
+def to_bf16(learn):
+    """Mixed precision with bfloat16: forward and loss under torch.autocast (matrix products and convolutions in
+    bf16, BatchNorm and the weights in fp32); no loss scaling is needed. Returns the learner."""
+    learn.stepper.set_precision('bf16')
+    return learn
+
+
+def to_fp16(learn, init_scale=2. ** 16, growth_interval=2000):
+    """Mixed precision with float16: autocast plus a dynamic loss scale (torch.amp.GradScaler); steps whose
+    gradients overflow are skipped and the scale lowered. Gradients seen in `after_backward` are scaled.
+    Returns the learner."""
+    learn.stepper.set_precision('fp16', init_scale, growth_interval)
+    return learn
+
+
+def to_fp32(learn):
+    """Back to full precision. Returns the learner."""
+    learn.stepper.set_precision('fp32')
+    return learn
+
+
+def sync_batchnorm(model, device):
+    """`model` with SyncBatchNorm layers (distributed training on CUDA)."""
+    if device.type != 'cuda':
+        raise ValueError(f'Learner(sync_bn=True): SyncBatchNorm works on CUDA devices only, and this process '
+                         f'trains on {device}; leave sync_bn off (each rank then normalises with its own '
+                         f'batch statistics)')
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def warmup(learn):
+    """Run one training forward and backward and the validation forwards (a full batch, and the last partial
+    batch's size) outside any fit, then put everything back: weights, gradients, BatchNorm statistics, RNG
+    states and train/eval mode. With `compile`, this is where torch.compile compiles (minutes for a deep
+    model); on CUDA it also autotunes cuDNN. Call it before timing epochs. Returns the learner."""
+    check_data(learn.data)
+    model = learn.model
+
+    def forward(m, xb, yb):
+        with learn.stepper.autocast():
+            return learn.loss_func(m(*xb), yb)
+    try:
+        with preserved(learn, parts=('buffers', 'grads', 'modes', 'rng')), cudnn_benchmark(learn):
+            for p in model.parameters():  # the warm-up backward writes fresh gradients; the ones there are put back
+                p.grad = None
+            learn.fwd = learn.dist.setup(learn)  # under torchrun the fit compiles the DDP wrapper: warm that one
+            learn.setup_forward()
+            xb, yb = learn.prepare_batch(next(iter(learn.data.train_dl)))
+            model.train()
+            forward(model if learn.fwd is None else learn.fwd, xb, yb).backward()
+            valid = learn.data.valid_dl
+            if valid is not None:
+                model.eval()
+                xb, yb = learn.prepare_batch(next(iter(valid)))
+                n, bs = len(getattr(valid, 'dataset', ())), len(yb)
+                sizes = [bs] + ([n % bs] if n and n % bs and n > bs else [])
+                with torch.no_grad():
+                    for k in sizes:
+                        forward(model if learn.fwd_eval is None else learn.fwd_eval, tuple(x[:k] for x in xb), yb[:k])
+            if learn.device.type == 'cuda':
+                torch.cuda.synchronize(learn.device)
+    finally:
+        learn.fwd = learn.fwd_eval = None
+    return learn

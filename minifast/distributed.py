@@ -8,6 +8,7 @@ logs, snapshots and checkpoints are written by rank 0 only, and lr_find runs on 
 Without torchrun (or with WORLD_SIZE=1) nothing here runs.
 """
 import atexit
+import contextlib
 import datetime
 import math
 import os
@@ -17,9 +18,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from .determinism import rng_state, set_rng_state
+
 __all__ = ['dist_env', 'launched', 'init_distributed', 'is_distributed', 'rank', 'world_size', 'is_main', 'barrier',
-           'all_reduce_', 'broadcast_object', 'sync_rng', 'ddp_wrap', 'shard_loader', 'reduce_vals',
-           'ShardSampler', 'broadcast_buffers']
+           'all_reduce_', 'broadcast_object', 'sync_rng', 'shard_loader', 'ShardSampler', 'Local', 'DDP', 'strategy',
+           'local']
 
 _OWNED = False  # True when minifast created the process group (and so destroys it at exit)
 
@@ -148,7 +151,6 @@ def broadcast_object(obj, src=0):
 
 def sync_rng():
     """Give every rank rank 0's RNG states (torch, CUDA, numpy, random): they then draw the same permutations."""
-    from .determinism import rng_state, set_rng_state
     state = broadcast_object(rng_state())
     cuda = state.get('cuda')
     if cuda is not None and torch.cuda.is_available():  # one generator per device: ours is the current one
@@ -157,40 +159,131 @@ def sync_rng():
     set_rng_state(state)
 
 
-def ddp_wrap(learn):
-    """The DistributedDataParallel module that runs learn.model's training forward (learn.model stays the plain
-    module: its state dict has no 'module.' prefix). DDP fixes its parameters when it is built, so it is rebuilt
-    when the set of trainable parameters changes (freeze/unfreeze); building it copies rank 0's weights and buffers
-    to every rank (as a cached wrapper does at the start of each fit). `learn.ddp_kwargs` are passed to
-    DistributedDataParallel."""
-    from torch.nn.parallel import DistributedDataParallel
-    model = learn.model
-    key = (id(model), tuple(p.requires_grad for p in model.parameters()))
-    cached = getattr(learn, '_ddp', None)
-    if cached is not None and cached[0] == key:
-        with torch.no_grad():  # e.g. a learn.load done on rank 0 only: start the fit from rank 0's weights
-            for t in model.state_dict().values():
-                dist.broadcast(t, 0)
-        return cached[1]
-    kw = dict(getattr(learn, 'ddp_kwargs', None) or {})  # buffers (BatchNorm statistics) follow rank 0's
-    if learn.device.type == 'cuda':
-        kw.setdefault('device_ids', [learn.device.index])
-        kw.setdefault('output_device', learn.device.index)
-    wrapper = DistributedDataParallel(model, **kw)
-    learn._ddp = (key, wrapper)
-    return wrapper
+class Local:
+    """How one process trains: nothing to wrap, shard, reduce or wait for. The learner holds one (`learn.dist`)."""
+    world, rank, is_main = 1, 0, True
+
+    def setup(self, learn):
+        """The module that runs the training forward of a fit (None: learn.model itself)."""
+        return None
+
+    def loader(self, dl, train):
+        """`dl`, or this rank's share of it."""
+        return dl
+
+    def no_sync(self):
+        """The context of a backward whose gradients must not be reduced yet (accumulation)."""
+        return contextlib.nullcontext()
+
+    def reduce(self, t, op='sum'):
+        """`t` reduced across ranks in place ('sum', 'min' or 'max')."""
+        return t
+
+    def barrier(self):
+        """Wait until every rank gets here."""
+
+    def sync_rng(self):
+        """Give every rank rank 0's RNG states, so they draw the same permutations."""
+
+    def sync_buffers(self, learn):
+        """Give every rank rank 0's buffers (BatchNorm statistics)."""
+
+    def drop(self, learn):
+        """Forget the wrapper of a fit that stopped on an error."""
 
 
-def broadcast_buffers(learn):
-    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP copies them at the start of each training
-    forward, so after an epoch's last forward each rank holds the statistics of its own last batch: without this,
-    the ranks would validate and predict with different models, and end the fit holding different ones. Nothing
-    when `ddp_kwargs` turns DDP's broadcast_buffers off."""
-    if not is_distributed() or not getattr(learn, 'ddp_kwargs', {}).get('broadcast_buffers', True):
-        return
-    with torch.no_grad():
-        for b in learn.model.buffers():
-            dist.broadcast(b, 0)
+class DDP(Local):
+    """Data-parallel training under torchrun: `setup` wraps the model in DistributedDataParallel (rebuilt when the
+    trainable parameters change), `loader` shards the data, `reduce` all_reduces, `sync_buffers` broadcasts rank 0's
+    BatchNorm statistics. `ddp_kwargs` are passed to DistributedDataParallel."""
+
+    def __init__(self, world, ddp_kwargs=None):
+        self.world, self.rank, self.ddp_kwargs = world, rank(), dict(ddp_kwargs or {})
+        self.is_main, self.wrapper, self._key, self._shards = self.rank == 0, None, None, {}
+
+    def setup(self, learn):
+        """The DistributedDataParallel module that runs learn.model's training forward (learn.model stays the plain
+        module: its state dict has no 'module.' prefix). Building it copies rank 0's weights and buffers to every
+        rank; a kept wrapper gets rank 0's weights broadcast (e.g. a learn.load done on rank 0 only)."""
+        from torch.nn.parallel import DistributedDataParallel  # (only under torchrun)
+        model = learn.model
+        key = (id(model), tuple(p.requires_grad for p in model.parameters()))
+        if self.wrapper is not None and self._key == key:
+            with torch.no_grad():
+                for t in model.state_dict().values():
+                    dist.broadcast(t, 0)
+            return self.wrapper
+        kw = dict(self.ddp_kwargs)  # buffers (BatchNorm statistics) follow rank 0's
+        if learn.device.type == 'cuda':
+            kw.setdefault('device_ids', [learn.device.index])
+            kw.setdefault('output_device', learn.device.index)
+        self.wrapper, self._key = DistributedDataParallel(model, **kw), key
+        return self.wrapper
+
+    def loader(self, dl, train):
+        """This rank's share of `dl` (built once per loader)."""
+        key = (id(dl), train)
+        got = self._shards.get(key)
+        if got is None or got[0] is not dl:
+            got = self._shards[key] = (dl, shard_loader(dl, self.rank, self.world, train))
+        return got[1]
+
+    def no_sync(self):
+        return contextlib.nullcontext() if self.wrapper is None else self.wrapper.no_sync()
+
+    def reduce(self, t, op='sum'):
+        return all_reduce_(t, op)
+
+    def barrier(self):
+        barrier()
+
+    def sync_rng(self):
+        sync_rng()
+
+    def sync_buffers(self, learn):
+        """DDP copies rank 0's buffers at the start of each training forward, so after an epoch's last forward each
+        rank holds the statistics of its own last batch: without this, the ranks would validate with different
+        models. Nothing when `ddp_kwargs` turns DDP's broadcast_buffers off."""
+        if not is_distributed() or not self.ddp_kwargs.get('broadcast_buffers', True):
+            return
+        with torch.no_grad():
+            for b in learn.model.buffers():
+                dist.broadcast(b, 0)
+
+    def drop(self, learn):
+        """Forget the DDP wrapper after a fit that stopped on an error: it may have stopped between a forward and
+        its backward, and that wrapper's gradient hooks would then start an all_reduce in the next backward on this
+        rank alone (a rank-0 lr_find), which hangs every rank. The next fit builds a new one."""
+        ddp, self.wrapper, self._key = self.wrapper, None, None
+        if ddp is not None:
+            learn.compiled = {k: v for k, v in learn.compiled.items() if v[0] is not ddp}
+            reducer = getattr(ddp, 'reducer', None)
+            if reducer is not None and hasattr(reducer, '_remove_autograd_hooks'):
+                reducer._remove_autograd_hooks()  # do not wait for the wrapper to be collected
+
+
+def strategy(distributed=None, ddp_kwargs=None):
+    """The learner's distribution strategy: `DDP` when this process is one of several launched by torchrun (see
+    `init_distributed`), else `Local`."""
+    if distributed not in (None, True, False):
+        raise ValueError(f'Learner: distributed must be None (automatic under torchrun), True or False, got '
+                         f'{distributed!r}')
+    if ddp_kwargs is not None and not isinstance(ddp_kwargs, dict):
+        raise TypeError(f'Learner: ddp_kwargs must be a dict of DistributedDataParallel arguments, got '
+                        f'{type(ddp_kwargs).__name__}')
+    world = init_distributed(distributed)
+    return Local() if world == 1 else DDP(world, ddp_kwargs)
+
+
+@contextlib.contextmanager
+def local(learn):
+    """Train as a single process while in this block (lr_find on rank 0): no DDP wrapper, sharding, reductions
+    or RNG sync."""
+    old, learn.dist = learn.dist, Local()
+    try:
+        yield learn
+    finally:
+        learn.dist = old
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -255,18 +348,3 @@ def shard_loader(dl, rank, world, train):
     raise ValueError(f'distributed training: cannot shard a {type(dl).__name__} across ranks; use a '
                     f'TensorDataLoader (minifast data), a torch DataLoader over a map-style dataset, or pass '
                     f'distributed=False to the Learner and shard the data yourself')
-
-
-def reduce_vals(learn, metrics):
-    """Validation loss and metrics over every rank's batches: sums weighted by batch size and item counts are
-    added up across ranks in one all_reduce (a rank with no batches adds zeros); nan when no rank had any item."""
-    k, dev = 1 + len(metrics), learn.device
-    t = torch.zeros(k + 1, dtype=torch.float64, device=dev)
-    if learn._vals:
-        bs = torch.tensor([v[0] for v in learn._vals], dtype=torch.float64, device=dev)
-        as_t = lambda x: torch.as_tensor(x, device=dev).double().reshape(())  # noqa: E731
-        cols = torch.stack([torch.stack([as_t(v[1]), *map(as_t, v[2])]) for v in learn._vals])
-        t[:k], t[k] = (cols * bs[:, None]).sum(0), bs.sum()
-    all_reduce_(t)
-    vals = t.tolist()
-    return [v / vals[k] if vals[k] else float('nan') for v in vals[:k]]

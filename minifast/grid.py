@@ -10,7 +10,7 @@ from pathlib import Path
 from .callbacks.recorder import new_figure
 from .callbacks.snapshots import state_dict_copy
 from .determinism import set_seed
-from .learner import DivergenceError
+from .core import DivergenceError
 
 __all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'FIT_KEYS']
 

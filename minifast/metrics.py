@@ -1,6 +1,10 @@
-"""Metrics: functions (pred, target) -> 0-d tensor, averaged over a dataset weighted by batch size, on device."""
+"""Metrics: functions (pred, target) -> 0-d tensor, averaged over a dataset weighted by batch size, on device
+(`batch_means`)."""
+import torch
 
-__all__ = ['accuracy', 'top_k_accuracy', 'error_rate']
+from .checks import metric_name
+
+__all__ = ['accuracy', 'top_k_accuracy', 'error_rate', 'batch_means', 'metric_error']
 
 
 def accuracy(input, targs):
@@ -17,3 +21,35 @@ def top_k_accuracy(input, targs, k=5):
 def error_rate(input, targs):
     """1 - accuracy."""
     return 1 - accuracy(input, targs)
+
+
+def batch_means(rows, n_cols, device, reduce=None):
+    """The means over a dataset of per-batch values weighted by batch size: `rows` holds (batch size, [value per
+    column]) per batch (0-d tensors or numbers; n_cols columns, e.g. the loss and each metric). `reduce(t, 'sum')`
+    adds the sums and the item count across processes (distributed evaluation, in float64: a rank with no batches
+    adds zeros). nan where no item was seen. One host read."""
+    dtype = torch.float32 if reduce is None else torch.float64
+    t = torch.zeros(n_cols + 1, dtype=dtype, device=device)
+    if rows:
+        bs = torch.tensor([r[0] for r in rows], dtype=dtype, device=device)
+        as_t = lambda x: torch.as_tensor(x, device=device).to(dtype).reshape(())  # noqa: E731
+        cols = torch.stack([torch.stack([as_t(v) for v in r[1]]) for r in rows])  # (batches, n_cols)
+        t[:n_cols], t[n_cols] = (cols * bs[:, None]).sum(0), bs.sum()
+    if reduce is not None:
+        reduce(t, 'sum')
+    if reduce is None and rows:  # divided on the device: the same float32 arithmetic the loop always did
+        return (t[:n_cols] / t[n_cols]).tolist()
+    vals = t.tolist()
+    return [v / vals[n_cols] if vals[n_cols] else float('nan') for v in vals[:n_cols]]
+
+
+def metric_error(metrics, pred, yb, batch, e):
+    """The error of a metric that raised `e` on validation batch `batch`, naming it (found by calling each again)."""
+    for m in metrics:
+        try:
+            m(pred, yb)
+        except Exception:
+            break
+    return RuntimeError(f'metric {metric_name(m)} raised {type(e).__name__} on validation batch {batch} '
+                        f'(predictions of shape {tuple(getattr(pred, "shape", ()))}, targets of shape '
+                        f'{tuple(getattr(yb, "shape", ()))}): {e}')

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import int_value
+from .checks import check_wd, int_value
 
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
            'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
@@ -173,7 +173,7 @@ class WeightDecay:
             g['weight_decay'] = g.get('wd', 0.) if self.native else 0.
 
     @torch.no_grad()
-    def _decay(self, keep=None):
+    def decay(self, keep=None):
         """`keep`: None, or a boolean device tensor; where False the decoupled decay is not applied (a step that
         a gradient scaler skips), decided on the device without a host read."""
         for g in self.opt.param_groups:
@@ -192,7 +192,7 @@ class WeightDecay:
     def step(self):
         """Apply the decay (unless native), then step the optimizer."""
         if not self.native:
-            self._decay()
+            self.decay()
         self.opt.step()
 
 
@@ -415,7 +415,7 @@ def split(learn, split_on):
     if isinstance(split_on, (int, np.integer, nn.Module)):
         split_on = [split_on]
     learn.layer_groups = split_model(learn.model, split_on)
-    learn.opt = learn._wd = None
+    learn.opt = learn.stepper.decay = None
     return learn
 
 
@@ -460,7 +460,7 @@ def create_opt(learn, lr=3e-3, wd=None):
             raise ValueError(f"layer group {lg.name!r}: {type(opt).__name__} has no option '{bad[0]}' (its options: "
                              f"{', '.join(k for k in opt.defaults if k not in _OURS)}; minifast's: lr, wd, mom, "
                              f"lr_mult, wd_mult)")
-    learn.opt, learn._wd = opt, WeightDecay(opt, learn.true_wd)
+    learn.opt, learn.stepper.decay = opt, WeightDecay(opt, learn.true_wd)
     set_hyper(opt, 'lr', lrs)
     set_hyper(opt, 'wd', learn.wd if wd is None else wd)
     key = momentum_key(opt)
@@ -473,18 +473,37 @@ def create_opt(learn, lr=3e-3, wd=None):
     return opt
 
 
+def prepare_opt(learn, lr, wd):
+    """The optimizer of a coming fit: built at the first fit, else its groups' lr and wd set (checked first)."""
+    check_wd(wd, 'fit')
+    if not any(p.requires_grad for p in learn.model.parameters()):
+        raise ValueError('fit: every parameter of the model is frozen (requires_grad=False); call '
+                         'learn.unfreeze() or learn.freeze_to(n) with n < the number of layer groups '
+                         f'({len(learn.layer_groups)})')
+    if learn.opt is not None:
+        bad = [i for i, g in enumerate(learn.opt.param_groups) if 'layer_group' not in g]
+        if bad:
+            raise ValueError(f'fit: optimizer parameter group(s) {bad} were not made by the learner (no '
+                             f'layer_group); rebuild the optimizer with learn.create_opt() or learn.split(...)')
+    if learn.opt is None:
+        learn.create_opt(lr, wd)
+    else:
+        set_hyper(learn.opt, 'lr', group_lrs(learn, lr))
+        set_hyper(learn.opt, 'wd', wd)
+
+
 # ---- freezing --------------------------------------------------------------------------------------------------
 TRAINING_MODES = ('head_only', 'full')
 
 
-def freeze_to(learn, n, train_bn=True):
+def freeze_to(learn, n, train_bn=None):
     """Freeze the layer groups before `n` (requires_grad=False; n < 0 counts from the end) and unfreeze the rest.
 
-    With train_bn, the normalisation layers of frozen groups (BatchNorm, LayerNorm, GroupNorm, InstanceNorm,
-    RMSNorm) keep training. A frozen parameter gets no gradient, so the optimizer skips it: no update and no weight
-    decay. Modules stay in train mode, so BatchNorm running statistics keep updating.
+    With train_bn (default: learn.train_bn), the normalisation layers of frozen groups (BatchNorm, LayerNorm,
+    GroupNorm, InstanceNorm, RMSNorm) keep training. A frozen parameter gets no gradient, so the optimizer skips it:
+    no update and no weight decay. Modules stay in train mode, so BatchNorm running statistics keep updating.
     """
-    lgs = learn.layer_groups
+    lgs, train_bn = learn.layer_groups, learn.train_bn if train_bn is None else train_bn
     k = len(lgs)
     i = int_value(n)
     if i is None:  # operator.index alone says "'float' object cannot ..."
@@ -508,8 +527,9 @@ def freeze_to(learn, n, train_bn=True):
     return learn
 
 
-def freeze(learn, train_bn=True):
-    """Train only the last layer group (the head), and normalisation layers when train_bn: freeze_to(-1)."""
+def freeze(learn, train_bn=None):
+    """Train only the last layer group (the head), and normalisation layers when train_bn (default:
+    learn.train_bn): freeze_to(-1)."""
     if len(learn.layer_groups) == 1:
         warnings.warn('freeze(): the learner has a single layer group, so nothing is frozen; split the model into '
                       'layer groups (layer_groups=, a splitter, or split())', stacklevel=2)
@@ -521,7 +541,7 @@ def unfreeze(learn):
     return freeze_to(learn, 0)
 
 
-def set_training_mode(learn, mode, train_bn=True):
+def set_training_mode(learn, mode, train_bn=None):
     """Seed 000's training_mode: 'head_only' trains the last layer group (freeze), 'full' trains all (unfreeze)."""
     if mode == 'head_only':
         return freeze(learn, train_bn)

@@ -11,22 +11,26 @@ import time
 import warnings
 from pathlib import Path
 
-from .checkpoint import check_state_dict, load_state
-from .checks import metric_name
-from .determinism import rng_state
+import os
 
-__all__ = ['FORMAT', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info', 'resumable',
-           'is_finished']
+from .checkpoint import atomic_save, check_state_dict, load_state
+from .checks import metric_name
+from .determinism import rng_state, set_rng_state
+from .state import preserved
+
+__all__ = ['FORMAT', 'CHECKPOINT_FILE', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info',
+           'resumable', 'is_finished', 'load_for_resume', 'begin', 'replay', 'save', 'load', 'load_into']
 
 FORMAT, VERSION = 'minifast-checkpoint', 1
-_SEQ = re.compile(r'_(\d+)_epoch(\d+)_step(\d+)\.pth$')
+# a Checkpoint file's name: {name}_{sequence number}_epoch{E}_step{S}.pth
+CHECKPOINT_FILE = re.compile(r'_(\d+)_epoch(\d+)_step(\d+)\.pth$')
 
 
 def _callback_states(learn):
     """{key: state} of the current fit's callbacks that can save and restore themselves (keys: class name, with
     '#i' from the second instance of a class on)."""
     out, seen = {}, {}
-    for cb in getattr(learn, '_fit_cbs', None) or [learn.recorder, *learn.callbacks]:
+    for cb in (learn.hooks.cbs if learn.hooks is not None else None) or [learn.recorder, *learn.callbacks]:
         if callable(getattr(cb, 'state_dict', None)) and callable(getattr(cb, 'load_state_dict', None)):
             name = type(cb).__name__
             n = seen[name] = seen.get(name, -1) + 1
@@ -37,13 +41,14 @@ def _callback_states(learn):
 def fit_signature(learn):
     """What must match to continue a fit exactly: epochs, steps per epoch and each scheduler's sampled values."""
     try:
-        per_epoch = learn._train_len()
+        per_epoch = learn.steps_per_epoch()
     except TypeError:
         per_epoch = None
-    scheds = [cb.resume_signature(learn) for cb in (getattr(learn, '_fit_cbs', None) or [])
+    scheds = [cb.resume_signature(learn) for cb in (learn.hooks.cbs if learn.hooks is not None else [])
               if callable(getattr(cb, 'resume_signature', None))]
-    return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn._fit_args,
-            'world_size': learn._world, 'accumulate': learn._n_acc, 'metrics': [metric_name(m) for m in learn.metrics]}
+    return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn.fit_args,
+            'world_size': learn.dist.world, 'accumulate': learn.stepper.n_acc,
+            'metrics': [metric_name(m) for m in learn.metrics]}
 
 
 def training_state(learn, where='end', with_opt=True, batch=None):
@@ -57,7 +62,7 @@ def training_state(learn, where='end', with_opt=True, batch=None):
     """
     if where not in ('batch', 'boundary', 'epoch', 'end', None):
         raise ValueError(f"training_state: where must be 'batch', 'boundary', 'epoch', 'end' or None, got {where!r}")
-    in_fit = learn._hooks is not None
+    in_fit = learn.hooks is not None
     pos = {'epoch': learn.epoch, 'n_epoch': learn.n_epoch, 'where': where,
            'batch': (learn.iter + 1 if batch is None else batch) if where in ('batch', 'boundary') else None,
            'train_iter': learn.train_iter + (1 if where == 'batch' else 0)}
@@ -71,13 +76,13 @@ def training_state(learn, where='end', with_opt=True, batch=None):
         'position': pos,
         'signature': fit_signature(learn) if in_fit else None,
         'rng': rng_state(),
-        'epoch_rng': getattr(learn, '_epoch_rng', None) if where in ('batch', 'boundary') else None,
+        'epoch_rng': learn.epoch_rng if where in ('batch', 'boundary') else None,
         'callbacks': {k: cb.state_dict() for k, cb in _callback_states(learn).items()} if in_fit else
         {'Recorder': rec.state_dict()},
     }
-    scaler = getattr(learn, '_scaler', None)
+    scaler = learn.stepper.state_dict()
     if scaler is not None:  # fp16: the loss scale and its growth counter, so a resumed run scales the same
-        state['grad_scaler'] = scaler.state_dict()
+        state['grad_scaler'] = scaler
     return state
 
 
@@ -86,7 +91,7 @@ def list_checkpoints(folder):
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _SEQ.search(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_FILE.search(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -174,13 +179,12 @@ def load_for_resume(learn, resume):
     """Load and check the checkpoint `resume` names for the fit being started; None when there is nothing to resume
     (a folder without checkpoints: the fit starts from the beginning, with a warning). Raises, naming the file,
     when the run finished or was a different fit, before anything is changed."""
-    if resume is True:
-        from .callbacks.tracking import Checkpoint
-        cks = [cb for cb in learn._fit_cbs if isinstance(cb, Checkpoint)]
+    if resume is True:  # the folder of the fit's Checkpoint callback (the callback that names a resume folder)
+        cks = [cb for cb in learn.hooks.cbs if callable(getattr(cb, 'resume_folder', None))]
         if not cks:
             raise ValueError('fit: resume=True needs a Checkpoint callback (its folder is where to resume from); '
                              'pass resume=<folder or file> instead')
-        resume = cks[0].folder(learn)
+        resume = cks[0].resume_folder(learn)
     elif not isinstance(resume, (str, Path)):
         raise TypeError(f'fit: resume must be a folder, a checkpoint file or True, got {resume!r}')
     elif not Path(resume).is_absolute():  # relative to learn.path, as Checkpoint(path=...) is
@@ -231,9 +235,7 @@ def restore_model_opt(learn, state):
         except (ValueError, KeyError) as e:
             raise ValueError(f"resume: {state['file']}: the optimizer state does not match this learner's "
                              f'parameter groups: {e}') from e
-    scaler = getattr(learn, '_scaler', None)
-    if scaler is not None and state.get('grad_scaler'):
-        scaler.load_state_dict(state['grad_scaler'])
+    learn.stepper.load_state_dict(state.get('grad_scaler'))
 
 
 def restore_callbacks(learn, state):
@@ -258,3 +260,123 @@ def model_state(state):
     return state['model'] if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict) \
         else state
 
+
+
+# ---- the resume point: what the loop calls ---------------------------------------------------------------------
+def begin(learn, state, before_fit):
+    """Start a fit: `before_fit()` (which runs the event), with a resumed run's `state` (from `load_for_resume`;
+    None: a fresh fit) put in around it: weights, optimizer, scaler and frozen flags before, callbacks' state after.
+    If anything fails, the learner is rolled back. Returns the epoch to start at; a run resumed inside an epoch
+    replays that epoch's data order (`replay`)."""
+    parts = ('weights', 'opt', 'scaler', 'trainable') if state is not None else ()
+    with preserved(learn, parts) as snap:  # put back if before_fit or a callback refusing its saved state fails
+        if state is not None:
+            restore_model_opt(learn, state)
+        before_fit()
+        if state is not None:  # after before_fit, which resets the Recorder and the callbacks
+            restore_callbacks(learn, state)
+        snap.discard()  # it worked: nothing to put back
+    if state is None:
+        return 0
+    pos = state['position']
+    learn.train_iter = pos['train_iter']
+    set_rng_state(state['rng'])
+    if pos['where'] == 'epoch':
+        return pos['epoch'] + 1
+    learn.resuming = (pos['batch'], state['epoch_rng'], state['rng'])
+    rec = state['callbacks'].get('Recorder')
+    learn.resumed_epoch = None if rec is None else {'start': rec['epoch_start'], 'elapsed': rec['epoch_elapsed']}
+    return pos['epoch']
+
+
+def replay(learn, dl):
+    """The resumed epoch's batches: replay its data order from the RNG state of its start, pass the batches the
+    checkpoint had done, then put back the RNG state of the checkpoint. Returns (iterator, batches done)."""
+    k, epoch_rng, rng = learn.resuming
+    learn.resuming, learn.epoch_rng = None, epoch_rng
+    if getattr(dl, 'persistent_workers', False) and getattr(dl, 'num_workers', 0) > 0:
+        warnings.warn('resume: the training DataLoader has persistent_workers=True; its workers carry their RNG '
+                      'across epochs, so random augmentation done in them differs from the uninterrupted run '
+                      '(the data order is still the same)')
+    set_rng_state(epoch_rng)
+    it = iter(dl)
+    for i in range(k):
+        try:
+            next(it)
+        except StopIteration:
+            raise ValueError(f'resume: the training DataLoader ended after {i} batches, but the checkpoint had '
+                             f'done {k} batches of epoch {learn.epoch}') from None
+    set_rng_state(rng)
+    return it, k
+
+
+# ---- learn.save and learn.load (bound on Learner) --------------------------------------------------------
+def save(learn, name, with_opt=True):
+    """Save the learner's full state to path/model_dir/name.pth (or to `name` when it ends in .pth), atomically:
+    model, optimizer (unless with_opt=False), the Recorder's history, the RNG states and, during a fit, the
+    position and the callbacks' state. Returns the file's path. `learn.load` reads the weights (and optimizer);
+    torch.load(file, weights_only=True)['model'] is the model's state dict.
+
+    In distributed training call it on every rank: rank 0 writes, and outside a fit the others wait until the
+    file is there (so a `learn.load` on any rank then finds it)."""
+    file = learn.model_file(name)
+    # a finished state only after a fit that completed; during a fit, or after one that stopped on an error or
+    # an interrupt, the file holds no point a fit can resume from (Checkpoint writes those)
+    in_fit = learn.hooks is not None
+    if learn.is_main:
+        done = not in_fit and learn.exception is None
+        atomic_save(training_state(learn, 'end' if done else None, with_opt=with_opt), file)
+    if not in_fit:
+        learn.dist.barrier()
+    return file
+
+
+def load(learn, name, with_opt=None, strict=True):
+    """Load path/model_dir/name.pth (a file from learn.save, a Checkpoint file, or a plain state dict) into the
+    model, and into the optimizer unless with_opt=False. A file that does not match leaves the learner
+    untouched; files are read with torch's weights-only loader (no code in a file runs). Returns the learner."""
+    load_into(learn, learn.model_file(name), with_opt, strict)
+    return learn
+
+
+def unwrapped(sd, model):
+    """`sd` without the key prefix of a wrapper it was saved from (DDP/DataParallel's 'module.', torch.compile's
+    '_orig_mod.'), when every key has it and the model's keys do not: learn.model is always the plain module."""
+    if not isinstance(sd, dict) or not sd:
+        return sd
+    own = model.state_dict().keys()
+    stripped = True
+    while stripped:  # wrappers nest: torch.compile of a DDP model saves '_orig_mod.module.'
+        stripped = False
+        for prefix in ('module.', '_orig_mod.'):
+            if all(isinstance(k, str) and k.startswith(prefix) for k in sd) and \
+                    not any(k.startswith(prefix) for k in own):
+                sd, stripped = {k[len(prefix):]: v for k, v in sd.items()}, True
+    return sd
+
+
+def load_into(learn, file, with_opt=None, strict=True):
+    """Learner.load: `file`'s weights into the model, and its optimizer state unless with_opt=False; a file that
+    does not match leaves the learner untouched."""
+    state = load_state(file, learn.device)
+    model_sd = unwrapped(model_state(state), learn.model)
+    check_state_dict(learn.model, model_sd, file, strict)
+    opt_sd = state.get('opt') if isinstance(state, dict) and model_sd is not state else None
+    if opt_sd is not None and with_opt is not False:
+        if learn.opt is None:
+            learn.create_opt()
+        before = learn.opt.state_dict()
+        try:  # torch checks the groups before changing anything, so a mismatch leaves the optimizer as it was
+            learn.opt.load_state_dict(opt_sd)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f'{os.fspath(file)}: optimizer state does not match this learner: {e}') from e
+        # torch checks only the groups' sizes: another optimizer's state (AdamW's in an SGD) loads, and the next
+        # step fails on a setting it lacks ('momentum'). Settings newer torch versions added are filled in by
+        # the optimizer's own loading, so only another kind of optimizer lacks any.
+        lacking = sorted({k for g in learn.opt.param_groups for k in learn.opt.defaults if k not in g})
+        if lacking:
+            learn.opt.load_state_dict(before)
+            raise ValueError(f'{os.fspath(file)}: its optimizer state is not one of this learner\'s '
+                             f'{type(learn.opt).__name__} (it lacks the settings {lacking}); the learner was left '
+                             f'unchanged. load(..., with_opt=False) loads the weights only')
+    learn.model.load_state_dict(model_sd, strict=strict)

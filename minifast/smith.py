@@ -293,7 +293,7 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     from . import Checkpoint, WeightSnapshots, set_seed
     from .grid import _append, _plain, read_log, run_record
     from .resume import is_finished
-    from .learner import DivergenceError
+    from .core import DivergenceError
     config = {'final': True, 'policy': 'one_cycle', 'epochs': epochs, 'max_lr': max_lr, 'moms': moms, 'wd': wd}
     key = _plain({'config': config, 'seed': seed, 'tag': TAG})
     snap_epochs = _snapshot_epochs(epochs)

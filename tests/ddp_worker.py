@@ -35,7 +35,7 @@ def experiment(path, bs):
         learn.fit_one_cycle(EPOCHS, LR)
         valid = learn.validate()
     r = learn.recorder
-    return {'world': learn._world, 'wrapped': learn._ddp is not None, 'fwd_after_fit': learn._fwd,
+    return {'world': learn.dist.world, 'wrapped': getattr(learn.dist, 'wrapper', None) is not None, 'fwd_after_fit': learn.fwd,
             'state': {k: v.clone() for k, v in learn.model.state_dict().items()},
             'lrs': r.lrs, 'moms': r.moms, 'raw': r.raw_losses, 'smooth': r.losses, 'bs': r.bs,
             'train_losses': r.train_losses, 'val_losses': r.val_losses, 'metrics': r.metrics,
@@ -96,7 +96,7 @@ def diverged_then_lr_find():
         learn.fit(1, 1e-2)
     except DivergenceError as e:
         error = type(e).__name__
-    wrapped_after = learn._ddp is not None
+    wrapped_after = getattr(learn.dist, 'wrapper', None) is not None
     nan.on = False
     with contextlib.redirect_stdout(io.StringIO()):
         res = learn.lr_find(num_it=5)
@@ -114,13 +114,13 @@ def accumulate_fit(bs):
         n = 0
 
         def before_fit(self, learn):
-            if learn._ddp is not None:
+            if getattr(learn.dist, 'wrapper', None) is not None:
                 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
                 def hook(state, bucket):
                     self.n += 1
                     return allreduce_hook(state, bucket)
-                learn._ddp[1].register_comm_hook(None, hook)
+                learn.dist.wrapper.register_comm_hook(None, hook)
     set_seed(4)
     count = CountReduces()
     data = make_data(n_train=N_TRAIN, n_valid=N_VALID, bs=bs, val_bs=VAL_BS)

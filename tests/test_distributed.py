@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from minifast import Learner, TensorDataLoader
-from minifast.distributed import ShardSampler, launched, reduce_vals, shard_bounds, shard_loader
+from minifast.distributed import ShardSampler, launched, shard_bounds, shard_loader
+from minifast.metrics import batch_means
 
 from conftest import make_data, make_mlp
 
@@ -203,12 +204,12 @@ def test_shard_sampler_matches_tensor_shard():
 
 def test_reduce_vals_arithmetic_and_empty_rank():
     learn = Learner(make_data(), make_mlp(), silent=True)
-    vals = [(16, torch.tensor(1.0), [torch.tensor(0.5)]), (4, torch.tensor(2.0), [torch.tensor(1.0)])]
-    learn._vals = vals
-    want = learn._reduce_vals([None])
-    got = reduce_vals(SimpleNamespace(_vals=vals, device=learn.device), [None])
+    vals = [(16, (torch.tensor(1.0), torch.tensor(0.5))), (4, (torch.tensor(2.0), torch.tensor(1.0)))]
+    want = batch_means(vals, 2, learn.device)  # one process
+    one_rank = lambda t, op: t  # noqa: E731  (the distributed arithmetic, on a single rank)
+    got = batch_means(vals, 2, learn.device, reduce=one_rank)
     assert got == pytest.approx(want, abs=1e-7) and got == pytest.approx([1.2, 0.6])
-    empty = reduce_vals(SimpleNamespace(_vals=[], device=learn.device), [None])
+    empty = batch_means([], 2, learn.device, reduce=one_rank)
     assert all(math.isnan(v) for v in empty) and len(empty) == 2
 
 
@@ -223,8 +224,8 @@ def test_resume_refuses_another_world_size():
 
 def test_single_process_paths_and_refusals(monkeypatch, tmp_path):
     learn = Learner(make_data(), make_mlp(), silent=True)
-    assert learn._world == 1 and learn.is_main and learn._fwd is None
-    assert learn._loader(learn.data.train_dl, True) is learn.data.train_dl
+    assert learn.dist.world == 1 and learn.is_main and learn.fwd is None
+    assert learn.dist.loader(learn.data.train_dl, True) is learn.data.train_dl
     with pytest.raises(ValueError, match='not launched for distributed training'):
         Learner(make_data(), make_mlp(), distributed=True)
     with pytest.raises(ValueError, match='distributed must be None'):
@@ -239,7 +240,7 @@ def test_single_process_paths_and_refusals(monkeypatch, tmp_path):
         grid_search(lambda: learn, {'wd': [0.]})
     monkeypatch.setenv('MINIFAST_DISTRIBUTED', '0')
     assert not launched()
-    assert Learner(make_data(), make_mlp(), silent=True)._world == 1  # opted out: a plain process
+    assert Learner(make_data(), make_mlp(), silent=True).dist.world == 1  # opted out: a plain process
 
 
 def test_ddp_gradient_accumulation_skips_reduces_and_equals_one_process(ddp):

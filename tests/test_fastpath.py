@@ -51,7 +51,7 @@ def test_mixed_precision_on_cpu_equals_hand_written_autocast_loop(flag):
         assert p.dtype == torch.float32  # master weights stay fp32
         torch.testing.assert_close(p, q, atol=0, rtol=0)
     if flag == 'fp16':
-        assert learn._scaler.get_scale() == scaler.get_scale()
+        assert learn.stepper.scaler.get_scale() == scaler.get_scale()
 
 
 def test_bf16_losses_track_fp32():
@@ -69,9 +69,9 @@ def test_bf16_losses_track_fp32():
 
 def test_precision_switches():
     learn = Learner(make_data(), make_mlp(), silent=True)
-    assert not learn.bf16 and not learn.fp16 and learn._scaler is None
-    assert learn.to_fp16() is learn and learn.fp16 and not learn.bf16 and learn._scaler is not None
-    assert learn.to_bf16() is learn and learn.bf16 and not learn.fp16 and learn._scaler is None
+    assert not learn.bf16 and not learn.fp16 and learn.stepper.scaler is None
+    assert learn.to_fp16() is learn and learn.fp16 and not learn.bf16 and learn.stepper.scaler is not None
+    assert learn.to_bf16() is learn and learn.bf16 and not learn.fp16 and learn.stepper.scaler is None
     assert learn.to_fp32() is learn and not learn.bf16 and not learn.fp16
     with pytest.raises(ValueError, match='bf16=True or fp16=True, not both'):
         Learner(make_data(), make_mlp(), bf16=True, fp16=True)
@@ -83,10 +83,10 @@ def test_fp16_skips_an_overflowing_step_and_lowers_the_scale():
     learn.to_fp16(init_scale=2. ** 120)  # scaled fp32 grads overflow to inf: the scaler must skip, not apply
     before = [p.detach().clone() for p in learn.model.parameters()]
     learn.fit(1, 1e-2, wd=0)
-    assert learn._scaler.get_scale() < 2. ** 120
+    assert learn.stepper.scaler.get_scale() < 2. ** 120
     changed = [not torch.equal(a, p) for a, p in zip(before, learn.model.parameters())]
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
-    assert not any(changed) or learn._scaler.get_scale() < 2. ** 119  # a step only once the scale came down
+    assert not any(changed) or learn.stepper.scaler.get_scale() < 2. ** 119  # a step only once the scale came down
 
 
 def test_compile_aot_eager_matches_eager_and_keeps_the_plain_model():
@@ -98,7 +98,7 @@ def test_compile_aot_eager_matches_eager_and_keeps_the_plain_model():
 
     class Spy(Callback):
         def after_pred(self, learn):
-            seen.append(learn._fwd if learn.training else learn._fwd_eval)
+            seen.append(learn.fwd if learn.training else learn.fwd_eval)
 
     for learn in (eager, comp):
         torch.manual_seed(5)
@@ -110,8 +110,8 @@ def test_compile_aot_eager_matches_eager_and_keeps_the_plain_model():
     for a, b in zip(eager.recorder.val_losses, comp.recorder.val_losses):
         assert abs(a - b) < 1e-6
     assert comp.model is m2 and not any('_orig_mod' in k for k in comp.model.state_dict())
-    assert comp._fwd is None and comp._fwd_eval is None  # only during a fit
-    assert len(comp._compiled) == 1  # one compiled wrapper, reused by the second fit
+    assert comp.fwd is None and comp.fwd_eval is None  # only during a fit
+    assert len(comp.compiled) == 1  # one compiled wrapper, reused by the second fit
 
 
 def test_compile_argument_is_checked():
@@ -136,7 +136,7 @@ def test_warmup_changes_nothing():
     assert all(p.grad is None for p in model.parameters())
     now = rng_state()
     assert torch.equal(now['torch'], rng['torch'])
-    assert len(learn._compiled) == 1 and learn._fwd is None
+    assert len(learn.compiled) == 1 and learn.fwd is None
 
 
 def test_warmup_then_fit_equals_fit():
@@ -272,7 +272,7 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path):
     with pytest.raises(Exception, match='simulated crash'):
         run(tmp_path / 'b', Crash())
     b = run(tmp_path / 'b', resume=True)
-    assert ref._scaler.get_scale() == b._scaler.get_scale() > 2. ** 10
+    assert ref.stepper.scaler.get_scale() == b.stepper.scaler.get_scale() > 2. ** 10
     assert ref.recorder.raw_losses == b.recorder.raw_losses
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
 
@@ -282,10 +282,10 @@ def test_fp16_skipped_steps_do_not_decay_the_weights():
     learn = Learner(make_data(n_train=64, bs=16), make_mlp(), silent=True, opt_func=SGD, wd=0.5)
     learn.to_fp16(init_scale=2. ** 125)  # scaled losses overflow fp32: every step of the epoch is skipped
     learn.create_opt()
-    assert not learn._wd.native
+    assert not learn.stepper.decay.native
     before = [p.detach().clone() for p in learn.model.parameters()]
     learn.fit(1, 0.1)
-    assert learn._scaler.get_scale() < 2. ** 125
+    assert learn.stepper.scaler.get_scale() < 2. ** 125
     assert all(torch.equal(a, p) for a, p in zip(before, learn.model.parameters()))
     learn.to_fp16()  # a normal scale: steps happen and the weights decay
     learn.fit(1, 0.1)
@@ -295,9 +295,9 @@ def test_fp16_skipped_steps_do_not_decay_the_weights():
 def test_lr_find_leaves_the_loss_scale_as_it_was():
     learn = Learner(make_data(n_train=128), make_mlp(), silent=True, fp16=True)
     learn.fit(1, 1e-2)
-    before = learn._scaler.state_dict()
+    before = learn.stepper.scaler.state_dict()
     learn.lr_find(num_it=20, end_lr=1e8)  # the sweep overflows and lowers the scale
-    assert learn._scaler.state_dict() == before
+    assert learn.stepper.scaler.state_dict() == before
 
 
 def test_get_preds_runs_like_validation_under_bf16():

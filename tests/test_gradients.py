@@ -136,7 +136,7 @@ def test_clip_under_fp16_unscales_once_and_equals_hand_written_scaler_loop(opt):
                     p.mul_(1 - 1e-2 * 0.1 if ok else 1.)
     _clip_loop(m, data, ref_opt, 2, 3, CLIP, scaler=scaler, decay=decay)
     _assert_close(_params(learn.model), _params(m))
-    assert learn._scaler.get_scale() == scaler.get_scale() and not learn._unscaled
+    assert learn.stepper.scaler.get_scale() == scaler.get_scale() and not learn.stepper.unscaled
 
 
 def test_clip_arguments():
@@ -212,7 +212,7 @@ def test_final_partial_group_steps_as_the_mean_of_its_batches():
     assert learn.train_iter == 4 and r.nb_batches == [2, 2] and r.bs == [64, 16, 64, 16]
     want = [sum(losses[0:4]) / 4, losses[4], sum(losses[5:9]) / 4, losses[9]]
     torch.testing.assert_close(torch.tensor(r.raw_losses), torch.tensor(want), atol=1e-6, rtol=0)
-    assert learn.stepping and learn._acc_loss is None  # left as outside accumulation
+    assert learn.stepping and learn.stepper.acc_loss is None  # left as outside accumulation
 
 
 def test_events_per_batch_and_per_step():
@@ -253,16 +253,16 @@ def test_schedule_lengths_count_optimizer_steps():
         acc = GradientAccumulation(n_step=4)
         learn = Learner(data, make_mlp(), callbacks=[acc] if where == 'learner' else None)
         extra = [acc] if where == 'callbacks' else None
-        assert learn._train_len(extra) == 2 and learn._train_batches() == 6
+        assert learn.steps_per_epoch(extra) == 2 and learn.batches_per_epoch() == 6
         learn.fit_warmup_cosine(3, 1e-2, warmup_epochs=1, callbacks=extra)
         lrs = learn.recorder.lrs
         assert len(lrs) == 6 and lrs[2] == max(lrs)  # the warm-up lasts one epoch: 2 steps
         learn.fit_sgdr(2, 1, 1e-2, cycle_mult=1, callbacks=extra)
         lrs = learn.recorder.lrs
         assert len(lrs) == 4 and lrs[0] == lrs[2] == 1e-2 and lrs[1] < 1e-2
-    assert learn._train_len() == 2
+    assert learn.steps_per_epoch() == 2
     learn.remove_cb(acc)
-    assert learn._train_len() == 6
+    assert learn.steps_per_epoch() == 6
 
 
 def test_lr_find_with_accumulation_steps_every_n_step_batches():
@@ -351,7 +351,7 @@ class CtrlC(Callback):
 
     def before_batch(self, learn):
         if learn.training and (learn.epoch, learn.iter) == self.at:
-            learn._interrupt_requested = True
+            learn.ctrl_c.requested = True
 
 
 def _resume_run(path, extra=(), resume=None):
@@ -433,7 +433,7 @@ class _GradLog(Callback):
 
     def after_backward(self, learn):
         self.seen.append((learn.epoch, learn.iter, learn.model[0].weight.grad.clone(), float(learn.loss),
-                          learn._step_bs))
+                          learn.stepper.step_bs))
 
 
 class _CancelAt(Callback):
@@ -509,7 +509,7 @@ def test_fp16_clip_then_cancel_fit_leaves_the_scaler_ready_for_the_next_fit():
             raise minifast.CancelFitException()
     learn = Learner(make_data(n_train=64, bs=16), make_mlp(), silent=True, fp16=True)
     learn.fit(1, 1e-3, clip=1.0, callbacks=[StopAfterClip()])
-    assert not learn._unscaled
+    assert not learn.stepper.unscaled
     learn.fit(1, 1e-3, clip=1.0)  # unscale_ would raise if the scaler still had this optimizer unscaled
     assert learn.train_iter == 4
 
@@ -564,7 +564,7 @@ def test_resume_with_a_callback_that_refuses_its_settings_leaves_the_model_as_it
 
     def broken():
         raise RuntimeError('compile failed')
-    other._setup_forward = broken  # a failure between loading the checkpoint and before_fit
+    other.setup_forward = broken  # a failure between loading the checkpoint and before_fit
     with pytest.raises(RuntimeError, match='compile failed'):
         other.fit(2, 1e-2, callbacks=[Checkpoint(every='epoch')], resume=tmp_path / 'checkpoints')
     assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in before.items())

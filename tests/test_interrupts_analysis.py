@@ -268,7 +268,7 @@ def test_interrupted_lr_find_restores_learner(with_opt, k):
     assert learn.callbacks is before['callbacks'][0] and learn.callbacks == before['callbacks'][1] == [marker]
     assert marker.batches == 0  # the user's callbacks did not see the sweep
     assert len(learn.recorder.raw_losses) == k - 1  # the steps done before the interrupt, for a look at the sweep
-    assert learn._hooks is None
+    assert learn.hooks is None
     learn.model.arm(None)
     learn.fit(1, 1e-2)
     assert marker.batches == N_TRAIN_BATCHES + N_VALID_BATCHES
@@ -330,7 +330,7 @@ def check_after_interrupt(learn, cb, n_steps, capsys):
     assert p.pbar is None and p.mbar is None and p._outer == []
     assert isinstance(learn.exception, KeyboardInterrupt)
     assert cb not in learn.callbacks and learn.callbacks == []
-    assert learn._hooks is None
+    assert learn.hooks is None
     assert len(learn.recorder.raw_losses) == len(learn.recorder.lrs) == n_steps
     capsys.readouterr()
     learn.model.arm(None)

@@ -9,8 +9,8 @@ import torch
 from torch.optim import lr_scheduler as tsched
 
 from minifast import Callback, Learner
-from minifast.callbacks.schedule import (fit_clr, fit_exp, fit_fc, fit_phases, fit_sgdr, fit_step,
-                                         fit_warmup_cosine)
+from minifast.policies import (fit_clr, fit_exp, fit_fc, fit_phases, fit_sgdr, fit_step,
+                               fit_warmup_cosine)
 from minifast.schedules import (CyclicSchedule, GeneralSchedule, TrainingPhase, annealing_cos, flat_cos_schedule,
                                 sgdr_schedule, warmup_cosine_schedule)
 from conftest import make_data, make_mlp, torch_applied

@@ -10,7 +10,8 @@ inf counts as a bad epoch, as in torch, whose best starts at inf in min mode and
 import math
 from numbers import Integral, Real
 
-from ..learner import Callback, CancelFitException
+from ..core import Callback, CancelFitException
+from .schedule import ParamScheduler
 from .tracking import check_monitor, monitor_mode
 
 __all__ = ['EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'EarlyStoppingCallback',
@@ -187,13 +188,13 @@ class ReduceLROnPlateau(_Monitor):
         return [self.min_lr[g.get('layer_group', 0)] for g in groups]
 
     def before_fit(self, learn):
-        from .schedule import ParamScheduler
         self._check(learn)
         groups = learn.opt.param_groups
         self._floors(groups)  # a min_lr of the wrong length fails before training
         self.best, self.wait, self.reductions = None, 0, []
         self.scales = [1.] * len(groups)
-        self._scheds = [cb for cb in learn._fit_cbs or () if isinstance(cb, ParamScheduler) and _sets_lr(cb)]
+        self._scheds = [cb for cb in (learn.hooks.cbs if learn.hooks is not None else ())
+                        if isinstance(cb, ParamScheduler) and _sets_lr(cb)]
         self._scaled = bool(self._scheds)
 
     def before_batch(self, learn):
@@ -305,9 +306,7 @@ class SaveModelCallback(_Monitor):
             return
         if learn.exception is not None:
             return  # an error or interrupt: leave the learner as it stopped
-        if learn._world > 1:  # rank 0 may still be writing the last improvement
-            from ..distributed import barrier
-            barrier()
+        learn.dist.barrier()  # under torchrun rank 0 may still be writing the last improvement
         learn.load(self.name)
 
     def state_dict(self):

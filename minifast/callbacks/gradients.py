@@ -5,7 +5,7 @@ from numbers import Integral, Real
 
 import torch
 
-from ..learner import Callback
+from ..core import Callback
 
 __all__ = ['GradientClipping', 'GradientAccumulation']
 
@@ -33,10 +33,7 @@ class GradientClipping(Callback):
         self._params = list(learn.model.parameters())
 
     def after_backward(self, learn):
-        scaler = learn._scaler
-        if scaler is not None and not learn._unscaled:  # fp16: clip the true gradients; the step must not unscale
-            scaler.unscale_(learn.opt)                   # them again (learn._scaled_step reads the flag)
-            learn._unscaled = True
+        learn.stepper.unscale(learn.opt)  # fp16: clip the true gradients (the step then does not unscale them again)
         torch.nn.utils.clip_grad_norm_(self._params, self.clip)
 
 
@@ -68,7 +65,7 @@ class GradientAccumulation(Callback):
 
     def before_fit(self, learn):
         try:
-            learn._train_batches()
+            learn.batches_per_epoch()
         except TypeError:
             raise TypeError('GradientAccumulation needs a training DataLoader with a length (the last group of an '
                             'epoch is divided by the batches it has)') from None

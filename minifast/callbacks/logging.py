@@ -2,7 +2,7 @@
 import csv
 import io
 
-from ..learner import Callback
+from ..core import Callback
 
 __all__ = ['CSVLogger']
 

@@ -1,13 +1,24 @@
 """Progress bars and the epoch table (fastprogress), and ShowGraph's live loss curves in notebooks."""
+import contextlib
 import sys
 import time
 
 from fastprogress import fastprogress as fp
 from fastprogress.fastprogress import format_time, master_bar, progress_bar
 
-from ..learner import Callback
+from ..core import Callback
 
-__all__ = ['ProgressCallback', 'ShowGraph']
+__all__ = ['ProgressCallback', 'ShowGraph', 'no_bar']
+
+
+@contextlib.contextmanager
+def no_bar(learn):
+    """Context manager that silences the learner's progress bars and epoch table (Learner.no_bar)."""
+    old, learn.silent = learn.silent, True
+    try:
+        yield learn
+    finally:
+        learn.silent = old
 
 
 def _live():

@@ -7,16 +7,13 @@ import numpy as np
 import torch
 
 from ..checks import metric_name
-from ..learner import Callback
+from ..core import Callback
+from ..distributed import all_reduce_
 from ..optim import momentum_key
+from .lr_finder import ema_step, suggestions
 
 __all__ = ['Recorder', 'new_figure', 'ema_step']
 
-
-def ema_step(mov, value, beta, n):
-    """One step of the debiased exponential moving average: (new average, debiased value after n values)."""
-    mov = beta * mov + (1 - beta) * value
-    return mov, mov / (1 - beta ** n)
 
 
 def new_figure(ax=None, ncols=1, figsize=None):
@@ -65,12 +62,12 @@ class Recorder(Callback):
         self._reset()
         self.metrics_names = [metric_name(m) for m in learn.metrics]
         self._pgs, self._mom_key = learn.opt.param_groups, momentum_key(learn.opt)
-        self._world = learn._world
-        self._acc = learn._n_acc > 1  # gradient accumulation: a step's items are those of its batches
+        self._world = learn.dist.world
+        self._acc = learn.stepper.n_acc > 1  # gradient accumulation: a step's items are those of its batches
 
     def before_epoch(self, learn):
         self._t0, self._start = time.perf_counter(), len(self.bs)
-        resumed = getattr(learn, '_resumed_epoch', None)
+        resumed = learn.resumed_epoch
         if resumed is not None:  # resuming mid-epoch: this epoch began before the checkpoint
             self._start, self._t0 = resumed['start'], self._t0 - resumed['elapsed']
 
@@ -100,7 +97,7 @@ class Recorder(Callback):
 
     def after_step(self, learn):  # runs every step: kept to a few appends
         self._pending.append(learn.loss.detach())
-        self.bs.append(learn._step_bs if self._acc else len(learn.yb))
+        self.bs.append(learn.stepper.step_bs if self._acc else len(learn.yb))
         pgs, key = self._pgs, self._mom_key
         self.group_lrs.append([g['lr'] for g in pgs])
         if key == 'betas':
@@ -115,7 +112,6 @@ class Recorder(Callback):
     def _reduce_epoch(self, learn):
         """Replace this epoch's per-step losses by their average over the ranks (weighted by batch size) and the
         batch sizes by their sum, and recompute the smoothed losses from the epoch's start."""
-        from ..distributed import all_reduce_
         self._flush()
         s = self._start
         raw, bs = self._raw[s:], self.bs[s:]
@@ -201,7 +197,6 @@ class Recorder(Callback):
         fig, (ax,) = new_figure(ax)
         ax.plot(lrs[skip_start:end], losses[skip_start:end])
         if suggestion:
-            from .lr_finder import suggestions
             # the values lr_find returned (and smith chose from): its own skips, not the plot's, or the marks would
             # differ from them on sweeps of other than 100 steps
             for (name, lr), m in zip(suggestions(lrs, losses).items(), 'o^s'):

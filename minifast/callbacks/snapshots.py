@@ -3,8 +3,8 @@ import warnings
 from pathlib import Path
 
 from ..checks import int_value
-from ..checkpoint import atomic_save
-from ..learner import Callback
+from ..checkpoint import atomic_save, load_state
+from ..core import Callback
 
 __all__ = ['WeightSnapshots', 'sgdr_cycle_ends', 'clr_cycle_ends', 'state_dict_copy']
 
@@ -91,7 +91,6 @@ class WeightSnapshots(Callback):
 
     def load_state_dict(self, state):
         """Restore what `state_dict` returned (snapshots kept as files are read back, weights-only)."""
-        from ..checkpoint import load_state
         self.files = {int(e): Path(f) for e, f in state['files'].items()}
         snaps = {int(e): sd for e, sd in state['snapshots'].items()}
         for e, f in self.files.items():

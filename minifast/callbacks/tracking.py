@@ -9,8 +9,10 @@ import torch
 
 from ..accel import all_finite
 from ..checkpoint import atomic_save
-from ..learner import Callback, CancelEpochException, CancelTrainException, DivergenceError
-from ..resume import _SEQ, list_checkpoints, training_state
+from ..distributed import all_reduce_
+from ..core import Callback, CancelEpochException, CancelTrainException, DivergenceError
+from ..resume import CHECKPOINT_FILE, list_checkpoints, training_state
+from ..state import LiveCopy
 
 __all__ = ['Checkpoint', 'DivergenceGuard', 'monitored_value', 'monitor_mode']
 
@@ -92,6 +94,8 @@ class Checkpoint(Callback):
         learn = learn or self.learn
         return self.path if self.path.is_absolute() else learn.path / self.path
 
+    resume_folder = folder  # where fit(..., resume=True) resumes from
+
     def before_fit(self, learn):
         self.learn = learn
         if self.monitor is not None and (self.every == 'improvement' or learn.data.valid_dl is not None
@@ -131,9 +135,9 @@ class Checkpoint(Callback):
             if not last_epoch_done:  # a step checkpoint at the very end is replaced by the finished state
                 same = self._last_step == learn.train_iter and self.last_file is not None
                 self._write(learn, 'end', self.last_file if same else None)
-        elif isinstance(e, KeyboardInterrupt) and learn._boundary is not None:
+        elif isinstance(e, KeyboardInterrupt) and learn.ctrl_c.boundary is not None:
             # a Ctrl-C deferred to a batch boundary: after a training batch, or in validation (training is done)
-            all_batches = learn._train_batches() if learn._boundary == 'valid' else None
+            all_batches = learn.batches_per_epoch() if learn.ctrl_c.boundary == 'valid' else None
             self._write(learn, 'boundary', batch=all_batches)
 
     def _write(self, learn, where, file=None, batch=None, best=False):
@@ -146,7 +150,7 @@ class Checkpoint(Callback):
         folder = self.folder(learn)
         if file is None:
             files = list_checkpoints(folder)
-            seq = 1 + max((int(_SEQ.search(p.name).group(1)) for p in files), default=-1)
+            seq = 1 + max((int(CHECKPOINT_FILE.search(p.name).group(1)) for p in files), default=-1)
             file = folder / f'{self.name}_{seq:05d}_epoch{learn.epoch}_step{step}.pth'
         if best:
             self.best_file = file  # before the state is taken, so the file records itself as the best
@@ -215,66 +219,14 @@ class DivergenceGuard(Callback):
 
     def before_fit(self, learn):
         self.every = self.check_every or (1 if learn.device.type == 'cpu' else 32)
-        self._world = learn._world
+        self._world = learn.dist.world
         self._losses, self._steps = [], []  # checking every n steps: the losses (on the device) since the last check
-        self._live_key = self._live_ts = self._good = None
-        self._snapshot(learn)
+        self._good = LiveCopy()  # the last verified weights and optimizer state
+        self._good.refresh(learn)
         # checking every step: the buffers (BatchNorm statistics) as they were after the last finite loss's forward,
         # since the forward that yields a non-finite loss has already folded it into them
         self._bufs = list(learn.model.buffers()) if self.every == 1 else []
         self._shadow = [b.detach().clone() for b in self._bufs]
-
-    def _live(self, learn):
-        """(the model's state tensors, [(param, key, tensor)] of the optimizer's state): what a snapshot copies.
-        Kept between checks, and rebuilt when the optimizer's state grows (its first step creates it)."""
-        opt = learn.opt
-        key = (id(learn.model), id(opt), None if opt is None else id(opt.state),  # load_state_dict: a new state
-               -1 if opt is None else sum(len(st) for st in opt.state.values()))
-        if key != self._live_key:
-            model_ts = list(learn.model.state_dict().values())  # they share storage with the parameters and buffers
-            opt_ts = [] if opt is None else [(p, k, v) for p, st in opt.state.items() for k, v in st.items()
-                                              if isinstance(v, torch.Tensor)]
-            self._live_key, self._live_ts = key, (model_ts, opt_ts, [] if opt is None else list(opt.state))
-        return self._live_ts
-
-    def _snapshot(self, learn):
-        """Copy the model's and optimizer's state into the snapshot (one foreach copy, into the buffers of the last
-        snapshot when the state has the same tensors; values that are not tensors, such as step counts kept as
-        numbers, by value)."""
-        live = self._live(learn)
-        ts = live[0] + [v for _, _, v in live[1]]
-        other = [] if learn.opt is None else [(st, k, v) for p in live[2] for st in (learn.opt.state[p],)
-                                              for k, v in st.items() if not isinstance(v, torch.Tensor)]
-        with torch.no_grad():
-            if self._good is not None and self._good[0] is live:
-                torch._foreach_copy_(self._good[1], ts)
-                self._good = (live, self._good[1], other)
-            else:
-                self._good = (live, [t.detach().clone() for t in ts], other)
-        self._good_step = learn.train_iter
-
-    def _restore(self, learn):
-        """Put the snapshot back in place; optimizer state created after it (a first step) is dropped."""
-        (model_ts, opt_ts, had), saved, other = self._good
-        n = len(model_ts)
-        with torch.no_grad():
-            torch._foreach_copy_(model_ts, saved[:n])
-            if learn.opt is not None:  # looked up now: a learn.load during the fit replaces the state's tensors
-                state = learn.opt.state
-                for (p, k, _), v in zip(opt_ts, saved[n:]):
-                    cur = state[p].get(k)
-                    if isinstance(cur, torch.Tensor) and cur.shape == v.shape and cur.dtype == v.dtype:
-                        cur.copy_(v)
-                    else:
-                        state[p][k] = v.clone()
-        if learn.opt is not None:
-            by_id = {id(st): p for p, st in learn.opt.state.items()}
-            for st, k, v in other:
-                p = by_id.get(id(st))
-                (learn.opt.state[p] if p is not None else st)[k] = v
-            had = {id(p) for p in had}
-            for p in [p for p in learn.opt.state if id(p) not in had]:
-                del learn.opt.state[p]
 
     def after_loss(self, learn):
         if not learn.training:
@@ -297,7 +249,6 @@ class DivergenceGuard(Callback):
 
     @staticmethod
     def _all_finite(finite, device):
-        from ..distributed import all_reduce_
         return bool(all_reduce_(torch.tensor([int(finite)], dtype=torch.int32, device=device), 'min')[0])
 
     def after_train(self, learn):
@@ -306,14 +257,13 @@ class DivergenceGuard(Callback):
     def verify(self, learn):
         """Raise DivergenceError (after restoring the last verified weights) if a non-finite loss was seen since the
         last check or the weights are not finite; otherwise remember the current weights as verified."""
-        weights = [t for t in self._live(learn)[0] if t.is_floating_point() or t.is_complex()]
+        weights = [t for t in self._good.live(learn)[0] if t.is_floating_point() or t.is_complex()]
         flags = []  # device scalars, read together: the lagged check costs one host sync
         if self.every > 1:
             losses, steps, self._losses, self._steps = self._losses, self._steps, [], []
             if self._world > 1 or losses:  # every rank reduces, also one that saw no batch
                 bad = self._first_bad(losses, learn.device)
                 if self._world > 1:  # the earliest bad step of any rank (-1: none); ranks run the same steps
-                    from ..distributed import all_reduce_
                     big = torch.iinfo(torch.long).max
                     first = all_reduce_(torch.where(bad < 0, big, bad), 'min')
                     bad = torch.where(first == big, -1, first)
@@ -328,7 +278,7 @@ class DivergenceGuard(Callback):
             self._diverged(learn, steps[i] if i < len(steps) else None, None)
         if not (vals[-1] if on_dev else _all_finite(weights)):
             self._diverged(learn, None, None)
-        self._snapshot(learn)
+        self._good.refresh(learn)
 
     @staticmethod
     def _first_bad(losses, device):
@@ -348,11 +298,11 @@ class DivergenceGuard(Callback):
         if exact:
             kept = 'the model holds the weights that loss was computed from (the last finite ones)'
         else:
-            self._restore(learn)
+            self._good.restore(learn)
             kept = (f'the weights and optimizer state were restored to those verified finite after '
-                    f'{self._good_step} steps of this fit')
+                    f'{self._good.step} steps of this fit')
         try:
-            n = learn._train_len()  # steps per epoch (with accumulation: optimizer steps)
+            n = learn.steps_per_epoch()  # steps per epoch (with accumulation: optimizer steps)
         except TypeError:
             n = learn.n_iter or 1
         if step is None:
@@ -361,7 +311,7 @@ class DivergenceGuard(Callback):
         else:
             epoch, batch = (learn.epoch, learn.iter) if self.every == 1 else divmod(step, n)
             if self.every > 1:  # with accumulation: the first batch of that step
-                batch *= learn._n_acc
+                batch *= learn.stepper.n_acc
             what = 'not finite' if value is None else f'{value}'
             where = f'the training loss is {what} at epoch {epoch}, batch {batch} (step {step} of this fit)'
         learn.diverged = {'epoch': epoch, 'batch': batch, 'step': step}

@@ -1,13 +1,8 @@
 """Runs fastai v1 callbacks (on_train_begin(**kwargs) ... on_train_end) unchanged on minifast's events."""
 from ..checks import metric_name
-from ..learner import CancelBatchException, CancelTrainException, CancelValidateException
+from ..core import V1_EVENTS, CancelBatchException, CancelTrainException, CancelValidateException
 
 __all__ = ['V1_EVENTS', 'v1_hooks', 'v1_stop_epoch_hook']
-
-V1_EVENTS = {'on_train_begin': 'before_fit', 'on_epoch_begin': 'before_epoch', 'on_batch_begin': 'before_batch',
-             'on_loss_begin': 'after_pred', 'on_backward_begin': 'after_loss', 'on_backward_end': 'after_backward',
-             'on_step_end': 'after_step', 'on_batch_end': 'after_batch', 'on_epoch_end': 'after_epoch',
-             'on_train_end': 'after_fit'}
 _TRAIN_ONLY = {'on_backward_begin', 'on_backward_end', 'on_step_end'}
 _SKIPS = {'skip_step', 'skip_zero', 'skip_bwd'}
 
@@ -42,11 +37,11 @@ def _apply(learn, name, ret):
         elif k == 'last_metrics':
             learn.last_metrics = list(v) if v is not None else []
         elif k == 'stop_training':
-            learn._stop_training = learn._stop_training or bool(v)
+            learn.state.stop_training = learn.state.stop_training or bool(v)
         elif k == 'stop_epoch':
-            learn._v1_stop_epoch = learn._v1_stop_epoch or bool(v)
+            learn.state.stop_epoch = learn.state.stop_epoch or bool(v)
         elif k == 'skip_validate':  # v1 keeps it for the rest of the fit (its LRFinder sets it in on_train_begin)
-            learn._v1_skip_validate = learn._v1_skip_validate or bool(v)
+            learn.state.skip_validate = learn.state.skip_validate or bool(v)
         elif k in _SKIPS:
             skip = skip or bool(v)
         elif k not in ('epoch', 'iteration', 'num_batch', 'n_epochs', 'smooth_loss', 'train', 'metrics', 'pbar',
@@ -82,6 +77,6 @@ def v1_hooks(cb):
 
 def v1_stop_epoch_hook(learn):
     """Runs last in after_batch: a v1 `stop_epoch` ends the current training or validation pass."""
-    if learn._v1_stop_epoch:
-        learn._v1_stop_epoch = False
+    if learn.state.stop_epoch:
+        learn.state.stop_epoch = False
         raise CancelTrainException() if learn.training else CancelValidateException()

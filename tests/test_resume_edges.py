@@ -12,7 +12,7 @@ from minifast.determinism import set_seed
 from minifast.resume import list_checkpoints
 from minifast.schedules import TrainingPhase
 
-from test_resume import Interrupt, assert_identical, make_learner, outcome
+from resume_run import Interrupt, assert_identical, make_learner, outcome
 
 
 class CrashInValidation(Callback):

@@ -46,14 +46,8 @@ def run(path, method='fit_one_cycle', every=4, kill_at=None, resume=None, extra=
     getattr(learn, method)(*args, callbacks=cbs, resume=resume, **kw)
     return learn
 '''
-
-
 ns = {}
-
-
 exec(compile(RUN, 'resume_run', 'exec'), ns)
-
-
 run, make_learner = ns['run'], ns['make_learner']
 
 

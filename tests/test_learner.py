@@ -1,30 +1,18 @@
-"""The loop against hand-written references: weights after fit, weight-decay modes, validate, preds, save/load."""
+"""The Learner: the loop against a hand-written reference, validate, get_preds/predict, save/load, the constructor's
+arguments, plain torch DataLoaders, metric errors."""
 import copy
 import os
-from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from minifast import DataBunch, Learner, accuracy, error_rate, synthetic_classification, top_k_accuracy
+from minifast import Callback, DataBunch, Learner, accuracy, error_rate, synthetic_classification, top_k_accuracy
 from conftest import make_data, make_mlp, reference_fit
-
-
-def learner_fit(model, data, epochs, lr, seed, **kw):
-    learn = Learner(data, model, silent=True, **kw)
-    torch.manual_seed(seed)
-    learn.fit(epochs, lr)
-    return learn
-
-
-def assert_same_weights(a, b, atol=0.):
-    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        if atol == 0:
-            assert torch.equal(p, q), k
-        else:
-            torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=k)
+from helpers import assert_same_weights, learner_fit
 
 
 def test_fit_equals_hand_written_adamw_loop_bitwise():
@@ -33,45 +21,6 @@ def test_fit_equals_hand_written_adamw_loop_bitwise():
     learner_fit(m1, data, 3, 1e-2, seed=1, wd=0.1)
     reference_fit(m2, data, torch.optim.AdamW(m2.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), 3, 1)
     assert_same_weights(m1, m2)
-
-
-def test_l2_weight_decay_equals_torch_adam_weight_decay():
-    data = make_data(n_train=96)
-    m1, m2 = make_mlp(), make_mlp()
-    learner_fit(m1, data, 2, 1e-2, seed=2, wd=0.05, true_wd=False)
-    reference_fit(m2, data, torch.optim.Adam(m2.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.05), 2, 2)
-    assert_same_weights(m1, m2, atol=1e-6)
-
-
-def test_true_wd_with_sgd_is_decoupled():
-    data = make_data(n_train=96)
-    m1, m2 = make_mlp(), make_mlp()
-    lr, wd = 0.05, 0.1
-    learner_fit(m1, data, 2, lr, seed=3, wd=wd, opt_func=partial(torch.optim.SGD, momentum=0.9))
-    opt = torch.optim.SGD(m2.parameters(), lr=lr, momentum=0.9)
-
-    def decay():
-        with torch.no_grad():
-            for p in m2.parameters():
-                p.mul_(1 - lr * wd)
-    reference_fit(m2, data, opt, 2, 3, before_step=decay)
-    assert_same_weights(m1, m2, atol=1e-6)
-
-
-def test_bn_wd_false_spares_norm_layers_and_biases():
-    def bn_model():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    data = make_data(n_train=96)
-    m1, m2 = bn_model(), bn_model()
-    learn = learner_fit(m1, data, 2, 1e-2, seed=4, wd=0.2, bn_wd=False)
-    decay = [m2[0].weight, m2[3].weight]
-    rest = [m2[0].bias, m2[1].weight, m2[1].bias, m2[3].bias]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.2}, {'params': rest, 'weight_decay': 0.}], lr=1e-2,
-                            betas=(0.9, 0.99))
-    reference_fit(m2, data, opt, 2, 4)
-    assert_same_weights(m1, m2, atol=1e-6)
-    assert sorted(g['wd'] for g in learn.opt.param_groups) == [0., 0.2]
 
 
 def test_loss_falls_on_a_learnable_problem():
@@ -107,16 +56,12 @@ def test_validate_equals_manual_evaluation_with_uneven_last_batch():
     assert learn.validate(metrics=[error_rate]) == pytest.approx([loss, 1 - acc], abs=1e-6)
 
 
-def test_metrics_against_hand_computed_values():
-    out = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5], [0.5, 0.2, 0.3]])
-    y = torch.tensor([1, 2, 2, 1])
-    assert accuracy(out, y).item() == pytest.approx(0.5)
-    assert error_rate(out, y).item() == pytest.approx(0.5)
-    assert top_k_accuracy(out, y, k=2).item() == pytest.approx(0.75)  # rows 0, 1, 2 have the target in their top 2
-    big = torch.randn(200, 20)
-    yb = torch.randint(0, 20, (200,))
-    ranks = (big > big.gather(1, yb[:, None])).sum(1)  # how many classes score above the target
-    assert top_k_accuracy(big, yb).item() == pytest.approx((ranks < 5).float().mean().item())
+def test_validate_without_validation_set():
+    learn = Learner(make_data(n_valid=0), make_mlp(), silent=True)
+    with pytest.raises(ValueError, match=r'no validation set \(data.valid_dl is None\)'):
+        learn.validate()
+    learn.fit(1)
+    assert learn.recorder.val_losses == [None]
 
 
 def test_get_preds_and_predict():
@@ -135,19 +80,32 @@ def test_get_preds_and_predict():
     assert idx == int(ref[3].argmax()) and label == 'abc'[idx]
 
 
-def test_optimizer_persists_across_fits_and_lr_per_layer_group():
-    model = make_mlp()
-    learn = Learner(make_data(), model, silent=True, layer_groups=[model[0], model[2]])
-    learn.fit(1, slice(1e-4, 1e-2))
-    opt = learn.opt
-    assert [g['lr'] for g in opt.param_groups] == pytest.approx([1e-4, 1e-2])
-    learn.fit(1, [1e-3, 2e-3])
-    assert learn.opt is opt and [g['lr'] for g in opt.param_groups] == pytest.approx([1e-3, 2e-3])
-    assert len(opt.state) == 4  # Adam moments kept from the first fit
-    learn.fit(1, slice(1e-2))
-    assert [g['lr'] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2])
-    with pytest.raises(ValueError, match='lr has 3 values but the learner has 2 layer groups'):
-        learn.fit(1, [1e-3, 1e-3, 1e-3])
+def test_get_preds_and_predict_leave_the_train_eval_mode_as_they_found_it():
+    # validate() puts the mode back (it may run inside a fit, from a callback); get_preds and predict left the model
+    # in eval mode, so a callback predicting mid-epoch made the rest of the epoch train without dropout and with
+    # frozen BatchNorm statistics
+    data = make_data()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(16, 3))
+    learn = Learner(data, model, silent=True)
+    modes = []
+
+    class Peek(Callback):
+        def after_batch(self, learn):
+            if learn.training and learn.iter == 0:
+                learn.get_preds()
+                learn.predict(data.valid_ds[0][0])
+
+        def before_batch(self, learn):
+            if learn.training:
+                modes.append(learn.model.training)
+
+    learn.fit(1, 1e-2, callbacks=Peek())
+    assert modes == [True] * len(data.train_dl)
+    learn.model.eval()
+    learn.get_preds()
+    learn.predict(data.valid_ds[0][0])
+    assert not learn.model.training
 
 
 def test_save_load_roundtrip_and_mismatch_leaves_model_untouched(tmp_path):
@@ -192,4 +150,65 @@ def test_bf16_and_channels_last_flags_run_on_cpu():
     assert all(v == v for v in learn.validate())
 
 
-from minifast import Callback  # noqa: E402
+def test_plain_torch_dataloader_works():
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    dl = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    learn = Learner(DataBunch(dl, DataLoader(TensorDataset(x, y), batch_size=16)), make_mlp(), silent=True)
+    learn.fit(2)
+    assert learn.recorder.nb_batches == [5, 5] and learn.recorder.val_losses[-1] > 0
+
+
+def test_data_without_train_dl():
+    with pytest.raises(TypeError, match=r'data must have a `train_dl`.*got Tensor.*DataBunch'):
+        Learner(torch.zeros(3), make_mlp())
+
+
+def test_data_without_valid_dl_attribute():
+    class OnlyTrain:
+        train_dl = make_data().train_dl
+    with pytest.raises(TypeError, match=r'OnlyTrain\) has `train_dl` but no `valid_dl`.*valid_dl=None'):
+        Learner(OnlyTrain(), make_mlp())
+
+
+def test_metric_not_callable():
+    with pytest.raises(TypeError, match=r"metrics\[1\] is 5 \(int\), which is not callable"):
+        Learner(make_data(), make_mlp(), metrics=[accuracy, 5])
+    learn = Learner(make_data(), make_mlp())
+    with pytest.raises(TypeError, match=r"metrics\[0\] is 'accuracy' \(str\)"):
+        learn.validate(metrics=['accuracy'])
+
+
+def test_a_metric_that_raises_is_named_with_the_shapes():
+    def bad_metric(pred, targ):
+        return (pred.argmax(-1) == targ[:, None]).float().mean(1)[16]  # an index error
+
+    learn = Learner(make_data(), make_mlp(), metrics=[accuracy, bad_metric])
+    with pytest.raises(RuntimeError, match=r'metric bad_metric raised IndexError on validation batch 0 '
+                                           r'\(predictions of shape \(\d+, \d+\), targets of shape \(\d+,\)\)'):
+        learn.validate()
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(model=None), r'Learner: model must be a torch.nn.Module, got NoneType'),
+    (dict(model='resnet'), r"Learner: model must be a torch.nn.Module, got str 'resnet'"),
+    (dict(loss_func='ce'), r"Learner: loss_func must be a function \(pred, target\) -> loss .*got str 'ce'"),
+    (dict(opt_func='adam'), r"Learner: opt_func must be a function or class .*not str 'adam'"),
+    (dict(opt_func=torch.optim.SGD(make_mlp().parameters(), lr=0.1)), r'Learner: opt_func .*not SGD'),
+    (dict(callbacks=[3]), r'3 \(int\) is not a callback'),
+    (dict(callback_fns=[lambda learn: None]), r'None \(NoneType\) is not a callback')])
+def test_learner_arguments_of_the_wrong_kind(kw, msg):
+    args = {'model': make_mlp(), 'silent': True, **kw}
+    with pytest.raises(TypeError, match=msg):
+        Learner(make_data(), **args)
+
+
+def test_learner_path_none_is_the_datas_folder_and_bad_folders_are_named(tmp_path):
+    data = make_data()
+    data.path = tmp_path / 'data'
+    assert Learner(data, make_mlp(), path=None).path == tmp_path / 'data'  # fastai v1's default
+    assert Learner(data, make_mlp()).path == Path('.')
+    assert Learner(make_data(), make_mlp(), path=None).path == Path('.')  # data without a folder
+    with pytest.raises(TypeError, match=r"Learner: model_dir must be a folder \(a str or Path\), got None"):
+        Learner(data, make_mlp(), model_dir=None)  # used to fail only at the first save
+    with pytest.raises(TypeError, match=r"Learner: path must be a folder \(a str or Path\), got 3"):
+        Learner(data, make_mlp(), path=3)

@@ -12,7 +12,7 @@ from minifast.callbacks.tracking import Checkpoint
 from minifast.determinism import set_seed
 
 from conftest import make_data, make_mlp
-from test_resume import assert_identical, make_learner, outcome
+from resume_run import assert_identical, make_learner, outcome
 
 NAN, INF = float('nan'), float('inf')
 

@@ -1,11 +1,12 @@
 """grid_search: fair comparisons (same initial weights and data order), the run log and skipping finished runs,
-divergence, the table, plots and seed 004's over/under-fitting verdicts."""
+divergence, the table, plots and seed 004's over/under-fitting verdicts; resuming an interrupted grid."""
 import json
 import math
 
 import matplotlib.pyplot as plt
 import pytest
 import torch
+from torch import nn
 
 from minifast import Callback, Learner, accuracy, diagnose, grid_search, read_log
 
@@ -164,3 +165,28 @@ def test_fixed_settings_apply_to_every_run_but_stay_out_of_the_names():
     assert all(r['fixed'] == {'moms': [0.99, 0.9]} and r['steps']['mom'][0] == pytest.approx(0.99) for r in res.runs)
     plain = grid_search(make_learner, {'wd': [1e-2]}, epochs=1)
     assert plain.runs[0]['steps']['mom'][0] == pytest.approx(0.95)
+
+
+# ---- edge cases found in review (each failed before its fix) ---------------------------------------------------------
+def test_grid_resumed_run_matches_uninterrupted_run(tmp_path):
+    """Re-running a grid after an interruption gives the records an uninterrupted run gives, also with a
+    make_learner kwarg that changes part of the model (such a config keeps its own weights, never a partial copy)."""
+    data = make_data()
+
+    def make_learner(hidden=16):
+        model = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 8), nn.ReLU(), nn.Linear(8, 3))
+        return Learner(data, model, metrics=[accuracy], silent=True)
+
+    grid = {'hidden': [16, 32]}
+    full = grid_search(make_learner, grid, epochs=1, log=tmp_path / 'full.jsonl')
+    part = tmp_path / 'part.jsonl'
+    part.write_text(json.dumps(full.runs[0]) + '\n')  # killed while training the second config
+    resumed = grid_search(make_learner, grid, epochs=1, log=part)
+    assert resumed.runs[1]['steps']['loss'] == full.runs[1]['steps']['loss']
+
+
+def test_diagnose_names_the_epoch_of_the_minimum():
+    """The overfitting sentence names the epoch of the minimum, also when an earlier value is missing."""
+    word, why = diagnose([None, 1.0, 0.5, 0.9])
+    assert word == 'overfitting'
+    assert '(epoch 2)' in why, why

@@ -1,5 +1,5 @@
-"""The schedule policies other than one-cycle against torch's schedulers (or a hand-written reference), per-group
-lrs, wd and per-call callbacks, composed phases, and the errors for bad arguments."""
+"""The fit_* policies: fit_one_cycle and the others against torch's schedulers (or a hand-written reference),
+per-group lrs, wd and per-call callbacks, composed phases, and the errors for bad arguments."""
 import math
 from functools import partial
 
@@ -11,11 +11,71 @@ from torch.optim import lr_scheduler as tsched
 from minifast import Callback, Learner
 from minifast.policies import (fit_clr, fit_exp, fit_fc, fit_phases, fit_sgdr, fit_step,
                                fit_warmup_cosine)
-from minifast.schedules import (CyclicSchedule, GeneralSchedule, TrainingPhase, annealing_cos, flat_cos_schedule,
-                                sgdr_schedule, warmup_cosine_schedule)
+from minifast.schedules import TrainingPhase, annealing_cos, warmup_cosine_schedule
 from conftest import make_data, make_mlp, torch_applied
+from helpers import SGD, _mlp_learner, same_state, snapshot
 
-SGD = partial(torch.optim.SGD, momentum=0.9)
+
+# ---- fit_one_cycle ---------------------------------------------------------------------------------------------------
+def torch_one_cycle(opt_factory, total, max_lr, moms, div, pct, final_div):
+    """lr and momentum that torch's OneCycleLR applies at each of `total` steps."""
+    return torch_applied(opt_factory, max_lr, lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=max_lr, total_steps=total, pct_start=pct, anneal_strategy='cos', cycle_momentum=True,
+        base_momentum=moms[1], max_momentum=moms[0], div_factor=div, final_div_factor=final_div / div), total)
+
+
+@pytest.mark.parametrize('n_train,epochs,pct,div,final_div', [
+    (48, 1, 0.3, 25., None),      # 3 steps: phase one ends before step 0
+    (112, 1, 0.25, 10., 1e3),     # 7 steps, odd
+    (48, 3, 0.3, 25., None),      # 9 steps over 3 epochs
+    (80, 4, 0.5, 5., 100.),
+])
+@pytest.mark.parametrize('opt', ['adamw', 'sgd'])
+def test_fit_one_cycle_equals_torch_one_cycle_lr(n_train, epochs, pct, div, final_div, opt):
+    factory = (partial(torch.optim.AdamW, betas=(0.9, 0.99)) if opt == 'adamw'
+               else partial(torch.optim.SGD, momentum=0.9))
+    learn = Learner(make_data(n_train=n_train), make_mlp(), opt_func=factory, silent=True)
+    learn.fit_one_cycle(epochs, max_lr=0.02, moms=(0.95, 0.85), div_factor=div, pct_start=pct, final_div=final_div)
+    total = epochs * (n_train // 16)
+    ref_lr, ref_mom = torch_one_cycle(factory, total, 0.02, (0.95, 0.85), div, pct, final_div or div * 1e4)
+    assert len(learn.recorder.lrs) == total
+    np.testing.assert_allclose(learn.recorder.lrs, ref_lr, rtol=1e-6)
+    np.testing.assert_allclose(learn.recorder.moms, ref_mom, rtol=1e-6)
+
+
+def test_one_cycle_shape_and_per_group_lrs():
+    model = make_mlp()
+    learn = Learner(make_data(n_train=160), model, silent=True, layer_groups=[model[0], model[2]])
+    learn.fit_one_cycle(2, max_lr=slice(1e-3, 1e-2))
+    g = np.array(learn.recorder.group_lrs)
+    np.testing.assert_allclose(g[:, 0] / g[:, 1], 0.1, rtol=1e-9)  # the groups keep their ratio all along
+    lrs = g[:, 1]
+    peak = int(np.argmax(lrs))
+    assert lrs[peak] == pytest.approx(1e-2) and lrs[0] == pytest.approx(1e-2 / 25)
+    assert lrs[-1] < 1e-2 / 25 / 100 and np.all(np.diff(lrs[:peak + 1]) > 0) and np.all(np.diff(lrs[peak:]) < 0)
+    moms = np.array(learn.recorder.moms)
+    assert moms[0] == pytest.approx(0.95) and moms.min() == pytest.approx(0.85) and moms[-1] > 0.949
+
+
+def test_moms_given_as_a_number_explains_the_tuple():
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    with pytest.raises(TypeError, match=r'moms must be a \(max, min\) pair such as \(0\.95, 0\.85\), got the '
+                                        r'number 0\.09.*moms=\(0\.99-0\.90\) is a subtraction.*moms=\(0\.99, 0\.90\)'):
+        learn.fit_one_cycle(2, max_lr=1e-2, moms=(0.99 - 0.90), wd=1e-4)
+    assert learn.opt is None  # nothing ran
+
+
+def test_fit_one_cycle_start_epoch_trains_the_rest_of_the_cycle():
+    full = Learner(make_data(n_train=64), make_mlp(), silent=True)
+    full.fit_one_cycle(5, 1e-2)
+    rest = Learner(make_data(n_train=64), make_mlp(), silent=True)
+    rest.fit_one_cycle(5, 1e-2, start_epoch=3)
+    assert len(rest.recorder.train_losses) == 2
+    np.testing.assert_allclose(rest.recorder.lrs, full.recorder.lrs[3 * 4:], rtol=1e-12)
+    with pytest.raises(ValueError, match='start_epoch 5 is at or past the end of a 5-epoch cycle'):
+        rest.fit_one_cycle(5, 1e-2, start_epoch=5)
+
+
 ADAMW = partial(torch.optim.AdamW, betas=(0.9, 0.99))
 
 
@@ -64,14 +124,6 @@ def test_fit_clr_cycles_adam_beta1_and_can_leave_momentum_alone():
     learn = learner(80)
     fit_clr(learn, 2, 1e-3, 1e-2, 3, cycle_momentum=False)
     assert learn.recorder.moms == [0.9] * 10
-
-
-def test_cyclic_schedule_alone_over_many_cycles():
-    s = CyclicSchedule(0.1, 1.0, 7, 5, mode='exp_range', gamma=0.999, base_momentum=0.85, max_momentum=0.95)
-    ref_lr, ref_mom = torch_applied(SGD, 0.1, lambda o: tsched.CyclicLR(
-        o, 0.1, 1.0, 7, 5, mode='exp_range', gamma=0.999, base_momentum=0.85, max_momentum=0.95), 100)
-    np.testing.assert_allclose([s(t)['lr'] for t in range(100)], ref_lr, rtol=1e-9)
-    np.testing.assert_allclose([s(t)['mom'] for t in range(100)], ref_mom, rtol=1e-9)
 
 
 @pytest.mark.parametrize('epochs,step_size,gamma', [(5, 2, 0.5), (4, 1, 0.1), (3, 5, 0.3)])
@@ -134,12 +186,6 @@ def test_fit_fc_equals_fastai_v2_flat_cos_by_hand(epochs, n_train, pct_start, di
         pct = (pos - pct_start) / (1 - pct_start)
         return 0.01 / div_final + (0.01 - 0.01 / div_final) * (1 + math.cos(math.pi * pct)) / 2
     np.testing.assert_allclose(learn.recorder.lrs, [v2(k) for k in range(T)], rtol=1e-9)
-
-
-def test_flat_cos_holds_for_pct_start_of_the_steps():
-    s = flat_cos_schedule(8, 1.0, pct_start=0.75, div_final=1e5)
-    assert [s(k)['lr'] for k in range(6)] == [1.0] * 6
-    assert s(6)['lr'] == pytest.approx(annealing_cos(1., 1e-5, 0.)) and s(7)['lr'] == pytest.approx(0.5 + 0.5e-5)
 
 
 # ---- per group, wd, callbacks ---------------------------------------------------------------------------------
@@ -215,17 +261,6 @@ def test_fit_phases_slice_and_whole_epochs():
     assert learn.recorder.group_lrs == [[pytest.approx(1e-3), pytest.approx(1e-2)]] * 6
 
 
-def test_general_schedule_boundaries_carry_and_end():
-    s = GeneralSchedule([TrainingPhase(epochs=0.1, lr=(0., 1.)), TrainingPhase(epochs=0.1, lr=1.),
-                         TrainingPhase(0), TrainingPhase(epochs=0.1, lr=(1., 0.), mom=0.9)], steps_per_epoch=10)
-    assert s.total_steps == 3 and s.names == ['lr', 'mom']  # 3 x 0.1 epoch, not 3.0000000000000004 -> 4 steps
-    assert [s(k) for k in range(3)] == [{'lr': 0.}, {'lr': 1.}, {'lr': 1., 'mom': 0.9}]
-    assert s(10) == {'lr': 0., 'mom': 0.9}  # after the end the last values hold
-    s = GeneralSchedule([TrainingPhase(2.5, lr=(0., 1.)), TrainingPhase(2.5, lr=(2., 3.))])
-    assert [s(k)['lr'] for k in range(5)] == pytest.approx([0, 0.4, 0.8, 2.2, 2.6]) and s.total_steps == 5
-    assert sgdr_schedule(2, 3, [1., 2.], cycle_mult=1)(3)['lr'] == [1., 2.]
-
-
 # ---- errors ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('call,match', [
     (lambda learn: fit_sgdr(learn, 0, 1, 1e-2), r'fit_sgdr: n_cycles must be an integer >= 1, got 0'),
@@ -257,23 +292,6 @@ def test_bad_arguments_name_the_argument(call, match):
     assert learn.opt is None  # nothing ran
 
 
-def test_training_phase_errors():
-    with pytest.raises(ValueError, match=r'exactly one; got length=None, epochs=None'):
-        TrainingPhase()
-    with pytest.raises(ValueError, match=r"unknown hyper-parameter 'beta'; use one of 'lr', 'mom', 'wd'"):
-        TrainingPhase(3, beta=0.9)
-    with pytest.raises(ValueError, match=r"TrainingPhase lr: unknown anneal 'cosin'; use one of 'cos', 'cosine'"):
-        TrainingPhase(3, lr=(1., 0., 'cosin'))
-    with pytest.raises(ValueError, match=r'a tuple must be \(start, end\) or \(start, end, anneal\), got 4 values'):
-        TrainingPhase(3, lr=(1., 2., 3., 4.))
-    with pytest.raises(ValueError, match=r'TrainingPhase: length must be >= 0, got -1'):
-        TrainingPhase(-1)
-    with pytest.raises(ValueError, match=r'phases\[0\] lasts 2 epochs; pass steps_per_epoch'):
-        GeneralSchedule([TrainingPhase(epochs=2, lr=1.)])
-    with pytest.raises(ValueError, match=r'phases\[0\] lr: a slice needs the number of layer groups'):
-        GeneralSchedule([TrainingPhase(2, lr=slice(1e-3, 1e-2))])
-
-
 def test_learner_methods_delegate_to_the_policies():
     from conftest import make_data, make_mlp
     from minifast import Learner, TrainingPhase
@@ -295,3 +313,53 @@ def test_fit_phases_keeps_the_layer_decay():
     g = np.array(learn.recorder.group_lrs)
     np.testing.assert_allclose(g[:, 0] / g[:, 1], 0.1, rtol=1e-9)
     assert g[0, 1] == pytest.approx(1e-2)
+
+
+def test_bad_learning_rates_in_the_policies():
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'max_lr must be a finite number >= 0 .*got nan'):
+        learn.fit_one_cycle(1, float('nan'))
+    with pytest.raises(ValueError, match=r'fit_sgdr: eta_min: eta_min must be a finite number >= 0 .*got -1'):
+        learn.fit_sgdr(1, 1, 1e-3, eta_min=-1)
+    with pytest.raises(ValueError, match=r'fit_warmup_cosine: warmup_lr: warmup_lr must be a finite number >= 0'):
+        learn.fit_warmup_cosine(1, 1e-3, warmup_lr=-1.)
+    assert same_state(learn.model, snap)
+    learn.fit(1, 0.)  # lr=0 stays allowed
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(moms=(1.5, 0.85)), r'fit_one_cycle: moms must hold momentums in \[0, 1\) .*got \(1\.5, 0\.85\)'),
+    (dict(moms=(-0.1, 0.5)), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(moms=(float('nan'), 0.85)), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(moms='ab'), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
+    (dict(div_factor=0), r'one_cycle_schedule: div_factor must be > 0, got 0'),
+    (dict(div_factor=-1), r'one_cycle_schedule: div_factor must be > 0, got -1'),
+    (dict(div_factor=float('nan')), r'one_cycle_schedule: div_factor must be a finite number, got nan'),
+    (dict(final_div=0), r'one_cycle_schedule: final_div must be > 0, got 0'),
+    (dict(final_div=-1), r'one_cycle_schedule: final_div must be > 0, got -1'),
+    (dict(final_div=float('nan')), r'one_cycle_schedule: final_div must be a finite number, got nan')])
+def test_bad_one_cycle_arguments_fail_before_any_step(kw, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        learn.fit_one_cycle(1, 1e-3, **kw)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == []
+
+
+def test_one_cycle_keeps_accepting_reversed_moms_and_no_moms():
+    learn = _mlp_learner()
+    learn.fit_one_cycle(1, 1e-3, moms=(0.85, 0.95), div_factor=1, final_div=1)  # unusual, not invalid
+    learn.fit_one_cycle(1, 1e-3, moms=None)
+
+
+@pytest.mark.parametrize('call, msg', [
+    (lambda l: l.fit_step(2, 1e-3, 1, gamma=float('inf')), r'fit_step: gamma must be a finite number, got inf'),
+    (lambda l: l.fit_exp(2, 1e-3, float('inf')), r'fit_exp: gamma must be a finite number, got inf'),
+    (lambda l: l.fit_clr(1, 1e-3, 1e-2, float('inf')), r'fit_clr: step_size_up \(steps\) must be a finite number')])
+def test_infinite_policy_arguments_fail_before_any_step(call, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        call(learn)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == []

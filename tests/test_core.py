@@ -1,4 +1,5 @@
-"""Event order, cancel levels, callback ordering and registration, error wrapping."""
+"""Events and callback dispatch: event order, cancel levels, callback ordering and registration (callbacks= and
+callback_fns= checked before training), error wrapping, after_fit cleanup."""
 import warnings
 from functools import partial
 
@@ -6,8 +7,11 @@ import pytest
 import torch
 
 from minifast import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
-                      CancelFitException, CancelTrainException, CancelValidateException, Learner)
+                      CancelFitException, CancelTrainException, CancelValidateException, Learner, Recorder, ShowGraph)
+from minifast.callbacks.tracking import Checkpoint
 from conftest import make_data, make_mlp
+from helpers import make_learner
+
 
 TRAIN_BATCH = ['before_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step', 'after_batch']
 VALID_BATCH = ['before_batch', 'after_pred', 'after_loss', 'after_batch']
@@ -256,10 +260,60 @@ def test_validate_called_from_a_callback_leaves_the_fit_intact():
     assert [r[0] for r in probe.results[1::2]] == learn.recorder.val_losses  # after_epoch sees the epoch's numbers
 
 
-def test_numpy_integer_epochs():
-    import numpy as np
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize('cbs', [ShowGraph, [ShowGraph], [Recorder, ShowGraph]])
+def test_callback_class_in_callbacks_is_an_error_before_training(cbs):
+    # callbacks= takes instances; a class (as callback_fns= takes) used to train a whole epoch and then fail with
+    # "type.after_epoch raised TypeError: ... missing 1 required positional argument"
     learn = Learner(make_data(), make_mlp(), silent=True)
-    learn.fit(np.int64(2))
-    assert learn.n_epoch == 2 and len(learn.recorder.train_losses) == 2
-    learn.validate()
-    assert learn.n_epoch == 2
+    w0 = _weights(learn.model)
+    with pytest.raises(TypeError, match=r"callbacks=.*the class \w+; pass an instance.*or callback_fns=\[\w+\]"):
+        learn.fit(1, 1e-2, callbacks=cbs)
+    assert all(torch.equal(a, b) for a, b in zip(w0, learn.model.parameters()))
+    assert learn.opt is None  # nothing was set up either
+    with pytest.raises(TypeError, match=r"callbacks= got the class (Recorder|ShowGraph)"):
+        learn.fit_one_cycle(1, 1e-2, callbacks=cbs)
+    assert all(torch.equal(a, b) for a, b in zip(w0, learn.model.parameters()))
+
+
+def test_callback_instance_in_callback_fns_is_an_error_naming_it():
+    # callback_fns= takes classes or functions learn -> callback; an instance used to give
+    # "TypeError: 'ShowGraph' object is not callable"
+    with pytest.raises(TypeError, match=r"callback_fns=.*ShowGraph instance.*callbacks=\[\.\.\.\]"):
+        Learner(make_data(), make_mlp(), silent=True, callback_fns=[ShowGraph()])
+
+
+class _FailingAfterFit(Callback):
+    def after_fit(self, learn):
+        raise RuntimeError('summary failed')
+
+
+def test_a_failing_after_fit_hook_still_lets_the_later_ones_close_bars_and_files(tmp_path, monkeypatch):
+    from minifast.callbacks import progress
+    from minifast.callbacks.logging import CSVLogger
+    monkeypatch.setattr(progress, '_live', lambda: True)  # real console bars, as in a terminal
+    learn = make_learner(tmp_path)
+    learn.silent = False
+    log = CSVLogger()
+    with pytest.raises(RuntimeError, match=r'_FailingAfterFit\.after_fit raised RuntimeError: summary failed'):
+        learn.fit(1, callbacks=[_FailingAfterFit(), log])  # order 0: it runs before the bar's and the log's after_fit
+    assert learn.progress.mbar is None and learn.progress.pbar is None
+    assert log.file is None
+    assert isinstance(learn.exception, RuntimeError)  # learn.save then writes no 'finished' state
+    learn.fit(1)
+    assert learn.exception is None and learn.progress.mbar is None
+
+
+def test_a_callback_both_registered_and_passed_to_fit_runs_once(tmp_path):
+    from minifast.callbacks.control import ReduceLROnPlateau
+    ckpt = Checkpoint(keep_last=None)
+    plateau = ReduceLROnPlateau(patience=0, min_delta=10., factor=0.5, min_lr=0.)  # never improves after epoch 0
+    learn = make_learner(tmp_path)
+    learn.add_cb(ckpt)
+    learn.add_cb(plateau)
+    learn.fit(2, 1e-2, callbacks=[ckpt, plateau])
+    assert len(ckpt.files) == 2 and len(list((tmp_path / 'checkpoints').iterdir())) == 2
+    assert [e for e, _ in plateau.reductions] == [1] and learn.opt.param_groups[0]['lr'] == pytest.approx(5e-3)

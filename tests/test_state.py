@@ -1,19 +1,11 @@
-"""The training loop's safety guarantees (a failure leaves the learner as it was and names the thing)."""
+"""What a resume restores of the learner (callback states, frozen layers, metrics) and what a refused resume leaves
+as it was."""
 import pytest
 import torch
-from torch import nn
 
-from minifast import Callback, DataBunch, Learner, accuracy
+from minifast import Callback
 from minifast.callbacks.tracking import Checkpoint
-from conftest import make_data, make_mlp
-
-
-def make_learner(path, seed=0):
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
-    data = DataBunch.from_tensors(x[:48], y[:48], x[48:], y[48:], bs=16)
-    torch.manual_seed(seed)
-    return Learner(data, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), path=path, silent=True)
+from helpers import make_learner
 
 
 def state(learn):
@@ -51,39 +43,6 @@ def test_resume_whose_callback_state_fails_to_load_names_it_and_leaves_the_learn
     with pytest.raises(ValueError, match=r"ckpt_\d+_epoch1_step4\.pth.*_Versioned.*KeyError.*new_key"):
         learn.fit(2, callbacks=[Checkpoint(every=2), _Versioned('new_key')], resume=True)
     assert same_state(before, state(learn))
-
-
-class _FailingAfterFit(Callback):
-    def after_fit(self, learn):
-        raise RuntimeError('summary failed')
-
-
-def test_a_failing_after_fit_hook_still_lets_the_later_ones_close_bars_and_files(tmp_path, monkeypatch):
-    from minifast.callbacks import progress
-    from minifast.callbacks.logging import CSVLogger
-    monkeypatch.setattr(progress, '_live', lambda: True)  # real console bars, as in a terminal
-    learn = make_learner(tmp_path)
-    learn.silent = False
-    log = CSVLogger()
-    with pytest.raises(RuntimeError, match=r'_FailingAfterFit\.after_fit raised RuntimeError: summary failed'):
-        learn.fit(1, callbacks=[_FailingAfterFit(), log])  # order 0: it runs before the bar's and the log's after_fit
-    assert learn.progress.mbar is None and learn.progress.pbar is None
-    assert log.file is None
-    assert isinstance(learn.exception, RuntimeError)  # learn.save then writes no 'finished' state
-    learn.fit(1)
-    assert learn.exception is None and learn.progress.mbar is None
-
-
-def test_a_callback_both_registered_and_passed_to_fit_runs_once(tmp_path):
-    from minifast.callbacks.control import ReduceLROnPlateau
-    ckpt = Checkpoint(keep_last=None)
-    plateau = ReduceLROnPlateau(patience=0, min_delta=10., factor=0.5, min_lr=0.)  # never improves after epoch 0
-    learn = make_learner(tmp_path)
-    learn.add_cb(ckpt)
-    learn.add_cb(plateau)
-    learn.fit(2, 1e-2, callbacks=[ckpt, plateau])
-    assert len(ckpt.files) == 2 and len(list((tmp_path / 'checkpoints').iterdir())) == 2
-    assert [e for e, _ in plateau.reductions] == [1] and learn.opt.param_groups[0]['lr'] == pytest.approx(5e-3)
 
 
 def test_resume_with_other_metrics_is_refused_naming_them(tmp_path):
@@ -142,13 +101,3 @@ def test_a_refused_resume_leaves_the_frozen_layers_as_they_were(tmp_path):
     with pytest.raises(RuntimeError, match='_RefuseFit.before_fit'):
         learn.fit(3, 1e-2, callbacks=[Checkpoint(every=2), _UnfreezeAtEpoch1(), _RefuseFit()], resume='checkpoints')
     assert [p.requires_grad for p in learn.model.parameters()] == [False, False, True, True]
-
-
-def test_a_metric_that_raises_is_named_with_the_shapes():
-    def bad_metric(pred, targ):
-        return (pred.argmax(-1) == targ[:, None]).float().mean(1)[16]  # an index error
-
-    learn = Learner(make_data(), make_mlp(), metrics=[accuracy, bad_metric])
-    with pytest.raises(RuntimeError, match=r'metric bad_metric raised IndexError on validation batch 0 '
-                                           r'\(predictions of shape \(\d+, \d+\), targets of shape \(\d+,\)\)'):
-        learn.validate()

@@ -1,4 +1,6 @@
-"""Bad data fails before any training step, with the numbers in the message, and leaves the model as it was."""
+"""What fit checks before any training step: the data (labels against the classes and the model's outputs, label
+dtypes, empty loaders, finite inputs), epochs, lr and wd. A failure names the numbers and leaves the model as it
+was."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from minifast import DataBunch, Learner, TensorDataLoader
 from minifast.checks import check_finite_inputs
-from conftest import make_mlp
+from conftest import make_data, make_mlp
+from helpers import _mlp_learner, same_state, snapshot
 
 
 def bn_model(n_out=3, n_in=8):
@@ -15,18 +18,8 @@ def bn_model(n_out=3, n_in=8):
     return nn.Sequential(nn.Linear(n_in, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, n_out))
 
 
-def snapshot(model):
-    """Parameters and buffers (BatchNorm running stats and counter)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def same_params(model, snap):
     return all(torch.equal(p, snap[k]) for k, p in model.named_parameters())
-
-
-def same_state(model, snap):
-    sd = model.state_dict()
-    return sd.keys() == snap.keys() and all(torch.equal(sd[k], snap[k]) for k in snap)
 
 
 def count_forwards(model):
@@ -206,12 +199,94 @@ def test_check_finite_inputs_passes_clean_and_non_float_inputs():
     assert check_finite_inputs((), 0, 0) is None
 
 
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def unchanged(model, w0):
+    return all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+
+
+def test_target_out_of_range_names_both_numbers_before_any_step():
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    y[5] = 12
+    model = make_mlp(n_out=10)
+    w0 = weights(model)
+    learn = Learner(DataBunch.from_tensors(x, y, bs=32, shuffle=False), model, silent=True)
+    with pytest.raises(ValueError, match=r'target value 12 is out of range for a model with 10 outputs '
+                                         r'\(valid targets are 0\.\.9\)'):
+        learn.fit(1)
+    assert unchanged(model, w0)
+    y[5] = -3
+    with pytest.raises(ValueError, match=r'target value -3 is out of range'):
+        learn.fit(1)
+
+
+def test_target_out_of_range_in_validate():
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    data = DataBunch.from_tensors(x, y, x, torch.full((32,), 7), bs=16)
+    learn = Learner(data, make_mlp(n_out=3), silent=True)
+    with pytest.raises(ValueError, match=r'target value 7 .* 3 outputs'):
+        learn.validate()
+
+
+def test_float_targets_for_cross_entropy():
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,)).float()
+    model = make_mlp()
+    w0 = weights(model)
+    learn = Learner(DataBunch.from_tensors(x, y, bs=16), model, silent=True)
+    with pytest.raises(TypeError, match=r'cross_entropy expects integer class targets \(torch\.int64\) of shape '
+                                        r'\(16,\).*got torch\.float32 targets of shape \(16,\).*y\.long\(\)'):
+        learn.fit(1)
+    assert unchanged(model, w0)
+
+
+def test_soft_float_targets_of_the_output_shape_are_allowed():
+    x = torch.randn(32, 8)
+    y = torch.softmax(torch.randn(32, 3), 1)
+    learn = Learner(DataBunch.from_tensors(x, y, bs=16), make_mlp(), silent=True)
+    learn.fit(1)
+    assert len(learn.recorder.raw_losses) == 2
+
+
+def test_empty_training_dataloader():
+    x, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
+    learn = Learner(DataBunch.from_tensors(x, y, bs=64), make_mlp(), silent=True)
+    with pytest.raises(ValueError, match=r'training DataLoader is empty \(0 batches from 10 items with '
+                                         r'batch_size=64, drop_last=True\)'):
+        learn.fit(1)
+    empty = DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    learn = Learner(DataBunch(empty, None), make_mlp(), silent=True)
+    with pytest.raises(ValueError, match=r'0 batches from 0 items'):
+        learn.fit(1)
+
+
+def test_training_loader_without_len_that_yields_nothing():
+    class Gen:
+        def __iter__(self):
+            return iter(())
+    learn = Learner(DataBunch(Gen(), None), make_mlp(), silent=True)
+    with pytest.raises(ValueError, match='yielded no batches'):
+        learn.fit(1)
+
+
+@pytest.mark.parametrize('epochs', [-1, 1.5, '3', True])
+def test_bad_epochs(epochs):
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    with pytest.raises(ValueError, match=r'epochs must be a non-negative integer'):
+        learn.fit(epochs)
+
+
+def test_numpy_integer_epochs():
+    import numpy as np
+    learn = Learner(make_data(), make_mlp(), silent=True)
+    learn.fit(np.int64(2))
+    assert learn.n_epoch == 2 and len(learn.recorder.train_losses) == 2
+    learn.validate()
+    assert learn.n_epoch == 2
+
+
 # ---- hyper-parameters: rejected before any step, naming the argument and the value ------------------------------
-def _mlp_learner(**kw):
-    from conftest import make_data
-    return Learner(make_data(), make_mlp(), silent=True, **kw)
-
-
 @pytest.mark.parametrize('lr', [float('nan'), float('inf'), -1e-3, 'a', None, [1e-3, float('nan')]])
 def test_bad_learning_rates_fail_before_any_step(lr):
     learn = _mlp_learner()
@@ -224,19 +299,6 @@ def test_bad_learning_rates_fail_before_any_step(lr):
     with pytest.raises(ValueError, match=r'lr must be a finite number >= 0'):
         learn.fit(1, lr if not isinstance(lr, list) else lr[1:])
     assert same_state(learn.model, snap) and len(learn.recorder.lrs) == 3
-
-
-def test_bad_learning_rates_in_the_policies():
-    learn = _mlp_learner()
-    snap = snapshot(learn.model)
-    with pytest.raises(ValueError, match=r'max_lr must be a finite number >= 0 .*got nan'):
-        learn.fit_one_cycle(1, float('nan'))
-    with pytest.raises(ValueError, match=r'fit_sgdr: eta_min: eta_min must be a finite number >= 0 .*got -1'):
-        learn.fit_sgdr(1, 1, 1e-3, eta_min=-1)
-    with pytest.raises(ValueError, match=r'fit_warmup_cosine: warmup_lr: warmup_lr must be a finite number >= 0'):
-        learn.fit_warmup_cosine(1, 1e-3, warmup_lr=-1.)
-    assert same_state(learn.model, snap)
-    learn.fit(1, 0.)  # lr=0 stays allowed
 
 
 @pytest.mark.parametrize('wd', [-1e-2, float('nan'), float('inf'), 'x', [1e-2, -1.]])
@@ -254,67 +316,3 @@ def test_bad_weight_decay_fails_before_any_step(wd):
     assert same_state(learn.model, snap) and learn.recorder.lrs == []
     learn.fit(1, 1e-3, wd=0)  # 0 and per-group lists stay allowed
     learn.fit(1, 1e-3, wd=[1e-4])
-
-
-@pytest.mark.parametrize('kw, msg', [
-    (dict(moms=(1.5, 0.85)), r'fit_one_cycle: moms must hold momentums in \[0, 1\) .*got \(1\.5, 0\.85\)'),
-    (dict(moms=(-0.1, 0.5)), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
-    (dict(moms=(float('nan'), 0.85)), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
-    (dict(moms='ab'), r'fit_one_cycle: moms must hold momentums in \[0, 1\)'),
-    (dict(div_factor=0), r'one_cycle_schedule: div_factor must be > 0, got 0'),
-    (dict(div_factor=-1), r'one_cycle_schedule: div_factor must be > 0, got -1'),
-    (dict(div_factor=float('nan')), r'one_cycle_schedule: div_factor must be a finite number, got nan'),
-    (dict(final_div=0), r'one_cycle_schedule: final_div must be > 0, got 0'),
-    (dict(final_div=-1), r'one_cycle_schedule: final_div must be > 0, got -1'),
-    (dict(final_div=float('nan')), r'one_cycle_schedule: final_div must be a finite number, got nan')])
-def test_bad_one_cycle_arguments_fail_before_any_step(kw, msg):
-    learn = _mlp_learner()
-    snap = snapshot(learn.model)
-    with pytest.raises(ValueError, match=msg):
-        learn.fit_one_cycle(1, 1e-3, **kw)
-    assert same_state(learn.model, snap) and learn.recorder.lrs == []
-
-
-def test_one_cycle_keeps_accepting_reversed_moms_and_no_moms():
-    learn = _mlp_learner()
-    learn.fit_one_cycle(1, 1e-3, moms=(0.85, 0.95), div_factor=1, final_div=1)  # unusual, not invalid
-    learn.fit_one_cycle(1, 1e-3, moms=None)
-
-
-@pytest.mark.parametrize('call, msg', [
-    (lambda l: l.fit_step(2, 1e-3, 1, gamma=float('inf')), r'fit_step: gamma must be a finite number, got inf'),
-    (lambda l: l.fit_exp(2, 1e-3, float('inf')), r'fit_exp: gamma must be a finite number, got inf'),
-    (lambda l: l.fit_clr(1, 1e-3, 1e-2, float('inf')), r'fit_clr: step_size_up \(steps\) must be a finite number')])
-def test_infinite_policy_arguments_fail_before_any_step(call, msg):
-    learn = _mlp_learner()
-    snap = snapshot(learn.model)
-    with pytest.raises(ValueError, match=msg):
-        call(learn)
-    assert same_state(learn.model, snap) and learn.recorder.lrs == []
-
-
-@pytest.mark.parametrize('kw, msg', [
-    (dict(start_lr=1, end_lr=1e-3), r'lr_find: the sweep needs 0 < start_lr < end_lr .*got start_lr=1, end_lr=0\.001'),
-    (dict(start_lr=1e-3, end_lr=1e-3), r'lr_find: the sweep needs 0 < start_lr < end_lr'),
-    (dict(start_lr=0), r'lr_find: the sweep needs 0 < start_lr < end_lr .*got start_lr=0'),
-    (dict(start_lr=-1e-3), r'start_lr must be a finite number >= 0 .*got -0\.001'),
-    (dict(end_lr=float('nan')), r'end_lr must be a finite number >= 0 .*got nan'),
-    (dict(num_it=2.5), r'lr_find: num_it must be an integer of at least 2, got 2\.5'),
-    (dict(num_it=1), r'lr_find: num_it must be an integer of at least 2, got 1')])
-def test_bad_lr_find_arguments_fail_before_any_step(kw, msg):
-    learn = _mlp_learner()
-    snap = snapshot(learn.model)
-    with pytest.raises(ValueError, match=msg):
-        learn.lr_find(**kw)
-    assert same_state(learn.model, snap) and learn.recorder.lrs == [] and learn.opt is None
-
-
-@pytest.mark.parametrize('alphas', [[0.5, float('nan')], [float('inf')]])
-def test_interpolate_losses_rejects_non_finite_alphas(alphas):
-    from minifast import interpolate_losses
-    learn = _mlp_learner()
-    w1 = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    w2 = {k: v + 1 for k, v in w1.items()}
-    with pytest.raises(ValueError, match=r'interpolate_losses: alphas must be finite numbers, got \[(nan|inf)\]'):
-        interpolate_losses(learn, w1, w2, alphas=alphas)
-    assert same_state(learn.model, w1)

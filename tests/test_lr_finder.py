@@ -1,4 +1,5 @@
-"""Schedules against torch's schedulers, fit_one_cycle, and the LR finder's exact restore and suggestions."""
+"""lr_find: the exact restore of model, optimizer and learner, stopping on divergence, the suggestions and the plot,
+and its arguments."""
 import copy
 from functools import partial
 
@@ -8,67 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from minifast import Learner, annealing_cos, annealing_exp, annealing_linear, one_cycle_schedule
+from minifast import Learner
 from minifast.callbacks.lr_finder import suggest_minimum, suggest_steep, suggest_valley
-from conftest import make_data, make_mlp, torch_applied
-
-
-def torch_one_cycle(opt_factory, total, max_lr, moms, div, pct, final_div):
-    """lr and momentum that torch's OneCycleLR applies at each of `total` steps."""
-    return torch_applied(opt_factory, max_lr, lambda opt: torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=max_lr, total_steps=total, pct_start=pct, anneal_strategy='cos', cycle_momentum=True,
-        base_momentum=moms[1], max_momentum=moms[0], div_factor=div, final_div_factor=final_div / div), total)
-
-
-@pytest.mark.parametrize('n_train,epochs,pct,div,final_div', [
-    (48, 1, 0.3, 25., None),      # 3 steps: phase one ends before step 0
-    (112, 1, 0.25, 10., 1e3),     # 7 steps, odd
-    (48, 3, 0.3, 25., None),      # 9 steps over 3 epochs
-    (80, 4, 0.5, 5., 100.),
-])
-@pytest.mark.parametrize('opt', ['adamw', 'sgd'])
-def test_fit_one_cycle_equals_torch_one_cycle_lr(n_train, epochs, pct, div, final_div, opt):
-    factory = (partial(torch.optim.AdamW, betas=(0.9, 0.99)) if opt == 'adamw'
-               else partial(torch.optim.SGD, momentum=0.9))
-    learn = Learner(make_data(n_train=n_train), make_mlp(), opt_func=factory, silent=True)
-    learn.fit_one_cycle(epochs, max_lr=0.02, moms=(0.95, 0.85), div_factor=div, pct_start=pct, final_div=final_div)
-    total = epochs * (n_train // 16)
-    ref_lr, ref_mom = torch_one_cycle(factory, total, 0.02, (0.95, 0.85), div, pct, final_div or div * 1e4)
-    assert len(learn.recorder.lrs) == total
-    np.testing.assert_allclose(learn.recorder.lrs, ref_lr, rtol=1e-6)
-    np.testing.assert_allclose(learn.recorder.moms, ref_mom, rtol=1e-6)
-
-
-def test_one_cycle_shape_and_per_group_lrs():
-    model = make_mlp()
-    learn = Learner(make_data(n_train=160), model, silent=True, layer_groups=[model[0], model[2]])
-    learn.fit_one_cycle(2, max_lr=slice(1e-3, 1e-2))
-    g = np.array(learn.recorder.group_lrs)
-    np.testing.assert_allclose(g[:, 0] / g[:, 1], 0.1, rtol=1e-9)  # the groups keep their ratio all along
-    lrs = g[:, 1]
-    peak = int(np.argmax(lrs))
-    assert lrs[peak] == pytest.approx(1e-2) and lrs[0] == pytest.approx(1e-2 / 25)
-    assert lrs[-1] < 1e-2 / 25 / 100 and np.all(np.diff(lrs[:peak + 1]) > 0) and np.all(np.diff(lrs[peak:]) < 0)
-    moms = np.array(learn.recorder.moms)
-    assert moms[0] == pytest.approx(0.95) and moms.min() == pytest.approx(0.85) and moms[-1] > 0.949
-
-
-def test_moms_given_as_a_number_explains_the_tuple():
-    learn = Learner(make_data(), make_mlp(), silent=True)
-    with pytest.raises(TypeError, match=r'moms must be a \(max, min\) pair such as \(0\.95, 0\.85\), got the '
-                                        r'number 0\.09.*moms=\(0\.99-0\.90\) is a subtraction.*moms=\(0\.99, 0\.90\)'):
-        learn.fit_one_cycle(2, max_lr=1e-2, moms=(0.99 - 0.90), wd=1e-4)
-    assert learn.opt is None  # nothing ran
-
-
-def test_annealers_by_hand():
-    assert annealing_cos(1., 0., 0.) == 1 and annealing_cos(1., 0., 1.) == pytest.approx(0)
-    assert annealing_cos(1., 0., 0.5) == pytest.approx(0.5)
-    assert annealing_linear(2., 4., 0.25) == 2.5
-    assert annealing_exp(1e-3, 1e-1, 0.5) == pytest.approx(1e-2)
-    s = one_cycle_schedule(10, 1.0, pct_start=0.5)
-    assert s(0)['lr'] == pytest.approx(1 / 25) and s(4)['lr'] == pytest.approx(1.0) and s(9)['lr'] == pytest.approx(
-        1 / 25 / 1e4)
+from conftest import make_data, make_mlp
+from helpers import _mlp_learner, same_state, snapshot
+from resume_run import make_learner
 
 
 # ---- lr_find --------------------------------------------------------------------------------------------------
@@ -200,12 +145,29 @@ def test_lr_find_leaves_user_callbacks_files_and_learner_state_alone(tmp_path):
     assert len(res.lrs) == 10 and res.lrs[-1] == pytest.approx(10)  # every step recorded, up to end_lr
 
 
-def test_fit_one_cycle_start_epoch_trains_the_rest_of_the_cycle():
-    full = Learner(make_data(n_train=64), make_mlp(), silent=True)
-    full.fit_one_cycle(5, 1e-2)
-    rest = Learner(make_data(n_train=64), make_mlp(), silent=True)
-    rest.fit_one_cycle(5, 1e-2, start_epoch=3)
-    assert len(rest.recorder.train_losses) == 2
-    np.testing.assert_allclose(rest.recorder.lrs, full.recorder.lrs[3 * 4:], rtol=1e-12)
-    with pytest.raises(ValueError, match='start_epoch 5 is at or past the end of a 5-epoch cycle'):
-        rest.fit_one_cycle(5, 1e-2, start_epoch=5)
+@pytest.mark.parametrize('kw, msg', [
+    (dict(start_lr=1, end_lr=1e-3), r'lr_find: the sweep needs 0 < start_lr < end_lr .*got start_lr=1, end_lr=0\.001'),
+    (dict(start_lr=1e-3, end_lr=1e-3), r'lr_find: the sweep needs 0 < start_lr < end_lr'),
+    (dict(start_lr=0), r'lr_find: the sweep needs 0 < start_lr < end_lr .*got start_lr=0'),
+    (dict(start_lr=-1e-3), r'start_lr must be a finite number >= 0 .*got -0\.001'),
+    (dict(end_lr=float('nan')), r'end_lr must be a finite number >= 0 .*got nan'),
+    (dict(num_it=2.5), r'lr_find: num_it must be an integer of at least 2, got 2\.5'),
+    (dict(num_it=1), r'lr_find: num_it must be an integer of at least 2, got 1')])
+def test_bad_lr_find_arguments_fail_before_any_step(kw, msg):
+    learn = _mlp_learner()
+    snap = snapshot(learn.model)
+    with pytest.raises(ValueError, match=msg):
+        learn.lr_find(**kw)
+    assert same_state(learn.model, snap) and learn.recorder.lrs == [] and learn.opt is None
+
+
+def test_lr_find_records_no_non_finite_loss_with_the_gpu_default_guard(tmp_path):
+    """README: 'lr_find stops at the first non-finite loss (also with stop_div=False)', also with the guard as it is
+    on a GPU (check_every=32, simulated here on CPU), and records no non-finite loss."""
+    from minifast.callbacks.tracking import DivergenceGuard
+    learn = make_learner(tmp_path)
+    learn.guard = DivergenceGuard(check_every=32)
+    res = learn.lr_find(start_lr=1e-2, end_lr=1e12, num_it=100, stop_div=False)
+    raw = learn.recorder.raw_losses
+    assert res.diverged
+    assert all(v == v and abs(v) != float('inf') for v in raw), [v for v in raw if not (v == v)][:3]

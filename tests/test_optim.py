@@ -1,4 +1,5 @@
-"""Parameter groups: splitting into layer groups, slice and layer-decay LRs, freezing, per-module settings, summary."""
+"""Parameter groups and the optimizer: splitting into layer groups, slice and layer-decay LRs, weight-decay modes
+against torch's optimizers, freezing, per-module settings, the optimizer across fits, summary."""
 from collections import OrderedDict
 from functools import partial
 
@@ -11,7 +12,8 @@ from minifast import Learner
 from minifast.optim import (LayerGroup, create_opt, freeze, freeze_to, group_lrs, layer_decay_lrs, lr_per_group,
                             module_groups, param_groups, param_summary, set_training_mode, split, split_by_idx,
                             split_model, unfreeze)
-from conftest import make_data, reference_fit
+from conftest import make_data, make_mlp, reference_fit
+from helpers import assert_same_weights, learner_fit
 
 
 def bn_net(seed=0):
@@ -426,3 +428,65 @@ def test_a_slice_of_lrs_needs_positive_ends(lr):
     from minifast.optim import lr_per_group
     with pytest.raises(ValueError, match=r'lr=slice\(.*a slice of learning rates is slice\(end\) or slice\(start, '):
         lr_per_group(lr, 3)
+
+
+def test_l2_weight_decay_equals_torch_adam_weight_decay():
+    data = make_data(n_train=96)
+    m1, m2 = make_mlp(), make_mlp()
+    learner_fit(m1, data, 2, 1e-2, seed=2, wd=0.05, true_wd=False)
+    reference_fit(m2, data, torch.optim.Adam(m2.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.05), 2, 2)
+    assert_same_weights(m1, m2, atol=1e-6)
+
+
+def test_true_wd_with_sgd_is_decoupled():
+    data = make_data(n_train=96)
+    m1, m2 = make_mlp(), make_mlp()
+    lr, wd = 0.05, 0.1
+    learner_fit(m1, data, 2, lr, seed=3, wd=wd, opt_func=partial(torch.optim.SGD, momentum=0.9))
+    opt = torch.optim.SGD(m2.parameters(), lr=lr, momentum=0.9)
+
+    def decay():
+        with torch.no_grad():
+            for p in m2.parameters():
+                p.mul_(1 - lr * wd)
+    reference_fit(m2, data, opt, 2, 3, before_step=decay)
+    assert_same_weights(m1, m2, atol=1e-6)
+
+
+def test_bn_wd_false_spares_norm_layers_and_biases():
+    def bn_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    data = make_data(n_train=96)
+    m1, m2 = bn_model(), bn_model()
+    learn = learner_fit(m1, data, 2, 1e-2, seed=4, wd=0.2, bn_wd=False)
+    decay = [m2[0].weight, m2[3].weight]
+    rest = [m2[0].bias, m2[1].weight, m2[1].bias, m2[3].bias]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.2}, {'params': rest, 'weight_decay': 0.}], lr=1e-2,
+                            betas=(0.9, 0.99))
+    reference_fit(m2, data, opt, 2, 4)
+    assert_same_weights(m1, m2, atol=1e-6)
+    assert sorted(g['wd'] for g in learn.opt.param_groups) == [0., 0.2]
+
+
+def test_optimizer_persists_across_fits_and_lr_per_layer_group():
+    model = make_mlp()
+    learn = Learner(make_data(), model, silent=True, layer_groups=[model[0], model[2]])
+    learn.fit(1, slice(1e-4, 1e-2))
+    opt = learn.opt
+    assert [g['lr'] for g in opt.param_groups] == pytest.approx([1e-4, 1e-2])
+    learn.fit(1, [1e-3, 2e-3])
+    assert learn.opt is opt and [g['lr'] for g in opt.param_groups] == pytest.approx([1e-3, 2e-3])
+    assert len(opt.state) == 4  # Adam moments kept from the first fit
+    learn.fit(1, slice(1e-2))
+    assert [g['lr'] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2])
+    with pytest.raises(ValueError, match='lr has 3 values but the learner has 2 layer groups'):
+        learn.fit(1, [1e-3, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize('groups', [[3], 3])
+def test_layer_groups_that_are_not_modules_are_named(groups):
+    # [3] used to fail as "'int' object is not iterable"
+    with pytest.raises(TypeError, match=r'layer group 0 is a int \(3\); a layer group is a module or a list of modules'
+                       if groups == [3] else r'Learner: layer_groups must be a list of layer groups'):
+        Learner(make_data(), make_mlp(), layer_groups=groups)

@@ -1,17 +1,22 @@
-"""`minifast smith`: Smith's workflow end to end on tiny settings, its outputs, its run log, and re-running it."""
+"""`minifast smith`: Smith's workflow end to end on tiny settings, its outputs, its run log, and re-running it; its
+steps (final fit, momentum) and caches on a tiny MLP task."""
+import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import pytest
 
 import minifast
+from minifast import Learner, accuracy, smith
 from minifast.cli import main
+from minifast.grid import read_log
+from conftest import make_data, make_mlp
+
 
 PNGS = ('batch.png', 'lr_find.png', 'superconvergence.png', 'momentum.png', 'wd.png', 'wd_fine.png',
         'final_losses.png', 'final_lr.png', 'final_metrics.png', 'interpolation.png')
@@ -122,3 +127,88 @@ def test_too_small_sizes_are_refused_before_any_step(tmp_path, flag, value, leas
         main(['smith', '--quick', '--quiet', '--out', str(tmp_path / 'run'), flag, value])
     assert f'{flag} {value}: it must be at least {least}' in str(e.value.code)
     assert not (tmp_path / 'run').exists()
+
+
+def _learner(data=None, **kw):
+    return Learner(data if data is not None else make_data(), make_mlp(), metrics=[accuracy], **kw)
+
+
+# ------------------------------------------------------------------------------------------------ smith: final fit
+def test_smith_final_fit_with_new_flags_does_not_reuse_old_finished_checkpoint(tmp_path):
+    """A finished final fit of 2 epochs leaves a finished checkpoint in checkpoints/. Re-running with --epochs 3
+    (a different final key) must train the 3-epoch fit, not pass the old 2-epoch state off as it."""
+    log = tmp_path / 'runs.jsonl'
+    mk = lambda: _learner(silent=True)  # noqa: E731
+    rec1, _, _ = smith.step_final(mk, tmp_path, 0, 2, 1e-2, (0.95, 0.85), 1e-4, log)
+    assert len(rec1['epochs']) == 2
+    rec2, _, what = smith.step_final(mk, tmp_path, 0, 3, 1e-2, (0.95, 0.85), 1e-4, log)
+    assert rec2['config']['epochs'] == 3
+    assert len(rec2['epochs']) == 3, f'record claims a 3-epoch fit but holds {len(rec2["epochs"])} epochs ({what})'
+
+
+def test_smith_final_fit_with_new_wd_is_trained_with_that_wd(tmp_path):
+    """Same as above with a changed weight decay (e.g. another wd chosen after --data/--seed changes)."""
+    log = tmp_path / 'runs.jsonl'
+    mk = lambda: _learner(silent=True)  # noqa: E731
+    smith.step_final(mk, tmp_path / 'a', 0, 2, 1e-2, (0.95, 0.85), 1e-4, tmp_path / 'a.jsonl')
+    ref, _, _ = smith.step_final(mk, tmp_path / 'b', 0, 2, 1e-2, (0.95, 0.85), 1e-1, tmp_path / 'b.jsonl')
+    smith.step_final(mk, tmp_path / 'c', 0, 2, 1e-2, (0.95, 0.85), 1e-4, log)
+    rec, _, what = smith.step_final(mk, tmp_path / 'c', 0, 2, 1e-2, (0.95, 0.85), 1e-1, log)
+    assert rec['final']['train_loss'] == pytest.approx(ref['final']['train_loss']), what
+
+
+# ------------------------------------------------------------------------------------------------ smith: caches
+def _tiny_smith(monkeypatch):
+    """smith.run with a tiny MLP task in place of images and ResNets (the steps and caches are the real ones)."""
+    def fake_data(args, s):
+        data = make_data(n_train=s['n_train'], n_valid=32, bs=16, n_out=6, seed=args.seed)
+        data.device = 'cpu'  # images' DataBunch has it; the tensor one does not
+        return data, f"tiny set ({s['n_train']} training rows)"
+    monkeypatch.setattr(smith, 'make_data', fake_data)
+    monkeypatch.setattr(smith, '_model_fn', lambda arch, c: (lambda: make_mlp(n_out=c)))
+    monkeypatch.setattr(smith, 'step_data', lambda data, out: None)
+
+
+def _args(out, **kw):
+    a = dict(data=None, data_root='data', arch=None, epochs=3, grid_epochs=2, bs=None, n_train=64, n_valid=None,
+             num_it=8, max_lr=1e-2, size=32, out=str(out), seed=0, quiet=True, quick=True)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def test_smith_reused_out_with_other_data_retrains(tmp_path, monkeypatch, capsys):
+    """--out reused with other data (here --n-train; likewise --data, --arch, --bs, --size) and the same max_lr
+    (given with --max-lr, or the same lr_find grid point): the grid runs and the final fit are trained again on the
+    new data, not taken from the log of the old data."""
+    _tiny_smith(monkeypatch)
+    assert smith.run(_args(tmp_path, n_train=64)) == 0
+    n1 = len(read_log(tmp_path / 'runs.jsonl'))
+    capsys.readouterr()
+    assert smith.run(_args(tmp_path, n_train=128)) == 0
+    out = capsys.readouterr().out
+    n2 = len(read_log(tmp_path / 'runs.jsonl'))
+    assert n2 > n1, 'nothing was trained on the new data:\n' + out
+
+
+# ------------------------------------------------------------------------------------------------ smith: divergence
+def _diverging_learner():
+    data = make_data()
+    return Learner(data, make_mlp(), loss_func=lambda out, y: out.sum() * float('nan'), metrics=[accuracy],
+                   silent=True)
+
+
+def test_smith_momentum_step_survives_diverged_runs(tmp_path):
+    """A max_lr that makes both momentum runs diverge (the grid records them as 'diverged' and goes on): the step
+    keeps its default and says so, instead of crashing on `GridResult.best: no finished run`."""
+    smith.step_momentum(_diverging_learner, tmp_path, 0, 1, 1e-2, tmp_path / 'runs.jsonl', True)
+
+
+def test_smith_with_a_relative_out_keeps_everything_in_that_folder(tmp_path, monkeypatch):
+    """`minifast smith` (default --out runs/smith, relative): checkpoints and snapshots land in the run folder
+    itself (learn.path is that folder, and Checkpoint resolves relative paths against it)."""
+    _tiny_smith(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert smith.run(_args('runs/x')) == 0
+    run = tmp_path / 'runs' / 'x'
+    assert list(run.glob('checkpoints/*/ckpt_*.pth')) and list(run.glob('snapshots/*/snapshot_*.pth'))
+    assert not (run / 'runs').exists()

@@ -9,6 +9,7 @@ import torch
 from minifast import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelTrainException, CancelValidateException, Learner, Recorder, ShowGraph)
 from minifast.callbacks.tracking import Checkpoint
+from minifast.core import CancelException, Hooks
 from conftest import make_data, make_mlp
 from helpers import make_learner
 
@@ -317,3 +318,30 @@ def test_a_callback_both_registered_and_passed_to_fit_runs_once(tmp_path):
     learn.fit(2, 1e-2, callbacks=[ckpt, plateau])
     assert len(ckpt.files) == 2 and len(list((tmp_path / 'checkpoints').iterdir())) == 2
     assert [e for e, _ in plateau.reductions] == [1] and learn.opt.param_groups[0]['lr'] == pytest.approx(5e-3)
+
+
+def test_every_cancel_has_one_base_and_a_hook_table_reports_the_pending_cancel():
+    from minifast import (CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
+                          CancelValidateException)
+    for c in (CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
+              CancelValidateException):
+        assert issubclass(c, CancelException)
+    pending = []
+
+    class A(Callback):
+        order = 1
+
+        def after_batch(self, learn):
+            raise CancelBatchException()
+
+    class B(Callback):
+        order = 2
+
+        def after_batch(self, learn):
+            pending.append(hooks.pending_cancel)
+
+    hooks = Hooks([B(), A()])
+    assert [n for n, _ in hooks.table['after_batch']] == ['A.after_batch', 'B.after_batch']
+    with pytest.raises(CancelBatchException):
+        hooks(None, 'after_batch')
+    assert isinstance(pending[0], CancelBatchException) and hooks.pending_cancel is None

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from minifast import Learner, TensorDataLoader
-from minifast.distributed import ShardSampler, launched, shard_bounds, shard_loader
+from minifast.distributed import Local, ShardSampler, launched, shard_bounds, shard_loader
 from minifast.metrics import batch_means
 
 from conftest import make_data, make_mlp
@@ -282,3 +282,12 @@ def test_ddp_control_callbacks_decide_as_one_process(ddp, tmp_path):
         for k, v in one['state'].items():
             assert torch.allclose(r['state'][k], v, atol=TOL, rtol=0), k
     assert (out / 'control' / 'models' / 'bestmodel.pth').exists()  # written by rank 0, loaded by both
+
+
+def test_local_strategy_changes_nothing():
+    local, dl, t = Local(), object(), torch.ones(3)
+    assert (local.world, local.rank, local.is_main) == (1, 0, True)
+    assert local.loader(dl, True) is dl and local.reduce(t) is t and local.setup(None) is None
+    with local.no_sync():
+        pass
+    assert Learner(make_data(), make_mlp()).dist.world == 1

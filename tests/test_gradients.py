@@ -15,7 +15,7 @@ from minifast import (Callback, DataBunch, DivergenceError, GradientAccumulation
 from minifast.callbacks.tracking import Checkpoint
 from minifast.resume import list_checkpoints
 from minifast.optim import SGD
-from conftest import make_data, make_mlp
+from conftest import make_data, make_mlp, reference_fit
 
 Learner = partial(_Learner, device='cpu', silent=True)
 CLIP = 0.05  # well below the gradient norms of these runs: every step is clipped
@@ -581,3 +581,45 @@ def test_a_group_with_a_cancelled_batch_steps_with_the_mean_of_the_others():
     seen = {i: g for _, i, g, _, _ in _acc_log(_CancelAt({(0, 2)}, event='before_batch'))}
     torch.testing.assert_close(seen[3], own[3], atol=1e-7, rtol=0)  # batch 3 alone, not half of it
     torch.testing.assert_close(seen[1], (own[0] + own[1]) / 2, atol=1e-7, rtol=0)
+
+
+class ClipValue(Callback):
+    """Clip every gradient element to [-value, value] before each step (README's example)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def after_backward(self, learn):
+        learn.stepper.unscale(learn.opt)  # fp16: true gradients (nothing to do in other precisions)
+        torch.nn.utils.clip_grad_value_(learn.model.parameters(), self.value)
+
+@pytest.mark.parametrize('precision', ['fp32', 'fp16'])
+def test_a_user_clipping_callback_replaces_the_built_in_one_and_equals_a_hand_written_loop(precision):
+    data, value = make_data(n_train=96), 1e-3  # below most gradient elements: every step is clipped
+    learn = Learner(data, make_mlp(), opt_func=SGD, wd=0., fp16=precision == 'fp16')
+    torch.manual_seed(3)
+    learn.fit(2, 1e-1, callbacks=[ClipValue(value)])
+    m = make_mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-1, momentum=0.9)
+    if precision == 'fp32':
+        reference_fit(m, data, opt, 2, 3, before_step=lambda: torch.nn.utils.clip_grad_value_(m.parameters(), value))
+    else:
+        scaler = torch.amp.GradScaler('cpu')
+        torch.manual_seed(3)
+        for _ in range(2):
+            for xb, yb in data.train_dl:
+                with torch.autocast('cpu', dtype=torch.float16):
+                    loss = F.cross_entropy(m(xb), yb)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_value_(m.parameters(), value)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+        assert learn.stepper.scaler.get_scale() == scaler.get_scale()
+    for p, q in zip(_params(learn.model), _params(m)):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    unclipped = Learner(data, make_mlp(), opt_func=SGD, wd=0.)
+    torch.manual_seed(3)
+    unclipped.fit(2, 1e-1)
+    assert max((p - q).abs().max().item() for p, q in zip(_params(unclipped.model), _params(m))) > 1e-4

@@ -1,6 +1,7 @@
 """The Learner: the loop against a hand-written reference, validate, get_preds/predict, save/load, the constructor's
 arguments, plain torch DataLoaders, metric errors."""
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from minifast import Callback, DataBunch, Learner, accuracy, error_rate, synthetic_classification, top_k_accuracy
+from minifast.learner import LoopState
 from conftest import make_data, make_mlp, reference_fit
 from helpers import assert_same_weights, learner_fit
 
@@ -212,3 +214,22 @@ def test_learner_path_none_is_the_datas_folder_and_bad_folders_are_named(tmp_pat
         Learner(data, make_mlp(), model_dir=None)  # used to fail only at the first save
     with pytest.raises(TypeError, match=r"Learner: path must be a folder \(a str or Path\), got 3"):
         Learner(data, make_mlp(), path=3)
+
+
+def test_validate_inside_a_fit_swaps_the_loop_state_and_puts_the_fits_back():
+    seen = {}
+
+    class Probe(Callback):
+        def after_batch(self, learn):
+            if learn.training and learn.iter == 1 and 'outer' not in seen:
+                outer = learn.state
+                seen['outer'] = (outer, learn.xb, learn.loss, learn.iter, learn.hooks)
+                seen['valid'] = learn.validate()
+                seen['after'] = (learn.state, learn.xb, learn.loss, learn.iter, learn.hooks)
+
+    learn = Learner(make_data(), make_mlp(), callbacks=[Probe()])
+    learn.fit(1, 1e-2)
+    assert all(a is b for a, b in zip(seen['outer'], seen['after']))
+    assert len(seen['valid']) == 1 and math.isfinite(seen['valid'][0])
+    assert learn.hooks is None and isinstance(learn.state, LoopState)
+    assert set(LoopState.__slots__) >= {'xb', 'yb', 'pred', 'loss', 'iter', 'n_iter', 'dl', 'training', 'hooks'}

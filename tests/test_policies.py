@@ -1,5 +1,6 @@
 """The fit_* policies: fit_one_cycle and the others against torch's schedulers (or a hand-written reference),
 per-group lrs, wd and per-call callbacks, composed phases, and the errors for bad arguments."""
+import inspect
 import math
 from functools import partial
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as tsched
 
-from minifast import Callback, Learner
+from minifast import Callback, Learner, policies
 from minifast.policies import (fit_clr, fit_exp, fit_fc, fit_phases, fit_sgdr, fit_step,
                                fit_warmup_cosine)
 from minifast.schedules import TrainingPhase, annealing_cos, warmup_cosine_schedule
@@ -363,3 +364,30 @@ def test_infinite_policy_arguments_fail_before_any_step(call, msg):
     with pytest.raises(ValueError, match=msg):
         call(learn)
     assert same_state(learn.model, snap) and learn.recorder.lrs == []
+
+
+def test_policies_are_bound_on_the_learner_with_the_shared_arguments_documented_once():
+    names = ['fit_one_cycle', 'fit_sgdr', 'fit_clr', 'fit_step', 'fit_exp', 'fit_warmup_cosine', 'fit_flat_cos',
+             'fit_fc', 'fit_phases', 'lr_find']
+    for name in names:
+        assert getattr(Learner, name) is getattr(policies, name)
+    for name in names[:-1]:
+        doc, params = getattr(policies, name).__doc__, inspect.signature(getattr(policies, name)).parameters
+        assert doc.count(policies.FIT_ARGS.strip()) == 1, name
+        assert {'wd', 'callbacks', 'resume', 'clip'} <= set(params), name
+
+def test_fit_flat_cos_takes_the_clear_name_and_the_old_ones():
+    data = make_data()
+    runs = []
+    for call in (lambda l: l.fit_flat_cos(2, 1e-2, final_div=100.), lambda l: l.fit_fc(2, 1e-2, div_final=100.),
+                 lambda l: l.fit_fc(2, 1e-2, 0.75, 100.)):
+        learn = Learner(data, make_mlp(), silent=True)
+        torch.manual_seed(0)
+        call(learn)
+        runs.append(learn)
+    lrs = [r.recorder.lrs for r in runs]
+    default = Learner(data, make_mlp(), silent=True)
+    default.fit_flat_cos(2, 1e-2)  # final_div 1e5: anneals further than 100
+    assert lrs[0] == lrs[1] == lrs[2] and default.recorder.lrs[-1] < lrs[0][-1] < lrs[0][0]
+    with pytest.raises(TypeError, match='give final_div or its older name div_final, not both'):
+        Learner(data, make_mlp(), silent=True).fit_flat_cos(1, final_div=10., div_final=10.)

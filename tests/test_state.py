@@ -3,8 +3,11 @@ as it was."""
 import pytest
 import torch
 
-from minifast import Callback
+from minifast import Callback, Learner
 from minifast.callbacks.tracking import Checkpoint
+from minifast.optim import SGD
+from minifast.state import PARTS, Snapshot, preserved
+from conftest import make_data, make_mlp
 from helpers import make_learner
 
 
@@ -101,3 +104,58 @@ def test_a_refused_resume_leaves_the_frozen_layers_as_they_were(tmp_path):
     with pytest.raises(RuntimeError, match='_RefuseFit.before_fit'):
         learn.fit(3, 1e-2, callbacks=[Checkpoint(every=2), _UnfreezeAtEpoch1(), _RefuseFit()], resume='checkpoints')
     assert [p.requires_grad for p in learn.model.parameters()] == [False, False, True, True]
+
+
+@pytest.mark.parametrize('part', PARTS)
+def test_each_snapshot_part_is_put_back_and_only_it(part):
+    learn = Learner(make_data(), make_mlp(), device='cpu', silent=True, opt_func=SGD, fp16=True)
+    learn.fit(1, 1e-2)  # an optimizer with momentum state, a scaler with a scale
+    model = learn.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    snap = Snapshot.take(learn, parts=(part,))
+    if part == 'rng':
+        want = torch.rand(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.)
+            p.grad = torch.ones_like(p)
+            p.requires_grad_(False)
+    model.eval()
+    state = learn.opt.state_dict()
+    learn.opt.param_groups[0]['lr'] = 123.
+    learn.stepper.scaler.update(1.)
+    learn.stepper.n_acc = 7
+    snap.restore()
+    restored = {
+        'weights': all(torch.equal(v, before[k]) for k, v in model.state_dict().items()),
+        'buffers': True,  # an MLP has no buffers: nothing to change
+        'grads': all(p.grad is None or not torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters()),
+        'modes': model.training,
+        'trainable': all(p.requires_grad for p in model.parameters()),
+        'opt': learn.opt.param_groups[0]['lr'] != 123.,
+        'scaler': learn.stepper.scaler.get_scale() != 1.,
+        'stepper': learn.stepper.n_acc == 1,
+        'rng': torch.equal(torch.rand(3), want) if part == 'rng' else True,
+    }
+    assert restored[part]
+    others = [k for k, v in restored.items() if v and k not in (part, 'buffers', 'rng')]
+    assert others == [], f'{part} also restored {others}'
+    del state
+
+def test_preserved_restores_on_an_error_and_discard_keeps_the_changes():
+    learn = Learner(make_data(), make_mlp(), device='cpu', silent=True)
+    w = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.raises(RuntimeError, match='boom'):
+        with preserved(learn, parts=('weights',)):
+            with torch.no_grad():
+                learn.model[0].weight.add_(1.)
+            raise RuntimeError('boom')
+    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), w))
+    with preserved(learn, parts=('weights',)) as snap:
+        with torch.no_grad():
+            learn.model[0].weight.add_(1.)
+        snap.discard()
+    assert not torch.equal(learn.model[0].weight, w[0])
+    with pytest.raises(ValueError, match=r"unknown parts \['weight'\]"):
+        Snapshot.take(learn, parts=('weight',))

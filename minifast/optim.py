@@ -1,7 +1,6 @@
 """Parameter groups: layer groups, slice() and layer-decay LRs, freezing, per-module settings, weight-decay modes."""
 import difflib
 import inspect
-import math
 import operator
 import warnings
 from collections import OrderedDict
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import int_value
+from .checks import int_value, real_value
 
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
            'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
@@ -65,14 +64,10 @@ def param_groups(layer_groups, bn_wd=True):
 
 
 def _rate(v, name):
-    """`v` as a float when it is a finite number >= 0 (a learning rate, or another per-group value), else ValueError."""
-    try:
-        f = None if isinstance(v, (bool, str)) else float(v)
-    except (TypeError, ValueError):
-        f = None
-    if f is None or not math.isfinite(f) or f < 0:
-        raise ValueError(f'{name} must be a finite number >= 0 (or one per layer group, or a slice), got {v!r}')
-    return f
+    """`v` as a float when it is a finite number >= 0 (a learning rate, or another per-group value), else ValueError;
+    anything float() takes counts (a 0-d tensor or array too)."""
+    return real_value(v, name, None, low=0, coerce=True,
+                      message=f'{name} must be a finite number >= 0 (or one per layer group, or a slice), got {v!r}')
 
 
 def lr_per_group(lr, n, name='lr'):

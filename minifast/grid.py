@@ -12,19 +12,19 @@ from .callbacks.snapshots import state_dict_copy
 from .determinism import set_seed
 from .learner import DivergenceError
 
-__all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'FIT_KEYS']
+__all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'append_record', 'plain', 'FIT_KEYS']
 
 # config keys that go to the fit call; every other key goes to make_learner(**keys)
 FIT_KEYS = ('policy', 'epochs', 'max_lr', 'lr', 'moms', 'wd', 'div_factor', 'pct_start', 'final_div')
 POLICIES = ('one_cycle', 'constant')
 
 
-def _plain(v):
+def plain(v):
     """JSON-friendly values: tuples become lists, numpy and torch scalars plain numbers, slices strings."""
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     if isinstance(v, slice):
         return f'slice({v.start}, {v.stop})'
     if isinstance(v, (bool, str)) or v is None:
@@ -80,7 +80,7 @@ def run_record(learn, config, seed, status, seconds, name=None):
         epochs.append(row)
     final = {k: (epochs[-1][k] if epochs else None) for k in names}
     word, why = diagnose(r.val_losses)
-    return _plain({'name': name or config_name(config), 'config': config, 'seed': seed, 'status': status,
+    return plain({'name': name or config_name(config), 'config': config, 'seed': seed, 'status': status,
                    'seconds': seconds, 'final': final, 'verdict': word, 'diagnosis': why, 'epochs': epochs,
                    'steps': {'lr': r.lrs, 'mom': r.moms if r.group_moms else [], 'loss': r.raw_losses}})
 
@@ -105,7 +105,8 @@ def read_log(file):
     return out
 
 
-def _append(file, record):
+def append_record(file, record):
+    """Append `record` to the JSONL log `file` as one line (a line cut short by a kill is ended first)."""
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     with open(file, 'a+b') as f:
@@ -277,9 +278,9 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
         if pol == 'constant' and extra:
             raise ValueError(f"grid_search: config {config_name(config)}: the 'constant' policy takes lr (or max_lr) "
                              f'and wd only, not {extra}')
-        key = _plain({'config': config, 'seed': seed, 'epochs': n_ep, 'max_lr': max_lr, 'policy': pol})
+        key = plain({'config': config, 'seed': seed, 'epochs': n_ep, 'max_lr': max_lr, 'policy': pol})
         if tag is not None:
-            key['tag'] = _plain(tag)
+            key['tag'] = plain(tag)
         cached = done.get(json.dumps(key, sort_keys=True))
         if cached is not None:
             runs.append(cached)
@@ -308,8 +309,8 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
         except DivergenceError:
             status = 'diverged'
         rec = run_record(learn, shown, seed, status, time.perf_counter() - t0)
-        rec['key'], rec['fixed'] = key, _plain(fixed)
+        rec['key'], rec['fixed'] = key, plain(fixed)
         if log is not None:
-            _append(log, rec)
+            append_record(log, rec)
         runs.append(rec)
     return GridResult(runs, monitor)

@@ -102,9 +102,9 @@ def _read_json(file):
 
 
 def _write_json(file, obj):
-    from .grid import _plain
+    from .grid import plain
     tmp = Path(str(file) + '.tmp')
-    tmp.write_text(json.dumps(_plain(obj), indent=1))  # non-finite numbers as null: strict JSON
+    tmp.write_text(json.dumps(plain(obj), indent=1))  # non-finite numbers as null: strict JSON
     tmp.replace(file)
 
 
@@ -291,11 +291,11 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     """Step 6: fit_one_cycle(epochs, max_lr, moms, wd) with WeightSnapshots and Checkpoint; resumes from the newest
     checkpoint, or is skipped when its record is in the log. Returns (record, learn or None, what happened)."""
     from . import Checkpoint, WeightSnapshots, set_seed
-    from .grid import _append, _plain, read_log, run_record
+    from .grid import append_record, plain, read_log, run_record
     from .resume import is_finished
     from .learner import DivergenceError
     config = {'final': True, 'policy': 'one_cycle', 'epochs': epochs, 'max_lr': max_lr, 'moms': moms, 'wd': wd}
-    key = _plain({'config': config, 'seed': seed, 'tag': TAG})
+    key = plain({'config': config, 'seed': seed, 'tag': TAG})
     snap_epochs = _snapshot_epochs(epochs)
     ck_dir, snap_dir = _final_dirs(out, key)
     for rec in read_log(log):
@@ -341,7 +341,7 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     _final_plots(learn, out)
     rec = run_record(learn, config, seed, status, time.perf_counter() - t0, name='final')
     rec['key'] = key
-    _append(log, rec)
+    append_record(log, rec)
     return rec, learn, what
 
 
@@ -460,7 +460,7 @@ def run(args):
     import torch
 
     from . import Learner, accuracy, top_k_accuracy
-    from .grid import _plain
+    from .grid import plain
     t_start = time.perf_counter()
     s = _sizes(args)
     out = Path(args.out).resolve()  # absolute: Checkpoint and WeightSnapshots resolve relative paths differently
@@ -487,7 +487,7 @@ def run(args):
     t = time.perf_counter()
     TAG.clear()
     TAG.update({'data': what, 'arch': s['arch'], 'bs': s['bs'], 'size': getattr(args, 'size', None)})
-    lr_key = _plain({**TAG, 'seed': args.seed, 'num_it': s['num_it']})
+    lr_key = plain({**TAG, 'seed': args.seed, 'num_it': s['num_it']})
     lf, skipped = step_lr_find(make_learner, out, args.seed, s['num_it'], lr_key, args.max_lr)
     max_lr = lf['chosen']
     times['lr_find'] = time.perf_counter() - t

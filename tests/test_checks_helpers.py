@@ -55,3 +55,14 @@ def test_check_wd_uses_the_shared_validator_and_keeps_its_message():
 def test_the_old_private_names_in_schedules_are_the_shared_validators():
     # minifast/callbacks/schedule.py still imports these two names from minifast.schedules
     assert schedules._int_at_least is int_at_least and schedules._real is real_value
+
+
+def test_grid_plain_and_append_record_are_public(tmp_path):
+    from minifast.grid import append_record, plain, read_log
+    assert plain({'a': (1, np.float32(0.5)), 2: slice(None, 3), 'n': float('nan')}) == \
+        {'a': [1, 0.5], '2': 'slice(None, 3)', 'n': None}
+    log = tmp_path / 'runs.jsonl'
+    log.write_text('{"cut": ')  # a record cut short by a kill: the next one starts on a line of its own
+    append_record(log, {'x': 1})
+    with pytest.warns(UserWarning, match='not valid JSON'):
+        assert read_log(log) == [{'x': 1}]

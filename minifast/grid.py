@@ -4,12 +4,18 @@ import itertools
 import json
 import math
 import time
+import warnings
 from numbers import Number
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from .callbacks.recorder import new_figure
 from .callbacks.snapshots import state_dict_copy
+from .callbacks.tracking import monitor_mode
 from .determinism import set_seed
+from .distributed import launched
 from .learner import DivergenceError
 
 __all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'append_record', 'plain', 'FIT_KEYS']
@@ -100,7 +106,6 @@ def read_log(file):
         except json.JSONDecodeError:
             bad.append(i + 1)
     if bad:
-        import warnings
         warnings.warn(f'{file}: line(s) {bad} are not valid JSON (a write cut short?); skipped')
     return out
 
@@ -165,7 +170,6 @@ class GridResult:
 
     def best(self, monitor=None, mode='auto'):
         """The record with the best final `monitor` among finished runs (min for losses/errors, max otherwise)."""
-        from .callbacks.tracking import monitor_mode
         monitor = monitor or self.monitor
         mode = monitor_mode(monitor, mode)
         ok = [r for r in self.runs if r['status'] == 'done' and r['final'].get(monitor) is not None]
@@ -192,14 +196,12 @@ class GridResult:
 
     def plot_losses(self, ncols=3):
         """Train and validation loss per epoch for each run, one small axes per run, titled with its verdict."""
-        import matplotlib.pyplot as plt
         n = len(self.runs)
         if not n:
             raise ValueError('GridResult.plot_losses: no runs')
         ncols = min(ncols, n)
         nrows = math.ceil(n / ncols)
         fig, axs = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
-        import matplotlib
         if 'inline' in matplotlib.get_backend():
             plt.close(fig)
         for ax, r in zip(axs.flat, self.runs):
@@ -244,7 +246,6 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
     A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on. It runs as one
     process: under torchrun it is an error (its log is not written for several ranks).
     """
-    from .distributed import launched
     if launched():
         raise RuntimeError('grid_search runs as one process, not under torchrun (its log and skipping of finished '
                            'runs are not made for several ranks); run it without torchrun, or set '

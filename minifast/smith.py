@@ -12,10 +12,29 @@ Steps (one function each; `run(args)` chains them):
 and report.md, which embeds every plot and says what was chosen and why. Every training run (grids and final) is
 a record of runs.jsonl; a second invocation reuses those records and caches and trains only what is missing.
 """
+import hashlib
 import json
 import math
 import time
 from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .callbacks.snapshots import WeightSnapshots
+from .callbacks.tracking import Checkpoint
+from .checkpoint import load_state
+from .data import ImageList, cifar10, cifar100, cifar_transforms, get_transforms, synthetic_cifar
+from .determinism import set_seed
+from .distributed import launched
+from .grid import GridResult, append_record, grid_search, plain, read_log, run_record
+from .landscape import InterpolationResult, interpolate_losses, plot_interpolation
+from .learner import DivergenceError, Learner
+from .metrics import accuracy, top_k_accuracy
+from .models import cifar_resnet
+from .resume import checkpoint_info, find_checkpoint, is_finished
 
 __all__ = ['run', 'add_arguments', 'SIZES']
 
@@ -89,7 +108,6 @@ def refuse_small(cmd, values, **least):
 
 
 def _save(fig, file):
-    import matplotlib.pyplot as plt
     fig.savefig(file, dpi=90, bbox_inches='tight')
     plt.close(fig)
 
@@ -102,7 +120,6 @@ def _read_json(file):
 
 
 def _write_json(file, obj):
-    from .grid import plain
     tmp = Path(str(file) + '.tmp')
     tmp.write_text(json.dumps(plain(obj), indent=1))  # non-finite numbers as null: strict JSON
     tmp.replace(file)
@@ -119,7 +136,6 @@ def _half_decade(wd):
 
 
 def _model_fn(arch, n_classes):
-    from .models import cifar_resnet
     name = arch.lower().replace('-', '')
     if not name.startswith('resnet') or not name[6:].isdigit():
         raise SystemExit(f'smith: --arch {arch!r}: expected resnetN with N = 6n + 2 (8, 14, 20, 32, 44, 56, 110)')
@@ -132,7 +148,6 @@ def _model_fn(arch, n_classes):
 # ----------------------------------------------------------------------------------------------------- steps
 def make_data(args, s):
     """Step 1's DataBunch: the built-in set, CIFAR-10/100, or an image folder."""
-    from . import (ImageList, cifar10, cifar100, cifar_transforms, get_transforms, set_seed, synthetic_cifar)
     set_seed(args.seed)
     if not args.data:
         data = synthetic_cifar(n_classes=10, n_train=s['n_train'], n_valid=s['n_valid'], seed=args.seed,
@@ -164,7 +179,6 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
     """Step 2: the LR range test -> lr_find.png; max_lr = 'valley' (else 'steep', else 1e-2), or --max-lr.
 
     Returns (info dict, skipped)."""
-    from . import set_seed
     file, png = out / 'lr_find.json', out / 'lr_find.png'
     info = _read_json(file)
     skipped = info is not None and info.get('key') == key and png.exists()
@@ -203,7 +217,6 @@ def _best(res, fallback, what):
 
 def _grid(make_learner, configs, out, seed, epochs, max_lr, log, name, png, quiet):
     """One grid_search call whose finished runs come from the log; returns (GridResult, trained, skipped)."""
-    from .grid import grid_search, read_log
     before = len(read_log(log))
     res = grid_search(make_learner, configs, epochs=epochs, max_lr=max_lr, seed=seed, log=log, tag=TAG)
     trained = len(read_log(log)) - before
@@ -244,7 +257,6 @@ def step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet):
 def step_weight_decay(make_learner, out, seed, epochs, max_lr, moms, log, quiet):
     """Step 5: wd in 1e-3, 1e-4, 1e-5, 0 (wd.png), then the half-decade neighbours of the best non-zero value
     (wd_fine.png); the chosen wd is the lowest valid loss over all six runs."""
-    from .grid import GridResult
     coarse, tr1, sk1 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in WDS], out, seed, epochs, max_lr, log,
                              'weight decay: coarse grid', 'wd.png', quiet)
     nonzero = GridResult([r for r in coarse.runs if r['config']['wd'] != 0])
@@ -264,8 +276,6 @@ def _snapshot_epochs(epochs):
 
 
 def _newest_state(folder):
-    from .checkpoint import load_state
-    from .resume import find_checkpoint
     file = find_checkpoint(folder)
     return (file, load_state(file)) if file is not None else (None, None)
 
@@ -282,7 +292,6 @@ FINAL_PNGS = ('final_losses.png', 'final_lr.png', 'final_metrics.png')
 def _final_dirs(out, key):
     """checkpoints/<id> and snapshots/<id> of the final fit `key`: a final fit with other data, model or settings
     gets folders of its own (the old ones stay), so it never resumes from, or reuses, another fit's files."""
-    import hashlib
     fid = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return out / 'checkpoints' / fid, out / 'snapshots' / fid
 
@@ -290,10 +299,6 @@ def _final_dirs(out, key):
 def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     """Step 6: fit_one_cycle(epochs, max_lr, moms, wd) with WeightSnapshots and Checkpoint; resumes from the newest
     checkpoint, or is skipped when its record is in the log. Returns (record, learn or None, what happened)."""
-    from . import Checkpoint, WeightSnapshots, set_seed
-    from .grid import append_record, plain, read_log, run_record
-    from .resume import is_finished
-    from .learner import DivergenceError
     config = {'final': True, 'policy': 'one_cycle', 'epochs': epochs, 'max_lr': max_lr, 'moms': moms, 'wd': wd}
     key = plain({'config': config, 'seed': seed, 'tag': TAG})
     snap_epochs = _snapshot_epochs(epochs)
@@ -322,7 +327,6 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     else:
         resume = None
         if file is not None:
-            from .resume import checkpoint_info
             resume = ck_dir
             what = f'resumed from {file.name} ({checkpoint_info(file)})'
         else:
@@ -347,11 +351,6 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
 
 def step_interpolation(make_learner, learn, out, epochs, points, n_batches, final_key):
     """Step 7: interpolate between the two snapshots of the final run -> interpolation.png, interpolation.json."""
-    import numpy as np
-
-    from . import interpolate_losses, plot_interpolation
-    from .checkpoint import load_state
-    from .landscape import InterpolationResult
     e1, e2 = _snapshot_epochs(epochs)
     file, png = out / 'interpolation.json', out / 'interpolation.png'
     key = {'final': final_key, 'w1': e1, 'w2': e2, 'points': points, 'n_batches': n_batches}
@@ -451,16 +450,10 @@ def write_report(out, ctx):
 # ----------------------------------------------------------------------------------------------------- run
 def run(args):
     """The whole workflow; returns 0. Prints one line per step (and what it skipped)."""
-    from .distributed import launched
     if launched():
         raise SystemExit('minifast smith runs as one process: its grids and report are not written for torchrun; '
                          'run it without torchrun (or with --nproc_per_node 1), or set MINIFAST_DISTRIBUTED=0')
-    import matplotlib
     matplotlib.use('Agg')
-    import torch
-
-    from . import Learner, accuracy, top_k_accuracy
-    from .grid import plain
     t_start = time.perf_counter()
     s = _sizes(args)
     out = Path(args.out).resolve()  # absolute: Checkpoint and WeightSnapshots resolve relative paths differently

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .accel import fused_option
 from .checks import int_value, real_value
 
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
@@ -440,7 +441,7 @@ def create_opt(learn, lr=3e-3, wd=None):
     set through `set_hyper`, so layer decay and per-module settings hold from the first step."""
     groups = param_groups(learn.layer_groups, learn.bn_wd)
     lrs = group_lrs(learn, lr)
-    from .accel import fused_option  # CUDA: torch's fused Adam/AdamW/SGD kernels unless the user chose otherwise
+    # fused_option: on CUDA, torch's fused Adam/AdamW/SGD kernels unless the user chose otherwise
     opt = learn.opt_func(groups, lr=lrs[-1], **fused_option(learn.opt_func, [p for g in groups for p in g['params']],
                                                             learn.device))
     asked = getattr(learn.opt_func, 'keywords', None) or {}  # set by the user in a partial, not torch's default

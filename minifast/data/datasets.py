@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .images import ImageDataBunch, cifar_stats
+
 __all__ = ['cifar10', 'cifar100', 'synthetic_cifar', 'load_cifar', 'write_cifar', 'synthetic_images',
            'write_image_folder', 'CIFAR_URL', 'SHAPES', 'HUES']
 
@@ -368,7 +370,6 @@ def write_image_folder(path, x, y, classes, split='train', ext='png'):
 
 
 def _bunch(d, tfms, bs, val_bs, device, normalize, path):
-    from .images import ImageDataBunch, cifar_stats
     data = ImageDataBunch.from_tensors(d['x_train'], d['y_train'], d['x_valid'], d['y_valid'], classes=d['classes'],
                                        tfms=tfms, bs=bs, val_bs=val_bs, device=device, path=path)
     return data.normalize(cifar_stats) if normalize else data
@@ -388,7 +389,6 @@ def synthetic_cifar(n_classes=10, n_train=5000, n_valid=1000, seed=0, tfms=None,
                     normalize=True):
     """The built-in dataset (synthetic_images: 32x32 shapes, no download) as an ImageDataBunch, normalised with
     its own statistics."""
-    from .images import ImageDataBunch
     d = synthetic_images(n_classes=n_classes, n_train=n_train, n_valid=n_valid, seed=seed)
     data = ImageDataBunch.from_tensors(d['x_train'], d['y_train'], d['x_valid'], d['y_valid'], classes=d['classes'],
                                        tfms=tfms, bs=bs, val_bs=val_bs, device=device)

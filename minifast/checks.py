@@ -1,8 +1,8 @@
 """Input checks that fail early with messages naming the thing that is wrong."""
 import functools
 import math
-import numbers
 import operator
+from numbers import Real
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 __all__ = ['check_data', 'check_learner_args', 'check_metrics', 'check_epochs', 'check_wd', 'check_fit', 'check_batch',
-           'check_finite_inputs', 'metric_name']
+           'check_finite_inputs', 'metric_name', 'int_value', 'int_at_least', 'real_value']
 
 
 def check_data(data):
@@ -68,6 +68,43 @@ def int_value(v):
         return None
 
 
+def int_at_least(v, name, where, low=1):
+    """`v` as an int when it is an integer >= `low` (see `int_value`), else
+    ValueError('{where}: {name} must be an integer >= {low}, got {v!r}')."""
+    n = int_value(v)
+    if n is None or n < low:
+        raise ValueError(f'{where}: {name} must be an integer >= {low}, got {v!r}')
+    return n
+
+
+def real_value(v, name, where, low=None, high=None, low_open=False, high_open=False, message=None, coerce=False):
+    """`v` as a float when it is a finite real number in [low, high], else a ValueError.
+
+    An end given as None is unbounded; `low_open` / `high_open` leave that end out ((low, high]...). A real number is
+    a numbers.Real other than a bool (an int, a float, a numpy number); with `coerce`, anything float() takes
+    except a bool or a string (also a 0-d tensor or array). The error names the first test that fails:
+    '{where}: {name} must be a finite number, got {v!r}', then '... must be >= {low:g}, got {v!r}' (> when
+    low_open), then '... must be <= {high:g}, got {v!r}' (< when high_open); `message`, when given, is the whole
+    text of the error whichever test fails.
+    """
+    if coerce:
+        try:
+            x = None if isinstance(v, (bool, str)) else float(v)
+        except (TypeError, ValueError):
+            x = None
+    else:
+        x = v if isinstance(v, Real) and not isinstance(v, bool) else None
+    if x is None or not math.isfinite(x):
+        bad = 'must be a finite number'
+    elif low is not None and (x <= low if low_open else x < low):
+        bad = f'must be {">" if low_open else ">="} {low:g}'
+    elif high is not None and (x >= high if high_open else x > high):
+        bad = f'must be {"<" if high_open else "<="} {high:g}'
+    else:
+        return float(x)
+    raise ValueError(f'{where}: {name} {bad}, got {v!r}' if message is None else message)
+
+
 def check_epochs(epochs, name='epochs'):
     """`epochs` as an int; ValueError unless it is a non-negative integer (not a float, string or bool)."""
     n = int_value(epochs)
@@ -78,10 +115,9 @@ def check_epochs(epochs, name='epochs'):
 
 def check_wd(wd, where):
     """`wd` (a weight decay: a number, or one per layer group) must hold finite numbers >= 0; returns it."""
+    message = f'{where}: wd must be a finite number >= 0 (or one per layer group), got {wd!r}'
     for v in (wd if isinstance(wd, (list, tuple, np.ndarray)) else [wd]):
-        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-        if not ok:
-            raise ValueError(f'{where}: wd must be a finite number >= 0 (or one per layer group), got {wd!r}')
+        real_value(v, 'wd', where, low=0, message=message)
     return wd
 
 
@@ -186,7 +222,6 @@ def _is_class_loss(loss_func):
 
 def check_batch(learn):
     """Targets of the first batch against the model's output, for class-index losses (cross-entropy, NLL)."""
-    learn._first_batch = False
     if not _is_class_loss(learn.loss_func):
         return
     pred, y = learn.pred, learn.yb

@@ -5,17 +5,23 @@ import sys
 import time
 from pathlib import Path
 
+# No lazy imports here: `minifast` (and so `python -m minifast --help`) already imports torch, matplotlib and the
+# whole package through minifast/__init__.py before this module runs, so importing them in functions saves nothing.
+import matplotlib
+import torch
+from torch import nn
+
+from .data import cifar10, cifar_transforms, synthetic_cifar
+from .learner import Learner
+from .metrics import accuracy, top_k_accuracy
+from .smith import add_arguments, refuse_small, run as run_smith
+
 __all__ = ['main']
 
 
 def demo(args):
     """Fit a small CNN on the built-in image set (or CIFAR-10 when it is on disk under --data); save the plots."""
-    import matplotlib
     matplotlib.use('Agg')
-    import torch
-    from torch import nn
-    from . import Learner, accuracy, cifar10, cifar_transforms, synthetic_cifar, top_k_accuracy
-    from .smith import refuse_small
     refuse_small('demo', vars(args), epochs=1, bs=1, n_train=1)  # `--epochs 0` trained nothing, then drew empty plots
     torch.manual_seed(args.seed)
     if args.data:
@@ -58,8 +64,7 @@ def smith_doc():
 
 def smith(args):
     """`minifast smith`: see minifast/smith.py."""
-    from .smith import run
-    return run(args)
+    return run_smith(args)
 
 
 def main(argv=None):
@@ -68,7 +73,6 @@ def main(argv=None):
     sub = p.add_subparsers(dest='cmd', required=True)
     sm = sub.add_parser('smith', help="Leslie Smith's workflow end to end, with plots and report.md (the main job)",
                         description=smith_doc())
-    from .smith import add_arguments
     add_arguments(sm)
     d = sub.add_parser('demo', help='one short fit on the built-in image set')
     d.add_argument('--epochs', type=int, default=3)

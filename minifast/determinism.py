@@ -1,6 +1,7 @@
 """Seeds and random-number-generator states: set_seed, deterministic mode, and RNG states that checkpoints carry."""
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -50,7 +51,6 @@ def set_rng_state(state):
     cuda = state.get('cuda')
     if cuda is not None and torch.cuda.is_available():
         if len(cuda) != torch.cuda.device_count():
-            import warnings
             warnings.warn(f'the saved RNG state has {len(cuda)} CUDA device(s) but this machine has '
                           f'{torch.cuda.device_count()}: the CUDA RNG states were not restored')
         else:

@@ -4,27 +4,33 @@ import itertools
 import json
 import math
 import time
+import warnings
 from numbers import Number
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from .callbacks.recorder import new_figure
 from .callbacks.snapshots import state_dict_copy
+from .callbacks.tracking import monitor_mode
 from .determinism import set_seed
 from .core import DivergenceError
+from .distributed import launched
 
-__all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'FIT_KEYS']
+__all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'append_record', 'plain', 'FIT_KEYS']
 
 # config keys that go to the fit call; every other key goes to make_learner(**keys)
 FIT_KEYS = ('policy', 'epochs', 'max_lr', 'lr', 'moms', 'wd', 'div_factor', 'pct_start', 'final_div')
 POLICIES = ('one_cycle', 'constant')
 
 
-def _plain(v):
+def plain(v):
     """JSON-friendly values: tuples become lists, numpy and torch scalars plain numbers, slices strings."""
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     if isinstance(v, slice):
         return f'slice({v.start}, {v.stop})'
     if isinstance(v, (bool, str)) or v is None:
@@ -80,7 +86,7 @@ def run_record(learn, config, seed, status, seconds, name=None):
         epochs.append(row)
     final = {k: (epochs[-1][k] if epochs else None) for k in names}
     word, why = diagnose(r.val_losses)
-    return _plain({'name': name or config_name(config), 'config': config, 'seed': seed, 'status': status,
+    return plain({'name': name or config_name(config), 'config': config, 'seed': seed, 'status': status,
                    'seconds': seconds, 'final': final, 'verdict': word, 'diagnosis': why, 'epochs': epochs,
                    'steps': {'lr': r.lrs, 'mom': r.moms if r.group_moms else [], 'loss': r.raw_losses}})
 
@@ -100,12 +106,12 @@ def read_log(file):
         except json.JSONDecodeError:
             bad.append(i + 1)
     if bad:
-        import warnings
         warnings.warn(f'{file}: line(s) {bad} are not valid JSON (a write cut short?); skipped')
     return out
 
 
-def _append(file, record):
+def append_record(file, record):
+    """Append `record` to the JSONL log `file` as one line (a line cut short by a kill is ended first)."""
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     with open(file, 'a+b') as f:
@@ -164,7 +170,6 @@ class GridResult:
 
     def best(self, monitor=None, mode='auto'):
         """The record with the best final `monitor` among finished runs (min for losses/errors, max otherwise)."""
-        from .callbacks.tracking import monitor_mode
         monitor = monitor or self.monitor
         mode = monitor_mode(monitor, mode)
         ok = [r for r in self.runs if r['status'] == 'done' and r['final'].get(monitor) is not None]
@@ -191,14 +196,12 @@ class GridResult:
 
     def plot_losses(self, ncols=3):
         """Train and validation loss per epoch for each run, one small axes per run, titled with its verdict."""
-        import matplotlib.pyplot as plt
         n = len(self.runs)
         if not n:
             raise ValueError('GridResult.plot_losses: no runs')
         ncols = min(ncols, n)
         nrows = math.ceil(n / ncols)
         fig, axs = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
-        import matplotlib
         if 'inline' in matplotlib.get_backend():
             plt.close(fig)
         for ax, r in zip(axs.flat, self.runs):
@@ -243,7 +246,6 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
     A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on. It runs as one
     process: under torchrun it is an error (its log is not written for several ranks).
     """
-    from .distributed import launched
     if launched():
         raise RuntimeError('grid_search runs as one process, not under torchrun (its log and skipping of finished '
                            'runs are not made for several ranks); run it without torchrun, or set '
@@ -251,65 +253,93 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
     if policy not in POLICIES:
         raise ValueError(f'grid_search: policy must be one of {POLICIES}, got {policy!r}')
     configs = _configs(grid)
-    done = {}
-    if log is not None and skip_done:
-        for rec in read_log(log):
-            done[json.dumps(rec.get('key'), sort_keys=True)] = rec
+    done = _logged_runs(log) if log is not None and skip_done else {}
     fixed = dict(fixed or {})
     runs, init = [], None
-
-    def initial_weights():
-        # from the first config's learner, whichever runs are in the log, so a resumed grid starts where a
-        # fresh one would
-        first = {k: v for k, v in {**fixed, **configs[0]}.items() if k not in FIT_KEYS}
-        set_seed(seed)
-        return state_dict_copy(make_learner(**first).model)
-
     for config in configs:
         shown, config = config, {**fixed, **config}
-        for k in config:
-            if k == 'policy' and config[k] not in POLICIES:
-                raise ValueError(f'grid_search: config {config_name(config)}: policy must be one of {POLICIES}')
-        fit = {k: v for k, v in config.items() if k in FIT_KEYS}
-        made = {k: v for k, v in config.items() if k not in FIT_KEYS}
-        pol, n_ep = fit.pop('policy', policy), fit.pop('epochs', epochs)
-        extra = sorted(set(fit) - {'lr', 'max_lr', 'wd'})
-        if pol == 'constant' and extra:
-            raise ValueError(f"grid_search: config {config_name(config)}: the 'constant' policy takes lr (or max_lr) "
-                             f'and wd only, not {extra}')
-        key = _plain({'config': config, 'seed': seed, 'epochs': n_ep, 'max_lr': max_lr, 'policy': pol})
-        if tag is not None:
-            key['tag'] = _plain(tag)
+        pol, n_ep, fit, made = _split_config(config, policy, epochs)
+        key = _run_key(config, seed, n_ep, max_lr, pol, tag)
         cached = done.get(json.dumps(key, sort_keys=True))
         if cached is not None:
             runs.append(cached)
             continue
         if init is None:
-            init = initial_weights()
+            # from the first config's learner, whichever runs are in the log, so a resumed grid starts where a
+            # fresh one would
+            init = _initial_weights(make_learner, {**fixed, **configs[0]}, seed)
+        learn = _fresh_learner(make_learner, made, init, seed, silent)
         set_seed(seed)
-        learn = make_learner(**made)
-        own = learn.model.state_dict()
-        if own.keys() == init.keys() and all(own[k].shape == init[k].shape for k in own):
-            learn.model.load_state_dict(init)  # the same starting point for every run
-        # else: a config that changes the model's shape keeps its own weights (made after set_seed(seed))
-        if silent is not None:
-            learn.silent = silent
-        set_seed(seed)
-        t0, status = time.perf_counter(), 'done'
-        try:
-            if pol == 'one_cycle':
-                # a config's lr is the peak when it gives no max_lr (as max_lr is the constant policy's lr without
-                # lr): dropping it would train every lr of a grid at the default max_lr under different names
-                lr = fit.pop('max_lr', fit.pop('lr', max_lr))  # pops both
-                learn.fit_one_cycle(n_ep, lr, **fit)
-            else:
-                lr = fit.pop('lr', fit.pop('max_lr', max_lr))
-                learn.fit(n_ep, lr, wd=fit.pop('wd', None))
-        except DivergenceError:
-            status = 'diverged'
+        t0 = time.perf_counter()
+        status = _fit_run(learn, pol, n_ep, fit, max_lr)
         rec = run_record(learn, shown, seed, status, time.perf_counter() - t0)
-        rec['key'], rec['fixed'] = key, _plain(fixed)
+        rec['key'], rec['fixed'] = key, plain(fixed)
         if log is not None:
-            _append(log, rec)
+            append_record(log, rec)
         runs.append(rec)
     return GridResult(runs, monitor)
+
+
+def _logged_runs(log):
+    """The records of the log `log` by their key (as sorted JSON); a later record of a key replaces an earlier one."""
+    return {json.dumps(rec.get('key'), sort_keys=True): rec for rec in read_log(log)}
+
+
+def _run_key(config, seed, epochs, max_lr, policy, tag):
+    """A run's identity in the log (JSON-friendly): its config, seed, epochs, max_lr and policy, and `tag` if given."""
+    key = plain({'config': config, 'seed': seed, 'epochs': epochs, 'max_lr': max_lr, 'policy': policy})
+    if tag is not None:
+        key['tag'] = plain(tag)
+    return key
+
+
+def _split_config(config, policy, epochs):
+    """(policy, epochs, fit's keyword arguments, make_learner's keyword arguments) of a config; `policy` and `epochs`
+    when it sets neither. ValueError for an unknown policy, or for arguments the 'constant' policy does not take."""
+    for k in config:
+        if k == 'policy' and config[k] not in POLICIES:
+            raise ValueError(f'grid_search: config {config_name(config)}: policy must be one of {POLICIES}')
+    fit = {k: v for k, v in config.items() if k in FIT_KEYS}
+    made = {k: v for k, v in config.items() if k not in FIT_KEYS}
+    pol, n_ep = fit.pop('policy', policy), fit.pop('epochs', epochs)
+    extra = sorted(set(fit) - {'lr', 'max_lr', 'wd'})
+    if pol == 'constant' and extra:
+        raise ValueError(f"grid_search: config {config_name(config)}: the 'constant' policy takes lr (or max_lr) "
+                         f'and wd only, not {extra}')
+    return pol, n_ep, fit, made
+
+
+def _initial_weights(make_learner, config, seed):
+    """A copy of the weights of the learner that `config`'s make_learner keys build after set_seed(seed)."""
+    first = {k: v for k, v in config.items() if k not in FIT_KEYS}
+    set_seed(seed)
+    return state_dict_copy(make_learner(**first).model)
+
+
+def _fresh_learner(make_learner, made, init, seed, silent):
+    """make_learner(**made) after set_seed(seed), starting from the weights `init` when its model has their shapes."""
+    set_seed(seed)
+    learn = make_learner(**made)
+    own = learn.model.state_dict()
+    if own.keys() == init.keys() and all(own[k].shape == init[k].shape for k in own):
+        learn.model.load_state_dict(init)  # the same starting point for every run
+    # else: a config that changes the model's shape keeps its own weights (made after set_seed(seed))
+    if silent is not None:
+        learn.silent = silent
+    return learn
+
+
+def _fit_run(learn, pol, n_ep, fit, max_lr):
+    """Train `learn` with the policy `pol` for `n_ep` epochs; 'done', or 'diverged' on a DivergenceError."""
+    try:
+        if pol == 'one_cycle':
+            # a config's lr is the peak when it gives no max_lr (as max_lr is the constant policy's lr without
+            # lr): dropping it would train every lr of a grid at the default max_lr under different names
+            lr = fit.pop('max_lr', fit.pop('lr', max_lr))  # pops both
+            learn.fit_one_cycle(n_ep, lr, **fit)
+        else:
+            lr = fit.pop('lr', fit.pop('max_lr', max_lr))
+            learn.fit(n_ep, lr, wd=fit.pop('wd', None))
+    except DivergenceError:
+        return 'diverged'
+    return 'done'

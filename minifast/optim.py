@@ -1,7 +1,6 @@
 """Parameter groups: layer groups, slice() and layer-decay LRs, freezing, per-module settings, weight-decay modes."""
 import difflib
 import inspect
-import math
 import operator
 import warnings
 from collections import OrderedDict
@@ -12,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import check_wd, int_value
+from .accel import fused_option
+from .checks import check_wd, int_value, real_value
 
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
            'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
@@ -65,14 +65,10 @@ def param_groups(layer_groups, bn_wd=True):
 
 
 def _rate(v, name):
-    """`v` as a float when it is a finite number >= 0 (a learning rate, or another per-group value), else ValueError."""
-    try:
-        f = None if isinstance(v, (bool, str)) else float(v)
-    except (TypeError, ValueError):
-        f = None
-    if f is None or not math.isfinite(f) or f < 0:
-        raise ValueError(f'{name} must be a finite number >= 0 (or one per layer group, or a slice), got {v!r}')
-    return f
+    """`v` as a float when it is a finite number >= 0 (a learning rate, or another per-group value), else ValueError;
+    anything float() takes counts (a 0-d tensor or array too)."""
+    return real_value(v, name, None, low=0, coerce=True,
+                      message=f'{name} must be a finite number >= 0 (or one per layer group, or a slice), got {v!r}')
 
 
 def lr_per_group(lr, n, name='lr'):
@@ -445,7 +441,7 @@ def create_opt(learn, lr=3e-3, wd=None):
     set through `set_hyper`, so layer decay and per-module settings hold from the first step."""
     groups = param_groups(learn.layer_groups, learn.bn_wd)
     lrs = group_lrs(learn, lr)
-    from .accel import fused_option  # CUDA: torch's fused Adam/AdamW/SGD kernels unless the user chose otherwise
+    # fused_option: on CUDA, torch's fused Adam/AdamW/SGD kernels unless the user chose otherwise
     opt = learn.opt_func(groups, lr=lrs[-1], **fused_option(learn.opt_func, [p for g in groups for p in g['params']],
                                                             learn.device))
     asked = getattr(learn.opt_func, 'keywords', None) or {}  # set by the user in a partial, not torch's default

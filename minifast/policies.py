@@ -17,11 +17,11 @@ import numpy as np
 from .callbacks.gradients import GradientAccumulation, GradientClipping
 from .callbacks.lr_finder import LRFinder, LRFindResult, suggestions
 from .callbacks.schedule import ParamScheduler
-from .checks import check_epochs, check_fit
+from .checks import check_epochs, check_fit, int_at_least, real_value
 from .core import Callback, CancelTrainException, DivergenceError, as_list
 from .distributed import broadcast_object, local
 from .optim import group_lrs, lr_per_group
-from .schedules import (CLR_MODES, CyclicSchedule, GeneralSchedule, _int_at_least, _real, flat_cos_schedule,
+from .schedules import (CLR_MODES, CyclicSchedule, GeneralSchedule, flat_cos_schedule,
                         one_cycle_schedule, sgdr_schedule, step_schedule, warmup_cosine_schedule)
 from .state import preserved
 
@@ -131,9 +131,9 @@ def fit_sgdr(learn, n_cycles, cycle_len, lr=3e-3, cycle_mult=2, eta_min=0., wd=N
     the lr restarting at `lr` after each (torch's CosineAnnealingWarmRestarts stepped every step). Trains
     cycle_len * (1 + cycle_mult + ... + cycle_mult**(n_cycles-1)) epochs."""
     where = 'fit_sgdr'
-    n_cycles = _int_at_least(n_cycles, 'n_cycles', where)
-    cycle_len = _int_at_least(cycle_len, 'cycle_len (epochs)', where)
-    cycle_mult = _int_at_least(cycle_mult, 'cycle_mult', where)
+    n_cycles = int_at_least(n_cycles, 'n_cycles', where)
+    cycle_len = int_at_least(cycle_len, 'cycle_len (epochs)', where)
+    cycle_mult = int_at_least(cycle_mult, 'cycle_mult', where)
     epochs = cycle_len * sum(cycle_mult ** i for i in range(n_cycles))
     n = _steps_per_epoch(learn, epochs, where, callbacks)
     lrs = _groups(lr, learn, 'lr', where)
@@ -153,11 +153,11 @@ def fit_clr(learn, epochs, base_lr, max_lr, step_size_up, step_size_down=None, m
     where = 'fit_clr'
     if mode not in CLR_MODES:
         raise ValueError(f"{where}: mode must be one of {', '.join(map(repr, CLR_MODES))}, got {mode!r}")
-    epochs = _int_at_least(epochs, 'epochs', where)
-    _real(step_size_up, 'step_size_up (steps)', where, low=0, low_open=True)
+    epochs = int_at_least(epochs, 'epochs', where)
+    real_value(step_size_up, 'step_size_up (steps)', where, low=0, low_open=True)
     if step_size_down is not None:
-        _real(step_size_down, 'step_size_down (steps)', where, low=0)
-    _real(gamma, 'gamma', where, low=0, low_open=True)
+        real_value(step_size_down, 'step_size_down (steps)', where, low=0)
+    real_value(gamma, 'gamma', where, low=0, low_open=True)
     _steps_per_epoch(learn, epochs, where, callbacks)
     sched = CyclicSchedule(_groups(base_lr, learn, 'base_lr', where), _groups(max_lr, learn, 'max_lr', where),
                            step_size_up, step_size_down, mode, gamma, cycle_momentum,
@@ -170,9 +170,9 @@ def fit_clr(learn, epochs, base_lr, max_lr, step_size_up, step_size_down=None, m
 def fit_step(learn, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None, resume=None, clip=None):
     """Step decay: lr * gamma**(epoch // step_size), `step_size` in epochs (torch's StepLR stepped every epoch)."""
     where = 'fit_step'
-    epochs = _int_at_least(epochs, 'epochs', where)
-    step_size = _int_at_least(step_size, 'step_size (epochs)', where)
-    gamma = _real(gamma, 'gamma', where, low=0, low_open=True)
+    epochs = int_at_least(epochs, 'epochs', where)
+    step_size = int_at_least(step_size, 'step_size (epochs)', where)
+    gamma = real_value(gamma, 'gamma', where, low=0, low_open=True)
     n = _steps_per_epoch(learn, epochs, where, callbacks)
     sched = step_schedule(epochs * n, _groups(lr, learn, 'lr', where), step_size * n, gamma)
     _run(learn, epochs, lr, wd, callbacks, sched, resume=resume, clip=clip)
@@ -182,8 +182,8 @@ def fit_step(learn, epochs, lr, step_size, gamma=0.1, wd=None, callbacks=None, r
 def fit_exp(learn, epochs, lr, gamma, wd=None, callbacks=None, resume=None, clip=None):
     """Exponential decay: lr * gamma**epoch, constant within an epoch (torch's ExponentialLR stepped every epoch)."""
     where = 'fit_exp'
-    epochs = _int_at_least(epochs, 'epochs', where)
-    gamma = _real(gamma, 'gamma', where, low=0, low_open=True)
+    epochs = int_at_least(epochs, 'epochs', where)
+    gamma = real_value(gamma, 'gamma', where, low=0, low_open=True)
     n = _steps_per_epoch(learn, epochs, where, callbacks)
     sched = step_schedule(epochs * n, _groups(lr, learn, 'lr', where), n, gamma)
     _run(learn, epochs, lr, wd, callbacks, sched, resume=resume, clip=clip)
@@ -197,8 +197,8 @@ def fit_warmup_cosine(learn, epochs, lr=3e-3, warmup_epochs=1, warmup_lr=None, m
     SequentialLR([LinearLR(start_factor=warmup_lr/lr, total_iters=W), CosineAnnealingLR(T_max=T-W, eta_min=min_lr)],
     milestones=[W]) stepped every step, W and T being the warm-up and total steps."""
     where = 'fit_warmup_cosine'
-    epochs = _int_at_least(epochs, 'epochs', where)
-    warmup_epochs = _real(warmup_epochs, 'warmup_epochs', where, low=0, high=epochs)
+    epochs = int_at_least(epochs, 'epochs', where)
+    warmup_epochs = real_value(warmup_epochs, 'warmup_epochs', where, low=0, high=epochs)
     n = _steps_per_epoch(learn, epochs, where, callbacks)
     lrs = _groups(lr, learn, 'lr', where)
     wlr = None if warmup_lr is None else _groups(warmup_lr, learn, 'warmup_lr', where)
@@ -215,9 +215,9 @@ def fit_flat_cos(learn, epochs, lr=3e-3, pct_start=0.75, final_div=None, wd=None
     if final_div is not None and div_final is not None:
         raise TypeError(f'{where}: give final_div or its older name div_final, not both')
     div_final = 1e5 if final_div is None and div_final is None else final_div if final_div is not None else div_final
-    epochs = _int_at_least(epochs, 'epochs', where)
-    pct_start = _real(pct_start, 'pct_start', where, low=0, high=1)
-    div_final = _real(div_final, 'div_final', where, low=0, low_open=True)
+    epochs = int_at_least(epochs, 'epochs', where)
+    pct_start = real_value(pct_start, 'pct_start', where, low=0, high=1)
+    div_final = real_value(div_final, 'div_final', where, low=0, low_open=True)
     n = _steps_per_epoch(learn, epochs, where, callbacks)
     _run(learn, epochs, lr, wd, callbacks, flat_cos_schedule(epochs * n, _groups(lr, learn, 'lr', where), pct_start,
                                                              div_final), resume=resume, clip=clip)

@@ -15,7 +15,7 @@ from numbers import Number, Real
 
 import numpy as np
 
-from .checks import int_value
+from .checks import int_at_least, real_value
 from .optim import lr_per_group
 
 __all__ = ['annealing_cos', 'annealing_linear', 'annealing_exp', 'annealing_no', 'ANNEALERS', 'Phase',
@@ -104,9 +104,9 @@ def one_cycle_schedule(total_steps, max_lr, moms=(0.95, 0.85), div_factor=25., p
         raise ValueError(f'one_cycle_schedule: total_steps must be >= 1, got {total_steps}')
     if not 0 <= pct_start < 1:
         raise ValueError(f'one_cycle_schedule: pct_start must be in [0, 1), got {pct_start}')
-    div_factor = _real(div_factor, 'div_factor', 'one_cycle_schedule', low=0, low_open=True)
+    div_factor = real_value(div_factor, 'div_factor', 'one_cycle_schedule', low=0, low_open=True)
     final_div = div_factor * 1e4 if final_div is None else \
-        _real(final_div, 'final_div', 'one_cycle_schedule', low=0, low_open=True)
+        real_value(final_div, 'final_div', 'one_cycle_schedule', low=0, low_open=True)
     scale = lambda v, d: v / d if isinstance(v, Number) else [x / d for x in v]  # noqa: E731
     start, low = scale(max_lr, div_factor), scale(max_lr, final_div)
     up = {'lr': (start, max_lr, anneal)}
@@ -120,24 +120,6 @@ def one_cycle_schedule(total_steps, max_lr, moms=(0.95, 0.85), div_factor=25., p
 
 # ---- phases by length: compose your own schedule --------------------------------------------------------------
 HYPERS = ('lr', 'mom', 'wd')
-
-
-def _int_at_least(v, name, where, low=1):
-    n = int_value(v)
-    if n is None or n < low:
-        raise ValueError(f'{where}: {name} must be an integer >= {low}, got {v!r}')
-    return n
-
-
-def _real(v, name, where, low=None, high=None, low_open=False):
-    """`v` as a finite float, checked against [low, high] (or (low, high] when low_open)."""
-    if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
-        raise ValueError(f'{where}: {name} must be a finite number, got {v!r}')
-    if low is not None and (v < low or (low_open and v == low)):
-        raise ValueError(f'{where}: {name} must be {">" if low_open else ">="} {low:g}, got {v!r}')
-    if high is not None and v > high:
-        raise ValueError(f'{where}: {name} must be <= {high:g}, got {v!r}')
-    return float(v)
 
 
 def _annealer(anneal, where):
@@ -184,8 +166,8 @@ class TrainingPhase:
         if (length is None) == (epochs is None):
             raise ValueError(f'TrainingPhase: give its length in steps (length=) or in epochs (epochs=), exactly one; '
                              f'got length={length!r}, epochs={epochs!r}')
-        self.length = None if length is None else _real(length, 'length', 'TrainingPhase', low=0)
-        self.epochs = None if epochs is None else _real(epochs, 'epochs', 'TrainingPhase', low=0)
+        self.length = None if length is None else real_value(length, 'length', 'TrainingPhase', low=0)
+        self.epochs = None if epochs is None else real_value(epochs, 'epochs', 'TrainingPhase', low=0)
         self.hypers = {}
         for name, vals in hypers.items():
             self.schedule_hp(name, vals)
@@ -284,9 +266,9 @@ def sgdr_schedule(n_cycles, cycle_len, lr, cycle_mult=2, eta_min=0.):
     """SGDR (cosine annealing with warm restarts): cycle i lasts cycle_len * cycle_mult**i steps, its lr cosine from
     `lr` towards `eta_min`; equals torch's CosineAnnealingWarmRestarts(T_0=cycle_len, T_mult=cycle_mult, eta_min)."""
     where = 'sgdr_schedule'
-    n_cycles = _int_at_least(n_cycles, 'n_cycles', where)
-    cycle_len = _int_at_least(cycle_len, 'cycle_len', where)
-    cycle_mult = _int_at_least(cycle_mult, 'cycle_mult', where)
+    n_cycles = int_at_least(n_cycles, 'n_cycles', where)
+    cycle_len = int_at_least(cycle_len, 'cycle_len', where)
+    cycle_mult = int_at_least(cycle_mult, 'cycle_mult', where)
     return GeneralSchedule([TrainingPhase(cycle_len * cycle_mult ** i, lr=(lr, eta_min, 'cos'))
                             for i in range(n_cycles)])
 
@@ -305,9 +287,9 @@ class CyclicSchedule:
         where = 'CyclicSchedule'
         if mode not in CLR_MODES:
             raise ValueError(f"{where}: mode must be one of {', '.join(map(repr, CLR_MODES))}, got {mode!r}")
-        up = _real(step_size_up, 'step_size_up', where, low=0, low_open=True)
-        down = up if step_size_down is None else _real(step_size_down, 'step_size_down', where, low=0)
-        self.gamma = _real(gamma, 'gamma', where, low=0, low_open=True)
+        up = real_value(step_size_up, 'step_size_up', where, low=0, low_open=True)
+        down = up if step_size_down is None else real_value(step_size_down, 'step_size_down', where, low=0)
+        self.gamma = real_value(gamma, 'gamma', where, low=0, low_open=True)
         self.base_lr, self.max_lr = _values(base_lr, f'{where} base_lr', None), _values(max_lr, f'{where} max_lr', None)
         self.mode, self.cycle_len, self.ratio = mode, up + down, up / (up + down)
         self.cycle_momentum = bool(cycle_momentum)
@@ -343,9 +325,9 @@ def step_schedule(total_steps, lr, step_size, gamma=0.1):
     """Step decay: lr * gamma**(step // step_size) for `total_steps` steps (torch's StepLR; with step_size one epoch
     of steps, torch's ExponentialLR stepped per epoch)."""
     where = 'step_schedule'
-    total_steps = _int_at_least(total_steps, 'total_steps', where)
-    step_size = _int_at_least(step_size, 'step_size', where)
-    _real(gamma, 'gamma', where, low=0, low_open=True)
+    total_steps = int_at_least(total_steps, 'total_steps', where)
+    step_size = int_at_least(step_size, 'step_size', where)
+    real_value(gamma, 'gamma', where, low=0, low_open=True)
     n = math.ceil(total_steps / step_size)
     return GeneralSchedule([TrainingPhase(min(step_size, total_steps - i * step_size), lr=_scale(lr, gamma ** i))
                             for i in range(n)])
@@ -356,8 +338,8 @@ def warmup_cosine_schedule(total_steps, lr, warmup_steps, warmup_lr=None, min_lr
     `min_lr` over the remaining steps; equals torch's SequentialLR([LinearLR(start_factor=warmup_lr/lr,
     total_iters=warmup_steps), CosineAnnealingLR(T_max=total_steps - warmup_steps, eta_min=min_lr)])."""
     where = 'warmup_cosine_schedule'
-    total_steps = _int_at_least(total_steps, 'total_steps', where)
-    warmup_steps = _real(warmup_steps, 'warmup_steps', where, low=0, high=total_steps)
+    total_steps = int_at_least(total_steps, 'total_steps', where)
+    warmup_steps = real_value(warmup_steps, 'warmup_steps', where, low=0, high=total_steps)
     warmup_lr = _scale(lr, 0.01) if warmup_lr is None else warmup_lr
     return GeneralSchedule([TrainingPhase(warmup_steps, lr=(warmup_lr, lr, 'linear')),
                             TrainingPhase(total_steps - warmup_steps, lr=(lr, min_lr, 'cos'))])
@@ -366,9 +348,9 @@ def warmup_cosine_schedule(total_steps, lr, warmup_steps, warmup_lr=None, min_lr
 def flat_cos_schedule(total_steps, lr, pct_start=0.75, div_final=1e5):
     """fastai v2's flat-cos: lr held for pct_start of the steps, then cosine towards lr / div_final."""
     where = 'flat_cos_schedule'
-    total_steps = _int_at_least(total_steps, 'total_steps', where)
-    pct_start = _real(pct_start, 'pct_start', where, low=0, high=1)
-    div_final = _real(div_final, 'div_final', where, low=0, low_open=True)
+    total_steps = int_at_least(total_steps, 'total_steps', where)
+    pct_start = real_value(pct_start, 'pct_start', where, low=0, high=1)
+    div_final = real_value(div_final, 'div_final', where, low=0, low_open=True)
     flat = pct_start * total_steps
     return GeneralSchedule([TrainingPhase(flat, lr=lr),
                             TrainingPhase(total_steps - flat, lr=(lr, _scale(lr, 1 / div_final), 'cos'))])

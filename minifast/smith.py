@@ -12,10 +12,30 @@ Steps (one function each; `run(args)` chains them):
 and report.md, which embeds every plot and says what was chosen and why. Every training run (grids and final) is
 a record of runs.jsonl; a second invocation reuses those records and caches and trains only what is missing.
 """
+import hashlib
 import json
 import math
 import time
 from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .callbacks.snapshots import WeightSnapshots
+from .callbacks.tracking import Checkpoint
+from .checkpoint import load_state
+from .data import ImageList, cifar10, cifar100, cifar_transforms, get_transforms, synthetic_cifar
+from .determinism import set_seed
+from .distributed import launched
+from .grid import GridResult, append_record, grid_search, plain, read_log, run_record
+from .landscape import InterpolationResult, interpolate_losses, plot_interpolation
+from .core import DivergenceError
+from .learner import Learner
+from .metrics import accuracy, top_k_accuracy
+from .models import cifar_resnet
+from .resume import checkpoint_info, find_checkpoint, is_finished
 
 __all__ = ['run', 'add_arguments', 'SIZES']
 
@@ -89,7 +109,6 @@ def refuse_small(cmd, values, **least):
 
 
 def _save(fig, file):
-    import matplotlib.pyplot as plt
     fig.savefig(file, dpi=90, bbox_inches='tight')
     plt.close(fig)
 
@@ -102,9 +121,8 @@ def _read_json(file):
 
 
 def _write_json(file, obj):
-    from .grid import _plain
     tmp = Path(str(file) + '.tmp')
-    tmp.write_text(json.dumps(_plain(obj), indent=1))  # non-finite numbers as null: strict JSON
+    tmp.write_text(json.dumps(plain(obj), indent=1))  # non-finite numbers as null: strict JSON
     tmp.replace(file)
 
 
@@ -119,7 +137,6 @@ def _half_decade(wd):
 
 
 def _model_fn(arch, n_classes):
-    from .models import cifar_resnet
     name = arch.lower().replace('-', '')
     if not name.startswith('resnet') or not name[6:].isdigit():
         raise SystemExit(f'smith: --arch {arch!r}: expected resnetN with N = 6n + 2 (8, 14, 20, 32, 44, 56, 110)')
@@ -132,7 +149,6 @@ def _model_fn(arch, n_classes):
 # ----------------------------------------------------------------------------------------------------- steps
 def make_data(args, s):
     """Step 1's DataBunch: the built-in set, CIFAR-10/100, or an image folder."""
-    from . import (ImageList, cifar10, cifar100, cifar_transforms, get_transforms, set_seed, synthetic_cifar)
     set_seed(args.seed)
     if not args.data:
         data = synthetic_cifar(n_classes=10, n_train=s['n_train'], n_valid=s['n_valid'], seed=args.seed,
@@ -164,7 +180,6 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
     """Step 2: the LR range test -> lr_find.png; max_lr = 'valley' (else 'steep', else 1e-2), or --max-lr.
 
     Returns (info dict, skipped)."""
-    from . import set_seed
     file, png = out / 'lr_find.json', out / 'lr_find.png'
     info = _read_json(file)
     skipped = info is not None and info.get('key') == key and png.exists()
@@ -203,7 +218,6 @@ def _best(res, fallback, what):
 
 def _grid(make_learner, configs, out, seed, epochs, max_lr, log, name, png, quiet):
     """One grid_search call whose finished runs come from the log; returns (GridResult, trained, skipped)."""
-    from .grid import grid_search, read_log
     before = len(read_log(log))
     res = grid_search(make_learner, configs, epochs=epochs, max_lr=max_lr, seed=seed, log=log, tag=TAG)
     trained = len(read_log(log)) - before
@@ -244,7 +258,6 @@ def step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet):
 def step_weight_decay(make_learner, out, seed, epochs, max_lr, moms, log, quiet):
     """Step 5: wd in 1e-3, 1e-4, 1e-5, 0 (wd.png), then the half-decade neighbours of the best non-zero value
     (wd_fine.png); the chosen wd is the lowest valid loss over all six runs."""
-    from .grid import GridResult
     coarse, tr1, sk1 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in WDS], out, seed, epochs, max_lr, log,
                              'weight decay: coarse grid', 'wd.png', quiet)
     nonzero = GridResult([r for r in coarse.runs if r['config']['wd'] != 0])
@@ -264,8 +277,6 @@ def _snapshot_epochs(epochs):
 
 
 def _newest_state(folder):
-    from .checkpoint import load_state
-    from .resume import find_checkpoint
     file = find_checkpoint(folder)
     return (file, load_state(file)) if file is not None else (None, None)
 
@@ -282,7 +293,6 @@ FINAL_PNGS = ('final_losses.png', 'final_lr.png', 'final_metrics.png')
 def _final_dirs(out, key):
     """checkpoints/<id> and snapshots/<id> of the final fit `key`: a final fit with other data, model or settings
     gets folders of its own (the old ones stay), so it never resumes from, or reuses, another fit's files."""
-    import hashlib
     fid = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return out / 'checkpoints' / fid, out / 'snapshots' / fid
 
@@ -290,12 +300,8 @@ def _final_dirs(out, key):
 def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     """Step 6: fit_one_cycle(epochs, max_lr, moms, wd) with WeightSnapshots and Checkpoint; resumes from the newest
     checkpoint, or is skipped when its record is in the log. Returns (record, learn or None, what happened)."""
-    from . import Checkpoint, WeightSnapshots, set_seed
-    from .grid import _append, _plain, read_log, run_record
-    from .resume import is_finished
-    from .core import DivergenceError
     config = {'final': True, 'policy': 'one_cycle', 'epochs': epochs, 'max_lr': max_lr, 'moms': moms, 'wd': wd}
-    key = _plain({'config': config, 'seed': seed, 'tag': TAG})
+    key = plain({'config': config, 'seed': seed, 'tag': TAG})
     snap_epochs = _snapshot_epochs(epochs)
     ck_dir, snap_dir = _final_dirs(out, key)
     for rec in read_log(log):
@@ -322,7 +328,6 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     else:
         resume = None
         if file is not None:
-            from .resume import checkpoint_info
             resume = ck_dir
             what = f'resumed from {file.name} ({checkpoint_info(file)})'
         else:
@@ -341,17 +346,12 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     _final_plots(learn, out)
     rec = run_record(learn, config, seed, status, time.perf_counter() - t0, name='final')
     rec['key'] = key
-    _append(log, rec)
+    append_record(log, rec)
     return rec, learn, what
 
 
 def step_interpolation(make_learner, learn, out, epochs, points, n_batches, final_key):
     """Step 7: interpolate between the two snapshots of the final run -> interpolation.png, interpolation.json."""
-    import numpy as np
-
-    from . import interpolate_losses, plot_interpolation
-    from .checkpoint import load_state
-    from .landscape import InterpolationResult
     e1, e2 = _snapshot_epochs(epochs)
     file, png = out / 'interpolation.json', out / 'interpolation.png'
     key = {'final': final_key, 'w1': e1, 'w2': e2, 'points': points, 'n_batches': n_batches}
@@ -382,85 +382,92 @@ def _block(text):
 
 def write_report(out, ctx):
     """report.md: every plot, every choice and its reason, the grid tables and verdicts."""
+    md = _report_lr_find(ctx) + _report_grids(ctx) + _report_final(ctx)
+    (out / 'report.md').write_text('\n'.join(md))
+
+
+def _report_lr_find(ctx):
+    """The lines of report.md's title, its section 1 (data) and section 2 (the LR range test)."""
+    lf = ctx['lr']
+    return [f"# minifast smith: {ctx['what']}", '',
+            f"Model {ctx['arch']} ({ctx['n_params']:,} parameters), batch size {ctx['bs']}, seed {ctx['seed']}, "
+            f"device {ctx['device']}; grid runs of {ctx['grid_epochs']} epochs, final fit of {ctx['epochs']} epochs. "
+            f"Every run is a record of [runs.jsonl](runs.jsonl) (`pandas.read_json('runs.jsonl', lines=True)`).", '',
+            '## 1. Data', '', 'A batch of augmented training images:', '', '![batch](batch.png)', '',
+            '## 2. LR range test', '',
+            f"`lr_find(num_it={ctx['num_it']})` ran {lf['n_steps']} steps"
+            f"{' (stopped on divergence)' if lf['diverged'] else ''}; "
+            f"suggestions: steep {_fmt_lr(lf['steep'])}, valley {_fmt_lr(lf['valley'])}, "
+            f"minimum {_fmt_lr(lf['minimum'])}.", '',
+            f"**max_lr = {lf['chosen']:.3g}**, from {lf['rule']}. Rule: 'valley' (fastai v2's default) picks a point "
+            f"inside the longest falling stretch of the curve, short of where the loss turns up: that is Smith's "
+            f"max_lr, the largest lr at which the loss still falls steadily. 'steep' marks only the single steepest "
+            f"point, which on a short, noisy sweep can sit anywhere on that stretch, and 'minimum' (lowest loss / 10) "
+            f"hangs on one point.", '', '![lr_find](lr_find.png)', '']
+
+
+def _report_grids(ctx):
+    """The lines of report.md's sections 3 to 5: the super-convergence check, momentum and weight decay grids."""
     lf, sc, mo = ctx['lr'], ctx['sc'], ctx['mom']
     one, const = sc.runs
+    return ['## 3. Super-convergence check', '',
+            f"1cycle at max_lr {lf['chosen']:.3g} against a constant lr of max_lr/{CONST_DIV} = "
+            f"{lf['chosen'] / CONST_DIV:.3g} (taken as the largest constant lr that stays stable for a whole run: a "
+            f"constant lr never gets 1cycle's warm-up and annealing, so it goes a decade below the cyclic peak, the "
+            f"seed notebook's 'a value 10 times less'), both {ctx['grid_epochs']} epochs, the Learner's default wd "
+            f"({ctx['default_wd']:g}) in steps 3 and 4 as in the seed. Final valid loss: 1cycle "
+            f"{_final_metric(one, 'valid_loss'):.4f}, constant {_final_metric(const, 'valid_loss'):.4f}: "
+            f"**1cycle {'beat' if ctx['sc_won'] else 'did not beat'} the constant lr**.", '',
+            '![superconvergence](superconvergence.png)', '', _block(sc.table()), _block(sc.verdicts()),
+            '## 4. Momentum', '',
+            f"Cyclic momentum pairs {', '.join(str(m) for m in MOMS)} with 1cycle at max_lr. **Chosen moms = "
+            f"{tuple(ctx['moms'])}**: the lower final valid loss (seed 004 compares losses, not accuracy).", '',
+            '![momentum](momentum.png)', '', _block(mo.table()), _block(mo.verdicts()),
+            '## 5. Weight decay', '',
+            f"Coarse grid wd in {', '.join(f'{w:g}' for w in WDS)} with moms {tuple(ctx['moms'])}; the best non-zero "
+            f"value was {ctx['best_nz']:g}, so its half-decade neighbours (10^(log10 wd +- 0.5), one significant "
+            f"figure) {' and '.join(f'{w:g}' for w in ctx['fine_wds'])} were tried too. **Chosen wd = "
+            f"{ctx['wd']:g}**: the lowest final valid loss over all six runs.", '',
+            '![wd](wd.png)', '', _block(ctx['wd_coarse'].table()), _block(ctx['wd_coarse'].verdicts()),
+            '![wd_fine](wd_fine.png)', '', _block(ctx['wd_fine'].table()), _block(ctx['wd_fine'].verdicts())]
+
+
+def _report_final(ctx):
+    """The lines of report.md's section 6 (the final fit), section 7 (the interpolation) and its re-running note."""
     final = ctx['final']
-    fin = final['final']
-    metrics = ', '.join(f'{k} {v:.4f}' for k, v in fin.items() if isinstance(v, float))
+    metrics = ', '.join(f'{k} {v:.4f}' for k, v in final['final'].items() if isinstance(v, float))
     e1, e2 = ctx['snap']
     b = None
     try:
         b = ctx['interp'].barrier('valid')
     except (ValueError, KeyError):
         pass
-    md = [f"# minifast smith: {ctx['what']}", '',
-          f"Model {ctx['arch']} ({ctx['n_params']:,} parameters), batch size {ctx['bs']}, seed {ctx['seed']}, "
-          f"device {ctx['device']}; grid runs of {ctx['grid_epochs']} epochs, final fit of {ctx['epochs']} epochs. "
-          f"Every run is a record of [runs.jsonl](runs.jsonl) (`pandas.read_json('runs.jsonl', lines=True)`).", '',
-          '## 1. Data', '', 'A batch of augmented training images:', '', '![batch](batch.png)', '',
-          '## 2. LR range test', '',
-          f"`lr_find(num_it={ctx['num_it']})` ran {lf['n_steps']} steps"
-          f"{' (stopped on divergence)' if lf['diverged'] else ''}; "
-          f"suggestions: steep {_fmt_lr(lf['steep'])}, valley {_fmt_lr(lf['valley'])}, "
-          f"minimum {_fmt_lr(lf['minimum'])}.", '',
-          f"**max_lr = {lf['chosen']:.3g}**, from {lf['rule']}. Rule: 'valley' (fastai v2's default) picks a point "
-          f"inside the longest falling stretch of the curve, short of where the loss turns up: that is Smith's max_lr, "
-          f"the largest lr at which the loss still falls steadily. 'steep' marks only the single steepest point, which "
-          f"on a short, noisy sweep can sit anywhere on that stretch, and 'minimum' (lowest loss / 10) hangs on one "
-          f"point.", '', '![lr_find](lr_find.png)', '',
-          '## 3. Super-convergence check', '',
-          f"1cycle at max_lr {lf['chosen']:.3g} against a constant lr of max_lr/{CONST_DIV} = "
-          f"{lf['chosen'] / CONST_DIV:.3g} (taken as the largest constant lr that stays stable for a whole run: a "
-          f"constant lr never gets 1cycle's warm-up and annealing, so it goes a decade below the cyclic peak, the seed "
-          f"notebook's 'a value 10 times less'), both {ctx['grid_epochs']} epochs, the Learner's default wd "
-          f"({ctx['default_wd']:g}) in steps 3 and 4 as in the seed. Final valid loss: 1cycle "
-          f"{_final_metric(one, 'valid_loss'):.4f}, constant {_final_metric(const, 'valid_loss'):.4f}: "
-          f"**1cycle {'beat' if ctx['sc_won'] else 'did not beat'} the constant lr**.", '',
-          '![superconvergence](superconvergence.png)', '', _block(sc.table()), _block(sc.verdicts()),
-          '## 4. Momentum', '',
-          f"Cyclic momentum pairs {', '.join(str(m) for m in MOMS)} with 1cycle at max_lr. **Chosen moms = "
-          f"{tuple(ctx['moms'])}**: the lower final valid loss (seed 004 compares losses, not accuracy).", '',
-          '![momentum](momentum.png)', '', _block(mo.table()), _block(mo.verdicts()),
-          '## 5. Weight decay', '',
-          f"Coarse grid wd in {', '.join(f'{w:g}' for w in WDS)} with moms {tuple(ctx['moms'])}; the best non-zero "
-          f"value was {ctx['best_nz']:g}, so its half-decade neighbours (10^(log10 wd +- 0.5), one significant "
-          f"figure) {' and '.join(f'{w:g}' for w in ctx['fine_wds'])} were tried too. **Chosen wd = "
-          f"{ctx['wd']:g}**: the lowest final valid loss over all six runs.", '',
-          '![wd](wd.png)', '', _block(ctx['wd_coarse'].table()), _block(ctx['wd_coarse'].verdicts()),
-          '![wd_fine](wd_fine.png)', '', _block(ctx['wd_fine'].table()), _block(ctx['wd_fine'].verdicts()),
-          '## 6. Final fit', '',
-          f"`fit_one_cycle({ctx['epochs']}, max_lr={lf['chosen']:.3g}, moms={tuple(ctx['moms'])}, "
-          f"wd={ctx['wd']:g})` with WeightSnapshots (snapshots/) and Checkpoint (checkpoints/): "
-          f"{ctx['final_what']}. Status {final['status']}; final {metrics}. Diagnosis: {final['verdict']} - "
-          f"{final['diagnosis']}.", '',
-          '![final_losses](final_losses.png)', '', '![final_lr](final_lr.png)', '',
-          '![final_metrics](final_metrics.png)', '',
-          '## 7. Interpolation between two snapshots', '',
-          f"w1 = the weights after epoch {e1}, w2 = after epoch {e2} (the last); weights alpha*w1 + (1-alpha)*w2 "
-          f"for alpha in [-0.5, 1.5], BatchNorm statistics recomputed at each alpha.", '',
-          (f"Barrier (valid): height {b.height:.4g}, excess over the straight line {b.excess:.4g}: "
-           f"**{'one basin' if b.same_basin else 'different basins'}**." if b is not None else ''), '',
-          _block(ctx['interp'].summary()), '![interpolation](interpolation.png)', '',
-          '## Re-running', '',
-          'The same command again trains nothing that is done: grid runs come from runs.jsonl, the LR range test from '
-          'lr_find.json, the final fit is skipped once its record is in runs.jsonl (or resumes from checkpoints/ '
-          'when it was killed), and the interpolation comes from interpolation.json.', '']
-    (out / 'report.md').write_text('\n'.join(md))
+    return ['## 6. Final fit', '',
+            f"`fit_one_cycle({ctx['epochs']}, max_lr={ctx['lr']['chosen']:.3g}, moms={tuple(ctx['moms'])}, "
+            f"wd={ctx['wd']:g})` with WeightSnapshots (snapshots/) and Checkpoint (checkpoints/): "
+            f"{ctx['final_what']}. Status {final['status']}; final {metrics}. Diagnosis: {final['verdict']} - "
+            f"{final['diagnosis']}.", '',
+            '![final_losses](final_losses.png)', '', '![final_lr](final_lr.png)', '',
+            '![final_metrics](final_metrics.png)', '',
+            '## 7. Interpolation between two snapshots', '',
+            f"w1 = the weights after epoch {e1}, w2 = after epoch {e2} (the last); weights alpha*w1 + (1-alpha)*w2 "
+            f"for alpha in [-0.5, 1.5], BatchNorm statistics recomputed at each alpha.", '',
+            (f"Barrier (valid): height {b.height:.4g}, excess over the straight line {b.excess:.4g}: "
+             f"**{'one basin' if b.same_basin else 'different basins'}**." if b is not None else ''), '',
+            _block(ctx['interp'].summary()), '![interpolation](interpolation.png)', '',
+            '## Re-running', '',
+            'The same command again trains nothing that is done: grid runs come from runs.jsonl, the LR range test '
+            'from lr_find.json, the final fit is skipped once its record is in runs.jsonl (or resumes from '
+            'checkpoints/ when it was killed), and the interpolation comes from interpolation.json.', '']
 
 
 # ----------------------------------------------------------------------------------------------------- run
 def run(args):
     """The whole workflow; returns 0. Prints one line per step (and what it skipped)."""
-    from .distributed import launched
     if launched():
         raise SystemExit('minifast smith runs as one process: its grids and report are not written for torchrun; '
                          'run it without torchrun (or with --nproc_per_node 1), or set MINIFAST_DISTRIBUTED=0')
-    import matplotlib
     matplotlib.use('Agg')
-    import torch
-
-    from . import Learner, accuracy, top_k_accuracy
-    from .grid import _plain
     t_start = time.perf_counter()
     s = _sizes(args)
     out = Path(args.out).resolve()  # absolute: Checkpoint and WeightSnapshots resolve relative paths differently
@@ -469,12 +476,7 @@ def run(args):
 
     data, what = make_data(args, s)
     model_fn = _model_fn(s['arch'], data.c)
-    cpu = torch.device(data.device).type == 'cpu' if hasattr(data, 'device') else not torch.cuda.is_available()
-
-    def make_learner():  # channels_last: also on CPU (faster conv kernels there); on CUDA the Learner's default
-        return Learner(data, model_fn(), metrics=[accuracy, top_k_accuracy], path=out, silent=args.quiet,
-                       channels_last=True if cpu else None)
-
+    make_learner = _learner_factory(data, model_fn, out, args.quiet)
     n_params = sum(p.numel() for p in model_fn().parameters())
     _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out}")
     times = {}
@@ -485,32 +487,21 @@ def run(args):
     _say('1/7 data: batch.png')
 
     t = time.perf_counter()
-    TAG.clear()
-    TAG.update({'data': what, 'arch': s['arch'], 'bs': s['bs'], 'size': getattr(args, 'size', None)})
-    lr_key = _plain({**TAG, 'seed': args.seed, 'num_it': s['num_it']})
-    lf, skipped = step_lr_find(make_learner, out, args.seed, s['num_it'], lr_key, args.max_lr)
+    lf, skipped = _lr_find_step(args, s, what, make_learner, out)
     max_lr = lf['chosen']
     times['lr_find'] = time.perf_counter() - t
     _say(f"2/7 LR range test {'skipped (cached in lr_find.json)' if skipped else 'done'}: steep "
          f"{_fmt_lr(lf['steep'])}, valley {_fmt_lr(lf['valley'])}; max_lr = {max_lr:.3g} from {lf['rule']}")
 
-    ge = s['grid_epochs']
-    trained = skipped_runs = 0
     t = time.perf_counter()
-    sc, won, tr, sk = step_superconvergence(make_learner, out, args.seed, ge, max_lr, log, args.quiet)
-    trained, skipped_runs = trained + tr, skipped_runs + sk
-    _say(f"3/7 super-convergence: 1cycle {'beat' if won else 'did not beat'} constant lr {max_lr / CONST_DIV:.3g}")
-    mo, moms, tr, sk = step_momentum(make_learner, out, args.seed, ge, max_lr, log, args.quiet)
-    trained, skipped_runs = trained + tr, skipped_runs + sk
-    _say(f'4/7 momentum: chose moms={moms}')
-    wd_c, wd_f, best_nz, fine_wds, wd, tr, sk = step_weight_decay(make_learner, out, args.seed, ge, max_lr, moms,
-                                                                   log, args.quiet)
-    trained, skipped_runs = trained + tr, skipped_runs + sk
+    grids, trained, skipped_runs = _grid_steps(make_learner, out, args.seed, s['grid_epochs'], max_lr, log, args.quiet)
     times['grids'] = time.perf_counter() - t
-    _say(f"5/7 weight decay: best non-zero {best_nz:g}, half-decade {fine_wds}; chose wd={wd:g}")
+    _say(f"5/7 weight decay: best non-zero {grids['best_nz']:g}, half-decade {grids['fine_wds']}; chose "
+         f"wd={grids['wd']:g}")
 
     t = time.perf_counter()
-    final, learn, final_what = step_final(make_learner, out, args.seed, s['epochs'], max_lr, moms, wd, log)
+    final, learn, final_what = step_final(make_learner, out, args.seed, s['epochs'], max_lr, grids['moms'],
+                                          grids['wd'], log)
     times['final'] = time.perf_counter() - t
     fin = final['final']
     _say(f"6/7 final fit {final_what}: " + ', '.join(f'{k} {v:.4f}' for k, v in fin.items() if isinstance(v, float)))
@@ -523,12 +514,43 @@ def run(args):
          + next((ln for ln in interp.summary().splitlines() if ln.startswith('valid:')), ''))
 
     write_report(out, dict(what=what, arch=s['arch'], n_params=n_params, bs=s['bs'], seed=args.seed,
-                           device=data.device, grid_epochs=ge,
-                           default_wd=make_learner().wd, epochs=s['epochs'], num_it=s['num_it'], lr=lf, sc=sc,
-                           sc_won=won, mom=mo, moms=moms, wd_coarse=wd_c, wd_fine=wd_f, best_nz=best_nz,
-                           fine_wds=fine_wds, wd=wd, final=final, final_what=final_what, interp=interp, snap=snap))
+                           device=data.device, grid_epochs=s['grid_epochs'], default_wd=make_learner().wd,
+                           epochs=s['epochs'], num_it=s['num_it'], lr=lf, **grids, final=final, final_what=final_what,
+                           interp=interp, snap=snap))
     total = time.perf_counter() - t_start
     _say(f"{trained} grid run(s) trained, {skipped_runs} skipped; times: "
          + ', '.join(f'{k} {v:.0f}s' for k, v in times.items()) + f'; total {total:.0f}s')
     _say(f'report: {out / "report.md"}')
     return 0
+
+
+def _learner_factory(data, model_fn, out, quiet):
+    """make_learner() for every step: a fresh Learner on `data` with a new model_fn() and the workflow's metrics."""
+    cpu = torch.device(data.device).type == 'cpu' if hasattr(data, 'device') else not torch.cuda.is_available()
+
+    def make_learner():  # channels_last: also on CPU (faster conv kernels there); on CUDA the Learner's default
+        return Learner(data, model_fn(), metrics=[accuracy, top_k_accuracy], path=out, silent=quiet,
+                       channels_last=True if cpu else None)
+    return make_learner
+
+
+def _lr_find_step(args, s, what, make_learner, out):
+    """Step 2 as run does it: sets TAG (what make_learner builds), then step_lr_find; returns (info, skipped)."""
+    TAG.clear()
+    TAG.update({'data': what, 'arch': s['arch'], 'bs': s['bs'], 'size': getattr(args, 'size', None)})
+    lr_key = plain({**TAG, 'seed': args.seed, 'num_it': s['num_it']})
+    return step_lr_find(make_learner, out, args.seed, s['num_it'], lr_key, args.max_lr)
+
+
+def _grid_steps(make_learner, out, seed, epochs, max_lr, log, quiet):
+    """Steps 3 to 5 with their lines (but step 5's, which run prints after timing them); returns (what write_report
+    takes from them, grid runs trained, grid runs skipped)."""
+    sc, won, tr1, sk1 = step_superconvergence(make_learner, out, seed, epochs, max_lr, log, quiet)
+    _say(f"3/7 super-convergence: 1cycle {'beat' if won else 'did not beat'} constant lr {max_lr / CONST_DIV:.3g}")
+    mo, moms, tr2, sk2 = step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet)
+    _say(f'4/7 momentum: chose moms={moms}')
+    wd_c, wd_f, best_nz, fine_wds, wd, tr3, sk3 = step_weight_decay(make_learner, out, seed, epochs, max_lr, moms,
+                                                                     log, quiet)
+    grids = dict(sc=sc, sc_won=won, mom=mo, moms=moms, wd_coarse=wd_c, wd_fine=wd_f, best_nz=best_nz,
+                 fine_wds=fine_wds, wd=wd)
+    return grids, tr1 + tr2 + tr3, sk1 + sk2 + sk3

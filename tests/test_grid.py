@@ -4,11 +4,13 @@ import json
 import math
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from minifast import Callback, Learner, accuracy, diagnose, grid_search, read_log
+from minifast.grid import append_record, plain
 
 from conftest import make_data
 
@@ -190,3 +192,13 @@ def test_diagnose_names_the_epoch_of_the_minimum():
     word, why = diagnose([None, 1.0, 0.5, 0.9])
     assert word == 'overfitting'
     assert '(epoch 2)' in why, why
+
+
+def test_grid_plain_and_append_record_are_public(tmp_path):
+    assert plain({'a': (1, np.float32(0.5)), 2: slice(None, 3), 'n': float('nan')}) == \
+        {'a': [1, 0.5], '2': 'slice(None, 3)', 'n': None}
+    log = tmp_path / 'runs.jsonl'
+    log.write_text('{"cut": ')  # a record cut short by a kill: the next one starts on a line of its own
+    append_record(log, {'x': 1})
+    with pytest.warns(UserWarning, match='not valid JSON'):
+        assert read_log(log) == [{'x': 1}]

@@ -8,8 +8,9 @@ skipped by CancelEpochException) changes nothing; a NaN or infinite value is nev
 inf counts as a bad epoch, as in torch, whose best starts at inf in min mode and -inf in max mode).
 """
 import math
-from numbers import Integral, Real
+from numbers import Integral
 
+from ..checks import real_value
 from ..core import Callback, CancelFitException
 from .schedule import ParamScheduler
 from .tracking import check_monitor, monitor_mode
@@ -32,13 +33,10 @@ def _epoch_value(learn, monitor):
 
 
 def _check_number(v, name, who, low=0., low_open=False, high=None, high_open=False):
-    ok = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
-    if not ok:
-        lo, hi = '(' if low_open else '[', ')' if high_open else ']'
-        raise ValueError(f"{who}: {name} must be a number in {lo}{low:g}, {'inf' if high is None else f'{high:g}'}"
-                         f'{hi}, got {v!r}')
-    return float(v)
+    lo, hi = '(' if low_open else '[', ')' if high_open else ']'
+    return real_value(v, name, who, low, high, low_open, high_open,
+                      message=f"{who}: {name} must be a number in {lo}{low:g}, "
+                              f"{'inf' if high is None else f'{high:g}'}{hi}, got {v!r}")
 
 
 def _check_patience(patience, who):

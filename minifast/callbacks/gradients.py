@@ -1,10 +1,10 @@
 """Gradient callbacks: GradientClipping (clip the total gradient norm before each step) and GradientAccumulation
 (one optimizer step every n_step batches)."""
-import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 
+from ..checks import real_value
 from ..core import Callback
 
 __all__ = ['GradientClipping', 'GradientAccumulation']
@@ -23,10 +23,9 @@ class GradientClipping(Callback):
 
     def __init__(self, learn=None, clip=0.1):
         super().__init__(learn)
-        if isinstance(clip, bool) or not isinstance(clip, Real) or not (clip > 0 and math.isfinite(clip)):
-            raise ValueError(f'GradientClipping: clip must be a positive finite number (a maximum gradient norm), '
-                             f'got {clip!r}')
-        self.clip = float(clip)
+        self.clip = real_value(clip, 'clip', 'GradientClipping', low=0, low_open=True,
+                               message=f'GradientClipping: clip must be a positive finite number (a maximum gradient '
+                                       f'norm), got {clip!r}')
 
     def before_fit(self, learn):
         # every parameter: clip_grad_norm_ skips those without a gradient, so layers unfrozen during the fit count

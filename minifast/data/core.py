@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..device import resolve_device
+from ..distributed import shard_bounds
 
 __all__ = ['DataBunch', 'TensorDataLoader']
 
@@ -75,7 +76,6 @@ class _Shard:
         self.after_batch, self.dataset, self.drop_last = dl.after_batch, dl.dataset, train
 
     def _block(self):
-        from ..distributed import shard_bounds
         return shard_bounds(len(self.tensors[0]), self.rank, self.world)
 
     def __len__(self):

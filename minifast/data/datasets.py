@@ -3,9 +3,12 @@ import math
 import os
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from .images import ImageDataBunch, cifar_stats
 
 __all__ = ['cifar10', 'cifar100', 'synthetic_cifar', 'load_cifar', 'write_cifar', 'synthetic_images',
            'write_image_folder', 'CIFAR_URL', 'SHAPES', 'HUES']
@@ -59,7 +62,7 @@ def _not_found(root, name, spec, missing, download_error=None):
 
 def _download(root, spec):
     # torchvision knows CIFAR's URLs and checksums; the test split keeps its post-download load small.
-    import torchvision
+    import torchvision  # here, not at the top: about 1.5 s to import, and only a download needs it
     getattr(torchvision.datasets, spec['torchvision'])(str(root), train=False, download=True)
 
 
@@ -275,11 +278,29 @@ def synthetic_images(n_classes=10, n_train=5000, n_valid=1000, size=32, seed=0):
     table = _class_table(n_classes)
     y = torch.cat([_balanced_labels(n_train, n_classes, g), _balanced_labels(n_valid, n_classes, g)])
     n = len(y)
+    p = _image_params(y, table, g)
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
+    grid = (coords[None, :].expand(size, size), coords[:, None].expand(size, size))  # x across, y down
+    # Bilinear upsampling of a 4x4 noise grid as two small matrix products (much cheaper than F.interpolate).
+    up = torch.clamp(1 - ((coords + 1) * 2 - 0.5).clamp(0, 3)[:, None].sub(torch.arange(4.)).abs(), min=0)
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    chunk = 1024
+    for s in range(0, n, chunk):                             # chunks bound the float32 memory for large sets
+        i = slice(s, min(s + chunk, n))
+        out[i] = _render(p, i, grid, up, size, g)
+    classes = [t[2] for t in table]
+    return dict(x_train=out[:n_train], y_train=y[:n_train], x_valid=out[n_train:], y_valid=y[n_train:],
+                classes=classes)
+
+
+def _image_params(y, table, g):
+    """synthetic_images' per-image parameters for the labels `y` (colours as RGB), drawn from `g` in a fixed order
+    that is part of the data set; only pixel-level noise is drawn later, while rendering, chunk by chunk."""
+    n = len(y)
 
     def uni(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
 
-    # Per-image parameters are drawn here; only pixel-level noise is drawn while rendering, chunk by chunk.
     shape_of = torch.tensor([t[0] for t in table])[y]
     hue_idx = torch.tensor([t[1] for t in table])[y]
     palette = torch.tensor([h for _, h in HUES])
@@ -299,41 +320,36 @@ def synthetic_images(n_classes=10, n_train=5000, n_valid=1000, size=32, seed=0):
     d_centre = torch.rand(n, 2, generator=g) * 2 - 1
     d_angle = uni(-math.pi, math.pi)
     gain, noise = uni(0.85, 1.15, 3), uni(0.01, 0.06)        # a colour cast and sensor noise
+    return SimpleNamespace(shape_of=shape_of, obj_rgb=_hsv_to_rgb(*obj_hsv), scale=scale, centre=centre,
+                           aspect=aspect, angle=angle, shade=shade, light=light,
+                           bg_rgb=_hsv_to_rgb(*bg_hsv), bg_dir=bg_dir, bg_noise=bg_noise,  # bg_rgb: (n, 2, 3)
+                           has_d=has_d, d_kind=d_kind, d_rgb=_hsv_to_rgb(*d_hsv), d_scale=d_scale, d_centre=d_centre,
+                           d_angle=d_angle, gain=gain, noise=noise)
 
-    obj_rgb = _hsv_to_rgb(*obj_hsv)
-    bg_rgb = _hsv_to_rgb(*bg_hsv)                            # (n, 2, 3)
-    d_rgb = _hsv_to_rgb(*d_hsv)
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
-    grid = (coords[None, :].expand(size, size), coords[:, None].expand(size, size))  # x across, y down
-    # Bilinear upsampling of a 4x4 noise grid as two small matrix products (much cheaper than F.interpolate).
-    up = torch.clamp(1 - ((coords + 1) * 2 - 0.5).clamp(0, 3)[:, None].sub(torch.arange(4.)).abs(), min=0)
-    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    chunk = 1024
-    for s in range(0, n, chunk):                             # chunks bound the float32 memory for large sets
-        i = slice(s, min(s + chunk, n))
-        m = i.stop - i.start
-        t = (torch.cos(bg_dir[i])[:, None, None] * grid[0] + torch.sin(bg_dir[i])[:, None, None] * grid[1]) / 2 + 0.5
-        a = bg_rgb[i, 0][:, :, None, None]
-        img = (bg_rgb[i, 1][:, :, None, None] - a) * t[:, None] + a
-        blotch = torch.randn(m, 3, 4, 4, generator=g) * bg_noise[i][:, None, None, None]
-        img += up @ blotch @ up.T
-        k = has_d[i].nonzero().squeeze(1)
-        if len(k):                                           # the distractor goes under the object
-            j = k + s
-            md = _masks(d_kind[j], d_centre[j, 0], d_centre[j, 1], d_scale[j], torch.ones(len(j)), d_angle[j],
-                        grid, size)[:, None]
-            img[k] = img[k].lerp_(d_rgb[j][:, :, None, None].expand(-1, -1, size, size), md)
-        mo = _masks(shape_of[i], centre[i, 0], centre[i, 1], scale[i], aspect[i], angle[i], grid, size)[:, None]
-        ramp = (torch.cos(light[i])[:, None, None] * (grid[0] - centre[i, 0, None, None])
-                + torch.sin(light[i])[:, None, None] * (grid[1] - centre[i, 1, None, None]))
-        ramp = ramp.mul_((shade[i] / scale[i])[:, None, None]).add_(1)
-        img.lerp_(obj_rgb[i][:, :, None, None] * ramp[:, None], mo)
-        img.mul_(gain[i][:, :, None, None]).addcmul_(torch.randn(m, 3, size, size, generator=g),
-                                                     noise[i][:, None, None, None])
-        out[i] = img.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)   # +0.5 then truncation rounds
-    classes = [t[2] for t in table]
-    return dict(x_train=out[:n_train], y_train=y[:n_train], x_valid=out[n_train:], y_valid=y[n_train:],
-                classes=classes)
+
+def _render(p, i, grid, up, size, g):
+    """The uint8 images (m, 3, size, size) of the parameters `p` at the slice `i`; their pixel noise is drawn from
+    `g`."""
+    s, m = i.start, i.stop - i.start
+    t = (torch.cos(p.bg_dir[i])[:, None, None] * grid[0] + torch.sin(p.bg_dir[i])[:, None, None] * grid[1]) / 2 + 0.5
+    a = p.bg_rgb[i, 0][:, :, None, None]
+    img = (p.bg_rgb[i, 1][:, :, None, None] - a) * t[:, None] + a
+    blotch = torch.randn(m, 3, 4, 4, generator=g) * p.bg_noise[i][:, None, None, None]
+    img += up @ blotch @ up.T
+    k = p.has_d[i].nonzero().squeeze(1)
+    if len(k):                                               # the distractor goes under the object
+        j = k + s
+        md = _masks(p.d_kind[j], p.d_centre[j, 0], p.d_centre[j, 1], p.d_scale[j], torch.ones(len(j)), p.d_angle[j],
+                    grid, size)[:, None]
+        img[k] = img[k].lerp_(p.d_rgb[j][:, :, None, None].expand(-1, -1, size, size), md)
+    mo = _masks(p.shape_of[i], p.centre[i, 0], p.centre[i, 1], p.scale[i], p.aspect[i], p.angle[i], grid, size)[:, None]
+    ramp = (torch.cos(p.light[i])[:, None, None] * (grid[0] - p.centre[i, 0, None, None])
+            + torch.sin(p.light[i])[:, None, None] * (grid[1] - p.centre[i, 1, None, None]))
+    ramp = ramp.mul_((p.shade[i] / p.scale[i])[:, None, None]).add_(1)
+    img.lerp_(p.obj_rgb[i][:, :, None, None] * ramp[:, None], mo)
+    img.mul_(p.gain[i][:, :, None, None]).addcmul_(torch.randn(m, 3, size, size, generator=g),
+                                                   p.noise[i][:, None, None, None])
+    return img.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)   # +0.5 then truncation rounds
 
 
 def _check_folder_name(c):
@@ -368,7 +384,6 @@ def write_image_folder(path, x, y, classes, split='train', ext='png'):
 
 
 def _bunch(d, tfms, bs, val_bs, device, normalize, path):
-    from .images import ImageDataBunch, cifar_stats
     data = ImageDataBunch.from_tensors(d['x_train'], d['y_train'], d['x_valid'], d['y_valid'], classes=d['classes'],
                                        tfms=tfms, bs=bs, val_bs=val_bs, device=device, path=path)
     return data.normalize(cifar_stats) if normalize else data
@@ -388,7 +403,6 @@ def synthetic_cifar(n_classes=10, n_train=5000, n_valid=1000, seed=0, tfms=None,
                     normalize=True):
     """The built-in dataset (synthetic_images: 32x32 shapes, no download) as an ImageDataBunch, normalised with
     its own statistics."""
-    from .images import ImageDataBunch
     d = synthetic_images(n_classes=n_classes, n_train=n_train, n_valid=n_valid, seed=seed)
     data = ImageDataBunch.from_tensors(d['x_train'], d['y_train'], d['x_valid'], d['y_valid'], classes=d['classes'],
                                        tfms=tfms, bs=bs, val_bs=val_bs, device=device)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..callbacks.recorder import new_figure
 from ..device import resolve_device
 from .augment import apply_tfms, split_index_only
 from .cache import ImageDecodeError, cached_decode
@@ -405,7 +406,6 @@ class ImageDataBunch(DataBunch):
 
     def show_batch(self, rows=3, figsize=(4, 4), train=True):
         """A Figure of rows×rows images from a batch (augmented when `train`), de-normalised, titled by class."""
-        from ..callbacks.recorder import new_figure
         x, y = self.one_batch(train)
         n = min(rows * rows, len(x))
         x = self.denormalize(x[:n]).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ..checks import int_value
+from ..optim import NO_WD_TYPES
 from .layers import check_size, create_head
 
 __all__ = ['BodyHead', 'create_cnn', 'cut_body']
@@ -84,7 +85,6 @@ def _default_split(body):
 
 def _init_head(head):
     """fastai v1's head initialisation: kaiming-normal weights and zero biases for every layer but normalisation."""
-    from ..optim import NO_WD_TYPES
     for m in head.modules():
         if isinstance(m, NO_WD_TYPES):
             continue

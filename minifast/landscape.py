@@ -2,11 +2,8 @@
 weight averaging (SWA-style), BN recompute."""
 import math
 import os
-import signal
-import threading
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -18,12 +15,16 @@ from .accel import autocast
 from .callbacks.recorder import new_figure
 from .checkpoint import load_state
 from .checks import check_metrics, metric_name
+from .metrics import batch_sums
+from .state import holding_sigint, preserved
 
 __all__ = ['interpolate_losses', 'InterpolationResult', 'Barrier', 'barrier', 'plot_interpolation',
            'recompute_bn', 'loss_surface', 'SurfaceResult', 'plot_surface', 'filter_normalized_direction',
            'average_weights', 'evaluate_weights']
 
 BN_MODES = ('recompute', 'interpolate', 'keep')
+RESTORED = ('weights', 'buffers', 'modes', 'momenta', 'rng')  # what an analysis puts back (state.Snapshot's parts)
+_holding_sigint = holding_sigint  # its name when it lived here; tests/test_interrupts_analysis.py imports that
 
 
 def _bn_layers(model):
@@ -44,26 +45,6 @@ def _device_batches(dl, device, n_batches, channels_last=False):
     return out
 
 
-@contextmanager
-def _holding_sigint():
-    """Holds a Ctrl-C back while the body runs (putting a model back: a second, impatient Ctrl-C must not leave
-    it half restored), then hands it to the handler that was in charge. Main thread only; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if held:
-            if callable(old):
-                old(signal.SIGINT, held[0])
-            elif old != signal.SIG_IGN:  # SIG_DFL, or None for a handler installed outside Python
-                raise KeyboardInterrupt
-
-
 def recompute_bn(model, batches, device=None):
     """Reset every BatchNorm's running statistics and re-estimate them from train-mode forward passes over `batches`.
 
@@ -78,11 +59,8 @@ def recompute_bn(model, batches, device=None):
     bns = _bn_layers(model)
     if not bns:
         return model
-    momenta, modes = [bn.momentum for bn in bns], [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    done = False
-    try:
+    # momenta and modes always come back; the buffers and the RNG only when the passes did not complete
+    with preserved(model, ('buffers', 'momenta', 'modes', 'rng')) as snap:
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None
@@ -93,20 +71,7 @@ def recompute_bn(model, batches, device=None):
                 if device is not None:
                     xb = tuple(t.to(device) for t in xb)
                 model(*xb)
-        done = True
-    finally:
-        with _holding_sigint():
-            if not done:  # failed or interrupted: put back what the passes changed
-                with torch.no_grad():
-                    for b, saved in buffers:
-                        b.copy_(saved)
-                torch.set_rng_state(rng[0])
-                if rng[1] is not None:
-                    torch.cuda.set_rng_state_all(rng[1])
-            for bn, m in zip(bns, momenta):
-                bn.momentum = m
-            for m, t in modes:
-                m.training = t
+        snap.discard(('buffers', 'rng'))  # done: the new statistics stay, and the RNG as the passes left it
     return model
 
 
@@ -369,7 +334,7 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
                 torch.lerp(s, e, a, out=t)
 
     loaders = _loaders(learn, dls)
-    with _restoring(learn):
+    with preserved(learn, RESTORED):
         batches, bn_batches = _draw_batches(learn, loaders, n_batches, bn == 'recompute' and bns,
                                             'interpolate_losses')
         values = _sweep(learn, model, len(alphas), set_alpha, batches, metrics, fixed,
@@ -404,36 +369,6 @@ def _check_matches(state, w, name, model, fn):
                          f'missing {missing[:5]}, unexpected {extra[:5]}, shapes {bad[:5]}')
 
 
-@contextmanager
-def _restoring(learn):
-    """Runs the body, then restores the global (and the learner's CUDA device's) RNG state, the model's weights,
-    buffers, BatchNorm momenta and every module's train/eval mode, also on an exception or KeyboardInterrupt (a
-    Ctrl-C during the restore itself is held back until it is done)."""
-    model, dev = learn.model, learn.device
-    state = _model_tensors(model)
-    # buffers left out of state_dict (persistent=False) can change in a train-mode pass too
-    state.update({('non-persistent', k): b.detach() for k, b in model.named_buffers() if k not in state})
-    backup = {k: v.clone() for k, v in state.items()}
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in _bn_layers(model)]
-    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == 'cuda' else []
-    rng = torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda]
-    try:
-        yield
-    finally:
-        with _holding_sigint():
-            torch.set_rng_state(rng[0])
-            for d, st in rng[1]:
-                torch.cuda.set_rng_state(st, d)
-            with torch.no_grad():
-                for k, t in state.items():
-                    t.copy_(backup[k])
-            for m, mom in momenta:
-                m.momentum = mom
-            for m, t in modes:
-                m.training = t
-
-
 def _draw_batches(learn, loaders, n_batches, need_bn, fn):
     """({name: batches on learn.device}, training batches for a BN recompute or None), each loader drawn once."""
     dev, cl = learn.device, getattr(learn, 'channels_last', False)
@@ -454,12 +389,13 @@ def _draw_batches(learn, loaders, n_batches, need_bn, fn):
 
 def _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_batches):
     """Loss and metrics per point and dataset: `set_point(i)` writes point i's weights into the model (under
-    no_grad), then BatchNorm statistics are re-estimated on `bn_batches` when `bns` is not empty."""
+    no_grad), then BatchNorm statistics are re-estimated on `bn_batches` when `bns` is not empty. Each dataset is
+    reduced as validate reduces it (`metrics.batch_sums`, divided on the device); the device is read once, at the
+    end."""
     dev, n_cols = learn.device, 1 + len(metrics)
     acc = torch.zeros(n_points, len(batches), n_cols, device=dev, dtype=torch.float32)  # read once at the end
-    bs = {k: [float(len(y)) for _, y in b] for k, b in batches.items()}
-    tot = {k: sum(v) for k, v in bs.items()}
-    loss_func = learn.loss_func
+    # the batch sizes, on the device once for the whole sweep
+    sizes = {k: torch.tensor([y.shape[0] for _, y in b], dtype=torch.float32, device=dev) for k, b in batches.items()}
     with torch.no_grad():
         for t, v in fixed:
             t.copy_(v)
@@ -477,16 +413,22 @@ def _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_b
         model.eval()
         with torch.inference_mode():
             for j, (k, b) in enumerate(batches.items()):
-                row = acc[i, j]
-                for (xb, yb), n in zip(b, bs[k]):
-                    pred = _forward(learn, model, xb)
-                    with autocast(learn):
-                        loss = loss_func(pred, yb)
-                    vals = [loss, *[m(pred, yb) for m in metrics]]
-                    row += torch.stack([torch.as_tensor(v, device=dev).float().reshape(()) for v in vals]) * n
-                row /= tot[k]
+                t = batch_sums(_batch_values(learn, model, b, metrics), n_cols, dev, sizes=sizes[k])
+                acc[i, j] = t[:n_cols] / t[n_cols]
     out = acc.cpu().numpy().astype(np.float64)  # the one host sync of the sweep
     return {k: out[:, j] for j, k in enumerate(batches)}
+
+
+def _batch_values(learn, model, batches, metrics):
+    """[(batch size, (loss, *metrics))] of the model in its current mode on each batch, as validate collects
+    them."""
+    rows = []
+    for xb, yb in batches:
+        pred = _forward(learn, model, xb)
+        with autocast(learn):
+            loss = learn.loss_func(pred, yb)
+        rows.append((yb.shape[0], (loss, *[m(pred, yb) for m in metrics])))
+    return rows
 
 
 def _forward(learn, model, xb):
@@ -692,7 +634,7 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
                 t.copy_(b).mul_(c0).add_(d1, alpha=x).add_(d2, alpha=y)
 
     loaders = _loaders(learn, dl if isinstance(dl, (str, dict, list, tuple)) else {'dl': dl}, fn)
-    with _restoring(learn):
+    with preserved(learn, RESTORED):
         batches, bn_batches = _draw_batches(learn, loaders, n_batches, bn == 'recompute' and bns, fn)
         values = _sweep(learn, model, len(xs) * len(ys), set_point, batches, metrics, fixed,
                         bns if bn == 'recompute' else [], bn_batches)
@@ -784,7 +726,7 @@ def average_weights(snapshots, learn=None, bn='recompute', n_batches=None):
         avg[k] = acc.to(last.dtype)
     if bn == 'recompute' and learn is not None and _bn_layers(model):
         state = _model_tensors(model)
-        with _restoring(learn):
+        with preserved(learn, RESTORED):
             with torch.no_grad():
                 for k, t in state.items():
                     t.copy_(avg[k])
@@ -811,7 +753,7 @@ def evaluate_weights(learn, weights, dl='valid', bn='keep', n_batches=None, metr
     bns = _bn_layers(model) if bn == 'recompute' else []
     name = dl if isinstance(dl, str) else 'dl'
     loaders = _loaders(learn, dl if isinstance(dl, str) else {'dl': dl}, fn)
-    with _restoring(learn):
+    with preserved(learn, RESTORED):
         batches, bn_batches = _draw_batches(learn, loaders, n_batches, bool(bns), fn)
         values = _sweep(learn, model, 1, lambda i: None, batches, metrics, fixed, bns, bn_batches)
     return dict(zip(['loss', *map(metric_name, metrics)], map(float, values[name][0])))

@@ -2,11 +2,8 @@
 weight averaging (SWA-style), BN recompute."""
 import math
 import os
-import signal
-import threading
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -18,12 +15,17 @@ from .accel import autocast
 from .callbacks.recorder import new_figure
 from .checkpoint import load_state
 from .checks import check_metrics, metric_name
+from .metrics import batch_sums
+from .optim import NO_WD_TYPES
+from .state import holding_sigint, preserved
 
 __all__ = ['interpolate_losses', 'InterpolationResult', 'Barrier', 'barrier', 'plot_interpolation',
            'recompute_bn', 'loss_surface', 'SurfaceResult', 'plot_surface', 'filter_normalized_direction',
            'average_weights', 'evaluate_weights']
 
 BN_MODES = ('recompute', 'interpolate', 'keep')
+RESTORED = ('weights', 'buffers', 'modes', 'momenta', 'rng')  # what an analysis puts back (state.Snapshot's parts)
+_holding_sigint = holding_sigint  # its name when it lived here; tests/test_interrupts_analysis.py imports that
 
 
 def _bn_layers(model):
@@ -44,26 +46,6 @@ def _device_batches(dl, device, n_batches, channels_last=False):
     return out
 
 
-@contextmanager
-def _holding_sigint():
-    """Holds a Ctrl-C back while the body runs (putting a model back: a second, impatient Ctrl-C must not leave
-    it half restored), then hands it to the handler that was in charge. Main thread only; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if held:
-            if callable(old):
-                old(signal.SIGINT, held[0])
-            elif old != signal.SIG_IGN:  # SIG_DFL, or None for a handler installed outside Python
-                raise KeyboardInterrupt
-
-
 def recompute_bn(model, batches, device=None):
     """Reset every BatchNorm's running statistics and re-estimate them from train-mode forward passes over `batches`.
 
@@ -78,11 +60,8 @@ def recompute_bn(model, batches, device=None):
     bns = _bn_layers(model)
     if not bns:
         return model
-    momenta, modes = [bn.momentum for bn in bns], [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    done = False
-    try:
+    # momenta and modes always come back; the buffers and the RNG only when the passes did not complete
+    with preserved(model, ('buffers', 'momenta', 'modes', 'rng')) as snap:
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None
@@ -93,20 +72,7 @@ def recompute_bn(model, batches, device=None):
                 if device is not None:
                     xb = tuple(t.to(device) for t in xb)
                 model(*xb)
-        done = True
-    finally:
-        with _holding_sigint():
-            if not done:  # failed or interrupted: put back what the passes changed
-                with torch.no_grad():
-                    for b, saved in buffers:
-                        b.copy_(saved)
-                torch.set_rng_state(rng[0])
-                if rng[1] is not None:
-                    torch.cuda.set_rng_state_all(rng[1])
-            for bn, m in zip(bns, momenta):
-                bn.momentum = m
-            for m, t in modes:
-                m.training = t
+        snap.discard(('buffers', 'rng'))  # done: the new statistics stay, and the RNG as the passes left it
     return model
 
 
@@ -324,8 +290,25 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
     train/eval mode are restored afterwards, also on an exception or KeyboardInterrupt.
     Returns an InterpolationResult (`.table`, `.to_rows()`, `.barrier()`, `.plot()`).
     """
+    fn = 'interpolate_losses'
     if bn not in BN_MODES:
         raise ValueError(f"interpolate_losses: bn must be one of {', '.join(map(repr, BN_MODES))}, got {bn!r}")
+    alphas = _alphas(alphas, include_endpoints)
+    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
+    w1, w2 = _resolve_weights(learn, w1, 'w1'), _resolve_weights(learn, w2, 'w2')
+    model = learn.model
+    state = _model_tensors(model)
+    for name, w in (('w1', w1), ('w2', w2)):
+        _check_matches(state, w, name, model, fn)
+    _warn_if_same(state, w1, w2)
+    fixed, set_alpha = _lerp_points(model, state, w1, w2, alphas, bn)
+    values = _analyse(learn, _loaders(learn, dls), len(alphas), set_alpha, metrics, fixed, bn == 'recompute',
+                      n_batches, fn)
+    return InterpolationResult(alphas, ['loss', *map(metric_name, metrics)], values, bn, n_batches)
+
+
+def _alphas(alphas, include_endpoints):
+    """The alphas to evaluate (see `interpolate_losses`), checked: finite, and at least one."""
     alphas = np.linspace(-0.5, 1.5, 100) if alphas is None else np.asarray(alphas, dtype=np.float64).reshape(-1)
     if not np.isfinite(alphas).all():
         raise ValueError(f'interpolate_losses: alphas must be finite numbers, got {alphas[~np.isfinite(alphas)]} '
@@ -334,19 +317,21 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
         alphas = np.union1d(alphas, [0., 1.])
     if not len(alphas):
         raise ValueError('interpolate_losses: no alphas to evaluate')
-    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
-    w1, w2 = _resolve_weights(learn, w1, 'w1'), _resolve_weights(learn, w2, 'w2')
-    model = learn.model
-    state = _model_tensors(model)
-    for name, w in (('w1', w1), ('w2', w2)):
-        _check_matches(state, w, name, model, 'interpolate_losses')
+    return alphas
+
+
+def _warn_if_same(state, w1, w2):
     if all(torch.equal(w1[k], w2[k].to(w1[k].device)) for k in state):
         # e.g. snapshots kept as `v.cpu()` of the live state dict (seed 004's GetWeights) alias the model on a CPU
         # run: every alpha then gives the same loss, which looks like a result
         warnings.warn('interpolate_losses: w1 and w2 are the same weights, so every alpha gives the same loss; '
                       'keep copies for snapshots (WeightSnapshots, or v.detach().clone() of each state-dict value), '
                       'not references to the live model')
-    bns = _bn_layers(model)
+
+
+def _lerp_points(model, state, w1, w2, alphas, bn):
+    """(fixed, set_alpha): the (model tensor, value) pairs to set once, and `set_alpha(i)`, which writes the
+    weights alphas[i] * w1 + (1 - alphas[i]) * w2 into the model's own tensors."""
     bn_stats = _bn_stat_keys(model, state)  # by key: the detached aliases in `state` are new tensor objects
     mix, fixed = [], []  # (model tensor, w2, w1) pairs to lerp; (model tensor, value) to set once
     for k, t in _untied(state).items():
@@ -367,14 +352,7 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
         else:
             for t, s, e in zip(targets, starts, ends):
                 torch.lerp(s, e, a, out=t)
-
-    loaders = _loaders(learn, dls)
-    with _restoring(learn):
-        batches, bn_batches = _draw_batches(learn, loaders, n_batches, bn == 'recompute' and bns,
-                                            'interpolate_losses')
-        values = _sweep(learn, model, len(alphas), set_alpha, batches, metrics, fixed,
-                        bns if bn == 'recompute' else [], bn_batches)
-    return InterpolationResult(alphas, ['loss', *map(metric_name, metrics)], values, bn, n_batches)
+    return fixed, set_alpha
 
 
 def _model_tensors(model):
@@ -404,34 +382,16 @@ def _check_matches(state, w, name, model, fn):
                          f'missing {missing[:5]}, unexpected {extra[:5]}, shapes {bad[:5]}')
 
 
-@contextmanager
-def _restoring(learn):
-    """Runs the body, then restores the global (and the learner's CUDA device's) RNG state, the model's weights,
-    buffers, BatchNorm momenta and every module's train/eval mode, also on an exception or KeyboardInterrupt (a
+def _analyse(learn, loaders, n_points, set_point, metrics, fixed, recompute, n_batches, fn):
+    """Draw the batches of `loaders` and `_sweep` the points (BatchNorm statistics re-estimated at each when
+    `recompute`), then put back the model's weights, buffers, BatchNorm momenta and every module's train/eval mode
+    and the global RNG state (`RESTORED`, with `state.preserved`), also on an exception or KeyboardInterrupt (a
     Ctrl-C during the restore itself is held back until it is done)."""
-    model, dev = learn.model, learn.device
-    state = _model_tensors(model)
-    # buffers left out of state_dict (persistent=False) can change in a train-mode pass too
-    state.update({('non-persistent', k): b.detach() for k, b in model.named_buffers() if k not in state})
-    backup = {k: v.clone() for k, v in state.items()}
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in _bn_layers(model)]
-    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == 'cuda' else []
-    rng = torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda]
-    try:
-        yield
-    finally:
-        with _holding_sigint():
-            torch.set_rng_state(rng[0])
-            for d, st in rng[1]:
-                torch.cuda.set_rng_state(st, d)
-            with torch.no_grad():
-                for k, t in state.items():
-                    t.copy_(backup[k])
-            for m, mom in momenta:
-                m.momentum = mom
-            for m, t in modes:
-                m.training = t
+    model = learn.model
+    bns = _bn_layers(model) if recompute else []
+    with preserved(learn, RESTORED):
+        batches, bn_batches = _draw_batches(learn, loaders, n_batches, bool(bns), fn)
+        return _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_batches)
 
 
 def _draw_batches(learn, loaders, n_batches, need_bn, fn):
@@ -454,12 +414,13 @@ def _draw_batches(learn, loaders, n_batches, need_bn, fn):
 
 def _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_batches):
     """Loss and metrics per point and dataset: `set_point(i)` writes point i's weights into the model (under
-    no_grad), then BatchNorm statistics are re-estimated on `bn_batches` when `bns` is not empty."""
+    no_grad), then BatchNorm statistics are re-estimated on `bn_batches` when `bns` is not empty. Each dataset is
+    reduced as validate reduces it (`metrics.batch_sums`, divided on the device); the device is read once, at the
+    end."""
     dev, n_cols = learn.device, 1 + len(metrics)
     acc = torch.zeros(n_points, len(batches), n_cols, device=dev, dtype=torch.float32)  # read once at the end
-    bs = {k: [float(len(y)) for _, y in b] for k, b in batches.items()}
-    tot = {k: sum(v) for k, v in bs.items()}
-    loss_func = learn.loss_func
+    # the batch sizes, on the device once for the whole sweep
+    sizes = {k: torch.tensor([y.shape[0] for _, y in b], dtype=torch.float32, device=dev) for k, b in batches.items()}
     with torch.no_grad():
         for t, v in fixed:
             t.copy_(v)
@@ -477,16 +438,22 @@ def _sweep(learn, model, n_points, set_point, batches, metrics, fixed, bns, bn_b
         model.eval()
         with torch.inference_mode():
             for j, (k, b) in enumerate(batches.items()):
-                row = acc[i, j]
-                for (xb, yb), n in zip(b, bs[k]):
-                    pred = _forward(learn, model, xb)
-                    with autocast(learn):
-                        loss = loss_func(pred, yb)
-                    vals = [loss, *[m(pred, yb) for m in metrics]]
-                    row += torch.stack([torch.as_tensor(v, device=dev).float().reshape(()) for v in vals]) * n
-                row /= tot[k]
+                t = batch_sums(_batch_values(learn, model, b, metrics), n_cols, dev, sizes=sizes[k])
+                acc[i, j] = t[:n_cols] / t[n_cols]
     out = acc.cpu().numpy().astype(np.float64)  # the one host sync of the sweep
     return {k: out[:, j] for j, k in enumerate(batches)}
+
+
+def _batch_values(learn, model, batches, metrics):
+    """[(batch size, (loss, *metrics))] of the model in its current mode on each batch, as validate collects
+    them."""
+    rows = []
+    for xb, yb in batches:
+        pred = _forward(learn, model, xb)
+        with autocast(learn):
+            loss = learn.loss_func(pred, yb)
+        rows.append((yb.shape[0], (loss, *[m(pred, yb) for m in metrics])))
+    return rows
 
 
 def _forward(learn, model, xb):
@@ -497,7 +464,6 @@ def _forward(learn, model, xb):
 # ---- 2-D loss surfaces ---------------------------------------------------------------------------------------
 def _filter_direction(model, weights, gen):
     direction = {}
-    from .optim import NO_WD_TYPES
     norm = {f'{name}.{p}' for name, m in model.named_modules() if isinstance(m, NO_WD_TYPES)
             for p, _ in m.named_parameters(recurse=False)}
     params = {k for k, _ in model.named_parameters()}
@@ -636,38 +602,54 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
     state = _model_tensors(model)
     w0 = _resolve_weights(learn, center, 'center', fn)
     _check_matches(state, w0, 'center', model, fn)
+    mode, points, must, others = _surface_plane(learn, model, w0, directions, dir1, dir2, seed, fn)
+    plane = mode == 'plane through three snapshots'
+    _check_directions(model, state, others, plane, fn)
+    (xlo, xhi), (ylo, yhi) = span if np.ndim(span[0]) else (span, span)
+    nx, ny = (steps, steps) if np.ndim(steps) == 0 else steps
+    xs, ys = _axis((xlo, xhi), nx, must, 'x'), _axis((ylo, yhi), ny, must, 'y')
+    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
+    fixed, set_point = _plane_points(model, state, w0, others, bn, plane, xs, ys)
+    loaders = _loaders(learn, dl if isinstance(dl, (str, dict, list, tuple)) else {'dl': dl}, fn)
+    values = _analyse(learn, loaders, len(xs) * len(ys), set_point, metrics, fixed, bn == 'recompute', n_batches,
+                      fn)
+    values = {k: v.reshape(len(xs), len(ys), -1) for k, v in values.items()}
+    return SurfaceResult(xs, ys, ['loss', *map(metric_name, metrics)], values, points, mode, bn, n_batches)
+
+
+def _surface_plane(learn, model, w0, directions, dir1, dir2, seed, fn):
+    """(mode, {name: marked point}, the coordinates each axis must hold, (d1, d2)) of `loss_surface`'s plane:
+    through the snapshots w0, dir1 and dir2, or around w0 along `directions`."""
     if dir1 is not None or dir2 is not None:
         if dir1 is None or dir2 is None or directions is not None:
             raise ValueError(f'{fn}: a plane through three snapshots needs both dir1 and dir2 and no directions= '
                              f'(got dir1 {"set" if dir1 is not None else "None"}, dir2 '
                              f'{"set" if dir2 is not None else "None"}, directions={directions!r:.40})')
         w1, w2 = _resolve_weights(learn, dir1, 'dir1', fn), _resolve_weights(learn, dir2, 'dir2', fn)
-        mode, points, must, others = 'plane through three snapshots', {'w0': (0., 0.), 'w1': (1., 0.),
-                                                                       'w2': (0., 1.)}, [0., 1.], (w1, w2)
-    else:
-        if directions is None or (isinstance(directions, str) and directions == 'filter'):
-            gen = torch.Generator().manual_seed(seed)
-            others = (_filter_direction(model, w0, gen), _filter_direction(model, w0, gen))
-            mode = 'filter-normalised random directions'
-        elif isinstance(directions, (tuple, list)) and len(directions) == 2:
-            others, mode = tuple(directions), 'given directions'
-        else:
-            raise ValueError(f"{fn}: directions must be None, 'filter' or a pair of direction state dicts, "
-                             f"got {directions!r:.60}")
-        points, must = {'center': (0., 0.)}, [0.]
-    plane = mode == 'plane through three snapshots'
+        return 'plane through three snapshots', {'w0': (0., 0.), 'w1': (1., 0.), 'w2': (0., 1.)}, [0., 1.], (w1, w2)
+    if directions is None or (isinstance(directions, str) and directions == 'filter'):
+        gen = torch.Generator().manual_seed(seed)
+        others = (_filter_direction(model, w0, gen), _filter_direction(model, w0, gen))
+        return 'filter-normalised random directions', {'center': (0., 0.)}, [0.], others
+    if isinstance(directions, (tuple, list)) and len(directions) == 2:
+        return 'given directions', {'center': (0., 0.)}, [0.], tuple(directions)
+    raise ValueError(f"{fn}: directions must be None, 'filter' or a pair of direction state dicts, "
+                     f"got {directions!r:.60}")
+
+
+def _check_directions(model, state, others, plane, fn):
+    """The plane's two other snapshots match the model; two directions need only its floating-point entries."""
     floats = {k: v for k, v in state.items() if v.is_floating_point()}
     for name, w in zip(('dir1', 'dir2'), others):
         if plane:
             _check_matches(state, w, name, model, fn)
         else:  # a direction needs only the floating-point entries
             _check_matches(floats, {k: v for k, v in w.items() if k in floats or k not in state}, name, model, fn)
-    (xlo, xhi), (ylo, yhi) = span if np.ndim(span[0]) else (span, span)
-    nx, ny = (steps, steps) if np.ndim(steps) == 0 else steps
-    xs, ys = _axis((xlo, xhi), nx, must, 'x'), _axis((ylo, yhi), ny, must, 'y')
-    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
 
-    bns = _bn_layers(model)
+
+def _plane_points(model, state, w0, others, bn, plane, xs, ys):
+    """(fixed, set_point): the (model tensor, value) pairs to set once, and `set_point(i)`, which writes the weights
+    at grid point i (x = xs[i // len(ys)], y = ys[i % len(ys)]) into the model's own tensors."""
     bn_stats = _bn_stat_keys(model, state)
     mix, fixed = [], []
     for k, t in _untied(state).items():
@@ -690,14 +672,7 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
         else:
             for t, b, d1, d2 in zip(targets, bases, d1s, d2s):
                 t.copy_(b).mul_(c0).add_(d1, alpha=x).add_(d2, alpha=y)
-
-    loaders = _loaders(learn, dl if isinstance(dl, (str, dict, list, tuple)) else {'dl': dl}, fn)
-    with _restoring(learn):
-        batches, bn_batches = _draw_batches(learn, loaders, n_batches, bn == 'recompute' and bns, fn)
-        values = _sweep(learn, model, len(xs) * len(ys), set_point, batches, metrics, fixed,
-                        bns if bn == 'recompute' else [], bn_batches)
-    values = {k: v.reshape(len(xs), len(ys), -1) for k, v in values.items()}
-    return SurfaceResult(xs, ys, ['loss', *map(metric_name, metrics)], values, points, mode, bn, n_batches)
+    return fixed, set_point
 
 
 def plot_surface(result, ax=None, levels=30, log=False, dl=None):
@@ -784,7 +759,7 @@ def average_weights(snapshots, learn=None, bn='recompute', n_batches=None):
         avg[k] = acc.to(last.dtype)
     if bn == 'recompute' and learn is not None and _bn_layers(model):
         state = _model_tensors(model)
-        with _restoring(learn):
+        with preserved(learn, RESTORED):
             with torch.no_grad():
                 for k, t in state.items():
                     t.copy_(avg[k])
@@ -808,10 +783,7 @@ def evaluate_weights(learn, weights, dl='valid', bn='keep', n_batches=None, metr
     _check_matches(state, w, 'weights', model, fn)
     metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
     fixed = [(t, w[k]) for k, t in state.items()]
-    bns = _bn_layers(model) if bn == 'recompute' else []
     name = dl if isinstance(dl, str) else 'dl'
     loaders = _loaders(learn, dl if isinstance(dl, str) else {'dl': dl}, fn)
-    with _restoring(learn):
-        batches, bn_batches = _draw_batches(learn, loaders, n_batches, bool(bns), fn)
-        values = _sweep(learn, model, 1, lambda i: None, batches, metrics, fixed, bns, bn_batches)
+    values = _analyse(learn, loaders, 1, lambda i: None, metrics, fixed, bn == 'recompute', n_batches, fn)
     return dict(zip(['loss', *map(metric_name, metrics)], map(float, values[name][0])))

@@ -1,14 +1,39 @@
 """The one snapshot/restore primitive: whatever changes a learner temporarily (lr_find, warmup, the resume rollback,
-the first-batch check) takes a `Snapshot` first and restores it afterwards, also on an error or Ctrl-C."""
+the first-batch check, the loss-landscape analyses) takes a `Snapshot` first and restores it afterwards, also on an
+error or Ctrl-C; a Ctrl-C pressed during the restore itself is held back until it is done (`holding_sigint`)."""
 import contextlib
+import signal
+import threading
 
 import torch
+from torch import nn
 
 from .determinism import rng_state, set_rng_state
 
-__all__ = ['Snapshot', 'preserved', 'deep_clone', 'LiveCopy']
+__all__ = ['Snapshot', 'preserved', 'holding_sigint', 'deep_clone', 'LiveCopy']
 
-PARTS = ('weights', 'buffers', 'grads', 'modes', 'trainable', 'opt', 'scaler', 'stepper', 'rng')
+PARTS = ('weights', 'buffers', 'grads', 'modes', 'trainable', 'momenta', 'opt', 'scaler', 'stepper', 'rng')
+MODEL_PARTS = ('weights', 'buffers', 'grads', 'modes', 'trainable', 'momenta', 'rng')  # a bare model has these
+
+
+@contextlib.contextmanager
+def holding_sigint():
+    """Holds a Ctrl-C back while the body runs (putting a model back: a second, impatient Ctrl-C must not leave
+    it half restored), then hands it to the handler that was in charge. Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if held:
+            if callable(old):
+                old(signal.SIGINT, held[0])
+            elif old != signal.SIG_IGN:  # SIG_DFL, or None for a handler installed outside Python
+                raise KeyboardInterrupt
 
 
 def deep_clone(obj):
@@ -28,10 +53,12 @@ class Snapshot:
 
     Parts: 'weights' (the model's state dict: parameters and persistent buffers), 'buffers' (every buffer, the
     non-persistent ones too), 'grads' (the gradients, as tensors or None), 'modes' (each module's train/eval mode),
-    'trainable' (each parameter's requires_grad), 'opt' (the optimizer object, its state and hyper-parameters, and
-    the learner's weight-decay stepper; none: the next fit builds a new one), 'scaler' (the fp16 GradScaler's
-    state), 'stepper' (the stepper's accumulation state), 'rng' (torch, CUDA, numpy and random). `attrs` names
-    learner attributes to keep as they are (by reference); 'state' there is the loop's per-pass state.
+    'trainable' (each parameter's requires_grad), 'momenta' (each BatchNorm layer's momentum, which a BatchNorm
+    recompute sets to None), 'opt' (the optimizer object, its state and hyper-parameters, and the learner's
+    weight-decay stepper; none: the next fit builds a new one), 'scaler' (the fp16 GradScaler's state), 'stepper'
+    (the stepper's accumulation state), 'rng' (torch, CUDA, numpy and random). `attrs` names learner attributes to
+    keep as they are (by reference); 'state' there is the loop's per-pass state. `learn` may also be a bare model
+    (an nn.Module), for the parts in MODEL_PARTS.
     """
 
     def __init__(self, learn, parts, attrs, saved):
@@ -43,7 +70,11 @@ class Snapshot:
         bad = sorted(set(parts) - set(PARTS))
         if bad:
             raise ValueError(f'Snapshot.take: unknown parts {bad}; the parts are {PARTS}')
-        model, saved = learn.model, {}
+        bare = isinstance(learn, nn.Module)
+        if bare and (set(parts) - set(MODEL_PARTS) or attrs):
+            raise ValueError(f'Snapshot.take: a bare model has only the parts {MODEL_PARTS} and no attributes to '
+                             f'keep; got parts {tuple(parts)} and attrs {tuple(attrs)} (give the learner)')
+        model, saved = _model(learn), {}
         if 'weights' in parts:
             saved['weights'] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if 'buffers' in parts:
@@ -54,6 +85,9 @@ class Snapshot:
             saved['modes'] = [m.training for m in model.modules()]
         if 'trainable' in parts:
             saved['trainable'] = [p.requires_grad for p in model.parameters()]
+        if 'momenta' in parts:
+            saved['momenta'] = [(m, m.momentum) for m in model.modules()
+                                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if 'opt' in parts:
             opt = learn.opt
             saved['opt'] = None if opt is None else (opt, deep_clone(opt.state_dict()), learn.stepper.decay)
@@ -65,14 +99,23 @@ class Snapshot:
             saved['rng'] = rng_state()
         return cls(learn, tuple(parts), {k: getattr(learn, k, None) for k in attrs}, saved)
 
-    def discard(self):
-        """Forget what was taken: a later `restore` (the end of `preserved`) puts nothing back."""
-        self.saved, self.attrs = {}, {}
+    def discard(self, parts=None):
+        """Forget what was taken (of `parts` only, when given): a later `restore` (the end of `preserved`) does not
+        put it back."""
+        if parts is None:
+            self.saved, self.attrs = {}, {}
+        else:
+            self.saved = {k: v for k, v in self.saved.items() if k not in parts}
 
     def restore(self):
-        """Put every part back in place (the tensors are copied in: the model keeps its own tensors)."""
+        """Put every part back in place (the tensors are copied in: the model keeps its own tensors). A Ctrl-C
+        pressed meanwhile is held back until everything is back, then handed on (`holding_sigint`)."""
+        with holding_sigint():
+            self._put_back()
+
+    def _put_back(self):
         learn, s = self.learn, self.saved
-        model = learn.model
+        model = _model(learn)
         if 'rng' in s:
             set_rng_state(s['rng'])  # first: nothing below may leave the RNG streams moved
         for k, v in self.attrs.items():
@@ -94,6 +137,8 @@ class Snapshot:
         if 'trainable' in s:
             for p, train in zip(model.parameters(), s['trainable']):
                 p.requires_grad_(train)
+        for m, momentum in s.get('momenta', ()):
+            m.momentum = momentum
         if 'opt' in s:
             if s['opt'] is None:
                 learn.opt = learn.stepper.decay = None  # the next fit builds a fresh optimizer
@@ -107,9 +152,15 @@ class Snapshot:
             learn.stepper.load_state_dict(s['scaler'])  # e.g. a sweep's overflows must not lower the loss scale
 
 
+def _model(learn):
+    """The model of a learner, or `learn` itself when it is a bare model."""
+    return learn if isinstance(learn, nn.Module) else learn.model
+
+
 @contextlib.contextmanager
 def preserved(learn, parts=PARTS, attrs=()):
-    """Run the body, then restore `parts` and `attrs` of `learn` (see `Snapshot`), also on an error or Ctrl-C.
+    """Run the body, then restore `parts` and `attrs` of `learn` (see `Snapshot`), also on an error or Ctrl-C; a
+    Ctrl-C pressed during the restore waits until it is done (then raises, or goes to the handler in charge).
     Yields the snapshot."""
     snap = Snapshot.take(learn, parts, attrs)
     try:

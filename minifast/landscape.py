@@ -17,7 +17,7 @@ from .checkpoint import load_state
 from .checks import check_metrics, metric_name
 from .metrics import batch_sums
 from .optim import NO_WD_TYPES
-from .state import holding_sigint, preserved
+from .state import preserved
 
 __all__ = ['interpolate_losses', 'InterpolationResult', 'Barrier', 'barrier', 'plot_interpolation',
            'recompute_bn', 'loss_surface', 'SurfaceResult', 'plot_surface', 'filter_normalized_direction',
@@ -25,7 +25,6 @@ __all__ = ['interpolate_losses', 'InterpolationResult', 'Barrier', 'barrier', 'p
 
 BN_MODES = ('recompute', 'interpolate', 'keep')
 RESTORED = ('weights', 'buffers', 'modes', 'momenta', 'rng')  # what an analysis puts back (state.Snapshot's parts)
-_holding_sigint = holding_sigint  # its name when it lived here; tests/test_interrupts_analysis.py imports that
 
 
 def _bn_layers(model):

@@ -14,8 +14,9 @@ from torch import nn  # noqa: E402
 
 import minifast.callbacks.progress as progress_mod  # noqa: E402
 from minifast import Callback, Learner, accuracy  # noqa: E402
-from minifast.landscape import (_holding_sigint, average_weights, evaluate_weights, interpolate_losses,  # noqa: E402
+from minifast.landscape import (average_weights, evaluate_weights, interpolate_losses,  # noqa: E402
                                 loss_surface, recompute_bn)
+from minifast.state import holding_sigint  # noqa: E402
 
 from conftest import make_data  # noqa: E402
 
@@ -207,7 +208,7 @@ def test_holding_sigint_passes_the_held_ctrl_c_on():
     done = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            with _holding_sigint():
+            with holding_sigint():
                 signal.raise_signal(signal.SIGINT)
                 _let_handlers_run()
                 done.append(1)  # not interrupted here
@@ -217,11 +218,11 @@ def test_holding_sigint_passes_the_held_ctrl_c_on():
     seen = []
     signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # e.g. fit's deferring handler
     try:
-        with _holding_sigint():
+        with holding_sigint():
             signal.raise_signal(signal.SIGINT)
             _let_handlers_run()
         assert seen == [signal.SIGINT]
-        with _holding_sigint():  # nothing held: nothing passed on
+        with holding_sigint():  # nothing held: nothing passed on
             pass
         assert seen == [signal.SIGINT]
     finally:

@@ -1,5 +1,6 @@
 """WeightSnapshots and the loss-landscape analysis (interpolation, 2-D surfaces, filter-normalised directions,
 weight averaging, evaluate_weights), against learn.validate and hand computations; their argument checks."""
+import copy
 import functools
 
 import matplotlib.colors as mcolors
@@ -10,10 +11,12 @@ import torch.nn.functional as F
 from matplotlib.contour import ContourSet
 from matplotlib.figure import Figure
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from minifast import DataBunch, Learner, accuracy
 from minifast.callbacks.snapshots import WeightSnapshots, clr_cycle_ends, sgdr_cycle_ends, state_dict_copy
 from minifast.checkpoint import load_state
+from minifast.metrics import batch_means
 from minifast.landscape import (average_weights, evaluate_weights, filter_normalized_direction, interpolate_losses,
                                 loss_surface, plot_interpolation, plot_surface, recompute_bn)
 from conftest import make_data, make_mlp
@@ -553,3 +556,75 @@ def test_tied_weights_move_once_along_given_directions():
     res = loss_surface(learn, w0, directions=(d1, d2), span=(0, 1), steps=2, bn='keep')
     hand = {k: v + d1[k] for k, v in w0.items()}
     assert res.loss_at(1, 0) == pytest.approx(evaluate_weights(learn, hand)['loss'], abs=1e-6)
+
+
+# ---- the reduction is batch_means; one host read per sweep ---------------------------------------------------------
+# ---- the reduction ---------------------------------------------------------------------------------------------
+def spread_loss(pred, y):
+    """Per-batch losses over several orders of magnitude: the order of the weighted sums shows in the last bits."""
+    return F.cross_entropy(pred, y) * 10 ** (3 * y.float().mean())
+
+
+def spread_metric(pred, y):
+    return (pred.argmax(-1) == y).float().mean() / 3 + pred.float().std() * 1e3
+
+
+def spread_learner():
+    """Uneven batches (9 of 12 and one of 4 in valid) of a model without BatchNorm, so bn='keep' is exact."""
+    data = make_data(n_train=64, n_valid=112, bs=12, seed=3)
+    learn = Learner(data, make_mlp(), loss_func=spread_loss, metrics=[spread_metric], silent=True, device='cpu')
+    w2 = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    learn.fit(1, 1e-2)
+    return learn, {k: v.clone() for k, v in learn.model.state_dict().items()}, w2
+
+
+def reference(learn, weights, dl):
+    """`batch_means` of the per-batch (size, (loss, metric)) of `weights` on `dl`, collected by hand."""
+    model = copy.deepcopy(learn.model)
+    model.load_state_dict(weights)
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for xb, yb in dl:
+            pred = model(xb)
+            rows.append((yb.shape[0], (learn.loss_func(pred, yb), *[m(pred, yb) for m in learn.metrics])))
+    return batch_means(rows, 1 + len(learn.metrics), learn.device)
+
+
+def test_the_landscape_reduction_is_batch_means():
+    learn, w1, w2 = spread_learner()
+    res = interpolate_losses(learn, w1, w2, alphas=[0., 0.5, 1.], dls=('valid',), bn='keep')
+    mid = {k: torch.lerp(w2[k], w1[k], 0.5) if v.is_floating_point() else v for k, v in w1.items()}
+    for i, w in enumerate((w2, mid, w1)):
+        assert list(res.values['valid'][i]) == reference(learn, w, learn.data.valid_dl), i  # bit for bit
+    assert list(evaluate_weights(learn, w2).values()) == reference(learn, w2, learn.data.valid_dl)
+    surface = loss_surface(learn, w1, steps=2)
+    assert surface.loss_at(0, 0) == reference(learn, w1, learn.data.valid_dl)[0]
+    learn.model.load_state_dict(w1)
+    assert learn.validate() == reference(learn, w1, learn.data.valid_dl)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts what reads a tensor back to the host or copies host data to a device."""
+    NAMES = {'cpu', 'item', 'tolist', 'numpy', '__float__', '__int__', '__bool__', 'tensor'}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, '__name__', '')
+        self.n += name in self.NAMES or (name == 'as_tensor' and not isinstance(args[0], torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('bn', ['recompute', 'interpolate'])
+def test_no_host_read_per_point(bn):
+    """The sweep reads the device once at the end, however many points it evaluates."""
+    learn, w1, w2 = spread_learner()
+    counts = []
+    for n in (2, 7):
+        with HostReads() as reads:
+            interpolate_losses(learn, w1, w2, alphas=np.linspace(-1, 2, n), bn=bn)
+        counts.append(reads.n)
+    assert counts[0] == counts[1], counts

@@ -351,7 +351,7 @@ class Learner:
         if self.check_inputs:
             check_finite_inputs(s.xb, self.epoch, s.iter)
         try:
-            self('before_batch')
+            s.hooks(self, 'before_batch')
             self._do_one_batch()
         except CancelBatchException:
             stepper.cancelled(self.opt, s.training)
@@ -360,7 +360,7 @@ class Learner:
                 stepper.drop_step(self.opt)
             raise
         try:
-            self('after_batch')
+            s.hooks(self, 'after_batch')
         finally:
             if s.training and stepper.stepping:  # train_iter counts optimizer steps
                 self.train_iter += 1
@@ -371,11 +371,25 @@ class Learner:
             self.ctrl_c.stop_here('train' if s.training else 'valid' if self.phase == 'valid' else None)
 
     def _do_one_batch(self):
-        s, stepper = self.state, self.stepper
+        s, stepper, run = self.state, self.stepper, self.state.hooks  # (hooks called directly: the hot path)
         model = self.fwd if s.training else self.fwd_eval
         model = self.model if model is None else model
         # the first training batch's checks run after its forward: BatchNorm statistics are put back if they fail
-        self._forward(model, Snapshot.take(self, ('buffers',)) if s.first_batch and s.training else None)
+        before = Snapshot.take(self, ('buffers',)) if s.first_batch and s.training else None
+        if stepper.amp:
+            with stepper.autocast():
+                s.pred = model(*s.xb)
+        else:
+            s.pred = model(*s.xb)
+        run(self, 'after_pred')
+        if s.first_batch:
+            self._check_first_batch(before)
+        if stepper.amp:
+            with stepper.autocast():
+                s.loss = self.loss_func(s.pred, s.yb)
+        else:
+            s.loss = self.loss_func(s.pred, s.yb)
+        run(self, 'after_loss')
         if not s.training:
             try:
                 mets = [m(s.pred, s.yb) for m in s.val_metrics]
@@ -385,35 +399,21 @@ class Learner:
             return
         if not stepper.backward(self):
             return
-        self('after_backward')
+        run(self, 'after_backward')
         stepper.step(self.opt)
-        self('after_step')
+        run(self, 'after_step')
         self.opt.zero_grad()
 
-    def _forward(self, model, before=None):
-        """Forward and loss under the precision's autocast, with after_pred and after_loss; the first batch of a
-        pass is checked (`check_batch`), and `before` restored if that fails."""
-        s, stepper = self.state, self.stepper
-        if stepper.amp:
-            with stepper.autocast():
-                s.pred = model(*s.xb)
-        else:
-            s.pred = model(*s.xb)
-        self('after_pred')
-        if s.first_batch:
-            s.first_batch = False
-            try:
-                check_batch(self)
-            except Exception:
-                if before is not None:
-                    before.restore()
-                raise
-        if stepper.amp:
-            with stepper.autocast():
-                s.loss = self.loss_func(s.pred, s.yb)
-        else:
-            s.loss = self.loss_func(s.pred, s.yb)
-        self('after_loss')
+    def _check_first_batch(self, before):
+        """The first batch of a pass: its targets against the model's output (`check_batch`); `before` (the buffers
+        before a training forward) is put back if the check fails."""
+        self.state.first_batch = False
+        try:
+            check_batch(self)
+        except Exception:
+            if before is not None:
+                before.restore()
+            raise
 
     def batches_per_epoch(self):
         """Batches in a training epoch: len(data.train_dl), or of this rank's share of it in distributed training

@@ -17,20 +17,17 @@ class Stepper:
     """
 
     def __init__(self, device):
-        self.device, self.bf16, self.fp16, self.scaler, self.decay = device, False, False, None, None
+        self.device, self.decay = device, None
+        self.set_precision('fp32')
         self.begin(1)
 
     # ---- precision --------------------------------------------------------------------------------------------
     def set_precision(self, kind, init_scale=2. ** 16, growth_interval=2000):
         """'bf16', 'fp16' (with a fresh GradScaler) or 'fp32'."""
         self.bf16, self.fp16 = kind == 'bf16', kind == 'fp16'
+        self.amp = self.bf16 or self.fp16  # whether the forward and loss run under autocast
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale,
                                            growth_interval=growth_interval) if self.fp16 else None
-
-    @property
-    def amp(self):
-        """Whether the forward and loss run under autocast."""
-        return self.bf16 or self.fp16
 
     def autocast(self):
         """The autocast context of this precision (disabled in full precision)."""

@@ -43,10 +43,11 @@ __version__ = '0.1.0'
 
 __all__ = [
     # the library
-    'Learner', 'Callback', 'EVENTS', 'CancelException', 'CancelBatchException', 'CancelTrainException', 'CancelValidateException',
-    'CancelEpochException', 'CancelFitException', 'CallbackException', 'Recorder', 'ProgressCallback',
-    'ShowGraph', 'CSVLogger', 'DataBunch', 'TensorDataLoader', 'synthetic_classification', 'ImageList',
-    'ImageDataBunch', 'cifar_stats', 'imagenet_stats', 'get_transforms', 'cifar_transforms', 'BatchTransform',
+    'Learner', 'Callback', 'EVENTS', 'CancelException', 'CancelBatchException', 'CancelTrainException',
+    'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'CallbackException', 'Recorder',
+    'ProgressCallback', 'ShowGraph', 'CSVLogger', 'DataBunch', 'TensorDataLoader', 'synthetic_classification',
+    'ImageList', 'ImageDataBunch', 'cifar_stats', 'imagenet_stats', 'get_transforms', 'cifar_transforms',
+    'BatchTransform',
     'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting', 'cifar10', 'cifar100', 'synthetic_cifar',
     'load_cifar', 'write_cifar', 'synthetic_images', 'write_image_folder', 'accuracy',
     'top_k_accuracy', 'error_rate', 'AdamW', 'SGD', 'LayerGroup', 'layer_decay_lrs', 'module_groups', 'split_by_idx',

@@ -2,6 +2,7 @@
 import functools
 import math
 import operator
+import os
 from numbers import Real
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-__all__ = ['check_data', 'check_learner_args', 'check_metrics', 'check_epochs', 'check_wd', 'check_fit', 'check_batch',
-           'check_finite_inputs', 'metric_name', 'int_value', 'int_at_least', 'real_value']
+__all__ = ['check_data', 'check_learner_args', 'check_learner_options', 'check_metrics', 'check_epochs', 'check_wd',
+           'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name', 'int_value', 'int_at_least', 'real_value']
 
 
 def check_data(data):
@@ -37,6 +38,21 @@ def check_learner_args(model, loss_func, opt_func):
                         f'partial(torch.optim.SGD, momentum=0.9), not {type(opt_func).__name__} {opt_func!r:.60}; '
                         f'the Learner builds the optimizer itself')
 
+
+
+def check_learner_options(path, model_dir, layer_groups, splitter, layer_decay):
+    """Learner's path and model_dir are folder names; layer_groups (or a splitter, not both) and layer_decay have the
+    right kinds."""
+    for name, v in (('path', path), ('model_dir', model_dir)):
+        if not (isinstance(v, (str, os.PathLike)) or (name == 'path' and v is None)):
+            raise TypeError(f'Learner: {name} must be a folder (a str or Path), got {v!r}')
+    if layer_groups is not None and splitter is not None:
+        raise ValueError('Learner: give layer_groups or splitter, not both')
+    if layer_groups is not None and not isinstance(layer_groups, (list, tuple, nn.ModuleList)):
+        raise TypeError(f'Learner: layer_groups must be a list of layer groups (modules or lists of modules), '
+                        f'got {layer_groups!r}')
+    if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 <= layer_decay <= 1):
+        raise ValueError(f'Learner: layer_decay must be a number in [0, 1], got {layer_decay!r}')
 
 def metric_name(m):
     """The column name of a metric: its function name (through partials)."""

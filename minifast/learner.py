@@ -5,13 +5,11 @@ What is not the loop has one owner each: the callback system (`core`), precision
 Ctrl-C (`interrupt`), the fit policies and lr_find (`policies`, bound here as methods).
 """
 import contextlib
-import os
 from operator import attrgetter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import accel, inference, optim, policies, resume as resuming
 from .callbacks.gradients import GradientAccumulation, GradientClipping
@@ -19,8 +17,8 @@ from .callbacks.progress import ProgressCallback, no_bar
 from .callbacks.recorder import Recorder
 from .callbacks.tracking import DivergenceGuard
 from .callbacks.v1 import v1_hooks, v1_stop_epoch_hook
-from .checks import check_batch, check_data, check_finite_inputs, check_fit, check_learner_args, check_metrics, \
-    check_wd
+from .checks import (check_batch, check_data, check_finite_inputs, check_fit, check_learner_args,
+                     check_learner_options, check_metrics, check_wd)
 from .core import (EVENTS, Callback, CallbackException, CancelBatchException, CancelEpochException,
                    CancelFitException, CancelTrainException, CancelValidateException, DivergenceError, Hooks, as_list,
                    check_hooks)
@@ -70,19 +68,6 @@ def _to(b, device):
     return tuple(_to(o, device) for o in b)
 
 
-def _check_options(path, model_dir, layer_groups, splitter, layer_decay):
-    for name, v in (('path', path), ('model_dir', model_dir)):
-        if not (isinstance(v, (str, os.PathLike)) or (name == 'path' and v is None)):
-            raise TypeError(f'Learner: {name} must be a folder (a str or Path), got {v!r}')
-    if layer_groups is not None and splitter is not None:
-        raise ValueError('Learner: give layer_groups or splitter, not both')
-    if layer_groups is not None and not isinstance(layer_groups, (list, tuple, nn.ModuleList)):
-        raise TypeError(f'Learner: layer_groups must be a list of layer groups (modules or lists of modules), '
-                        f'got {layer_groups!r}')
-    if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 <= layer_decay <= 1):
-        raise ValueError(f'Learner: layer_decay must be a number in [0, 1], got {layer_decay!r}')
-
-
 class Learner:
     """Trains `model` on `data` (anything with `train_dl` and `valid_dl`) through one loop extended by callbacks."""
 
@@ -94,7 +79,7 @@ class Learner:
                  ddp_kwargs=None, sync_bn=False):
         check_data(data)
         check_learner_args(model, loss_func, opt_func)
-        _check_options(path, model_dir, layer_groups, splitter, layer_decay)
+        check_learner_options(path, model_dir, layer_groups, splitter, layer_decay)
         self.data, self.metrics = data, check_metrics(metrics)
         self.dist = strategy(distributed, ddp_kwargs)
         self.device, self.is_main = resolve_device(device), self.dist.is_main

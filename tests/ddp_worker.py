@@ -35,7 +35,8 @@ def experiment(path, bs):
         learn.fit_one_cycle(EPOCHS, LR)
         valid = learn.validate()
     r = learn.recorder
-    return {'world': learn.dist.world, 'wrapped': getattr(learn.dist, 'wrapper', None) is not None, 'fwd_after_fit': learn.fwd,
+    return {'world': learn.dist.world, 'wrapped': getattr(learn.dist, 'wrapper', None) is not None,
+            'fwd_after_fit': learn.fwd,
             'state': {k: v.clone() for k, v in learn.model.state_dict().items()},
             'lrs': r.lrs, 'moms': r.moms, 'raw': r.raw_losses, 'smooth': r.losses, 'bs': r.bs,
             'train_losses': r.train_losses, 'val_losses': r.val_losses, 'metrics': r.metrics,

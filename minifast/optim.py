@@ -17,7 +17,7 @@ from .checks import check_wd, int_value, real_value
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
            'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
            'check_layer_groups', 'layer_decay_lrs', 'group_lrs', 'create_opt', 'freeze_to', 'freeze', 'unfreeze',
-           'set_training_mode', 'TRAINING_MODES', 'param_summary', 'ParamSummary']
+           'set_training_mode', 'TRAINING_MODES', 'param_summary', 'ParamSummary', 'opt_settings']
 
 AdamW = partial(torch.optim.AdamW, betas=(0.9, 0.99))
 AdamW.__doc__ = "torch.optim.AdamW with fastai v1's betas (0.9, 0.99); the default `opt_func`."
@@ -147,6 +147,35 @@ def set_hyper(opt, name, values):
             _set_mom(g, key, v)
         else:
             g[key] = v
+
+
+# defaults that are not settings of the training: the per-fit lr and wd (minifast sets them) and how torch computes
+# the step (fused is chosen by the device), which do not change what a resumed fit continues
+_NOT_SETTINGS = ('lr', 'weight_decay', 'foreach', 'fused', 'capturable', 'differentiable')
+
+
+def _plain_value(v):
+    """`v` as a value torch's weights-only loader reads and == compares: numbers, strings, tuples of them; a
+    one-element tensor as its number; a function as its name; anything else as its repr (its type's name when the
+    repr holds an address)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return tuple(_plain_value(x) for x in v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    if callable(v):  # its name: a repr would hold its address, different in every process
+        return f"{getattr(v, '__module__', None)}.{getattr(v, '__qualname__', type(v).__qualname__)}"
+    r = repr(v)
+    return type(v).__qualname__ if ' at 0x' in r else r
+
+
+def opt_settings(opt):
+    """The optimizer's class and construction settings (its `defaults` less lr, weight decay and torch's
+    implementation choices), as plain values: what a fit resumed into this optimizer must share."""
+    cls = type(opt)
+    return {'class': f'{cls.__module__}.{cls.__qualname__}',
+            'settings': {k: _plain_value(v) for k, v in opt.defaults.items() if k not in _NOT_SETTINGS}}
 
 
 def _decouples_natively(opt):

@@ -16,6 +16,7 @@ import os
 from .checkpoint import atomic_save, check_state_dict, load_state
 from .checks import metric_name
 from .determinism import rng_state, set_rng_state
+from .optim import opt_settings
 from .state import preserved
 
 __all__ = ['FORMAT', 'CHECKPOINT_FILE', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info',
@@ -39,7 +40,8 @@ def _callback_states(learn):
 
 
 def fit_signature(learn):
-    """What must match to continue a fit exactly: epochs, steps per epoch and each scheduler's sampled values."""
+    """What must match to continue a fit exactly: epochs, steps per epoch, each scheduler's sampled values, the
+    optimizer's class and construction settings, and the precision."""
     try:
         per_epoch = learn.steps_per_epoch()
     except TypeError:
@@ -48,7 +50,10 @@ def fit_signature(learn):
               if callable(getattr(cb, 'resume_signature', None))]
     return {'n_epoch': learn.n_epoch, 'steps_per_epoch': per_epoch, 'schedules': scheds, 'args': learn.fit_args,
             'world_size': learn.dist.world, 'accumulate': learn.stepper.n_acc,
-            'metrics': [metric_name(m) for m in learn.metrics]}
+            'metrics': [metric_name(m) for m in learn.metrics],
+            # the optimizer's defaults, not its groups' values: schedules move lr, momentum and wd during a fit
+            'optimizer': opt_settings(learn.opt) if learn.opt is not None else None,
+            'precision': learn.stepper.precision}
 
 
 def training_state(learn, where='end', with_opt=True, batch=None):
@@ -139,8 +144,40 @@ def is_finished(pos):
     return pos['where'] == 'end' or (pos['where'] == 'epoch' and pos['epoch'] + 1 >= pos['n_epoch'])
 
 
+def _describe_opt(name, settings, keys):
+    """'AdamW(betas=(0.9, 0.99), eps=1e-08)': an optimizer's name with the settings `keys`."""
+    return f"{name}({', '.join(f'{k}={settings[k]!r}' for k in keys)})"
+
+
+def _opt_mismatch(a, b):
+    """A sentence on how two optimizer signatures (`opt_settings`) differ, or None; None for an unknown one (a
+    checkpoint written before signatures held the optimizer)."""
+    if a is None or b is None:
+        return None
+    sa, sb = a['settings'], b['settings']
+    # a setting only one side has was added by another torch version (its loading fills in the default)
+    differ = [k for k in sa if k in sb and sa[k] != sb[k]]
+    if a['class'] == b['class']:
+        if not differ:
+            return None
+        keys_a = keys_b = differ
+    else:
+        keys_a, keys_b = list(sa), list(sb)
+    na, nb = a['class'].rpartition('.')[2], b['class'].rpartition('.')[2]
+    if na == nb and a['class'] != b['class']:  # same name in two modules: name them in full
+        na, nb = a['class'], b['class']
+    return (f'it was written by a fit with {_describe_opt(na, sa, keys_a)} and this learner has '
+            f'{_describe_opt(nb, sb, keys_b)}; resume with the optimizer (opt_func) of the interrupted fit')
+
+
 def _sig_mismatch(saved, now):
     """A sentence on the first difference between two fit signatures, or None."""
+    why = _opt_mismatch(saved.get('optimizer'), now.get('optimizer'))
+    if why is not None:
+        return why
+    a, b = saved.get('precision'), now.get('precision')
+    if a is not None and a != b:  # absent: an older checkpoint
+        return f'it was written in {a} and this learner trains in {b} (learn.to_{a}() resumes it)'
     a, b = saved.get('world_size', 1), now.get('world_size', 1)
     if a != b:
         return (f'it was written by {a} process(es) and this run has {b}; resume with the same number of processes '
@@ -202,17 +239,19 @@ def load_for_resume(learn, resume):
         raise ValueError(f"resume: {file} was written by a newer minifast (format version {state['version']}, this "
                          f'one reads {VERSION})')
     pos = state['position']
+    resumable_point = state.get('signature') is not None and pos['where'] is not None
+    if resumable_point:  # before "finished": a run of another fit must hear what differs, not that it finished
+        why = _sig_mismatch(state['signature'], fit_signature(learn))
+        if why is not None:
+            raise ValueError(f'resume: {file} ({_describe(pos)}) does not continue this fit: {why}. Resume with '
+                             f'the same arguments, data and callbacks as the interrupted call.')
     if pos['where'] is not None and is_finished(pos):
         done = f"{pos['n_epoch']} epochs, {pos['train_iter']} steps"
         raise ValueError(f'resume: the run saved in {file} already finished ({done}); there is nothing to resume. '
                          f'Fit without resume= (or into a new checkpoint folder) to train again.')
-    if state['signature'] is None or pos['where'] is None:
+    if not resumable_point:
         raise ValueError(f'resume: {file} was saved by learn.save, not at a point a fit can resume from '
                          f'({_describe(pos)}); write resumable states with the Checkpoint callback')
-    why = _sig_mismatch(state['signature'], fit_signature(learn))
-    if why is not None:
-        raise ValueError(f'resume: {file} ({_describe(pos)}) does not continue this fit: {why}. Resume with the '
-                         f'same arguments, data and callbacks as the interrupted call.')
     if pos['where'] != 'epoch' and state['epoch_rng'] is None:
         raise ValueError(f'resume: {file} stops inside epoch {pos["epoch"]} but lacks the RNG state of that '
                          f"epoch's start, so its data order cannot be replayed")
@@ -222,7 +261,8 @@ def load_for_resume(learn, resume):
 
 
 def restore_model_opt(learn, state):
-    """Load the checkpoint's weights and optimizer state (checked by `load_for_resume`) into the learner."""
+    """Load the checkpoint's weights and optimizer state (checked by `load_for_resume`) into the learner; raises
+    on an optimizer state of another kind (the caller, `begin`, puts the learner back)."""
     learn.model.load_state_dict(state['model'])
     frozen = state.get('frozen')
     if frozen is not None:  # absent from older checkpoints
@@ -235,6 +275,14 @@ def restore_model_opt(learn, state):
         except (ValueError, KeyError) as e:
             raise ValueError(f"resume: {state['file']}: the optimizer state does not match this learner's "
                              f'parameter groups: {e}') from e
+        # torch checks only the groups' sizes: another optimizer's groups load and its first step fails on a setting
+        # they lack. A checkpoint whose signature names its optimizer is refused before this; an older one is here.
+        opt = learn.opt
+        lacking = sorted({k for g in opt.param_groups for k in opt.defaults if k not in g})
+        if lacking:
+            raise ValueError(f"resume: {state['file']}: its optimizer state is not one of this learner's "
+                             f'{type(opt).__name__} (it lacks the settings {lacking}); resume with the optimizer '
+                             f'(opt_func) of the interrupted fit')
     learn.stepper.load_state_dict(state.get('grad_scaler'))
 
 

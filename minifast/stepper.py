@@ -10,7 +10,8 @@ __all__ = ['Stepper']
 class Stepper:
     """What happens between a batch's loss and the next batch: `backward`, then `step`.
 
-    Precision: `bf16` or `fp16` (autocast, and for fp16 a GradScaler, `scaler`), chosen with `set_precision`.
+    Precision: `bf16` or `fp16` (autocast, and for fp16 a GradScaler, `scaler`), chosen with `set_precision`;
+    `precision` names it ('bf16', 'fp16' or 'fp32').
     Accumulation: `n_acc` batches per optimizer step (set for a fit by `begin`); `stepping` says whether the current
     training batch ends a step; `step_bs` counts the items of the current step. `decay` is the WeightDecay the
     optimizer was built with (optim.create_opt sets it).
@@ -25,6 +26,7 @@ class Stepper:
     def set_precision(self, kind, init_scale=2. ** 16, growth_interval=2000):
         """'bf16', 'fp16' (with a fresh GradScaler) or 'fp32'."""
         self.bf16, self.fp16 = kind == 'bf16', kind == 'fp16'
+        self.precision = 'bf16' if self.bf16 else 'fp16' if self.fp16 else 'fp32'  # named in a resume signature
         self.amp = self.bf16 or self.fp16  # whether the forward and loss run under autocast
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale,
                                            growth_interval=growth_interval) if self.fp16 else None

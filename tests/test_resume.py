@@ -2,6 +2,7 @@
 bit-identical to an uninterrupted run; atomic writes; keep_last; every=; monitor; mismatch and finished errors;
 edge cases (a checkpoint in a cancelled or stopped epoch, Ctrl-C while validating, relative folders, resumable())."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -559,3 +560,123 @@ def test_the_notebooks_final_cell_pattern_runs_twice_and_resumes_after_a_crash(t
     assert resumable('ck')
     resumed = cell(3)
     assert len(resumed.recorder.train_losses) == 3 and not resumable('ck')
+
+
+# ---- the optimizer and the precision are part of what a resume must repeat (issue 16) ------------------------------
+def _interrupted(path, setup=None):
+    """The RUN's fit_one_cycle (AdamW unless `setup` changes the learner) stopped after step 9; returns the newest
+    checkpoint file (epoch 1, batch 2)."""
+    learn = make_learner(path)
+    if setup is not None:
+        setup(learn)
+    set_seed(1)
+    with pytest.raises(RuntimeError, match='simulated crash'):
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4), Interrupt(9)])
+    return list_checkpoints(path / 'checkpoints')[-1]
+
+
+def _sgd_learner(path):
+    learn = make_learner(path)
+    learn.opt_func = minifast.optim.SGD
+    return learn
+
+
+def _state(learn):
+    return {'model': {k: v.clone() for k, v in learn.model.state_dict().items()},
+            'opt': None if learn.opt is None else learn.opt.state_dict()}
+
+
+def test_resume_with_another_optimizer_is_refused_before_anything_changes(tmp_path):
+    file = _interrupted(tmp_path)
+    learn = _sgd_learner(tmp_path)
+    set_seed(2)
+    learn.fit(1, 1e-2)  # an optimizer with moments, which the refused resume must leave as they are
+    before = _state(learn)
+    with pytest.raises(ValueError, match=re.escape(f'resume: {file} (epoch 1 of 3, batch 2 (8 steps)) does not '
+                                                   'continue this fit: it was written by a fit with AdamW(betas=(0.9, '
+                                                   '0.99), eps=1e-08') + r'.*\) and this learner has '
+                                     + re.escape('SGD(momentum=0.9, dampening=0, nesterov=False')):
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    assert_identical(before, _state(learn))
+    assert type(learn.opt) is torch.optim.SGD and 'betas' not in learn.opt.param_groups[0]
+    set_seed(3)
+    learn.fit(1, 1e-2)  # usable afterwards: the same as a learner that never saw the checkpoint
+    fresh = _sgd_learner(tmp_path / 'fresh')
+    set_seed(2)
+    fresh.fit(1, 1e-2)
+    set_seed(3)
+    fresh.fit(1, 1e-2)
+    assert_identical(_state(fresh), _state(learn))
+
+
+def test_resume_with_other_optimizer_settings_is_refused(tmp_path):
+    _interrupted(tmp_path)
+    for opt_func, why in ((partial(torch.optim.AdamW, betas=(0.9, 0.999)),
+                           'AdamW(betas=(0.9, 0.99)) and this learner has AdamW(betas=(0.9, 0.999))'),
+                          (partial(minifast.optim.AdamW, eps=1e-5),
+                           'AdamW(eps=1e-08) and this learner has AdamW(eps=1e-05)'),
+                          (partial(torch.optim.Adam, betas=(0.9, 0.99)), r'AdamW\(.*\) and this learner has Adam\(')):
+        learn = make_learner(tmp_path)
+        learn.opt_func = opt_func
+        with pytest.raises(ValueError, match=why if '\\' in why else re.escape(why)):
+            learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+
+
+def test_resume_with_another_precision_is_refused(tmp_path):
+    (tmp_path / 'a').mkdir()
+    _interrupted(tmp_path / 'a', lambda learn: learn.to_fp16())
+    learn = make_learner(tmp_path / 'a')
+    before = _state(learn)
+    with pytest.raises(ValueError, match=re.escape('it was written in fp16 and this learner trains in fp32 '
+                                                   '(learn.to_fp16() resumes it)')):
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    assert_identical(before['model'], _state(learn)['model'])
+    _interrupted(tmp_path / 'b')
+    for kind in ('fp16', 'bf16'):
+        learn = getattr(make_learner(tmp_path / 'b'), f'to_{kind}')()
+        with pytest.raises(ValueError, match=re.escape(f'it was written in fp32 and this learner trains in {kind} '
+                                                       '(learn.to_fp32() resumes it)')):
+            learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    learn = make_learner(tmp_path / 'a').to_fp16()  # the same precision resumes
+    learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    assert learn.train_iter == 18
+
+
+def test_a_finished_run_with_another_optimizer_is_told_what_differs_not_that_it_finished(tmp_path):
+    run(tmp_path)
+    learn = _sgd_learner(tmp_path)
+    with pytest.raises(ValueError, match=r'\(finished: 3 epochs, 18 steps\) does not continue this fit: it was '
+                                         r'written by a fit with AdamW') as e:
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    assert 'already finished' not in str(e.value)
+
+
+def _as_old_format(folder):
+    """Rewrite every checkpoint in `folder` as a minifast from before the optimizer and precision were in the
+    signature wrote it."""
+    for f in list_checkpoints(folder):
+        st = torch.load(f, weights_only=True)
+        assert {'optimizer', 'precision'} <= st['signature'].keys()
+        del st['signature']['optimizer'], st['signature']['precision']
+        torch.save(st, f)
+
+
+def test_a_checkpoint_without_optimizer_and_precision_in_its_signature_still_resumes(tmp_path, reference):
+    with pytest.raises(RuntimeError):
+        run(tmp_path, extra=[Interrupt(9)])
+    _as_old_format(tmp_path / 'checkpoints')
+    assert_identical(reference, outcome(run(tmp_path, resume='checkpoints')))
+
+
+def test_an_old_checkpoint_of_another_optimizer_is_refused_and_the_learner_put_back(tmp_path):
+    file = _interrupted(tmp_path)
+    _as_old_format(tmp_path / 'checkpoints')
+    learn = _sgd_learner(tmp_path)
+    set_seed(2)
+    learn.fit(1, 1e-2)
+    before = _state(learn)
+    with pytest.raises(ValueError, match=re.escape(f"resume: {file}: its optimizer state is not one of this "
+                                                   "learner's SGD (it lacks the settings ['dampening', 'momentum'")):
+        learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
+    assert_identical(before, _state(learn))
+    learn.fit(1, 1e-2)  # before the fix: KeyError: 'momentum' in every later fit

@@ -412,3 +412,31 @@ def test_int_size_keeps_the_aspect_ratio_with_a_centre_crop(tmp_path):
     squished = chain(tmp_path, size=(8, 8))
     x = squished.train_ds.x[[f.name for f in squished.train_ds.items].index('wide.png')]
     assert x[:, :, 0].max() < 200 and x[:, :, 4].min() == 200
+
+
+def test_validation_split_of_classes_all_absent_from_training_is_refused(tmp_path):
+    make_folder(tmp_path)
+    for c in CLASSES:  # the validation folder holds only classes training has never seen
+        for f in (tmp_path / 'test' / c).iterdir():
+            f.unlink()
+        (tmp_path / 'test' / c).rmdir()
+    for c in ('dog', 'eel'):
+        (tmp_path / 'test' / c).mkdir()
+        Image.fromarray(pixels(1, 0)).save(tmp_path / 'test' / c / '0.png')
+    with pytest.raises(ValueError, match=rf"label_from_folder: every validation image \({tmp_path / 'test'}\) is of a "
+                                         r"class absent from training: 'dog' \(1 images\), 'eel' \(1 images\); the "
+                                         r"training classes are \['ant', 'bee', 'cat'\]"):
+        chain(tmp_path)
+
+
+def test_from_tensors_refuses_nan_pixels_instead_of_zeroing_them():
+    x = torch.rand(5, 3, 4, 4)
+    x[1, 0, 0, 0] = x[3, 2, 1, 1] = x[3, 1, 0, 2] = float('nan')
+    with pytest.raises(ValueError, match=r'x_valid: float images hold 3 NaN of 240 values, in 2 of 5 images \(the '
+                                         r'first is image 1\); NaN would become 0'):
+        ImageDataBunch.from_tensors(x.nan_to_num(), [0] * 5, x, [0] * 5)
+    nhwc = x.nan_to_num().permute(0, 2, 3, 1).numpy().astype(np.float64)  # numpy NHWC float64, too
+    nhwc[4, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r'x_train: float images hold 1 NaN of 240 values, in 1 of 5 images \(the '
+                                         r'first is image 4\)'):
+        ImageDataBunch.from_tensors(nhwc, [0] * 5, x.nan_to_num(), [0] * 5)

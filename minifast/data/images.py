@@ -142,7 +142,7 @@ class ItemLists:
 
     def label_from_folder(self):
         """Label each image by the name of its folder; validation classes unknown to training are dropped, with a
-        warning."""
+        warning (a ValueError when no validation image is left)."""
         items = (*self.train.items, *self.valid.items)
         parents = Counter(i.parent for i in items)
         holding = {a for d in parents for a in (d, *d.parents)}  # folders with an image somewhere below
@@ -162,6 +162,10 @@ class ItemLists:
         valid = self.valid
         if unknown:
             what = ', '.join(f"'{c}' ({n} images)" for c, n in sorted(unknown.items()))
+            if len(yva) and sum(unknown.values()) == len(yva):  # nothing left to validate on: fit would refuse it
+                where = self.path / self.split_dirs[1] if self.split_dirs else 'the validation split'
+                raise ValueError(f'label_from_folder: every validation image ({where}) is of a class absent from '
+                                 f'training: {what}; the training classes are {classes}')
             warnings.warn(f'validation classes absent from training, their images are dropped: {what}')
             keep = [k for k, y in enumerate(yva) if y not in unknown]
             valid, yva = valid._sub(keep), [yva[k] for k in keep]
@@ -281,6 +285,11 @@ def _to_uint8_images(x, name):
     if x.dtype != torch.uint8:
         # both ends: clamping would silently zero the negative half of already-normalised ([-1, 1]) images
         lo, hi = (float(x.min()), float(x.max())) if x.is_floating_point() and x.numel() else (0., 0.)
+        if math.isnan(lo) or math.isnan(hi):  # min and max propagate NaN, so the count costs nothing on clean data
+            nan = torch.isnan(x).flatten(1).any(1)
+            raise ValueError(f'{name}: float images hold {int(torch.isnan(x).sum())} NaN of {x.numel()} values, in '
+                             f'{int(nan.sum())} of {len(x)} images (the first is image {int(nan.float().argmax())}); '
+                             f'NaN would become 0: clean the data (torch.nan_to_num, or drop those images) first')
         if lo < -1e-6 or hi > 1.0 + 1e-6:
             raise ValueError(f'{name}: float images must be in [0, 1] (they span [{lo:.3g}, {hi:.3g}]); '
                              f'pass uint8 for 0..255 values, and un-normalised images (normalize() comes later)')

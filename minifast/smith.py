@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import time
 import warnings
@@ -143,6 +144,28 @@ def _cached(file, key, problem):
             return obj
     warnings.warn(f'{file}: {why}; it is ignored and this step is recomputed (the file is rewritten)')
     return None
+
+
+JSON_TMP = re.compile(r'^\.(.+\.json)\.(\d+)\.[0-9a-f]{8}\.tmp$')  # _write_json's temporary files
+
+
+def _remove_stale_tmp(out):
+    """Remove the temporary files of _write_json in `out` whose writer is gone (killed during a write)."""
+    for p in out.iterdir():
+        m = JSON_TMP.match(p.name)
+        if m and not _alive(int(m.group(2))):
+            with suppress(OSError):
+                p.unlink()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
 
 
 def _num(v, none=True, finite=False):
@@ -363,7 +386,7 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     key = plain({'config': config, 'seed': seed, 'tag': TAG})
     snap_epochs = _snapshot_epochs(epochs)
     ck_dir, snap_dir = _final_dirs(out, key)
-    for rec in run_records(log):  # a tampered record is ignored (with a warning): the fit is then trained again
+    for rec in run_records(log):  # a tampered record is ignored (with a warning): its fit counts as not done
         if rec.get('key') == key:
             learn = None
             if not all((out / p).exists() for p in FINAL_PNGS):  # plots deleted: redraw from the finished state
@@ -563,6 +586,7 @@ def run(args):
 
 def _run_steps(args, s, out, t_start):
     """run's steps 1 to 7 and the report, in the run folder `out` (which this process holds)."""
+    _remove_stale_tmp(out)
     log = out / 'runs.jsonl'
 
     data, what = make_data(args, s)

@@ -384,3 +384,17 @@ def test_smith_garbled_final_record_is_ignored_with_a_warning(final_run, tmp_pat
     with pytest.warns(UserWarning, match=re.escape(f'{log}: line 1 is not a run record')):
         again, _, what = smith.step_final(mk, out, 0, 2, 1e-2, (0.95, 0.85), 1e-4, log)
     assert 'already finished' in what and again['final'] == rec['final']  # taken from its finished checkpoint
+
+
+def test_smith_removes_json_temp_files_of_killed_writers_only(tmp_path, monkeypatch):
+    _tiny_smith(monkeypatch)
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    stale = tmp_path / f'.lr_find.json.{int(dead.stdout)}.0123abcd.tmp'
+    live = tmp_path / f'.interpolation.json.{os.getpid()}.0123abcd.tmp'  # a writer still running: kept
+    other = tmp_path / f'.notes.txt.{int(dead.stdout)}.0123abcd.tmp'  # not one of smith's: kept
+    for p in (stale, live, other):
+        p.write_text('{"cut sho')
+    monkeypatch.setattr(smith, 'make_data', lambda *a: (_ for _ in ()).throw(RuntimeError('stop after cleanup')))
+    with pytest.raises(RuntimeError, match='stop after cleanup'):
+        smith.run(_args(tmp_path))
+    assert not stale.exists() and live.exists() and other.exists()

@@ -18,7 +18,8 @@ from .determinism import set_seed
 from .core import DivergenceError
 from .distributed import launched
 
-__all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'append_record', 'plain', 'FIT_KEYS']
+__all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'run_records', 'record_problem',
+           'append_record', 'plain', 'FIT_KEYS']
 
 # config keys that go to the fit call; every other key goes to make_learner(**keys)
 FIT_KEYS = ('policy', 'epochs', 'max_lr', 'lr', 'moms', 'wd', 'div_factor', 'pct_start', 'final_div')
@@ -91,9 +92,9 @@ def run_record(learn, config, seed, status, seconds, name=None):
                    'steps': {'lr': r.lrs, 'mom': r.moms if r.group_moms else [], 'loss': r.raw_losses}})
 
 
-def read_log(file):
-    """The records of a JSONL run log (one JSON object per line). A line that is not valid JSON (a process killed
-    while writing it) is skipped with a warning naming the file and line; its run counts as not done."""
+def _numbered_records(file):
+    """(line number, record) of each valid JSON line of a JSONL log; a line that is not valid JSON (a process killed
+    while writing it) is skipped with a warning naming the file and line."""
     file = Path(file)
     if not file.exists():
         return []
@@ -102,11 +103,61 @@ def read_log(file):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            out.append((i + 1, json.loads(line)))
         except json.JSONDecodeError:
             bad.append(i + 1)
     if bad:
         warnings.warn(f'{file}: line(s) {bad} are not valid JSON (a write cut short?); skipped')
+    return out
+
+
+def read_log(file):
+    """The records of a JSONL run log (one JSON object per line). A line that is not valid JSON (a process killed
+    while writing it) is skipped with a warning naming the file and line; its run counts as not done."""
+    return [rec for _, rec in _numbered_records(file)]
+
+
+def _is_num(v, none=True):
+    return (v is None and none) or (isinstance(v, Number) and not isinstance(v, bool))
+
+
+def record_problem(rec):
+    """Why `rec` is not a run record as `run_record` writes it (with the types GridResult and `minifast smith` rely
+    on), or None when it is one."""
+    if not isinstance(rec, dict):
+        return f'a JSON {type(rec).__name__}, not an object'
+    for k, kind in (('name', str), ('config', dict), ('status', str), ('final', dict), ('verdict', str),
+                    ('diagnosis', str), ('epochs', list)):
+        if not isinstance(rec.get(k), kind):
+            return f'{k!r} is {"missing" if k not in rec else repr(rec[k])[:40]}, not a {kind.__name__}'
+    if not _is_num(rec.get('seconds'), none=False):
+        return f"'seconds' is {rec.get('seconds')!r}, not a number"
+    bad = [k for k, v in rec['final'].items() if not _is_num(v)]
+    if bad:
+        return f"'final' values {bad} are not numbers"
+    for row in rec['epochs']:
+        if not isinstance(row, dict) or not isinstance(row.get('epoch'), int) or \
+                not all(_is_num(v) for v in row.values()):
+            return f"'epochs' holds a row that is not {{'epoch': int, name: number, ...}}: {str(row)[:60]}"
+    key = rec.get('key')
+    if key is not None:  # the run's identity: what it was looked up by must be what its config says it ran
+        fixed = rec.get('fixed') or {}
+        if not isinstance(key, dict) or not isinstance(fixed, dict) or key.get('config') != {**fixed, **rec['config']}:
+            return "its 'config' (with 'fixed') is not the config of its 'key'"
+    return None
+
+
+def run_records(file):
+    """The run records of the JSONL log `file`: like `read_log`, and a record that is not a run record (see
+    `record_problem`: a tampered or garbled line) is skipped with a warning naming the file, the line and why; its run
+    counts as not done."""
+    out = []
+    for line, rec in _numbered_records(file):
+        why = record_problem(rec)
+        if why is None:
+            out.append(rec)
+        else:
+            warnings.warn(f'{file}: line {line} is not a run record ({why}); ignored, its run counts as not done')
     return out
 
 
@@ -282,7 +333,7 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
 
 def _logged_runs(log):
     """The records of the log `log` by their key (as sorted JSON); a later record of a key replaces an earlier one."""
-    return {json.dumps(rec.get('key'), sort_keys=True): rec for rec in read_log(log)}
+    return {json.dumps(rec.get('key'), sort_keys=True): rec for rec in run_records(log)}
 
 
 def _run_key(config, seed, epochs, max_lr, policy, tag):

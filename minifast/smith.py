@@ -15,7 +15,13 @@ a record of runs.jsonl; a second invocation reuses those records and caches and 
 import hashlib
 import json
 import math
+import os
+import re
+import secrets
 import time
+import warnings
+from contextlib import suppress
+from numbers import Number
 from pathlib import Path
 
 import matplotlib
@@ -29,10 +35,11 @@ from .checkpoint import load_state
 from .data import ImageList, cifar10, cifar100, cifar_transforms, get_transforms, synthetic_cifar
 from .determinism import set_seed
 from .distributed import launched
-from .grid import GridResult, append_record, grid_search, plain, read_log, run_record
-from .landscape import InterpolationResult, interpolate_losses, plot_interpolation
+from .grid import GridResult, append_record, grid_search, plain, read_log, run_record, run_records
+from .landscape import BN_MODES, InterpolationResult, interpolate_losses, plot_interpolation
 from .core import DivergenceError
 from .learner import Learner
+from .lock import FolderLockedError, acquire, release
 from .metrics import accuracy, top_k_accuracy
 from .models import cifar_resnet
 from .resume import checkpoint_info, find_checkpoint, is_finished
@@ -113,17 +120,76 @@ def _save(fig, file):
     plt.close(fig)
 
 
-def _read_json(file):
-    try:
-        return json.loads(Path(file).read_text())
-    except (OSError, ValueError):
+def _cached(file, key, problem):
+    """The cache `file` when it was made for `key` and holds what its step needs (`problem(obj)`: why not, or None).
+    Otherwise None, and the step recomputes it: silently when the file is missing or was made for other settings,
+    with a warning naming the file when it is unreadable, garbled or holds values of the wrong types."""
+    file = Path(file)
+    if not file.exists():
         return None
+    try:
+        obj = json.loads(file.read_text())
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON (a truncated file), or bytes that are not UTF-8
+        why = f'unreadable or not valid JSON ({type(e).__name__}: {e})'
+    else:
+        if isinstance(obj, dict) and isinstance(obj.get('key'), dict) and obj['key'] != key:
+            return None  # made for other settings (data, model, sizes): recomputed for these
+        try:
+            why = (f'a JSON {type(obj).__name__}, not an object' if not isinstance(obj, dict) else
+                   f"its 'key' is {obj.get('key')!r}, not an object" if not isinstance(obj.get('key'), dict) else
+                   problem(obj))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a checker tripping on a value: garbled too
+            why = f'{type(e).__name__}: {e}'
+        if why is None:
+            return obj
+    warnings.warn(f'{file}: {why}; it is ignored and this step is recomputed (the file is rewritten)')
+    return None
+
+
+JSON_TMP = re.compile(r'^\.(.+\.json)\.(\d+)\.[0-9a-f]{8}\.tmp$')  # _write_json's temporary files
+
+
+def _remove_stale_tmp(out):
+    """Remove the temporary files of _write_json in `out` whose writer is gone (killed during a write)."""
+    for p in out.iterdir():
+        m = JSON_TMP.match(p.name)
+        if m and not _alive(int(m.group(2))):
+            with suppress(OSError):
+                p.unlink()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def _num(v, none=True, finite=False):
+    """Whether `v` is a JSON number (None too with `none`; only a finite one with `finite`)."""
+    if v is None:
+        return none
+    return isinstance(v, Number) and not isinstance(v, bool) and (not finite or math.isfinite(v))
 
 
 def _write_json(file, obj):
-    tmp = Path(str(file) + '.tmp')
-    tmp.write_text(json.dumps(plain(obj), indent=1))  # non-finite numbers as null: strict JSON
-    tmp.replace(file)
+    """Write `obj` to `file` as JSON through a temporary file of this call's own in the same folder (two writers
+    never share one) and an atomic replace: `file` is the old or the new one, never a mix, and a failed write leaves
+    no temporary file."""
+    file = Path(file)
+    text = json.dumps(plain(obj), indent=1)  # non-finite numbers as null: strict JSON
+    tmp = file.parent / f'.{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
+    try:
+        with open(tmp, 'x') as f:  # 'x': never another writer's file
+            f.write(text)
+        os.replace(tmp, file)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _fmt_lr(v):
@@ -181,8 +247,8 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
 
     Returns (info dict, skipped)."""
     file, png = out / 'lr_find.json', out / 'lr_find.png'
-    info = _read_json(file)
-    skipped = info is not None and info.get('key') == key and png.exists()
+    info = _cached(file, key, _lr_find_problem)
+    skipped = info is not None and png.exists()
     if not skipped:
         set_seed(seed)
         learn = make_learner()
@@ -202,6 +268,22 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
     else:
         info['chosen'], info['rule'] = FALLBACK_LR, f'the fallback {FALLBACK_LR:g} (the curve gave no suggestion)'
     return info, skipped
+
+
+def _lr_find_problem(info):
+    """Why a cached lr_find.json cannot be used (a value of the wrong type), or None."""
+    bad = [k for k in ('steep', 'valley', 'minimum') if not _num(info.get(k, ''))]
+    if bad:
+        return f'the suggestion(s) {bad} are not numbers (or null)'
+    if not isinstance(info.get('diverged'), bool):
+        return f"'diverged' is {info.get('diverged')!r}, not true or false"
+    n = info.get('n_steps')
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        return f"'n_steps' is {n!r}, not a number of steps"
+    for k in ('lrs', 'losses'):
+        if not (isinstance(info.get(k), list) and all(_num(v) for v in info[k])):
+            return f"{k!r} is not a list of numbers"
+    return None
 
 
 TAG = {}  # what make_learner builds (data, model, batch size): part of every run's identity in the log
@@ -304,7 +386,7 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
     key = plain({'config': config, 'seed': seed, 'tag': TAG})
     snap_epochs = _snapshot_epochs(epochs)
     ck_dir, snap_dir = _final_dirs(out, key)
-    for rec in read_log(log):
+    for rec in run_records(log):  # a tampered record is ignored (with a warning): its fit counts as not done
         if rec.get('key') == key:
             learn = None
             if not all((out / p).exists() for p in FINAL_PNGS):  # plots deleted: redraw from the finished state
@@ -355,8 +437,8 @@ def step_interpolation(make_learner, learn, out, epochs, points, n_batches, fina
     e1, e2 = _snapshot_epochs(epochs)
     file, png = out / 'interpolation.json', out / 'interpolation.png'
     key = {'final': final_key, 'w1': e1, 'w2': e2, 'points': points, 'n_batches': n_batches}
-    cached = _read_json(file)
-    if cached is not None and cached.get('key') == key and png.exists():
+    cached = _cached(file, key, _interpolation_problem)
+    if cached is not None and png.exists():
         res = InterpolationResult(np.array(cached['alphas']), cached['columns'],
                                   {k: np.array(v, dtype=float) for k, v in cached['values'].items()},
                                   cached['bn'], cached['n_batches'])
@@ -373,6 +455,27 @@ def step_interpolation(make_learner, learn, out, epochs, points, n_batches, fina
     _write_json(file, {'key': key, 'alphas': res.alphas.tolist(), 'columns': res.columns, 'values': vals,
                        'bn': res.bn, 'n_batches': res.n_batches})
     return res, (e1, e2), False
+
+
+def _interpolation_problem(c):
+    """Why a cached interpolation.json cannot be used (a value of the wrong type or shape), or None."""
+    alphas, columns, values = c.get('alphas'), c.get('columns'), c.get('values')
+    if not (isinstance(alphas, list) and alphas and all(_num(a, none=False, finite=True) for a in alphas)):
+        return "'alphas' is not a non-empty list of finite numbers"
+    if not (isinstance(columns, list) and columns and all(isinstance(x, str) for x in columns)):
+        return "'columns' is not a non-empty list of names"
+    if not (isinstance(values, dict) and values):
+        return "'values' is not a non-empty object"
+    for dl, rows in values.items():
+        if not (isinstance(rows, list) and len(rows) == len(alphas) and
+                all(isinstance(r, list) and len(r) == len(columns) and all(_num(v) for v in r) for r in rows)):
+            return f"'values'[{dl!r}] is not {len(alphas)} rows of {len(columns)} numbers"
+    if c.get('bn') not in BN_MODES:
+        return f"'bn' is {c.get('bn')!r}, not one of {BN_MODES}"
+    n = c.get('n_batches')
+    if not (n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
+        return f"'n_batches' is {n!r}, not a number of batches (or null)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -471,7 +574,19 @@ def run(args):
     t_start = time.perf_counter()
     s = _sizes(args)
     out = Path(args.out).resolve()  # absolute: Checkpoint and WeightSnapshots resolve relative paths differently
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # one smith per run folder (created here): two would both train everything and write each other's files
+        acquire(out, 'minifast smith --out')
+    except FolderLockedError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        return _run_steps(args, s, out, t_start)
+    finally:
+        release(out)
+
+
+def _run_steps(args, s, out, t_start):
+    """run's steps 1 to 7 and the report, in the run folder `out` (which this process holds)."""
+    _remove_stale_tmp(out)
     log = out / 'runs.jsonl'
 
     data, what = make_data(args, s)

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,9 @@ import minifast
 from minifast import Learner, accuracy, smith
 from minifast.cli import main
 from minifast.grid import read_log
+from minifast.lock import LOCK_FILE, holds
 from conftest import make_data, make_mlp
+from test_lock import _holder as lock_holder
 
 
 PNGS = ('batch.png', 'lr_find.png', 'superconvergence.png', 'momentum.png', 'wd.png', 'wd_fine.png',
@@ -212,3 +215,186 @@ def test_smith_with_a_relative_out_keeps_everything_in_that_folder(tmp_path, mon
     run = tmp_path / 'runs' / 'x'
     assert list(run.glob('checkpoints/*/ckpt_*.pth')) and list(run.glob('snapshots/*/snapshot_*.pth'))
     assert not (run / 'runs').exists()
+
+
+# ------------------------------------------------------------------------------------------------ smith: one process
+def test_smith_refuses_a_run_folder_another_process_holds_before_any_step(tmp_path, monkeypatch):
+    """Two `minifast smith --out X` at once both trained everything (duplicated records, the final fit twice)."""
+    out = tmp_path / 'run'
+    made = []
+    monkeypatch.setattr(smith, 'make_data', lambda *a: made.append(a))
+    child = lock_holder(out)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(['smith', '--quick', '--quiet', '--out', str(out)])
+        msg = str(e.value.code)
+        assert str(out) in msg and f'PID {child.pid}' in msg and 'another process' in msg
+        assert not made and sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_smith_releases_its_run_folder_when_a_step_fails(tmp_path, monkeypatch):
+    _tiny_smith(monkeypatch)
+    seen = []
+
+    def failing_lr_find(*a, **k):
+        seen.append(holds(tmp_path))
+        raise RuntimeError('boom')
+    monkeypatch.setattr(smith, 'step_lr_find', failing_lr_find)
+    with pytest.raises(RuntimeError, match='boom'):
+        smith.run(_args(tmp_path))
+    assert seen == [1] and holds(tmp_path) == 0 and not (tmp_path / LOCK_FILE).exists()
+
+
+def test_smith_json_writes_use_a_temp_file_of_their_own_and_leave_none_on_failure(tmp_path, monkeypatch):
+    """Writes used a fixed `<file>.tmp`, shared by two writers, and left it behind when the replace failed."""
+    file = tmp_path / 'lr_find.json'
+    used, real = [], os.replace
+    monkeypatch.setattr(os, 'replace', lambda a, b: (used.append(Path(a)), real(a, b))[1])
+    smith._write_json(file, {'a': 1})
+    smith._write_json(file, {'a': 2})
+    assert len(set(used)) == 2 and all(p.parent == tmp_path and p.name != 'lr_find.json.tmp' for p in used)
+
+    def failing(a, b):
+        raise OSError('replace failed (simulated)')
+    monkeypatch.setattr(os, 'replace', failing)
+    with pytest.raises(OSError, match='simulated'):
+        smith._write_json(file, {'a': 3})
+    assert json.loads(file.read_text()) == {'a': 2} and [p.name for p in tmp_path.iterdir()] == ['lr_find.json']
+
+
+# ------------------------------------------------------------------------------------------------ smith: garbled caches
+def _garble_json(file, fn):
+    """Rewrite the JSON `file` as fn(its object) returns it (text: written as is)."""
+    obj = fn(json.loads(file.read_text()))
+    file.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def _set(d, k, v):
+    d[k] = v
+    return d
+
+
+def _drop(d, k):
+    del d[k]
+    return d
+
+
+LR_GARBLED = {
+    'a list, not an object': lambda info: [info],
+    'valley a string': lambda info: _set(info, 'valley', '0.01'),
+    'valley missing': lambda info: _drop(info, 'valley'),
+    'steep a list': lambda info: _set(info, 'steep', [0.01]),
+    'truncated': lambda info: json.dumps(info)[:40],
+    'key a string': lambda info: _set(info, 'key', 'x'),
+}
+
+
+@pytest.mark.parametrize('how', list(LR_GARBLED))
+def test_smith_garbled_lr_find_json_is_recomputed_with_a_warning(tmp_path, how):
+    mk, key = (lambda: _learner(silent=True)), {'k': 1}
+    info, skipped = smith.step_lr_find(mk, tmp_path, 0, 8, key)
+    _garble_json(tmp_path / 'lr_find.json', LR_GARBLED[how])
+    with pytest.warns(UserWarning, match=re.escape(str(tmp_path / 'lr_find.json'))):
+        again, skipped = smith.step_lr_find(mk, tmp_path, 0, 8, key)
+    assert not skipped and again['chosen'] == info['chosen'] and again['steep'] == info['steep']
+    assert smith.step_lr_find(mk, tmp_path, 0, 8, key)[1], 'the recomputed cache was not written'
+
+
+@pytest.fixture(scope='module')
+def final_run(tmp_path_factory):
+    """A finished tiny final fit (snapshots, checkpoints, runs.jsonl) and its interpolation.json."""
+    out = tmp_path_factory.mktemp('final')
+    mk = lambda: _learner(silent=True)  # noqa: E731
+    rec, learn, _ = smith.step_final(mk, out, 0, 2, 1e-2, (0.95, 0.85), 1e-4, out / 'runs.jsonl')
+    smith.step_interpolation(mk, learn, out, 2, 3, 1, rec['key'])
+    return out, rec
+
+
+INTERP_GARBLED = {
+    'values a list': lambda c: _set(c, 'values', []),
+    'an alpha a string': lambda c: _set(c, 'alphas', ['a', *c['alphas'][1:]]),
+    'a row short': lambda c: _set(c, 'values', {k: v[:-1] for k, v in c['values'].items()}),
+    'columns missing': lambda c: _drop(c, 'columns'),
+    'a loss a string': lambda c: _set(c, 'values', {k: [['x', *r[1:]] for r in v] for k, v in c['values'].items()}),
+    'truncated': lambda c: json.dumps(c)[:-3],
+}
+
+
+@pytest.mark.parametrize('how', list(INTERP_GARBLED))
+def test_smith_garbled_interpolation_json_is_recomputed_with_a_warning(final_run, tmp_path, how):
+    src, rec = final_run
+    out = tmp_path / 'out'
+    shutil.copytree(src, out)
+    ref = json.loads((out / 'interpolation.json').read_text())
+    _garble_json(out / 'interpolation.json', INTERP_GARBLED[how])
+    mk = lambda: _learner(silent=True)  # noqa: E731
+    with pytest.warns(UserWarning, match=re.escape(str(out / 'interpolation.json'))):
+        res, _, cached = smith.step_interpolation(mk, None, out, 2, 3, 1, rec['key'])
+    assert not cached and res.summary()
+    new = json.loads((out / 'interpolation.json').read_text())  # rewritten whole, with the same shape
+    assert new.keys() == ref.keys() and new['alphas'] == ref['alphas'] and new['columns'] == ref['columns']
+    assert {k: len(v) for k, v in new['values'].items()} == {k: len(v) for k, v in ref['values'].items()}
+    assert smith.step_interpolation(mk, None, out, 2, 3, 1, rec['key'])[2]
+
+
+@pytest.fixture(scope='module')
+def momentum_log(tmp_path_factory):
+    """runs.jsonl of a tiny momentum step (two 1-epoch runs) and that step's chosen moms."""
+    out = tmp_path_factory.mktemp('momentum')
+    _, moms, trained, _ = smith.step_momentum(lambda: _learner(silent=True), out, 0, 1, 1e-2, out / 'runs.jsonl',
+                                              True)
+    assert trained == 2
+    return out / 'runs.jsonl', moms
+
+
+RECORD_GARBLED = {
+    'a list, not an object': lambda r: [1, 2],
+    'final a list': lambda r: _set(r, 'final', []),
+    'a final loss a string': lambda r: _set(r, 'final', {**r['final'], 'valid_loss': '0.5'}),
+    'status missing': lambda r: _drop(r, 'status'),
+    'epochs a string': lambda r: _set(r, 'epochs', 'x'),
+    'config not its key': lambda r: _set(r, 'config', {'moms': 'ab'}),
+}
+
+
+@pytest.mark.parametrize('how', list(RECORD_GARBLED))
+def test_smith_garbled_run_record_is_ignored_with_a_warning_and_trained_again(momentum_log, tmp_path, how):
+    src, moms = momentum_log
+    log = tmp_path / 'runs.jsonl'
+    lines = src.read_text().splitlines()
+    lines[0] = json.dumps(RECORD_GARBLED[how](json.loads(lines[0])))
+    log.write_text('\n'.join(lines) + '\n')
+    with pytest.warns(UserWarning, match=re.escape(f'{log}: line 1 is not a run record')):
+        res, again, trained, skipped = smith.step_momentum(lambda: _learner(silent=True), tmp_path, 0, 1, 1e-2, log,
+                                                           True)
+    assert (trained, skipped) == (1, 1) and again == moms and res.table()
+    assert len(read_log(log)) == 3  # the bad line stays (nothing is deleted); the run's new record follows it
+
+
+def test_smith_garbled_final_record_is_ignored_with_a_warning(final_run, tmp_path):
+    src, rec = final_run
+    out = tmp_path / 'out'
+    shutil.copytree(src, out)
+    log = out / 'runs.jsonl'
+    log.write_text(json.dumps({**rec, 'final': 'x'}) + '\n')
+    mk = lambda: _learner(silent=True)  # noqa: E731
+    with pytest.warns(UserWarning, match=re.escape(f'{log}: line 1 is not a run record')):
+        again, _, what = smith.step_final(mk, out, 0, 2, 1e-2, (0.95, 0.85), 1e-4, log)
+    assert 'already finished' in what and again['final'] == rec['final']  # taken from its finished checkpoint
+
+
+def test_smith_removes_json_temp_files_of_killed_writers_only(tmp_path, monkeypatch):
+    _tiny_smith(monkeypatch)
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    stale = tmp_path / f'.lr_find.json.{int(dead.stdout)}.0123abcd.tmp'
+    live = tmp_path / f'.interpolation.json.{os.getpid()}.0123abcd.tmp'  # a writer still running: kept
+    other = tmp_path / f'.notes.txt.{int(dead.stdout)}.0123abcd.tmp'  # not one of smith's: kept
+    for p in (stale, live, other):
+        p.write_text('{"cut sho')
+    monkeypatch.setattr(smith, 'make_data', lambda *a: (_ for _ in ()).throw(RuntimeError('stop after cleanup')))
+    with pytest.raises(RuntimeError, match='stop after cleanup'):
+        smith.run(_args(tmp_path))
+    assert not stale.exists() and live.exists() and other.exists()

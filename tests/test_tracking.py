@@ -2,6 +2,12 @@
 finite weights; lr_find stops on NaN; the check can be switched off."""
 from functools import partial
 import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +15,7 @@ import torch
 import minifast
 from minifast import Callback, CancelFitException, DivergenceError, Learner
 from minifast.callbacks.tracking import Checkpoint, DivergenceGuard
+from minifast.lock import LOCK_FILE, FolderLockedError, folder_lock, holds
 from minifast.resume import list_checkpoints
 
 from conftest import make_data, make_mlp
@@ -211,3 +218,121 @@ def test_lagged_restore_after_a_load_during_the_fit(tmp_path):
         learn.fit(1, 1e-2, callbacks=[LoadThenNan()])
     for p, st in learn.opt.state.items():
         assert all(torch.equal(v, seen['opt'][id(p)][k]) for k, v in st.items())
+
+
+# ------------------------------------------------------------------------------------------------ Checkpoint: lock
+CHILD_FIT = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    import torch
+    from torch import nn
+    from minifast import Callback, DataBunch, Learner
+    from minifast.callbacks.tracking import Checkpoint
+    folder, go = Path(sys.argv[1]), Path(sys.argv[2])
+
+    class Wait(Callback):  # after epoch 0's checkpoint: say so, then wait for the parent's go
+        def before_epoch(self, learn):
+            if learn.epoch == 1:
+                print('fitting', flush=True)
+                while not go.exists():
+                    time.sleep(0.01)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)
+    data = DataBunch.from_tensors(x[:24], y[:24], x[24:], y[24:], bs=8)
+    learn = Learner(data, nn.Linear(4, 2), silent=True, path=folder.parent)
+    learn.fit(2, 1e-2, callbacks=[Checkpoint(path=folder, keep_last=1), Wait()])
+    print('done', flush=True)
+''')
+
+
+def _lock_env():
+    root = str(Path(minifast.__file__).parents[1])
+    return {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')]))}
+
+
+def _tiny_learner(path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)
+    data = minifast.DataBunch.from_tensors(x[:24], y[:24], x[24:], y[24:], bs=8)
+    return Learner(data, torch.nn.Linear(4, 2), silent=True, path=path)
+
+
+def test_two_processes_one_checkpoint_folder_the_second_is_refused_before_anything(tmp_path):
+    """Two trainers on one checkpoint folder used to prune each other's files (keep_last counts every ckpt_*), and
+    a resumed one was handed the other's run. The second fit now stops at before_fit, at once, naming the folder and
+    the holder's PID; it trains, writes and prunes nothing, and its learner is as before (also with resume=, which
+    had already put the other run's weights in). Once the holder has finished, the folder is free."""
+    folder, go = tmp_path / 'ck', tmp_path / 'go'
+    child = subprocess.Popen([sys.executable, '-c', CHILD_FIT, str(folder), str(go)], stdout=subprocess.PIPE,
+                             text=True, env=_lock_env())
+    try:
+        assert child.stdout.readline().strip() == 'fitting'
+        (theirs,) = list_checkpoints(folder)
+        their_bytes = theirs.read_bytes()
+        learn = _tiny_learner(tmp_path)
+        learn.fit(1, 1e-2)  # the first fit of a process takes seconds to set up, which the timing must not count
+        before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+        for resume in (None, folder):
+            t0 = time.perf_counter()
+            with pytest.raises(minifast.CallbackException) as e:
+                learn.fit(2, 1e-2, callbacks=[Checkpoint(path=folder, keep_last=1)], resume=resume)
+            assert time.perf_counter() - t0 < 5  # at once (the holder waits for `go`: a waiting fit would hang)
+            assert isinstance(e.value.__cause__, FolderLockedError)
+            assert str(folder) in str(e.value) and f'PID {child.pid}' in str(e.value)
+            assert learn.train_iter == 0 and all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+            assert list_checkpoints(folder) == [theirs] and theirs.read_bytes() == their_bytes
+        go.touch()
+        assert child.stdout.readline().strip() == 'done' and child.wait(30) == 0
+    finally:
+        go.touch()
+        child.kill()
+        child.wait()
+    assert not (folder / LOCK_FILE).exists()
+    learn.fit(1, 1e-2, callbacks=[Checkpoint(path=tmp_path / 'mine')])  # the learner works
+    learn.fit(2, 1e-2, callbacks=[Checkpoint(path=folder, keep_last=1)])  # and the folder is free
+    assert len(list_checkpoints(folder)) == 1
+
+
+def test_checkpoint_holds_its_folder_during_fit_only(tmp_path):
+    seen = []
+
+    class Look(Callback):
+        def after_epoch(self, learn):
+            seen.append(holds(tmp_path / 'ck'))
+    learn = _tiny_learner(tmp_path)
+    learn.fit(2, 1e-2, callbacks=[Checkpoint(path='ck'), Look()])
+    assert seen == [1, 1] and holds(tmp_path / 'ck') == 0 and not (tmp_path / 'ck' / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize('exc', [ValueError, KeyboardInterrupt])
+def test_checkpoint_releases_its_folder_when_the_fit_fails_or_is_interrupted(tmp_path, exc):
+    class Fail(Callback):
+        def after_batch(self, learn):
+            if learn.train_iter == 2:
+                raise exc('stop')
+    learn = _tiny_learner(tmp_path)
+    with pytest.raises((exc, minifast.CallbackException)):
+        learn.fit(2, 1e-2, callbacks=[Checkpoint(path='ck', every=1), Fail()])
+    assert holds(tmp_path / 'ck') == 0 and not (tmp_path / 'ck' / LOCK_FILE).exists()
+    learn.fit(1, 1e-2, callbacks=[Checkpoint(path='ck')])  # the same process takes it again
+
+
+def test_checkpoint_fit_inside_a_held_folder_and_a_fit_inside_a_fit(tmp_path):
+    """Re-entrant: a process that holds the folder (minifast smith, a fit running a fit) fits into it again."""
+    folder = tmp_path / 'ck'
+    inner = []
+
+    class FitInside(Callback):  # another learner's fit into the same folder from inside this fit
+        def after_fit(self, learn):
+            if not inner:
+                other = _tiny_learner(tmp_path)
+                other.fit(1, 1e-2, callbacks=[Checkpoint(path=folder, name='inner')])
+                inner.append(holds(folder))
+    with folder_lock(folder):
+        learn = _tiny_learner(tmp_path)
+        learn.fit(1, 1e-2, callbacks=[Checkpoint(path=folder), FitInside()])
+        assert inner == [2] and holds(folder) == 1  # the outer fit's lock still stood while the inner one ran
+        learn.fit(1, 1e-2, callbacks=[Checkpoint(path=folder)], resume=None)  # a second fit
+    assert holds(folder) == 0 and not (folder / LOCK_FILE).exists()
+    assert {p.name.split('_')[0] for p in list_checkpoints(folder)} == {'ckpt', 'inner'}

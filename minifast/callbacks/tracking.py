@@ -10,6 +10,7 @@ import torch
 from ..accel import all_finite
 from ..checkpoint import atomic_save
 from ..distributed import all_reduce_
+from ..lock import acquire, release
 from ..core import Callback, CancelEpochException, CancelTrainException, DivergenceError
 from ..resume import CHECKPOINT_FILE, list_checkpoints, training_state
 from ..state import LiveCopy
@@ -71,6 +72,10 @@ class Checkpoint(Callback):
     (a temporary file in the same folder, then os.replace), and with the learner's divergence check on, only weights
     verified finite are written. Usable in callback_fns= and callbacks=. In distributed training every rank makes the
     same decisions (the values it monitors are reduced across ranks) and rank 0 writes the files.
+
+    The folder is written by one process at a time: from before_fit to the end of the fit (however it ends) this
+    process holds the folder's lock (see minifast.lock), and a fit of another process into that folder stops at its
+    before_fit, before it trains or writes anything, with a FolderLockedError naming the folder and this PID.
     """
     order = 90  # after the Recorder, loggers and snapshots: the epoch's row and their state are complete
 
@@ -88,6 +93,7 @@ class Checkpoint(Callback):
         self.path, self.every, self.monitor, self.keep_last, self.name = Path(path), every, monitor, keep_last, name
         self.mode = monitor_mode(monitor, mode)
         self.best, self.best_file, self.last_file, self.files = None, None, None, []
+        self._locks = []  # the folders this callback holds, one per fit running it (a fit inside a fit: two)
 
     def folder(self, learn=None):
         """The checkpoint folder: `path`, relative to learn.path unless absolute."""
@@ -101,6 +107,8 @@ class Checkpoint(Callback):
         if self.monitor is not None and (self.every == 'improvement' or learn.data.valid_dl is not None
                                          or self.monitor == 'train_loss'):
             check_monitor(learn, self.monitor, 'Checkpoint')
+        if learn.is_main:  # before anything is written: another process's files must not be pruned or resumed
+            self._locks.append(acquire(self.folder(learn), 'Checkpoint'))
         self.best, self.best_file, self.last_file, self.files = None, None, None, []
         self._last_where = self._last_step = None
 
@@ -129,7 +137,16 @@ class Checkpoint(Callback):
             self._write(learn, 'epoch', best=improved)
 
     def after_fit(self, learn):
+        try:
+            self._write_at_end(learn)
+        finally:  # also when the fit or this write failed: the folder is free once this fit is over
+            if self._locks:
+                release(self._locks.pop())
+
+    def _write_at_end(self, learn):
         e = learn.exception
+        if learn.is_main and not self._locks:
+            return  # this fit never took the folder (its before_fit did not run or was refused): write nothing
         if e is None:
             last_epoch_done = self._last_where == ('epoch', learn.epoch) and learn.epoch + 1 >= learn.n_epoch
             if not last_epoch_done:  # a step checkpoint at the very end is replaced by the finished state

@@ -1,0 +1,185 @@
+"""Folder locks (minifast.lock): one process at a time writes a folder; the second gets an error naming the folder and
+the holder's PID at once; the lock dies with its process (a stale lock file does not block); one process may take it
+again; a forked child neither holds nor releases its parent's lock."""
+import fcntl
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from minifast import lock
+from minifast.lock import LOCK_FILE, FolderLockedError, acquire, folder_lock, holds, release
+
+LOCK_PY = Path(lock.__file__)
+
+# a child that holds `folder` with lock.py loaded from its file (no torch import: starts in a fraction of a second)
+HOLDER = textwrap.dedent('''
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location('lock', sys.argv[1])
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    lock.acquire(sys.argv[2], 'child')
+    print('held', flush=True)
+    if sys.argv[3] == 'wait':
+        time.sleep(60)
+    else:
+        try:
+            lock.acquire(sys.argv[2] + '/', 'child')  # the same folder again, spelled otherwise
+            lock.release(sys.argv[2])
+        finally:
+            lock.release(sys.argv[2])
+        print('released', flush=True)
+''')
+
+# a child that tries to take `folder` once and says what happened
+PROBE = textwrap.dedent('''
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location('lock', sys.argv[1])
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    try:
+        lock.acquire(sys.argv[2], 'probe')
+    except lock.FolderLockedError as e:
+        print('locked', e.pid)
+    else:
+        print('free')
+''')
+
+
+def _holder(folder, mode='wait'):
+    """A child process holding `folder` (it has printed 'held' when this returns)."""
+    p = subprocess.Popen([sys.executable, '-c', HOLDER, str(LOCK_PY), str(folder), mode], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == 'held'
+    return p
+
+
+def _probe(folder):
+    """'free', or 'locked <pid>', as another process sees `folder`."""
+    return subprocess.run([sys.executable, '-c', PROBE, str(LOCK_PY), str(folder)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_second_process_is_refused_at_once_naming_folder_and_pid_and_sigkill_frees_it(tmp_path):
+    folder = tmp_path / 'run'
+    child = _holder(folder)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(FolderLockedError) as e:
+            acquire(folder, 'test')
+        assert time.perf_counter() - t0 < 0.5  # at once, not after waiting for the holder
+        assert str(folder) in str(e.value) and f'PID {child.pid}' in str(e.value)
+        assert e.value.pid == child.pid and e.value.folder == folder.resolve()
+        assert holds(folder) == 0
+    finally:
+        child.kill()  # SIGKILL: the process cannot clean up; the OS drops its lock
+        child.wait()
+    assert (folder / LOCK_FILE).read_text().strip() == str(child.pid)  # a stale lock file: it must not block
+    with folder_lock(folder, 'test'):
+        assert (folder / LOCK_FILE).read_text().strip() == str(os.getpid())
+        assert _probe(folder) == f'locked {os.getpid()}'
+    assert not (folder / LOCK_FILE).exists()  # released: the lock file goes
+    assert _probe(folder) == 'free'
+
+
+def test_holder_that_ends_normally_releases_and_removes_the_lock_file(tmp_path):
+    folder = tmp_path / 'run'
+    child = _holder(folder, 'release')
+    assert child.stdout.readline().strip() == 'released'
+    assert child.wait() == 0
+    assert not (folder / LOCK_FILE).exists()
+    assert _probe(folder) == 'free'
+
+
+def test_one_process_takes_a_folder_again_and_the_last_release_frees_it(tmp_path, monkeypatch):
+    folder = tmp_path / 'a' / 'run'
+    key = acquire(folder)
+    assert folder.is_dir() and key == folder.resolve()
+    monkeypatch.chdir(tmp_path)  # another spelling of the same folder counts as the same
+    assert acquire(Path('a/run/../run')) == key and holds(folder) == 2
+    release(folder)
+    assert holds(folder) == 1 and _probe(folder) == f'locked {os.getpid()}'
+    release(key)
+    assert holds(folder) == 0 and _probe(folder) == 'free'
+    release(folder)  # one release too many: nothing happens
+
+
+def test_folder_lock_is_released_on_an_error_and_on_ctrl_c(tmp_path):
+    for exc in (ValueError, KeyboardInterrupt):
+        with pytest.raises(exc):
+            with folder_lock(tmp_path / 'run'):
+                raise exc()
+        assert holds(tmp_path / 'run') == 0 and not (tmp_path / 'run' / LOCK_FILE).exists()
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # fork() in a process with threads (torch's)
+def test_forked_child_neither_holds_nor_releases_its_parents_lock(tmp_path):
+    """A DataLoader worker is a fork: it inherits the lock's descriptor. It must not count itself a holder, and its
+    release must not unlock the parent (LOCK_UN on the shared descriptor would)."""
+    folder = tmp_path / 'run'
+    with folder_lock(folder):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, then exit without running pytest's cleanup
+            code = 1
+            try:
+                held = holds(folder)
+                release(folder)
+                try:
+                    acquire(folder)
+                    what = 'took it'
+                except FolderLockedError as e:
+                    what = f'locked {e.pid}'
+                os.write(w, f'{held} {what}'.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            said = f.read()
+        os.waitpid(pid, 0)
+        assert said == f'0 locked {os.getpid()}'
+        assert _probe(folder) == f'locked {os.getpid()}'  # still ours after the child's release and exit
+    assert _probe(folder) == 'free'
+
+
+def test_without_fcntl_folders_are_not_locked_and_nothing_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock, 'fcntl', None)  # as on Windows
+    with folder_lock(tmp_path / 'run') as key:
+        assert key.is_dir() and not (key / LOCK_FILE).exists()
+
+
+def test_a_lock_file_removed_by_its_releasing_holder_meanwhile_is_not_trusted(tmp_path, monkeypatch):
+    """The race of removing lock files: we open the file, its holder removes it and unlocks, we lock the removed
+    file, and a third process creating the file anew would lock too. acquire must end up holding the file at the
+    path. (A descriptor of our own on the file stands for the other process: flock locks conflict per open file.)"""
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    other = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    real, calls = fcntl.flock, []
+
+    class Shim:
+        LOCK_EX, LOCK_NB, LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN
+
+        @staticmethod
+        def flock(fd, op):
+            calls.append(op)
+            if len(calls) == 1:  # the holder releases between our open and our flock
+                (folder / LOCK_FILE).unlink()
+                real(other, fcntl.LOCK_UN)
+                os.close(other)
+            return real(fd, op)
+    monkeypatch.setattr(lock, 'fcntl', Shim)
+    with folder_lock(folder):
+        third = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(third)
+    assert len(calls) == 3  # locked the removed file, then the file at the path; then released it

@@ -24,6 +24,7 @@ from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, Flip
                    imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
                    write_cifar, write_image_folder)
 from .grid import GridResult, diagnose, grid_search, read_log
+from .lock import FolderLockedError
 from .landscape import (InterpolationResult, SurfaceResult, average_weights, evaluate_weights,
                         filter_normalized_direction, interpolate_losses, loss_surface, plot_interpolation,
                         plot_surface, recompute_bn)
@@ -57,7 +58,7 @@ __all__ = [
     'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
-    'DivergenceError', 'UnsafeCheckpointError', 'set_seed', 'resumable', 'EarlyStopping', 'ReduceLROnPlateau',
+    'DivergenceError', 'UnsafeCheckpointError', 'FolderLockedError', 'set_seed', 'resumable', 'EarlyStopping', 'ReduceLROnPlateau',
     'SaveModelCallback', 'GradientClipping', 'GradientAccumulation', 'EarlyStoppingCallback',
     'ReduceLROnPlateauCallback',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`

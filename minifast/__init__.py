@@ -58,8 +58,8 @@ __all__ = [
     'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
-    'DivergenceError', 'UnsafeCheckpointError', 'FolderLockedError', 'set_seed', 'resumable', 'EarlyStopping', 'ReduceLROnPlateau',
-    'SaveModelCallback', 'GradientClipping', 'GradientAccumulation', 'EarlyStoppingCallback',
+    'DivergenceError', 'UnsafeCheckpointError', 'FolderLockedError', 'set_seed', 'resumable', 'EarlyStopping',
+    'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation', 'EarlyStoppingCallback',
     'ReduceLROnPlateauCallback',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',

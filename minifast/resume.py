@@ -19,7 +19,7 @@ from .determinism import rng_state, set_rng_state
 from .state import preserved
 
 __all__ = ['FORMAT', 'CHECKPOINT_FILE', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info',
-           'resumable', 'is_finished', 'load_newest_intact', 'load_for_resume', 'begin', 'replay', 'save', 'load', 'load_into']
+           'resumable', 'is_finished', 'load_for_resume', 'begin', 'replay', 'save', 'load', 'load_into']
 
 FORMAT, VERSION = 'minifast-checkpoint', 1
 # a Checkpoint file's name: {name}_{sequence number}_epoch{E}_step{S}.pth

@@ -40,7 +40,7 @@ _MAGIC = b'minifast-checksum-1 '
 _COMMENT = struct.Struct('<20s8s16s')  # magic, CRC-32 of the block sums (hex), sum of the words (hex)
 _EOCD, _EOCD_SIZE = b'PK\x05\x06', 22  # a zip's end of central directory record (its comment follows it)
 _BLOCK, _CHUNK = 512, 4 << 20  # block size of the summed words; bytes read at a time (a multiple of _BLOCK)
-_LOW_SPACE = 4 << 20  # a write torch reports as failed while the disk has less than this free failed for want of space
+_LOW_SPACE = 4 << 20  # torch's bare write failure counts as a full disk when less than this is free
 
 
 class CorruptCheckpointError(ValueError):
@@ -137,9 +137,9 @@ def atomic_save(obj, file):
         if os.path.exists(tmp):
             os.remove(tmp)
         if full is not None:
-            raise OSError(errno.ENOSPC, f'{file}: no space left on device while writing it ({full}); the previous '
-                                        f'file, if any, is unchanged and no partial file was left. Free some space '
-                                        f'or save to another disk') from e
+            kept = f'the previous {file.name} is unchanged and ' if file.exists() else ''
+            raise OSError(errno.ENOSPC, f'{file}: no space left on device while writing it ({full}); {kept}no '
+                                        f'partial file was left. Free some space or save to another disk') from e
         raise
     return file
 
@@ -198,8 +198,12 @@ def _digest(f, size, mapped=False):
         crc = zlib.crc32(sums.astype('<u8', copy=False), crc)
         total = (total + int(sums.sum(dtype=np.uint64))) & 0xFFFFFFFFFFFFFFFF
 
-    if mapped and full:
-        with mmap.mmap(f.fileno(), full, access=mmap.ACCESS_READ) as mm:
+    try:
+        mm = mmap.mmap(f.fileno(), full, access=mmap.ACCESS_READ) if mapped and full else None
+    except (OSError, ValueError):  # a filesystem that cannot map files: read it instead
+        mm = None
+    if mm is not None:
+        with mm:
             for off in range(0, full, _CHUNK):
                 words = np.frombuffer(mm, dtype='<u8', count=min(_CHUNK, full - off) // 8, offset=off)
                 add(words)
@@ -243,14 +247,12 @@ def _verify(f, file):
     if not (ours and sized and len(tail) == n + _EOCD_SIZE):
         raise CorruptCheckpointError(file, f'its zip end record or the checksum stored in it is damaged '
                                            f'(last {len(tail)} bytes: {tail!r})')
-    try:
-        expected = int(comment[len(_MAGIC):len(_MAGIC) + 8], 16), int(comment[-16:], 16)
-    except ValueError:
-        raise CorruptCheckpointError(file, f'the checksum stored at its end is damaged ({comment!r})') from None
-    found = _digest(f, size - n)
-    if found != expected:
+    crc, total = _digest(f, size - n)
+    found = _COMMENT.pack(_MAGIC, b'%08x' % crc, b'%016x' % total)
+    if comment != found:  # compared as bytes: a digit's case flipped is a changed byte too
+        expected = comment[len(_MAGIC):].decode('ascii', 'replace')
         raise CorruptCheckpointError(
-            file, f'checksum {expected[0]:08x}/{expected[1]:016x} expected, {found[0]:08x}/{found[1]:016x} found '
+            file, f'checksum {expected[:8]}/{expected[8:]} expected, {crc:08x}/{total:016x} found '
                   f'({_damaged_entry(file)}). It changed after it was written (a disk or copy error, or an edit): '
                   f'use an older copy, or save it again')
     return True

@@ -8,7 +8,6 @@ import re
 import shutil
 import struct
 import tempfile
-import warnings
 import zipfile
 import zlib
 from pathlib import Path

@@ -570,7 +570,6 @@ def _flip_tensor_byte(file):
 
 
 def test_resume_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path, reference):
-    from minifast import CorruptCheckpointError
     with pytest.raises(Exception, match='simulated crash'):
         run(tmp_path, extra=[Interrupt(11)])
     older, newest = list_checkpoints(tmp_path / 'checkpoints')

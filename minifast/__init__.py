@@ -18,7 +18,7 @@ from .callbacks.recorder import Recorder
 from .callbacks.schedule import ParamScheduler
 from .callbacks.snapshots import WeightSnapshots
 from .callbacks.tracking import Checkpoint, DivergenceGuard
-from .checkpoint import UnsafeCheckpointError
+from .checkpoint import CorruptCheckpointError, UnsafeCheckpointError
 from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, FlipUD, ImageDataBunch, ImageList, Lighting,
                    RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
                    imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
@@ -58,8 +58,9 @@ __all__ = [
     'evaluate_weights', 'filter_normalized_direction', 'ParamScheduler', 'LRFinder', 'LRFindResult', 'PhaseSchedule',
     'Phase', 'TrainingPhase', 'GeneralSchedule', 'annealing_cos', 'annealing_exp', 'annealing_linear', 'annealing_no',
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
-    'DivergenceError', 'UnsafeCheckpointError', 'FolderLockedError', 'set_seed', 'resumable', 'EarlyStopping',
-    'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation', 'EarlyStoppingCallback',
+    'DivergenceError', 'UnsafeCheckpointError', 'CorruptCheckpointError', 'FolderLockedError', 'set_seed',
+    'resumable', 'EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
+    'EarlyStoppingCallback',
     'ReduceLROnPlateauCallback',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',

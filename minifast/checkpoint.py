@@ -1,51 +1,286 @@
-"""Atomic saving and safe loading of state files."""
+"""Atomic saving and safe loading of state files, with a checksum of every file minifast writes."""
+import errno
+import mmap
 import os
 import pickle
 import pickletools
 import re
+import shutil
+import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ['atomic_save', 'load_state', 'check_state_dict', 'UnsafeCheckpointError']
+try:
+    import fcntl
+except ImportError:  # not on Windows: stale temp files are then recognised by their writer's PID alone
+    fcntl = None
+
+__all__ = ['atomic_save', 'load_state', 'check_state_dict', 'remove_stale_temps', 'UnsafeCheckpointError',
+           'CorruptCheckpointError']
 
 # the process's umask, read once at import: reading it means setting it, which would race with threads creating files
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
+# atomic_save's temporary files: .{name}.p{writer's PID}.{mkstemp's 8 random characters}.tmp
+_TEMP = re.compile(r'^\..+\.p(\d+)\.[a-z0-9_]{8}\.tmp$')
+
+# The checksum sits in the zip's end record as its comment (a torch zip file carries none), so the file stays a
+# plain torch file that torch.load, zipfile and unzip read. It covers every byte before the comment: the sum
+# (mod 2**64) of the file's little-endian 64-bit words, which changes with any single changed word, hence any
+# flipped byte, and the CRC-32 of the sums of its 512-byte blocks, which catches changes spread over blocks; both
+# run at memory speed through numpy (zlib.crc32 of the whole file would cost more than the 10% the issue allows).
+_MAGIC = b'minifast-checksum-1 '
+_COMMENT = struct.Struct('<20s8s16s')  # magic, CRC-32 of the block sums (hex), sum of the words (hex)
+_EOCD, _EOCD_SIZE = b'PK\x05\x06', 22  # a zip's end of central directory record (its comment follows it)
+_BLOCK, _CHUNK = 512, 4 << 20  # block size of the summed words; bytes read at a time (a multiple of _BLOCK)
+_LOW_SPACE = 4 << 20  # torch's bare write failure counts as a full disk when less than this is free
+
+
+class CorruptCheckpointError(ValueError):
+    """A state file whose bytes are not the ones written: its checksum differs, or torch cannot read it."""
+
+    def __init__(self, file, detail, message=None):
+        self.file, self.detail = Path(file), detail
+        super().__init__(message or f'{file} is corrupt: {detail}')
+
+
+def remove_stale_temps(folder):
+    """Remove the temporary files `atomic_save` left in `folder` when their writer was killed (its PID is gone and
+    no process holds the file's lock); the files of live writers, and any other file, stay."""
+    if os.name == 'nt':  # os.kill(pid, 0) would send a Ctrl-C event there
+        return []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder (yet), or one we cannot list: nothing of ours to remove
+        return []
+    removed = []
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or _alive(int(m.group(1))) or _locked(entry.path):
+            continue
+        try:
+            os.remove(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    return removed
+
+
+def _alive(pid):
+    """Whether process `pid` exists (a zombie counts as gone); True when that cannot be told."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by another user
+        return True
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:  # killed but not yet reaped by its parent: gone all the same
+            return f.read().rsplit(b')', 1)[1].split()[0] != b'Z'
+    except (OSError, IndexError):
+        return True
+
+
+def _locked(path):
+    """Whether a writer holds `path`'s lock (atomic_save's writers lock their temp file: on a folder shared between
+    machines, a PID says nothing about the other machine's processes)."""
+    if fcntl is None:
+        return False
+    try:
+        with open(path, 'rb') as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return True  # gone already: nothing to remove
+    except OSError:  # held by a writer (or locks unsupported here: keep the file rather than guess)
+        return True
+    return False
+
 
 def atomic_save(obj, file):
-    """torch.save `obj` to `file` through a temporary file in the same folder and os.replace.
+    """torch.save `obj` to `file` through a temporary file in the same folder and os.replace, with a checksum.
 
-    A write that fails (disk full, interrupt) leaves any previous file intact and no partial file behind.
+    A write that fails (disk full, interrupt) leaves any previous file intact and no partial file behind; a
+    writer killed outright leaves its temporary file, which the next save in that folder (or a resume from it)
+    removes. The checksum (in the zip's comment: the file stays a plain torch file) is verified by `load_state`.
     """
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{file.name}.', suffix='.tmp', dir=file.parent)
+    remove_stale_temps(file.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{file.name}.p{os.getpid()}.', suffix='.tmp', dir=file.parent)
     try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # live while we write; dies with this process
+            except OSError:  # a filesystem without locks: the PID in the name still marks the file as ours
+                pass
         # mkstemp makes the file readable by its owner only; give it the mode torch.save(file) would (0o666 less
         # the umask), so a checkpoint in a shared folder stays readable by whoever could read it before
         os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, 'wb') as f:
+        with os.fdopen(fd, 'w+b') as f:
             torch.save(obj, f)
+            f.flush()
+            _seal(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, file)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, tmp)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full is not None:
+            kept = f'the previous {file.name} is unchanged and ' if file.exists() else ''
+            raise OSError(errno.ENOSPC, f'{file}: no space left on device while writing it ({full}); {kept}no '
+                                        f'partial file was left. Free some space or save to another disk') from e
         raise
     return file
+
+
+def _disk_full(err, tmp):
+    """A note on the free space when `err` (raised while writing `tmp`) comes from a full disk, else None.
+
+    torch reports a failed write as `RuntimeError: [enforce fail at inline_container.cc] . unexpected pos`, with
+    the OSError it swallowed as the context (when the file is a Python object) or not at all (a path)."""
+    e, seen = err, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
+            break
+        e = e.__cause__ or e.__context__
+    else:
+        if not (isinstance(err, RuntimeError) and 'unexpected pos' in str(err)):
+            return None
+        e = None
+    try:
+        written = os.path.getsize(tmp)
+        free = shutil.disk_usage(os.path.dirname(tmp)).free
+    except OSError:
+        return 'disk full' if e is not None else None
+    if e is None and free >= _LOW_SPACE:  # torch's failure without a sign of a full disk: leave it as it is
+        return None
+    what = 'disk quota exceeded' if e is not None and e.errno != errno.ENOSPC else f'{free} bytes free'
+    return f'{what} after {written} bytes written'
+
+
+def _seal(f):
+    """Append the checksum of the torch zip file open in `f` as its zip comment (a file that is not a torch zip
+    file, e.g. an old pickle-format one, is left as it is)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - _EOCD_SIZE))
+    end = f.read(_EOCD_SIZE)
+    if len(end) != _EOCD_SIZE or end[:4] != _EOCD or end[-2:] != b'\0\0':
+        return
+    f.seek(size - 2)
+    f.write(struct.pack('<H', _COMMENT.size))  # the comment's length is part of the checked bytes
+    f.flush()
+    crc, total = _digest(f, size, mapped=True)  # our own locked temp file: nobody truncates it
+    f.seek(size)
+    f.write(_COMMENT.pack(_MAGIC, b'%08x' % crc, b'%016x' % total))
+
+
+def _digest(f, size, mapped=False):
+    """(CRC-32 of the 512-byte blocks' word sums, sum of all words mod 2**64) of the first `size` bytes of `f`;
+    the last block is padded with zeros. `mapped`: read through mmap (no copy; only for a file no other process
+    can truncate meanwhile, as a truncated mapping kills the process with SIGBUS)."""
+    crc, total, full = 0, 0, size - size % _BLOCK
+
+    def add(words):
+        nonlocal crc, total
+        sums = words.reshape(-1, _BLOCK // 8).sum(1, dtype=np.uint64)
+        crc = zlib.crc32(sums.astype('<u8', copy=False), crc)
+        total = (total + int(sums.sum(dtype=np.uint64))) & 0xFFFFFFFFFFFFFFFF
+
+    try:
+        mm = mmap.mmap(f.fileno(), full, access=mmap.ACCESS_READ) if mapped and full else None
+    except (OSError, ValueError):  # a filesystem that cannot map files: read it instead
+        mm = None
+    if mm is not None:
+        with mm:
+            for off in range(0, full, _CHUNK):
+                words = np.frombuffer(mm, dtype='<u8', count=min(_CHUNK, full - off) // 8, offset=off)
+                add(words)
+                del words  # the mapping closes only once no array views it
+    else:
+        buf = bytearray(min(_CHUNK, full) or _BLOCK)
+        view = memoryview(buf)
+        f.seek(0)
+        for off in range(0, full, len(buf)):
+            _read_exactly(f, view[:min(len(buf), full - off)])
+            add(np.frombuffer(buf, dtype='<u8', count=min(len(buf), full - off) // 8))
+    if size > full:
+        f.seek(full)
+        last = bytearray(_BLOCK)
+        _read_exactly(f, memoryview(last)[:size - full])
+        add(np.frombuffer(last, dtype='<u8'))
+    return crc, total
+
+
+def _read_exactly(f, view):
+    k = 0
+    while k < len(view):
+        n = f.readinto(view[k:])
+        if not n:
+            raise EOFError(f'the file ended {len(view) - k} bytes early')
+        k += n
+
+
+def _verify(f, file):
+    """Check the checksum of the state file open in `f`; False when it carries none (a file torch.save wrote, or
+    an older minifast), True when it matches. Raises CorruptCheckpointError otherwise."""
+    size = os.fstat(f.fileno()).st_size
+    n = _COMMENT.size
+    f.seek(max(0, size - _EOCD_SIZE - n))
+    tail = f.read()
+    comment, end = tail[-n:], tail[-n - _EOCD_SIZE:-n]
+    ours = comment.startswith(_MAGIC)
+    sized = end[:4] == _EOCD and end[-2:] == struct.pack('<H', n)  # an end record announcing a comment of our size
+    if not (ours or sized):
+        return False
+    if not (ours and sized and len(tail) == n + _EOCD_SIZE):
+        raise CorruptCheckpointError(file, f'its zip end record or the checksum stored in it is damaged '
+                                           f'(last {len(tail)} bytes: {tail!r})')
+    crc, total = _digest(f, size - n)
+    found = _COMMENT.pack(_MAGIC, b'%08x' % crc, b'%016x' % total)
+    if comment != found:  # compared as bytes: a digit's case flipped is a changed byte too
+        expected = comment[len(_MAGIC):].decode('ascii', 'replace')
+        raise CorruptCheckpointError(
+            file, f'checksum {expected[:8]}/{expected[8:]} expected, {crc:08x}/{total:016x} found '
+                  f'({_damaged_entry(file)}). It changed after it was written (a disk or copy error, or an edit): '
+                  f'use an older copy, or save it again')
+    return True
+
+
+def _damaged_entry(file):
+    """Where in the zip the damage is, by the zip's own per-entry CRCs (torch writes them but never checks them)."""
+    what = {'data.pkl': 'the pickled structure', 'version': "the format's version record",
+            'byteorder': 'the byte order record'}
+    try:
+        with zipfile.ZipFile(file) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        return f'its zip structure is damaged: {e}'
+    if bad is None:
+        return 'outside the entries\' data: in the zip headers'
+    tail = bad.split('/', 1)[-1]
+    kind = what.get(tail, 'the data of a stored tensor' if tail.startswith('data/') else 'an entry')
+    return f'in entry {bad}, {kind}'
 
 
 def load_state(file, device=None):
     """Load a file written by `atomic_save` (or a plain state dict) with torch's weights-only unpickler.
 
     Only tensors and plain containers are accepted; nothing in the file is ever run. A file holding pickled code or
-    objects raises `UnsafeCheckpointError`, a truncated or corrupt one ValueError, a missing one FileNotFoundError.
-    Files ending in `.safetensors` are read with the optional `safetensors` package.
+    objects raises `UnsafeCheckpointError`; one whose checksum differs (any changed byte), or a truncated or
+    unreadable one, `CorruptCheckpointError` (a ValueError); a missing one FileNotFoundError. Files without a
+    checksum (written by torch.save or an older minifast) load unchecked. Files ending in `.safetensors` are read
+    with the optional `safetensors` package.
     """
     file = Path(file)
     if not file.exists():
@@ -54,19 +289,26 @@ def load_state(file, device=None):
         raise FileNotFoundError(f"no such file: {file}" + (f" (files there: {', '.join(near)})" if near else ''))
     if file.suffix == '.safetensors':
         return _load_safetensors(file, device)
-    try:
-        return torch.load(file, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'weights only load failed' in str(e).lower() or 'unsupported global' in str(e).lower():
-            what, readable = _refused_global(e, file)
-            if what or readable:  # a well-formed pickle that torch refused
-                m = re.search(r'Unsupported operand \d+', str(e))
-                raise UnsafeCheckpointError(file, what, m.group(0) if m else None) from None
-        raise _corrupt(file, e) from e
-    except Exception as e:
-        if device is not None and isinstance(e, RuntimeError) and ('device' in str(e) or 'cuda' in str(e).lower()):
-            raise ValueError(f'{file} could not be loaded onto device {device}: {e}') from e
-        raise _corrupt(file, e) from e
+    if file.is_dir():
+        raise ValueError(f'{file} is a folder, not a state file')
+    with open(file, 'rb') as f:  # checked and loaded through one handle: a file replaced meanwhile is not mixed in
+        try:
+            _verify(f, file)
+            f.seek(0)
+            return torch.load(f, map_location=device, weights_only=True)
+        except CorruptCheckpointError:
+            raise
+        except pickle.UnpicklingError as e:
+            if 'weights only load failed' in str(e).lower() or 'unsupported global' in str(e).lower():
+                what, readable = _refused_global(e, file)
+                if what or readable:  # a well-formed pickle that torch refused
+                    m = re.search(r'Unsupported operand \d+', str(e))
+                    raise UnsafeCheckpointError(file, what, m.group(0) if m else None) from None
+            raise _corrupt(file, e) from e
+        except Exception as e:
+            if device is not None and isinstance(e, RuntimeError) and ('device' in str(e) or 'cuda' in str(e).lower()):
+                raise ValueError(f'{file} could not be loaded onto device {device}: {e}') from e
+            raise _corrupt(file, e) from e
 
 
 def check_state_dict(model, sd, file, strict=True):
@@ -178,17 +420,16 @@ def _scan_globals(file):
 
 
 def _corrupt(file, err):
-    """ValueError for a file torch cannot read: truncated, corrupt, or not a torch file at all."""
+    """CorruptCheckpointError for a file torch cannot read: truncated, corrupt, or not a torch file at all."""
     try:
         size = f'{file.stat().st_size} bytes'
     except OSError:
         size = 'unknown size'
     detail = f'{type(err).__name__}: {err}' if str(err) else type(err).__name__
-    if file.is_dir():
-        return ValueError(f'{file} is a folder, not a state file')
-    return ValueError(f'{file} ({size}) is truncated or not a torch file (for example an interrupted copy or '
-                      f'download, or a file of another kind): torch.load failed with {detail}. Save it again, or '
-                      f'copy it again from its source.')
+    return CorruptCheckpointError(
+        file, f'torch.load failed with {detail}',
+        f'{file} ({size}) is truncated or not a torch file (for example an interrupted copy or download, or a file '
+        f'of another kind): torch.load failed with {detail}. Save it again, or copy it again from its source.')
 
 
 def _load_safetensors(file, device=None):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import os
 
-from .checkpoint import atomic_save, check_state_dict, load_state
+from .checkpoint import CorruptCheckpointError, atomic_save, check_state_dict, load_state, remove_stale_temps
 from .checks import metric_name
 from .determinism import rng_state, set_rng_state
 from .optim import opt_settings
@@ -102,14 +102,38 @@ def list_checkpoints(folder):
 
 def find_checkpoint(resume):
     """The file `resume` names: itself when it is a file, else the newest checkpoint in that folder (None when the
-    folder is missing or holds none)."""
+    folder is missing or holds none). Temporary files of killed writers there are removed."""
     p = Path(resume)
     if p.is_file():
+        remove_stale_temps(p.parent)
         return p
     if p.suffix == '.pth':
         raise FileNotFoundError(f'resume: no such checkpoint file: {p}')
+    remove_stale_temps(p)
     files = list_checkpoints(p)
     return files[-1] if files else None
+
+
+def load_newest_intact(resume, file):
+    """(file, state) of the checkpoint to resume from: `file` (what find_checkpoint(resume) found) when it is
+    intact; when it is corrupt and `resume` is a folder, the newest intact older checkpoint there, with a warning
+    naming the corrupt one(s). Raises CorruptCheckpointError naming them when none is intact."""
+    if Path(resume).is_file():  # the file the user named: no other one stands in for it
+        return file, load_state(file, 'cpu')
+    files = list_checkpoints(resume)
+    corrupt = []
+    for f in reversed(files[:files.index(file) + 1] if file in files else [file]):
+        try:
+            state = load_state(f, 'cpu')
+        except CorruptCheckpointError as e:
+            corrupt.append(e)
+            continue
+        if corrupt:
+            warnings.warn(f'resume: skipped corrupt checkpoint(s) in {resume}: '
+                          + '; '.join(str(e) for e in corrupt) + f'. Resuming from the newest intact one, {f.name}')
+        return f, state
+    raise CorruptCheckpointError(corrupt[0].file, 'no intact checkpoint', f'resume: no checkpoint in {resume} is '
+                                 'intact, so there is nothing to resume from: ' + '; '.join(str(e) for e in corrupt))
 
 
 def resumable(folder):
@@ -231,7 +255,7 @@ def load_for_resume(learn, resume):
     if file is None:
         warnings.warn(f'resume: no checkpoint in {resume}; training from the beginning')
         return None
-    state = load_state(file, 'cpu')  # RNG states must stay CPU tensors; weights are copied to the device on load
+    file, state = load_newest_intact(resume, file)  # on CPU: RNG states must stay CPU tensors
     if not isinstance(state, dict) or state.get('format') != FORMAT or 'position' not in state:
         raise ValueError(f'resume: {file} holds weights only, not a training state: load it with learn.load() and '
                          f'fit without resume=')

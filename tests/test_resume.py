@@ -32,19 +32,14 @@ def reference(tmp_path_factory):
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference):
-    script = tmp_path / 'child.py'
-    script.write_text(RUN + textwrap.dedent('''
-        import sys
-        run(sys.argv[1], kill_at=int(sys.argv[2]))
-        '''))
-    env = {**os.environ, 'PYTHONPATH': str(Path(minifast.__file__).parents[1])}
-    p = subprocess.run([sys.executable, str(script), str(tmp_path), '9'], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == -signal.SIGKILL, p.stderr
+    kill_child(tmp_path, 'step', 9)
     files = [f.name for f in list_checkpoints(tmp_path / 'checkpoints')]
     assert files == ['ckpt_00000_epoch0_step4.pth', 'ckpt_00001_epoch1_step8.pth']  # step 8: epoch 1, batch 2
-    resumed = run(tmp_path, resume='checkpoints')
-    assert_identical(reference, outcome(resumed))
+    # killed while writing (issue 16): resumed from step 8, killed half-way through torch.save of step 12's file; the
+    # next child, resumed from step 8 again, killed when step 16's temp file is complete, before os.replace
+    kill_child(tmp_path, 'write', 1, 0.5)
+    kill_child(tmp_path, 'replace', 2)
+    finish_and_compare(tmp_path, reference)
 
 
 @pytest.mark.parametrize('crash_at', [0, 3, 5, 6, 11, 16])
@@ -680,3 +675,135 @@ def test_an_old_checkpoint_of_another_optimizer_is_refused_and_the_learner_put_b
         learn.fit_one_cycle(3, 1e-2, callbacks=[Checkpoint(every=4)], resume='checkpoints')
     assert_identical(before, _state(learn))
     learn.fit(1, 1e-2)  # before the fix: KeyError: 'momentum' in every later fit
+
+
+# ---- issue 16: corrupt checkpoints, stale temp files, SIGKILL during writes ------------------------------------------
+def _flip_tensor_byte(file):
+    """Flip one byte in the data of the last tensor `file` stores (torch.load alone would return a changed value)."""
+    import zipfile
+    with zipfile.ZipFile(file) as z:
+        info = max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.header_offset)
+    raw = bytearray(file.read_bytes())
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], 'little') \
+        + int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], 'little')
+    raw[start + info.compress_size // 2] ^= 0x40
+    file.write_bytes(raw)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path, reference):
+    with pytest.raises(Exception, match='simulated crash'):
+        run(tmp_path, extra=[Interrupt(11)])
+    older, newest = list_checkpoints(tmp_path / 'checkpoints')
+    _flip_tensor_byte(newest)
+    with pytest.warns(UserWarning, match=rf'skipped corrupt checkpoint.*{newest.name} is corrupt: checksum .*'
+                                         rf'Resuming from the newest intact one, {older.name}'):
+        resumed = run(tmp_path, resume='checkpoints')
+    assert_identical(reference, outcome(resumed))  # from step 4 instead of 8: the same run all the same
+
+
+def test_resume_with_every_checkpoint_corrupt_raises_naming_them(tmp_path):
+    from minifast import CorruptCheckpointError
+    with pytest.raises(Exception, match='simulated crash'):
+        run(tmp_path, extra=[Interrupt(11)])
+    files = list_checkpoints(tmp_path / 'checkpoints')
+    for f in files:
+        _flip_tensor_byte(f)
+    with pytest.raises(CorruptCheckpointError, match=rf'no checkpoint in .*checkpoints is intact.*{files[1].name} is '
+                                                     rf'corrupt.*{files[0].name} is corrupt'):
+        run(tmp_path, resume='checkpoints')
+    with pytest.raises(CorruptCheckpointError, match=files[1].name):  # a file named: no fallback
+        run(tmp_path, resume=files[1])
+
+
+def test_resume_removes_temp_files_of_killed_writers(tmp_path):
+    from minifast.resume import find_checkpoint
+    p = subprocess.Popen([sys.executable, '-c', 'pass'])
+    p.wait()
+    folder = tmp_path / 'checkpoints'
+    folder.mkdir()
+    stale, live = folder / f'.ckpt_00003_epoch1_step12.pth.p{p.pid}.abcdefgh.tmp', \
+        folder / f'.ckpt_00004_epoch1_step12.pth.p{os.getpid()}.abcdefgh.tmp'
+    stale.write_bytes(b'partial')
+    live.write_bytes(b'partial')
+    assert find_checkpoint(folder) is None
+    assert not stale.exists() and live.exists()
+
+
+# The child of the crash test: the run of resume_run.RUN, resumed from its folder, SIGKILLed at a chosen moment:
+# 'step' after training step N; 'write' in the Nth file write, after a fraction of torch.save's bytes went out;
+# 'replace' after the Nth write's temp file is complete, before os.replace; 'replaced' just after os.replace.
+KILLED_CHILD = RUN + textwrap.dedent('''
+    import io, sys
+    folder, mode, nth, frac = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    real_save, real_replace, writes = torch.save, os.replace, [0]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def save(obj, f, *a, **k):
+        writes[0] += 1
+        if mode == 'write' and writes[0] == nth:
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **k)
+            f.write(buf.getvalue()[:int(len(buf.getvalue()) * frac)])
+            f.flush()
+            die()
+        return real_save(obj, f, *a, **k)
+
+    def replace(src, dst):
+        if mode == 'replace' and writes[0] == nth:
+            die()
+        real_replace(src, dst)
+        if mode == 'replaced' and writes[0] == nth:
+            die()
+
+    torch.save, os.replace = save, replace
+    run(folder, kill_at=nth if mode == 'step' else None, resume='checkpoints')
+    ''')
+
+
+def kill_child(tmp_path, mode, nth, frac=0.0):
+    """Run KILLED_CHILD in `tmp_path` (resuming from its checkpoints); False when it ended before the moment came.
+    A child killed while writing leaves its temp file (removed by the next save or resume)."""
+    script = tmp_path / 'child.py'
+    script.write_text(KILLED_CHILD)
+    env = {**os.environ, 'PYTHONPATH': str(Path(minifast.__file__).parents[1])}
+    p = subprocess.run([sys.executable, str(script), str(tmp_path), mode, str(nth), str(frac)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode == 0:
+        return False
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    folder = tmp_path / 'checkpoints'
+    temps = [f.name for f in folder.glob('.*.tmp')] if folder.exists() else []
+    assert len(temps) == (mode in ('write', 'replace')), (mode, nth, temps)
+    return True
+
+
+def finish_and_compare(tmp_path, reference):
+    """Resume the killed run to its end here (or, when its end state was written, read it): the result must be the
+    uninterrupted run's, bit for bit, and no temp file is left."""
+    from minifast import resumable
+    from minifast.checkpoint import load_state
+    folder = tmp_path / 'checkpoints'
+    if list_checkpoints(folder) and not resumable(folder):  # finished: killed after its end state was written
+        state = load_state(list_checkpoints(folder)[-1])
+        assert_identical(reference['model'], state['model'], 'model')
+        assert_identical(reference['opt'], state['opt'], 'opt')
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'resume: no checkpoint')
+            assert_identical(reference, outcome(run(tmp_path, resume='checkpoints')))
+    assert list(folder.glob('.*.tmp')) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed', range(3))
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, reference, seed):
+    import random
+    rng = random.Random(seed)
+    for _ in range(5):  # writes come at steps 4, 8, 12, 16 and the end: the 1st and 2nd of a resumed run exist
+        kill = rng.choice([('write', rng.randint(1, 2), rng.random()), ('replace', rng.randint(1, 2), 0),
+                           ('replaced', rng.randint(1, 2), 0), ('step', rng.randint(0, 17), 0)])
+        if not kill_child(tmp_path, *kill):
+            break
+    finish_and_compare(tmp_path, reference)

@@ -52,9 +52,9 @@ class WeightSnapshots(Callback):
     `cycle_ends=` a list of epochs (see `sgdr_cycle_ends`, `clr_cycle_ends`); the union is taken, and with none of
     them every epoch is kept. A snapshot is taken in after_epoch, so after that epoch's validation. With `path`, each
     snapshot is also written atomically to path/snapshot_{epoch}.pth (a plain state dict, loadable with
-    minifast.checkpoint.load_state, i.e. torch.load(weights_only=True)). The mapping is reset at the start of each
-    fit and set on the learner as `learn.snapshots` (also kept as `self.snapshots`). Usable in callback_fns= and
-    callbacks=.
+    minifast.checkpoint.load_state, which verifies its checksum, or torch.load(weights_only=True)). The mapping is
+    reset at the start of each fit and set on the learner as `learn.snapshots` (also kept as `self.snapshots`).
+    Usable in callback_fns= and callbacks=.
     """
     order = 60  # after the Recorder (50): the epoch's row is complete when the snapshot is taken
 

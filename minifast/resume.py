@@ -6,16 +6,17 @@ epoch, training steps), what the fit was (epochs, steps per epoch, the schedule 
 now and at the start of the epoch (which fixed that epoch's data order), the Recorder's history and every callback's
 `state_dict()`.
 """
+import contextlib
+import os
 import re
 import time
 import warnings
 from pathlib import Path
 
-import os
-
 from .checkpoint import CorruptCheckpointError, atomic_save, check_state_dict, load_state, remove_stale_temps
 from .checks import metric_name
 from .determinism import rng_state, set_rng_state
+from .lock import folder_lock
 from .optim import opt_settings
 from .state import preserved
 
@@ -142,7 +143,7 @@ def resumable(folder):
     file = find_checkpoint(folder) if Path(folder).exists() else None
     if file is None:
         return False
-    st = load_state(file)
+    st = load_newest_intact(folder, file)[1]  # as fit(resume=folder) does: a corrupt newest file is skipped
     pos = st.get('position') if isinstance(st, dict) else None
     return pos is not None and pos['where'] is not None and not is_finished(pos)
 
@@ -255,7 +256,10 @@ def load_for_resume(learn, resume):
     if file is None:
         warnings.warn(f'resume: no checkpoint in {resume}; training from the beginning')
         return None
-    file, state = load_newest_intact(resume, file)  # on CPU: RNG states must stay CPU tensors
+    # a folder another process is writing is refused for that reason first, not for what its newest file says
+    # (rank 0 alone: under torchrun the ranks read the same folder at once)
+    with folder_lock(file.parent, 'fit(resume=...)') if learn.is_main else contextlib.nullcontext():
+        file, state = load_newest_intact(resume, file)  # on CPU: RNG states must stay CPU tensors
     if not isinstance(state, dict) or state.get('format') != FORMAT or 'position' not in state:
         raise ValueError(f'resume: {file} holds weights only, not a training state: load it with learn.load() and '
                          f'fit without resume=')

@@ -807,3 +807,39 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, refere
         if not kill_child(tmp_path, *kill):
             break
     finish_and_compare(tmp_path, reference)
+
+
+def test_resumable_skips_a_corrupt_newest_checkpoint_as_resume_does(tmp_path):
+    from minifast import resumable
+    with pytest.raises(Exception, match='simulated crash'):
+        run(tmp_path, extra=[Interrupt(11)])
+    older, newest = list_checkpoints(tmp_path / 'checkpoints')
+    _flip_tensor_byte(newest)
+    with pytest.warns(UserWarning, match=rf'{newest.name} is corrupt.*newest intact one, {older.name}'):
+        assert resumable(tmp_path / 'checkpoints')  # the notebook's `resume=X if resumable(X)` keeps working
+
+
+def test_resume_from_a_folder_another_process_writes_is_refused_for_that_first(tmp_path):
+    """The other run's newest file says 'finished'; the lock error comes first, before that file is judged."""
+    from minifast.lock import FolderLockedError
+    learn = make_learner(tmp_path)
+    learn.fit(2, 1e-2, callbacks=[Checkpoint(path=tmp_path / 'checkpoints')])  # a finished run
+    holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent('''
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location('lock', sys.argv[1])
+        lock = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(lock)
+        lock.acquire(sys.argv[2], 'child')
+        print('held', flush=True)
+        time.sleep(60)
+    '''), minifast.lock.__file__, str(tmp_path / 'checkpoints')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(FolderLockedError, match=rf'fit\(resume=...\): the folder .*checkpoints is in use by '
+                                                    rf'another process \(PID {holder.pid}\)'):
+            make_learner(tmp_path).fit(2, 1e-2, resume=tmp_path / 'checkpoints')
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ValueError, match='already finished'):  # the holder gone, the file is judged
+        make_learner(tmp_path).fit(2, 1e-2, resume=tmp_path / 'checkpoints')

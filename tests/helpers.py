@@ -1,10 +1,14 @@
 """Helpers that several test files share (fixtures and the generated data/model are in conftest.py)."""
+import subprocess
+import sys
+import textwrap
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from minifast import DataBunch, Learner
+from minifast import DataBunch, Learner, lock
 from conftest import make_mlp
 
 
@@ -47,3 +51,33 @@ def make_learner(path, seed=0):
 
 
 SGD = partial(torch.optim.SGD, momentum=0.9)
+
+
+LOCK_PY = Path(lock.__file__)
+
+# a child that holds `folder` with lock.py loaded from its file (no torch import: starts in a fraction of a second)
+HOLDER = textwrap.dedent('''
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location('lock', sys.argv[1])
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    lock.acquire(sys.argv[2], 'child')
+    print('held', flush=True)
+    if sys.argv[3] == 'wait':
+        time.sleep(60)
+    else:
+        try:
+            lock.acquire(sys.argv[2] + '/', 'child')  # the same folder again, spelled otherwise
+            lock.release(sys.argv[2])
+        finally:
+            lock.release(sys.argv[2])
+        print('released', flush=True)
+''')
+
+
+def lock_holder(folder, mode='wait'):
+    """A child process holding `folder` (it has printed 'held' when this returns)."""
+    p = subprocess.Popen([sys.executable, '-c', HOLDER, str(LOCK_PY), str(folder), mode], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == 'held'
+    return p

@@ -13,27 +13,7 @@ import pytest
 
 from minifast import lock
 from minifast.lock import LOCK_FILE, FolderLockedError, acquire, folder_lock, holds, release
-
-LOCK_PY = Path(lock.__file__)
-
-# a child that holds `folder` with lock.py loaded from its file (no torch import: starts in a fraction of a second)
-HOLDER = textwrap.dedent('''
-    import importlib.util, sys, time
-    spec = importlib.util.spec_from_file_location('lock', sys.argv[1])
-    lock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lock)
-    lock.acquire(sys.argv[2], 'child')
-    print('held', flush=True)
-    if sys.argv[3] == 'wait':
-        time.sleep(60)
-    else:
-        try:
-            lock.acquire(sys.argv[2] + '/', 'child')  # the same folder again, spelled otherwise
-            lock.release(sys.argv[2])
-        finally:
-            lock.release(sys.argv[2])
-        print('released', flush=True)
-''')
+from helpers import LOCK_PY, lock_holder
 
 # a child that tries to take `folder` once and says what happened
 PROBE = textwrap.dedent('''
@@ -50,14 +30,6 @@ PROBE = textwrap.dedent('''
 ''')
 
 
-def _holder(folder, mode='wait'):
-    """A child process holding `folder` (it has printed 'held' when this returns)."""
-    p = subprocess.Popen([sys.executable, '-c', HOLDER, str(LOCK_PY), str(folder), mode], stdout=subprocess.PIPE,
-                         text=True)
-    assert p.stdout.readline().strip() == 'held'
-    return p
-
-
 def _probe(folder):
     """'free', or 'locked <pid>', as another process sees `folder`."""
     return subprocess.run([sys.executable, '-c', PROBE, str(LOCK_PY), str(folder)], capture_output=True, text=True,
@@ -66,7 +38,7 @@ def _probe(folder):
 
 def test_second_process_is_refused_at_once_naming_folder_and_pid_and_sigkill_frees_it(tmp_path):
     folder = tmp_path / 'run'
-    child = _holder(folder)
+    child = lock_holder(folder)
     try:
         t0 = time.perf_counter()
         with pytest.raises(FolderLockedError) as e:
@@ -88,7 +60,7 @@ def test_second_process_is_refused_at_once_naming_folder_and_pid_and_sigkill_fre
 
 def test_holder_that_ends_normally_releases_and_removes_the_lock_file(tmp_path):
     folder = tmp_path / 'run'
-    child = _holder(folder, 'release')
+    child = lock_holder(folder, 'release')
     assert child.stdout.readline().strip() == 'released'
     assert child.wait() == 0
     assert not (folder / LOCK_FILE).exists()

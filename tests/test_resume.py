@@ -22,6 +22,7 @@ from minifast.determinism import set_seed
 from minifast.resume import list_checkpoints
 from minifast.schedules import TrainingPhase
 from conftest import make_data, make_mlp
+from helpers import lock_holder
 from resume_run import RUN, Interrupt, assert_identical, make_learner, outcome, run
 
 
@@ -824,17 +825,8 @@ def test_resume_from_a_folder_another_process_writes_is_refused_for_that_first(t
     from minifast.lock import FolderLockedError
     learn = make_learner(tmp_path)
     learn.fit(2, 1e-2, callbacks=[Checkpoint(path=tmp_path / 'checkpoints')])  # a finished run
-    holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent('''
-        import importlib.util, sys, time
-        spec = importlib.util.spec_from_file_location('lock', sys.argv[1])
-        lock = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(lock)
-        lock.acquire(sys.argv[2], 'child')
-        print('held', flush=True)
-        time.sleep(60)
-    '''), minifast.lock.__file__, str(tmp_path / 'checkpoints')], stdout=subprocess.PIPE, text=True)
+    holder = lock_holder(tmp_path / 'checkpoints')  # a process holding the folder
     try:
-        assert holder.stdout.readline().strip() == 'held'
         with pytest.raises(FolderLockedError, match=rf'fit\(resume=...\): the folder .*checkpoints is in use by '
                                                     rf'another process \(PID {holder.pid}\)'):
             make_learner(tmp_path).fit(2, 1e-2, resume=tmp_path / 'checkpoints')

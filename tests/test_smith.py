@@ -18,7 +18,7 @@ from minifast.cli import main
 from minifast.grid import read_log
 from minifast.lock import LOCK_FILE, holds
 from conftest import make_data, make_mlp
-from test_lock import _holder as lock_holder
+from helpers import lock_holder
 
 
 PNGS = ('batch.png', 'lr_find.png', 'superconvergence.png', 'momentum.png', 'wd.png', 'wd_fine.png',

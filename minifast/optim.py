@@ -17,7 +17,8 @@ from .checks import check_wd, int_value, real_value
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
            'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
            'check_layer_groups', 'layer_decay_lrs', 'group_lrs', 'create_opt', 'freeze_to', 'freeze', 'unfreeze',
-           'set_training_mode', 'TRAINING_MODES', 'param_summary', 'ParamSummary', 'opt_settings']
+           'set_training_mode', 'TRAINING_MODES', 'param_summary', 'ParamSummary', 'opt_settings',
+           'lacking_settings']
 
 AdamW = partial(torch.optim.AdamW, betas=(0.9, 0.99))
 AdamW.__doc__ = "torch.optim.AdamW with fastai v1's betas (0.9, 0.99); the default `opt_func`."
@@ -168,6 +169,13 @@ def _plain_value(v):
         return f"{getattr(v, '__module__', None)}.{getattr(v, '__qualname__', type(v).__qualname__)}"
     r = repr(v)
     return type(v).__qualname__ if ' at 0x' in r else r
+
+
+def lacking_settings(opt):
+    """The settings of `opt.defaults` that some param group lacks, sorted: after `opt.load_state_dict`, another
+    kind of optimizer's state (torch checks only the groups' sizes; settings newer torch versions added are filled
+    in by the optimizer's own loading, so only another kind of optimizer lacks any)."""
+    return sorted({k for g in opt.param_groups for k in opt.defaults if k not in g})
 
 
 def opt_settings(opt):

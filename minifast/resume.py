@@ -17,7 +17,7 @@ from .checkpoint import CorruptCheckpointError, atomic_save, check_state_dict, l
 from .checks import metric_name
 from .determinism import rng_state, set_rng_state
 from .lock import folder_lock
-from .optim import opt_settings
+from .optim import lacking_settings, opt_settings
 from .state import preserved
 
 __all__ = ['FORMAT', 'CHECKPOINT_FILE', 'training_state', 'find_checkpoint', 'list_checkpoints', 'checkpoint_info',
@@ -306,7 +306,7 @@ def restore_model_opt(learn, state):
         # torch checks only the groups' sizes: another optimizer's groups load and its first step fails on a setting
         # they lack. A checkpoint whose signature names its optimizer is refused before this; an older one is here.
         opt = learn.opt
-        lacking = sorted({k for g in opt.param_groups for k in opt.defaults if k not in g})
+        lacking = lacking_settings(opt)
         if lacking:
             raise ValueError(f"resume: {state['file']}: its optimizer state is not one of this learner's "
                              f'{type(opt).__name__} (it lacks the settings {lacking}); resume with the optimizer '
@@ -446,10 +446,8 @@ def load_into(learn, file, with_opt=None, strict=True):
             learn.opt.load_state_dict(opt_sd)
         except (ValueError, KeyError) as e:
             raise ValueError(f'{os.fspath(file)}: optimizer state does not match this learner: {e}') from e
-        # torch checks only the groups' sizes: another optimizer's state (AdamW's in an SGD) loads, and the next
-        # step fails on a setting it lacks ('momentum'). Settings newer torch versions added are filled in by
-        # the optimizer's own loading, so only another kind of optimizer lacks any.
-        lacking = sorted({k for g in learn.opt.param_groups for k in learn.opt.defaults if k not in g})
+        # another optimizer's state (AdamW's in an SGD) loads, and the next step fails on a setting it lacks
+        lacking = lacking_settings(learn.opt)
         if lacking:
             learn.opt.load_state_dict(before)
             raise ValueError(f'{os.fspath(file)}: its optimizer state is not one of this learner\'s '

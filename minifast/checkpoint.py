@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -39,6 +40,7 @@ _MAGIC = b'minifast-checksum-1 '
 _COMMENT = struct.Struct('<20s8s16s')  # magic, CRC-32 of the block sums (hex), sum of the words (hex)
 _EOCD, _EOCD_SIZE = b'PK\x05\x06', 22  # a zip's end of central directory record (its comment follows it)
 _BLOCK, _CHUNK = 512, 4 << 20  # block size of the summed words; bytes read at a time (a multiple of _BLOCK)
+_OVERLAP = 8 << 20  # a file at least this large is checked in a thread while torch loads it
 _LOW_SPACE = 4 << 20  # torch's bare write failure counts as a full disk when less than this is free
 
 
@@ -186,8 +188,8 @@ def _seal(f):
 
 
 def _digest(f, size, mapped=False):
-    """(CRC-32 of the 512-byte blocks' word sums, sum of all words mod 2**64) of the first `size` bytes of `f`;
-    the last block is padded with zeros. `mapped`: read through mmap (no copy; only for a file no other process
+    """(CRC-32 of the 512-byte blocks' word sums, sum of all words mod 2**64) of the first `size` bytes of `f` (a
+    file object, or a file descriptor read with pread); the last block is padded with zeros. `mapped`: read through mmap (no copy; only for a file no other process
     can truncate meanwhile, as a truncated mapping kills the process with SIGBUS)."""
     crc, total, full = 0, 0, size - size % _BLOCK
 
@@ -198,7 +200,7 @@ def _digest(f, size, mapped=False):
         total = (total + int(sums.sum(dtype=np.uint64))) & 0xFFFFFFFFFFFFFFFF
 
     try:
-        mm = mmap.mmap(f.fileno(), full, access=mmap.ACCESS_READ) if mapped and full else None
+        mm = mmap.mmap(f if isinstance(f, int) else f.fileno(), full, access=mmap.ACCESS_READ) if mapped and full else None
     except (OSError, ValueError):  # a filesystem that cannot map files: read it instead
         mm = None
     if mm is not None:
@@ -210,51 +212,96 @@ def _digest(f, size, mapped=False):
     else:
         buf = bytearray(min(_CHUNK, full) or _BLOCK)
         view = memoryview(buf)
-        f.seek(0)
         for off in range(0, full, len(buf)):
-            _read_exactly(f, view[:min(len(buf), full - off)])
+            _read_exactly(f, view[:min(len(buf), full - off)], off)
             add(np.frombuffer(buf, dtype='<u8', count=min(len(buf), full - off) // 8))
     if size > full:
-        f.seek(full)
         last = bytearray(_BLOCK)
-        _read_exactly(f, memoryview(last)[:size - full])
+        _read_exactly(f, memoryview(last)[:size - full], full)
         add(np.frombuffer(last, dtype='<u8'))
     return crc, total
 
 
-def _read_exactly(f, view):
+def _read_exactly(f, view, offset):
+    """Fill `view` from `offset` of `f` (a file object, or a file descriptor read with pread: its offset, shared
+    with whoever else reads that file, stays where it is)."""
     k = 0
+    if isinstance(f, int):
+        read = (lambda v, at: os.preadv(f, [v], at)) if hasattr(os, 'preadv') else _pread_into(f)
+    else:
+        f.seek(offset)
+        read = lambda v, at: f.readinto(v)  # noqa: E731
     while k < len(view):
-        n = f.readinto(view[k:])
+        n = read(view[k:], offset + k)
         if not n:
             raise EOFError(f'the file ended {len(view) - k} bytes early')
         k += n
 
 
-def _verify(f, file):
-    """Check the checksum of the state file open in `f`; False when it carries none (a file torch.save wrote, or
-    an older minifast), True when it matches. Raises CorruptCheckpointError otherwise."""
-    size = os.fstat(f.fileno()).st_size
-    n = _COMMENT.size
-    f.seek(max(0, size - _EOCD_SIZE - n))
-    tail = f.read()
-    comment, end = tail[-n:], tail[-n - _EOCD_SIZE:-n]
-    ours = comment.startswith(_MAGIC)
-    sized = end[:4] == _EOCD and end[-2:] == struct.pack('<H', n)  # an end record announcing a comment of our size
-    if not (ours or sized):
-        return False
-    if not (ours and sized and len(tail) == n + _EOCD_SIZE):
-        raise CorruptCheckpointError(file, f'its zip end record or the checksum stored in it is damaged '
-                                           f'(last {len(tail)} bytes: {tail!r})')
-    crc, total = _digest(f, size - n)
-    found = _COMMENT.pack(_MAGIC, b'%08x' % crc, b'%016x' % total)
-    if comment != found:  # compared as bytes: a digit's case flipped is a changed byte too
-        expected = comment[len(_MAGIC):].decode('ascii', 'replace')
-        raise CorruptCheckpointError(
-            file, f'checksum {expected[:8]}/{expected[8:]} expected, {crc:08x}/{total:016x} found '
-                  f'({_damaged_entry(file)}). It changed after it was written (a disk or copy error, or an edit): '
-                  f'use an older copy, or save it again')
-    return True
+def _pread_into(fd):
+    def read(view, at):
+        data = os.pread(fd, len(view), at)
+        view[:len(data)] = data
+        return len(data)
+    return read
+
+
+class _Verification:
+    """The check of the checksum of the state file open in `f`, begun at once: the zip's end record (where the
+    checksum sits) is read now, and a damaged one raises CorruptCheckpointError here. The digest of a small file is
+    computed now too; that of a large one in a thread, on a descriptor of its own read with pread, while torch
+    reads the same open file (a second core hides the check's cost). `result()` waits for it: False for a file that
+    carries no checksum (torch.save's, an older minifast's), True when it matches; CorruptCheckpointError otherwise.
+    """
+
+    def __init__(self, f, file):
+        self.file, self.found, self.error, self.thread = file, None, None, None
+        size = os.fstat(f.fileno()).st_size
+        n = _COMMENT.size
+        f.seek(max(0, size - _EOCD_SIZE - n))
+        tail = f.read()
+        comment, end = tail[-n:], tail[-n - _EOCD_SIZE:-n]
+        ours = comment.startswith(_MAGIC)
+        sized = end[:4] == _EOCD and end[-2:] == struct.pack('<H', n)  # an end record announcing our comment's size
+        self.comment = comment if ours or sized else None
+        if self.comment is None:
+            return
+        if not (ours and sized and len(tail) == n + _EOCD_SIZE):
+            raise CorruptCheckpointError(file, f'its zip end record or the checksum stored in it is damaged '
+                                               f'(last {len(tail)} bytes: {tail!r})')
+        if size - n < _OVERLAP or not hasattr(os, 'pread'):
+            self.found = _digest(f, size - n)
+            return
+        fd = os.dup(f.fileno())  # closed by the thread; pread leaves the offset torch reads from alone
+        self.thread = threading.Thread(target=self._digest, args=(fd, size - n), name='minifast-checksum', daemon=True)
+        self.thread.start()
+
+    def _digest(self, fd, size):
+        try:
+            self.found = _digest(fd, size)
+        except BaseException as e:  # handed to result(), in the thread that loads
+            self.error = e
+        finally:
+            os.close(fd)
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+
+    def result(self):
+        self.wait()
+        if self.comment is None:
+            return False
+        if self.error is not None:
+            raise self.error
+        crc, total = self.found
+        if self.comment != _COMMENT.pack(_MAGIC, b'%08x' % crc, b'%016x' % total):  # as bytes: a digit's case too
+            expected = self.comment[len(_MAGIC):].decode('ascii', 'replace')
+            raise CorruptCheckpointError(
+                self.file, f'checksum {expected[:8]}/{expected[8:]} expected, {crc:08x}/{total:016x} found '
+                           f'({_damaged_entry(self.file)}). It changed after it was written (a disk or copy error, '
+                           f'or an edit): use an older copy, or save it again')
+        return True
 
 
 def _damaged_entry(file):
@@ -293,9 +340,17 @@ def load_state(file, device=None):
         raise ValueError(f'{file} is a folder, not a state file')
     with open(file, 'rb') as f:  # checked and loaded through one handle: a file replaced meanwhile is not mixed in
         try:
-            _verify(f, file)
-            f.seek(0)
-            return torch.load(f, map_location=device, weights_only=True)
+            check = _Verification(f, file)
+            try:
+                f.seek(0)
+                state = torch.load(f, map_location=device, weights_only=True)
+            except Exception:
+                check.result()  # a changed byte explains torch's failure better than torch's message does
+                raise
+            finally:
+                check.wait()  # also on Ctrl-C: no thread outlives the load
+            check.result()
+            return state
         except CorruptCheckpointError:
             raise
         except pickle.UnpicklingError as e:

@@ -1,5 +1,6 @@
 """Hyper-parameter grids run fairly (same initial weights, same data order), with a record of every run, a table,
 comparison plots and a one-line over/under-fitting verdict per run (seed 004's early diagnosis)."""
+import contextlib
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ from .callbacks.tracking import monitor_mode
 from .determinism import set_seed
 from .core import DivergenceError
 from .distributed import launched
+from .lock import folder_lock
 
 __all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'run_records', 'record_problem',
            'append_record', 'plain', 'FIT_KEYS']
@@ -295,7 +297,9 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
             another.
 
     A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on. It runs as one
-    process: under torchrun it is an error (its log is not written for several ranks).
+    process: under torchrun it is an error (its log is not written for several ranks). With `log`, the log's folder
+    is locked while the grid runs (see minifast.lock): another process's grid_search on it stops at once with a
+    FolderLockedError naming the folder and this PID.
     """
     if launched():
         raise RuntimeError('grid_search runs as one process, not under torchrun (its log and skipping of finished '
@@ -304,6 +308,14 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
     if policy not in POLICIES:
         raise ValueError(f'grid_search: policy must be one of {POLICIES}, got {policy!r}')
     configs = _configs(grid)
+    # the log's folder is written by this process alone while the grid runs: a second grid_search (or smith run)
+    # on it would train the same runs again and append duplicates
+    with folder_lock(Path(log).parent, 'grid_search(log=...)') if log is not None else contextlib.nullcontext():
+        return _search(make_learner, configs, epochs, max_lr, seed, policy, log, skip_done, silent, monitor, fixed,
+                       tag)
+
+
+def _search(make_learner, configs, epochs, max_lr, seed, policy, log, skip_done, silent, monitor, fixed, tag):
     done = _logged_runs(log) if log is not None and skip_done else {}
     fixed = dict(fixed or {})
     runs, init = [], None

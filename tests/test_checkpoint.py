@@ -5,6 +5,7 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 import types
 import warnings
 import zipfile
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from minifast import Learner
+from minifast import Learner, checkpoint
 from minifast.checkpoint import UnsafeCheckpointError, atomic_save, load_state
 from conftest import make_data
 
@@ -281,8 +282,11 @@ def _entry_spans(file):
     return spans
 
 
-def test_every_file_minifast_writes_refuses_any_flipped_byte(tmp_path):
+@pytest.mark.parametrize('overlap', ['inline', 'thread'])
+def test_every_file_minifast_writes_refuses_any_flipped_byte(tmp_path, monkeypatch, overlap):
     from minifast import CorruptCheckpointError
+    if overlap == 'thread':  # the path of large files: the checksum computed in a thread while torch reads
+        monkeypatch.setattr(checkpoint, '_OVERLAP', 0)
     _, files = _files_minifast_writes(tmp_path)
     for kind, file in files.items():
         good = file.read_bytes()
@@ -347,6 +351,55 @@ def test_corrupt_files_are_refused_where_users_load_them(tmp_path):
     with pytest.raises(CorruptCheckpointError, match='snapshot_0.pth'):
         WeightSnapshots().load_state_dict({'files': {0: str(files['snapshot'])}, 'snapshots': {}})
     assert issubclass(CorruptCheckpointError, ValueError)
+
+
+def _open_fds():
+    return len(os.listdir('/proc/self/fd')) if os.path.isdir('/proc/self/fd') else None
+
+
+@pytest.mark.parametrize('failure', [None, 'torch', 'interrupt', 'corrupt'])
+def test_the_threaded_check_leaves_no_thread_or_descriptor(tmp_path, monkeypatch, failure):
+    """A large file's checksum is computed in a thread on a descriptor of its own; whatever torch.load does (load,
+    fail, be interrupted), the load returns only once that thread is done and its descriptor closed, and Ctrl-C
+    stays Ctrl-C."""
+    from minifast import CorruptCheckpointError
+    monkeypatch.setattr(checkpoint, '_OVERLAP', 1 << 10)
+    monkeypatch.setattr(checkpoint, '_CHUNK', 1 << 10)  # many reads: the thread is still busy when torch fails
+    sd = {'w': torch.randn(64, 1000)}
+    file = atomic_save(sd, tmp_path / 'big.pth')
+    if failure == 'corrupt':
+        bad = bytearray(file.read_bytes())
+        bad[len(bad) // 2] ^= 0x04
+        file.write_bytes(bad)
+    elif failure is not None:
+        def broken(*args, **kwargs):
+            raise KeyboardInterrupt if failure == 'interrupt' else RuntimeError('torch failed')
+        monkeypatch.setattr(checkpoint.torch, 'load', broken)
+    threads, fds = threading.active_count(), _open_fds()
+    expected = {None: None, 'torch': CorruptCheckpointError, 'interrupt': KeyboardInterrupt,
+                'corrupt': CorruptCheckpointError}[failure]
+    if expected is None:
+        assert torch.equal(load_state(file)['w'], sd['w'])
+    else:
+        with pytest.raises(expected) as err:
+            load_state(file)
+        if failure == 'torch':  # the file is intact: torch's own failure is reported, naming the file
+            assert 'torch failed' in str(err.value) and 'checksum' not in str(err.value)
+        if failure == 'corrupt':
+            assert 'checksum' in str(err.value)
+    assert threading.active_count() == threads and _open_fds() == fds
+
+
+def test_the_checksum_reads_the_same_through_pread_as_through_the_file(tmp_path, monkeypatch):
+    file = atomic_save({'w': torch.randn(5, 333)}, tmp_path / 'a.pth')  # no multiple of 512 bytes
+    size = file.stat().st_size
+    with open(file, 'rb') as f:
+        ref = checkpoint._digest(f, size)
+        f.seek(0)
+        assert checkpoint._digest(f.fileno(), size) == ref and f.tell() == 0  # pread: the offset stays
+        monkeypatch.delattr(checkpoint.os, 'preadv', raising=False)  # platforms with pread only
+        assert checkpoint._digest(f.fileno(), size) == ref and f.tell() == 0
+        assert checkpoint._digest(f, size, mapped=True) == ref
 
 
 def test_files_without_a_checksum_still_load(tmp_path):

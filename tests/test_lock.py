@@ -155,3 +155,45 @@ def test_a_lock_file_removed_by_its_releasing_holder_meanwhile_is_not_trusted(tm
         finally:
             os.close(third)
     assert len(calls) == 3  # locked the removed file, then the file at the path; then released it
+
+
+def test_weight_snapshots_and_grid_search_logs_are_locked_too(tmp_path):
+    """WeightSnapshots(path=) and grid_search(log=) write a folder like a Checkpoint does: while another process holds
+    it, the fit stops at before_fit (no snapshot written, the model unchanged) and the grid at once (no learner made,
+    no run trained, nothing appended); this process holds the folder only while it writes."""
+    import torch
+    import minifast
+    from minifast import Learner, WeightSnapshots, grid_search
+    from conftest import make_data
+
+    def learner():
+        made.append(1)
+        return Learner(make_data(n_train=32), torch.nn.Linear(8, 3), silent=True)
+
+    made, folder = [], tmp_path / 'shared'
+    learn = learner()
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    child = lock_holder(folder)
+    try:
+        with pytest.raises(minifast.CallbackException) as e:
+            learn.fit(1, 1e-2, callbacks=[WeightSnapshots(path=folder)])
+        assert isinstance(e.value.__cause__, FolderLockedError) and f'PID {child.pid}' in str(e.value.__cause__)
+        assert 'WeightSnapshots' in str(e.value.__cause__)
+        assert learn.train_iter == 0 and all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+        made.clear()
+        with pytest.raises(FolderLockedError, match=r'grid_search\(log=...\): the folder .*shared is in use'):
+            grid_search(learner, {'wd': [0.]}, epochs=1, log=folder / 'runs.jsonl')
+        assert made == [] and sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
+    finally:
+        child.kill()
+        child.wait()
+
+    seen = []
+
+    class Look(minifast.Callback):
+        def after_epoch(self, learn):
+            seen.append(holds(folder))
+    learn.fit(1, 1e-2, callbacks=[WeightSnapshots(path=folder), Look()])
+    res = grid_search(learner, {'wd': [0.]}, epochs=1, log=folder / 'runs.jsonl')
+    assert seen == [1] and holds(folder) == 0 and not (folder / LOCK_FILE).exists()
+    assert (folder / 'snapshot_0.pth').exists() and len(res.runs) == 1 and (folder / 'runs.jsonl').exists()

@@ -5,6 +5,7 @@ from pathlib import Path
 from ..checks import int_value
 from ..checkpoint import atomic_save, load_state
 from ..core import Callback
+from ..lock import acquire, release
 
 __all__ = ['WeightSnapshots', 'sgdr_cycle_ends', 'clr_cycle_ends', 'state_dict_copy']
 
@@ -54,7 +55,9 @@ class WeightSnapshots(Callback):
     snapshot is also written atomically to path/snapshot_{epoch}.pth (a plain state dict, loadable with
     minifast.checkpoint.load_state, which verifies its checksum, or torch.load(weights_only=True)). The mapping is
     reset at the start of each fit and set on the learner as `learn.snapshots` (also kept as `self.snapshots`).
-    Usable in callback_fns= and callbacks=.
+    Usable in callback_fns= and callbacks=. With `path`, the folder is locked from before_fit to the end of the fit
+    (see minifast.lock): another process's fit writing snapshots there stops at its before_fit with a
+    FolderLockedError.
     """
     order = 60  # after the Recorder (50): the epoch's row is complete when the snapshot is taken
 
@@ -64,8 +67,11 @@ class WeightSnapshots(Callback):
         self.epochs = _epochs(save_list, 'save_list') | _epochs(cycle_ends, 'cycle_ends')
         self.path = None if path is None else Path(path)
         self.snapshots, self.files = {}, {}
+        self._locks = []  # the folders this callback holds, one per fit running it
 
     def before_fit(self, learn):
+        if self.path is not None and learn.is_main:  # one process writes snapshot_{e}.pth files at a time
+            self._locks.append(acquire(self.path, 'WeightSnapshots'))
         self.snapshots, self.files = {}, {}
         learn.snapshots = self.snapshots
         late = sorted(e for e in self.epochs if not 0 <= e < learn.n_epoch)
@@ -82,6 +88,10 @@ class WeightSnapshots(Callback):
         self.snapshots[e] = sd
         if self.path is not None and learn.is_main:  # distributed: rank 0 writes, every rank keeps the copy
             self.files[e] = atomic_save(sd, self.path / f'snapshot_{e}.pth')
+
+    def after_fit(self, learn):
+        if self._locks:
+            release(self._locks.pop())
 
     def state_dict(self):
         """What a checkpoint keeps so that a resumed fit has every snapshot: their files when they are written to

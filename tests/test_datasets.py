@@ -1,7 +1,6 @@
 """Datasets: CIFAR's pickle format against hand-built files, missing and corrupt files, the generated image set."""
 import pickle
 import sys
-import time
 import types
 
 import numpy as np
@@ -177,22 +176,13 @@ def default_set():
     return synthetic_images()
 
 
-def test_synthetic_default_shapes_balance_and_speed(default_set):
+def test_synthetic_default_shapes_and_balance(default_set):
     d = default_set
     assert d['x_train'].shape == (5000, 3, 32, 32) and d['x_valid'].shape == (1000, 3, 32, 32)
     assert d['x_train'].dtype == torch.uint8 and d['y_train'].dtype == torch.int64
     assert torch.bincount(d['y_train'], minlength=10).tolist() == [500] * 10
     assert torch.bincount(d['y_valid'], minlength=10).tolist() == [100] * 10
-    assert d['classes'] == list(SHAPES)
-    # A loose sanity bound (about 0.3 s on 2 idle cores); retried because a shared machine stalls in bursts.
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        synthetic_images()
-        times.append(time.perf_counter() - t)
-        if times[-1] < 5:
-            break
-    assert min(times) < 5, f'generating 6000 images took {times} s'
+    assert d['classes'] == list(SHAPES)  # its generation time: benchmarks/data.py prints it
 
 
 def test_synthetic_uses_the_value_range(default_set):

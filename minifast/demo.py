@@ -9,7 +9,7 @@ from torch import nn
 from .data import cifar10, cifar_transforms, synthetic_cifar
 from .learner import Learner
 from .options import refuse_small
-from .smith import data_error, metrics_for, save_plot
+from .smith import data_error, metrics_for, refuse_no_batch, save_plot
 
 __all__ = ['run']
 
@@ -35,6 +35,7 @@ def run(args):
     refuse_small('demo', vars(args), epochs=1, bs=1, n_train=1)  # `--epochs 0` trained nothing, then drew empty plots
     torch.manual_seed(args.seed)
     data, what = _data(args)
+    refuse_no_batch('demo', data, what, args.bs, builtin=not args.data)
 
     def block(c_in, c_out):
         return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),

@@ -29,7 +29,8 @@ def add_arguments(p):
     p.add_argument('--out', default='runs/smith', help='the run folder (default: runs/smith)')
     p.add_argument('--seed', type=int, default=0, help='seed of data, initial weights and data order (default 0)')
     p.add_argument('--quiet', action='store_true', help='no progress bars or epoch tables (step lines still print)')
-    p.add_argument('--quick', action='store_true', help='tiny sizes, a few seconds per step (for tests)')
+    p.add_argument('--quick', action='store_true',
+                   help='tiny sizes, for tests and a first look (about a minute on a 2-core CPU)')
     _add_debug(p)
     return p
 

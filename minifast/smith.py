@@ -117,11 +117,11 @@ def data_error(cmd, flag, value, e, downloads):
         root = e.folder.parent
         got = ('the download failed (' + _one_line(f'{type(e.download_error).__name__}: {e.download_error}') + ') and '
                if e.download_error is not None else '')
-        where = ('or give --data-root the folder that holds ' if downloads else
-                 f'(this command never downloads: `minifast smith --data cifar10 --data-root {root}` does), or give '
-                 f'{flag} the folder that holds ')
+        fix = (f'or give --data-root the folder that holds {e.folder.name}' if downloads else
+               f'or give {flag} the folder that holds {e.folder.name} ({cmd} does not download; `minifast smith '
+               f'--data cifar10 --data-root {root}` does)')
         return (f'{cmd}: {flag} {value}: {got}{e.folder} lacks {_few(e.missing)}; get "{e.title}" from {e.url} and '
-                f'extract it into {root}, {where}{e.folder.name}')
+                f'extract it into {root}, {fix}')
     if isinstance(e, ImageDecodeError) and e.bad:
         f, why = e.bad[0]
         more = f' (and {len(e.bad) - 1} more unreadable files)' if len(e.bad) > 1 else ''
@@ -236,11 +236,22 @@ def make_data(args, s):
     """Step 1's DataBunch: the built-in set, CIFAR-10/100, or an image folder. A data problem (a missing folder or
     file, an unreadable image, a class missing from training) exits with one line naming it, or with --debug raises."""
     try:
-        return _make_data(args, s)
+        data, what = _make_data(args, s)
     except (OSError, ValueError) as e:
         if getattr(args, 'debug', False):
             raise
         raise SystemExit(data_error('smith', '--data', args.data, e, downloads=True)) from None
+    refuse_no_batch('smith', data, what, s['bs'], builtin=not args.data)
+    return data, what
+
+
+def refuse_no_batch(cmd, data, what, bs, builtin):
+    """SystemExit naming the numbers when `data` has fewer training images than one batch of `bs` (the training
+    loader drops the last, partial batch, so the first step would fail on an empty loader)."""
+    n = len(data.train_ds)
+    if n < bs:
+        raise SystemExit(f'{cmd}: {what}: {n} training images, fewer than one batch (--bs {bs}); lower --bs'
+                         + (' or raise --n-train' if builtin else ''))
 
 
 def _make_data(args, s):
@@ -285,7 +296,7 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
         set_seed(seed)
         learn = make_learner()
         res = learn.lr_find(num_it=num_it)
-        _save(learn.recorder.plot(suggestion=True), png)
+        save_plot(learn.recorder.plot(suggestion=True), png, f'LR range test ({len(res.lrs)} steps)')
         info = {'key': key, 'steep': res.steep, 'valley': res.valley, 'minimum': res.minimum,
                 'diverged': bool(res.diverged), 'n_steps': len(res.lrs),
                 'lrs': [float(x) for x in res.lrs], 'losses': [float(x) for x in res.losses]}

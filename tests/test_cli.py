@@ -102,7 +102,7 @@ def test_demo_missing_cifar_is_one_line_with_a_fix_the_command_has(tmp_path):
         main(['demo', '--data', str(tmp_path), '--out', str(tmp_path / 'out'), '--quiet'])
     msg = str(e.value.code)
     assert msg.startswith(f'demo: --data {tmp_path}: ') and '\n' not in msg
-    assert 'cifar-10-batches-py lacks data_batch_1' in msg and 'never downloads' in msg
+    assert 'cifar-10-batches-py lacks data_batch_1' in msg and 'demo does not download' in msg
     assert 'download=True' not in msg and 'load_cifar' not in msg
     with pytest.raises(FileNotFoundError):  # --debug: the library's error itself, with its traceback
         main(['demo', '--data', str(tmp_path), '--out', str(tmp_path / 'out'), '--quiet', '--debug'])
@@ -121,3 +121,11 @@ def test_ctrl_c_in_demo_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
                                                             'its plots and weights at the end)']
     with pytest.raises(KeyboardInterrupt):
         main([*argv, '--debug'])
+
+
+def test_demo_fewer_training_images_than_a_batch_is_one_line(tmp_path):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        main(['demo', '--n-train', '10', '--out', str(tmp_path), '--quiet'])
+    assert str(e.value.code) == ('demo: the built-in 32x32 shapes set (10 training images, 10 classes): 10 training '
+                                 'images, fewer than one batch (--bs 64); lower --bs or raise --n-train')

@@ -602,3 +602,14 @@ def test_smith_sigint_prints_one_line_and_the_next_run_resumes(tmp_path):
     assert re.search(r'6/7 final fit resumed from ckpt_\S+ and finished in \d+\.\d s', again.stdout)
     finals = [r for r in _records(tmp_path) if r['name'] == 'final']
     assert len(finals) == 1 and [e['epoch'] for e in finals[0]['epochs']] == [0, 1, 2]
+
+
+def test_smith_fewer_training_images_than_a_batch_is_one_line(tmp_path, monkeypatch):
+    """23 images and --bs 32: step 1 raised a traceback from an empty training loader."""
+    monkeypatch.setenv('MINIFAST_CACHE', str(tmp_path / 'cache'))
+    root = _image_folder(tmp_path / 'imgs', n=2)
+    msg = _smith_exit(tmp_path, '--data', str(root), '--bs', '8')
+    assert msg.startswith(f'smith: the image folder {root}') and msg.endswith(
+        '6 training images, fewer than one batch (--bs 8); lower --bs')
+    assert _smith_exit(tmp_path, '--n-train', '20', '--bs', '32').endswith(
+        '20 training images, fewer than one batch (--bs 32); lower --bs or raise --n-train')

@@ -412,10 +412,13 @@ def test_step_lines_say_what_took_how_long_and_what_was_reused(smith_run):
     for step in ('1/7 data', '2/7 LR range test', '7/7 interpolation'):
         assert re.search(rf'{step}.*took \d+\.\d s', first['out']), step
     assert not re.search(r'\d\.\d{3,} ?s\b', '\n'.join(lines))  # no 12.3456 s
-    assert re.search(r'smith: done in \d+\.\d s \(this invocation: data \d+\.\d s, LR range test \d+\.\d s', first['out'])
-    for words in ('2/7 LR range test skipped (reused from lr_find.json)', '6/7 final fit skipped (reused from runs.jsonl',
-                  '7/7 interpolation skipped (reused from interpolation.json)', 'LR range test reused, grids reused, '
-                  'final fit reused, interpolation reused', f'0 grid run(s) trained, {N_GRID} skipped (reused from'):
+    assert re.search(r'smith: done in \d+\.\d s \(this invocation: data \d+\.\d s, LR range test \d+\.\d s',
+                     first['out'])
+    for words in ('2/7 LR range test skipped (reused from lr_find.json)',
+                  '6/7 final fit skipped (reused from runs.jsonl',
+                  '7/7 interpolation skipped (reused from interpolation.json)',
+                  'LR range test reused, grids reused, final fit reused, interpolation reused',
+                  f'0 grid run(s) trained, {N_GRID} skipped (reused from'):
         assert words in second['out'], words
 
 

@@ -203,7 +203,8 @@ def test_the_lazy_table_names_modules_that_define_its_names_and_only_public_ones
     assert set(all_) - set(names) == {'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path'}
     assert set(names) <= set(all_)
     # the package's __init__ imports no minifast module at its top (else `import minifast` pays for torch again)
-    eager = [n.lineno for n in ast.walk(init) if isinstance(n, (ast.Import, ast.ImportFrom)) and _targets('minifast', n)]
+    eager = [n.lineno for n in ast.walk(init)
+             if isinstance(n, (ast.Import, ast.ImportFrom)) and _targets('minifast', n)]
     assert eager == []
 
 

@@ -1,44 +1,50 @@
 """minifast: a fastai-v1-style training framework on PyTorch: one loop, callbacks, Smith's methods."""
+import importlib as _importlib
+import pkgutil as _pkgutil
 from functools import partial
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from .callbacks.control import (EarlyStopping, EarlyStoppingCallback, ReduceLROnPlateau, ReduceLROnPlateauCallback,
-                                SaveModelCallback)
-from .callbacks.gradients import GradientAccumulation, GradientClipping
-from .callbacks.logging import CSVLogger
-from .callbacks.lr_finder import LRFinder, LRFindResult
-from .callbacks.progress import ProgressCallback, ShowGraph
-from .callbacks.recorder import Recorder
-from .callbacks.schedule import ParamScheduler
-from .callbacks.snapshots import WeightSnapshots
-from .callbacks.tracking import Checkpoint, DivergenceGuard
-from .checkpoint import CorruptCheckpointError, UnsafeCheckpointError
-from .data import (AffineWarp, BatchTransform, DataBunch, Dihedral, FlipLR, FlipUD, ImageDataBunch, ImageList, Lighting,
-                   RandomCropPad, TensorDataLoader, cifar10, cifar100, cifar_stats, cifar_transforms, get_transforms,
-                   imagenet_stats, load_cifar, synthetic_cifar, synthetic_classification, synthetic_images,
-                   write_cifar, write_image_folder)
-from .grid import GridResult, diagnose, grid_search, read_log
-from .lock import FolderLockedError
-from .landscape import (InterpolationResult, SurfaceResult, average_weights, evaluate_weights,
-                        filter_normalized_direction, interpolate_losses, loss_surface, plot_interpolation,
-                        plot_surface, recompute_bn)
-from .determinism import set_seed
-from .resume import resumable
-from .core import (EVENTS, CallbackException, Callback, CancelBatchException, CancelEpochException, CancelException,
-                   CancelFitException, CancelTrainException, CancelValidateException, DivergenceError)
-from .learner import Learner
-from .metrics import accuracy, error_rate, top_k_accuracy
-from .models import (AdaptiveConcatPool2d, Flatten, cifar_resnet, create_cnn, create_head, from_seed_state_dict,
-                     resnet56, to_seed_state_dict)
-from .optim import SGD, AdamW, LayerGroup, layer_decay_lrs, module_groups, split_by_idx, split_model
-from .schedules import (GeneralSchedule, Phase, PhaseSchedule, TrainingPhase, annealing_cos, annealing_exp,
-                        annealing_linear, annealing_no, one_cycle_schedule)
+# Where each public name is defined. The package's top level imports none of these modules: `__getattr__` imports the
+# one that defines a name when the name is first used (PEP 562), so `import minifast` and the `minifast` command's
+# --help do not pay for torch and matplotlib (about 3 s). tests/test_structure.py reads this table as the package's
+# imports (cycles, private names) and checks that each module defines the names listed for it.
+_SUBMODULES = {
+    'callbacks.control': ('EarlyStopping', 'EarlyStoppingCallback', 'ReduceLROnPlateau', 'ReduceLROnPlateauCallback',
+                          'SaveModelCallback'),
+    'callbacks.gradients': ('GradientAccumulation', 'GradientClipping'),
+    'callbacks.logging': ('CSVLogger',),
+    'callbacks.lr_finder': ('LRFinder', 'LRFindResult'),
+    'callbacks.progress': ('ProgressCallback', 'ShowGraph'),
+    'callbacks.recorder': ('Recorder',),
+    'callbacks.schedule': ('ParamScheduler',),
+    'callbacks.snapshots': ('WeightSnapshots',),
+    'callbacks.tracking': ('Checkpoint', 'DivergenceGuard'),
+    'checkpoint': ('CorruptCheckpointError', 'UnsafeCheckpointError'),
+    'data': ('AffineWarp', 'BatchTransform', 'DataBunch', 'Dihedral', 'FlipLR', 'FlipUD', 'ImageDataBunch',
+             'ImageList', 'Lighting', 'RandomCropPad', 'TensorDataLoader', 'cifar10', 'cifar100', 'cifar_stats',
+             'cifar_transforms', 'get_transforms', 'imagenet_stats', 'load_cifar', 'synthetic_cifar',
+             'synthetic_classification', 'synthetic_images', 'write_cifar', 'write_image_folder'),
+    'grid': ('GridResult', 'diagnose', 'grid_search', 'read_log'),
+    'lock': ('FolderLockedError',),
+    'landscape': ('InterpolationResult', 'SurfaceResult', 'average_weights', 'evaluate_weights',
+                  'filter_normalized_direction', 'interpolate_losses', 'loss_surface', 'plot_interpolation',
+                  'plot_surface', 'recompute_bn'),
+    'determinism': ('set_seed',),
+    'resume': ('resumable',),
+    'core': ('EVENTS', 'CallbackException', 'Callback', 'CancelBatchException', 'CancelEpochException',
+             'CancelException', 'CancelFitException', 'CancelTrainException', 'CancelValidateException',
+             'DivergenceError'),
+    'learner': ('Learner',),
+    'metrics': ('accuracy', 'error_rate', 'top_k_accuracy'),
+    'models': ('AdaptiveConcatPool2d', 'Flatten', 'cifar_resnet', 'create_cnn', 'create_head', 'from_seed_state_dict',
+               'resnet56', 'to_seed_state_dict'),
+    'optim': ('SGD', 'AdamW', 'LayerGroup', 'layer_decay_lrs', 'module_groups', 'split_by_idx', 'split_model'),
+    'schedules': ('GeneralSchedule', 'Phase', 'PhaseSchedule', 'TrainingPhase', 'annealing_cos', 'annealing_exp',
+                  'annealing_linear', 'annealing_no', 'one_cycle_schedule'),
+}
+# the modules a fastai v1 notebook expects as names after `from fastai.vision import *` (partial and Path are above)
+_EXTERNAL = {'np': 'numpy', 'torch': 'torch', 'nn': 'torch.nn', 'F': 'torch.nn.functional', 'plt': 'matplotlib.pyplot'}
+_WHERE = {name: mod for mod, names in _SUBMODULES.items() for name in names}
 
 __version__ = '0.1.0'
 
@@ -65,3 +71,25 @@ __all__ = [
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]
+
+
+def __getattr__(name):
+    """A public name (imported from its module on first use, then kept), or a submodule of the package (PEP 562)."""
+    if name in _WHERE:
+        value = getattr(_importlib.import_module(f'{__name__}.{_WHERE[name]}'), name)
+    elif name in _EXTERNAL:
+        value = _importlib.import_module(_EXTERNAL[name])
+    else:
+        try:  # `minifast.grid` without importing it first worked while this file imported everything: keep it
+            return _importlib.import_module(f'{__name__}.{name}')
+        except ModuleNotFoundError as e:
+            if e.name != f'{__name__}.{name}':  # a module the submodule imports is missing: that is the error
+                raise
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    """Every public name and submodule, imported yet or not."""
+    return sorted({*globals(), *__all__, *(m.name for m in _pkgutil.iter_modules(__path__))})

@@ -208,9 +208,11 @@ def plot_interpolation(result, ax=None, log=False):
         line, = ax.plot(a, y, _COLORS.get(dl, None) or '-', label=f'{dl} loss')
         ends = np.isin(a, (0., 1.))
         ax.plot(a[ends], y[ends], 'o', color=line.get_color(), markersize=6)
-    for e, name in ((0., 'w2'), (1., 'w1')):
+    for e in (0., 1.):
         ax.axvline(e, color='0.6', ls=':', lw=1)
-        ax.annotate(name, (e, 1), xycoords=('data', 'axes fraction'), ha='center', va='bottom')
+    # the endpoints' names as ticks of a top axis: a title set later is placed above them, not over them
+    top = ax.secondary_xaxis('top')
+    top.set_xticks([0., 1.], ['w2', 'w1'])
     if log:
         ax.set_yscale('log')
     ax.set_xlabel('alpha (weights = alpha * w1 + (1 - alpha) * w2)')

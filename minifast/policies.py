@@ -16,6 +16,7 @@ import numpy as np
 
 from .callbacks.gradients import GradientAccumulation, GradientClipping
 from .callbacks.lr_finder import LRFinder, LRFindResult, suggestions
+from .callbacks.progress import interactive
 from .callbacks.schedule import ParamScheduler
 from .checks import check_epochs, check_fit, int_at_least, real_value
 from .core import Callback, CancelTrainException, DivergenceError, as_list
@@ -275,6 +276,10 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
     the per-process batch size, over the whole training set) while the others wait; its result and Recorder
     history are then broadcast, so every rank returns the same LRFindResult. An error on rank 0 is raised on
     every rank.
+
+    The sweep shows a progress bar, no epoch table, where bars can redraw (a notebook, a terminal). In a notebook
+    or at an interactive prompt it ends with fastai v1's line 'LR Finder is complete, type learn.recorder.plot() to
+    see the graph.'; not in scripts or the `minifast` command, nor with silent=True.
     """
     if learn.dist.world > 1:
         return _lr_find_distributed(learn, start_lr, end_lr, num_it, stop_div, wd)
@@ -292,7 +297,7 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
     finder = LRFinder(start_lr, end_lr, num_it, stop_div)
     interrupted = False
     try:
-        with preserved(learn, attrs=_SWEEP_ATTRS):
+        with preserved(learn, attrs=_SWEEP_ATTRS), learn.progress.bars_only():
             # the sweep runs with the Recorder and the finder only: the user's callbacks (loggers, checkpoints,
             # early stopping) must neither see it nor write anything; those that shape a step (gradient
             # accumulation and clipping) stay, so each sweep step is a step as the fit would take it
@@ -310,7 +315,7 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
             learn.interrupted = True
     rec = learn.recorder
     sug = suggestions(rec.lrs, rec.losses)
-    if learn.is_main:
+    if learn.is_main and not learn.silent and interactive():  # fastai v1's hint, where it can be followed
         print('LR Finder is complete, type learn.recorder.plot() to see the graph.')
     return LRFindResult(rec.lrs, rec.losses, diverged=finder.diverged, suggestions=sug, **sug)
 

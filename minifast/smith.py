@@ -40,9 +40,12 @@ from .landscape import BN_MODES, InterpolationResult, interpolate_losses, plot_i
 from .core import DivergenceError
 from .learner import Learner
 from .lock import FolderLockedError, acquire, release
+from .data.cache import ImageDecodeError
+from .data.datasets import DatasetNotFoundError
 from .metrics import accuracy, top_k_accuracy
 from .models import cifar_resnet
 from .resume import checkpoint_info, find_checkpoint, is_finished
+from .options import add_arguments, refuse_small  # re-exported: smith.add_arguments was their home
 
 __all__ = ['run', 'add_arguments', 'SIZES']
 
@@ -59,32 +62,6 @@ MOMS = [(0.95, 0.85), (0.99, 0.90)]
 WDS = [1e-3, 1e-4, 1e-5, 0.]
 CONST_DIV = 10      # the constant-lr run of step 3 uses max_lr / CONST_DIV
 FALLBACK_LR = 1e-2  # when lr_find suggests nothing
-
-
-def add_arguments(p):
-    """The `minifast smith` options on an argparse parser."""
-    p.add_argument('--data', default=None,
-                   help="'cifar10', 'cifar100', or a folder of class sub-folders (train/ and test/ or valid/ "
-                        "sub-folders are used as the split, else a random 20%% is held out); default: the built-in "
-                        "32x32 shapes set (10 classes)")
-    p.add_argument('--data-root', default='data', help="where cifar10/cifar100 live or are downloaded (default: data)")
-    p.add_argument('--arch', default=None,
-                   help='resnet8, resnet14, resnet20, resnet32, resnet44, resnet56 or resnet110 (CIFAR ResNets with '
-                        'the concat-pool head; default resnet8 on the built-in set, resnet56 otherwise)')
-    p.add_argument('--epochs', type=int, default=None,
-                   help='epochs of the final 1cycle fit (default 8; 15 with --data)')
-    p.add_argument('--grid-epochs', type=int, default=None, help='epochs of each grid run (default 2)')
-    p.add_argument('--bs', type=int, default=None, help='batch size (default 64; 256 with --data)')
-    p.add_argument('--n-train', type=int, default=None, help='training images of the built-in set (default 5000)')
-    p.add_argument('--n-valid', type=int, default=None, help='validation images of the built-in set (default 1000)')
-    p.add_argument('--num-it', type=int, default=None, help='steps of the LR range test (default 100)')
-    p.add_argument('--max-lr', type=float, default=None, help="use this max_lr instead of lr_find's 'valley'")
-    p.add_argument('--size', type=int, default=32, help='image size for --data FOLDER (default 32)')
-    p.add_argument('--out', default='runs/smith', help='the run folder (default: runs/smith)')
-    p.add_argument('--seed', type=int, default=0, help='seed of data, initial weights and data order (default 0)')
-    p.add_argument('--quiet', action='store_true', help='no progress bars or epoch tables (step lines still print)')
-    p.add_argument('--quick', action='store_true', help='tiny sizes, a few seconds per step (for tests)')
-    return p
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -105,19 +82,61 @@ def _sizes(args):
     return s
 
 
-def refuse_small(cmd, values, **least):
-    """SystemExit naming the flag when one of `values` (a dict; None: not set) is below its least value (a number, or
-    (number, why))."""
-    for k, low in least.items():
-        low, why = low if isinstance(low, tuple) else (low, '')
-        if values[k] is not None and values[k] < low:
-            raise SystemExit(f"{cmd}: --{k.replace('_', '-')} {values[k]}: it must be at least {low}"
-                             + (f' ({why})' if why else ''))
-
-
 def _save(fig, file):
-    fig.savefig(file, dpi=90, bbox_inches='tight')
-    plt.close(fig)
+    """Write `fig` to `file` through a temporary file and an atomic replace (an interrupt never leaves half a PNG)."""
+    file = Path(file)
+    tmp = file.with_name(f'.{file.stem}.{os.getpid()}.{secrets.token_hex(4)}{file.suffix}')
+    try:
+        fig.savefig(tmp, dpi=90, bbox_inches='tight')
+        os.replace(tmp, file)
+    finally:
+        plt.close(fig)
+        with suppress(OSError):
+            tmp.unlink()
+
+
+def save_plot(fig, file, title):
+    """Title `fig` (its only axes, else the figure), then write it to `file` as _save does."""
+    if len(fig.axes) == 1:
+        fig.axes[0].set_title(title)
+    else:
+        fig.suptitle(title)
+        fig.tight_layout()  # makes room for the suptitle above the axes' own titles
+    _save(fig, file)
+
+
+def metrics_for(n_classes, k=5):
+    """The workflow's metrics: accuracy, and top_k_accuracy when k < n_classes (else it is always 1.0)."""
+    return [accuracy, top_k_accuracy] if k < n_classes else [accuracy]
+
+
+def data_error(cmd, flag, value, e, downloads):
+    """One line for a data problem `e` met loading `flag value`, with a fix that exists on this command line
+    (`downloads`: whether the command downloads missing CIFAR files)."""
+    if isinstance(e, DatasetNotFoundError):
+        root = e.folder.parent
+        got = ('the download failed (' + _one_line(f'{type(e.download_error).__name__}: {e.download_error}') + ') and '
+               if e.download_error is not None else '')
+        fix = (f'or give --data-root the folder that holds {e.folder.name}' if downloads else
+               f'or give {flag} the folder that holds {e.folder.name} ({cmd} does not download; `minifast smith '
+               f'--data cifar10 --data-root {root}` does)')
+        return (f'{cmd}: {flag} {value}: {got}{e.folder} lacks {_few(e.missing)}; get "{e.title}" from {e.url} and '
+                f'extract it into {root}, {fix}')
+    if isinstance(e, ImageDecodeError) and e.bad:
+        f, why = e.bad[0]
+        more = f' (and {len(e.bad) - 1} more unreadable files)' if len(e.bad) > 1 else ''
+        return (f'{cmd}: {flag} {value}: cannot read image {f} ({_one_line(why)}){more}; add --ignore-errors to '
+                f'skip such files')
+    # the library's own message, less the function it comes from (a name the command line never shows)
+    return f'{cmd}: {flag} {value}: ' + re.sub(r'^[A-Za-z_][\w.]*: ', '', _one_line(str(e)))
+
+
+def _one_line(text):
+    return ' '.join(str(text).split())
+
+
+def _few(names, n=3):
+    return ', '.join(names[:n]) + (f' and {len(names) - n} more files' if len(names) > n else '')
 
 
 def _cached(file, key, problem):
@@ -214,7 +233,28 @@ def _model_fn(arch, n_classes):
 
 # ----------------------------------------------------------------------------------------------------- steps
 def make_data(args, s):
-    """Step 1's DataBunch: the built-in set, CIFAR-10/100, or an image folder."""
+    """Step 1's DataBunch: the built-in set, CIFAR-10/100, or an image folder. A data problem (a missing folder or
+    file, an unreadable image, a class missing from training) exits with one line naming it, or with --debug raises."""
+    try:
+        data, what = _make_data(args, s)
+    except (OSError, ValueError) as e:
+        if getattr(args, 'debug', False):
+            raise
+        raise SystemExit(data_error('smith', '--data', args.data, e, downloads=True)) from None
+    refuse_no_batch('smith', data, what, s['bs'], builtin=not args.data)
+    return data, what
+
+
+def refuse_no_batch(cmd, data, what, bs, builtin):
+    """SystemExit naming the numbers when `data` has fewer training images than one batch of `bs` (the training
+    loader drops the last, partial batch, so the first step would fail on an empty loader)."""
+    n = len(data.train_ds)
+    if n < bs:
+        raise SystemExit(f'{cmd}: {what}: {n} training images, fewer than one batch (--bs {bs}); lower --bs'
+                         + (' or raise --n-train' if builtin else ''))
+
+
+def _make_data(args, s):
     set_seed(args.seed)
     if not args.data:
         data = synthetic_cifar(n_classes=10, n_train=s['n_train'], n_valid=s['n_valid'], seed=args.seed,
@@ -226,7 +266,10 @@ def make_data(args, s):
         data = fn(args.data_root, download=True, tfms=cifar_transforms(), bs=s['bs'])
         return data, f'{args.data.upper()} from {args.data_root}'
     path = Path(args.data)
-    il = ImageList.from_folder(path)
+    if not path.is_dir():
+        raise SystemExit(f"smith: --data {args.data}: {'not a folder' if path.exists() else 'no such folder'} (give "
+                         f"'cifar10', 'cifar100' or a folder of class sub-folders)")
+    il = ImageList.from_folder(path, ignore_errors=getattr(args, 'ignore_errors', False))
     valid = next((v for v in ('test', 'valid') if (path / v).is_dir()), None)
     if (path / 'train').is_dir() and valid:
         il, how = il.split_by_folder(train='train', valid=valid), f'train/ and {valid}/'
@@ -239,7 +282,7 @@ def make_data(args, s):
 
 def step_data(data, out):
     """Step 1: a batch of augmented training images -> batch.png."""
-    _save(data.show_batch(rows=3, figsize=(5, 5)), out / 'batch.png')
+    save_plot(data.show_batch(rows=3, figsize=(5, 5)), out / 'batch.png', 'augmented training images')
 
 
 def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
@@ -253,7 +296,7 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
         set_seed(seed)
         learn = make_learner()
         res = learn.lr_find(num_it=num_it)
-        _save(learn.recorder.plot(suggestion=True), png)
+        save_plot(learn.recorder.plot(suggestion=True), png, f'LR range test ({len(res.lrs)} steps)')
         info = {'key': key, 'steep': res.steep, 'valley': res.valley, 'minimum': res.minimum,
                 'diverged': bool(res.diverged), 'n_steps': len(res.lrs),
                 'lrs': [float(x) for x in res.lrs], 'losses': [float(x) for x in res.losses]}
@@ -363,10 +406,12 @@ def _newest_state(folder):
     return (file, load_state(file)) if file is not None else (None, None)
 
 
-def _final_plots(learn, out):
-    _save(learn.recorder.plot_losses(), out / 'final_losses.png')
-    _save(learn.recorder.plot_lr(show_moms=True), out / 'final_lr.png')
-    _save(learn.recorder.plot_metrics(), out / 'final_metrics.png')
+def _final_plots(learn, out, config):
+    fit = (f"fit_one_cycle({config['epochs']}, max_lr={config['max_lr']:.3g}, moms={tuple(config['moms'])}, "
+           f"wd={config['wd']:g})")
+    save_plot(learn.recorder.plot_losses(), out / 'final_losses.png', f'final fit: loss\n{fit}')
+    save_plot(learn.recorder.plot_lr(show_moms=True), out / 'final_lr.png', f'final fit: schedule\n{fit}')
+    save_plot(learn.recorder.plot_metrics(), out / 'final_metrics.png', f'final fit: validation metrics\n{fit}')
 
 
 FINAL_PNGS = ('final_losses.png', 'final_lr.png', 'final_metrics.png')
@@ -394,8 +439,10 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
                 file, state = _newest_state(ck_dir)
                 if state is not None:
                     learn.recorder.load_state_dict(state['callbacks']['Recorder'])
-                    _final_plots(learn, out)
-            return rec, learn, 'skipped (its record is in runs.jsonl)'
+                    _final_plots(learn, out, config)
+            secs = rec.get('seconds')
+            earlier = f', where it took {secs:.1f} s' if _num(secs, none=False, finite=True) else ''
+            return rec, learn, f'skipped (reused from runs.jsonl{earlier})'
     file, state = _newest_state(ck_dir)
     set_seed(seed)
     learn = make_learner()
@@ -411,10 +458,9 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
         resume = None
         if file is not None:
             resume = ck_dir
-            what = f'resumed from {file.name} ({checkpoint_info(file)})'
+            _say(f'6/7 final fit: resuming from {file.name} ({checkpoint_info(file)})')
         else:
-            what = f'trained {epochs} epochs'
-        _say(f'final fit: {what}')
+            _say(f'6/7 final fit: training {epochs} epochs (checkpoints in {ck_dir.relative_to(out)})')
         set_seed(seed)
         try:
             learn.fit_one_cycle(epochs, max_lr, moms=moms, wd=wd, callbacks=[snaps, ck], resume=resume)
@@ -425,7 +471,9 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
                 raise SystemExit(f'smith: the checkpoints in {ck_dir} belong to a different final fit ({e}). Delete '
                                  f'that folder (and {snap_dir}), or choose another --out.') from e
             raise
-    _final_plots(learn, out)
+        what = (f'resumed from {file.name} and finished' if resume else f'trained {epochs} epochs') + \
+            f' in {time.perf_counter() - t0:.1f} s'
+    _final_plots(learn, out, config)
     rec = run_record(learn, config, seed, status, time.perf_counter() - t0, name='final')
     rec['key'] = key
     append_record(log, rec)
@@ -449,8 +497,7 @@ def step_interpolation(make_learner, learn, out, epochs, points, n_batches, fina
     w1, w2 = (load_state(snap_dir / f'snapshot_{e}.pth') for e in (e1, e2))
     res = interpolate_losses(learn, w1, w2, alphas=np.linspace(-0.5, 1.5, points), n_batches=n_batches or None)
     fig = plot_interpolation(res)
-    fig.axes[0].set_title(f'w1 = snapshot after epoch {e1}, w2 = after epoch {e2}')
-    _save(fig, png)
+    save_plot(fig, png, f'loss between two snapshots of the final fit\nw1 = after epoch {e1}, w2 = after epoch {e2}')
     vals = {k: np.where(np.isfinite(v), v, np.nan).tolist() for k, v in res.values.items()}
     _write_json(file, {'key': key, 'alphas': res.alphas.tolist(), 'columns': res.columns, 'values': vals,
                        'bn': res.bn, 'n_batches': res.n_batches})
@@ -594,38 +641,39 @@ def _run_steps(args, s, out, t_start):
     make_learner = _learner_factory(data, model_fn, out, args.quiet)
     n_params = sum(p.numel() for p in model_fn().parameters())
     _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out}")
-    times = {}
+    times = {}  # step -> seconds this invocation spent on it, or None where it reused an earlier one's result
 
     t = time.perf_counter()
     step_data(data, out)
     times['data'] = time.perf_counter() - t
-    _say('1/7 data: batch.png')
+    _say(f"1/7 data: batch.png (took {times['data']:.1f} s)")
 
     t = time.perf_counter()
     lf, skipped = _lr_find_step(args, s, what, make_learner, out)
     max_lr = lf['chosen']
-    times['lr_find'] = time.perf_counter() - t
-    _say(f"2/7 LR range test {'skipped (cached in lr_find.json)' if skipped else 'done'}: steep "
-         f"{_fmt_lr(lf['steep'])}, valley {_fmt_lr(lf['valley'])}; max_lr = {max_lr:.3g} from {lf['rule']}")
+    times['LR range test'] = None if skipped else time.perf_counter() - t
+    _say(f"2/7 LR range test {_took(times['LR range test'], 'lr_find.json')}: steep {_fmt_lr(lf['steep'])}, "
+         f"valley {_fmt_lr(lf['valley'])}; max_lr = {max_lr:.3g} from {lf['rule']}")
 
     t = time.perf_counter()
     grids, trained, skipped_runs = _grid_steps(make_learner, out, args.seed, s['grid_epochs'], max_lr, log, args.quiet)
-    times['grids'] = time.perf_counter() - t
+    times['grids'] = time.perf_counter() - t if trained else None
     _say(f"5/7 weight decay: best non-zero {grids['best_nz']:g}, half-decade {grids['fine_wds']}; chose "
-         f"wd={grids['wd']:g}")
+         f"wd={grids['wd']:g} (steps 3 to 5: {trained} run(s) trained, {skipped_runs} reused from runs.jsonl; "
+         f"took {time.perf_counter() - t:.1f} s)")
 
     t = time.perf_counter()
     final, learn, final_what = step_final(make_learner, out, args.seed, s['epochs'], max_lr, grids['moms'],
                                           grids['wd'], log)
-    times['final'] = time.perf_counter() - t
+    times['final fit'] = None if final_what.startswith('skipped') else time.perf_counter() - t
     fin = final['final']
     _say(f"6/7 final fit {final_what}: " + ', '.join(f'{k} {v:.4f}' for k, v in fin.items() if isinstance(v, float)))
 
     t = time.perf_counter()
     interp, snap, cached = step_interpolation(make_learner, learn, out, s['epochs'], s['interp_points'],
                                               s['interp_batches'], final.get('key'))
-    times['interpolation'] = time.perf_counter() - t
-    _say(f"7/7 interpolation {'skipped (cached in interpolation.json)' if cached else 'done'}: "
+    times['interpolation'] = None if cached else time.perf_counter() - t
+    _say(f"7/7 interpolation {_took(times['interpolation'], 'interpolation.json')}: "
          + next((ln for ln in interp.summary().splitlines() if ln.startswith('valid:')), ''))
 
     write_report(out, dict(what=what, arch=s['arch'], n_params=n_params, bs=s['bs'], seed=args.seed,
@@ -633,10 +681,16 @@ def _run_steps(args, s, out, t_start):
                            epochs=s['epochs'], num_it=s['num_it'], lr=lf, **grids, final=final, final_what=final_what,
                            interp=interp, snap=snap))
     total = time.perf_counter() - t_start
-    _say(f"{trained} grid run(s) trained, {skipped_runs} skipped; times: "
-         + ', '.join(f'{k} {v:.0f}s' for k, v in times.items()) + f'; total {total:.0f}s')
+    _say(f'done in {total:.1f} s (this invocation: '
+         + ', '.join(f"{k} {'reused' if v is None else f'{v:.1f} s'}" for k, v in times.items())
+         + f'); {trained} grid run(s) trained, {skipped_runs} skipped (reused from runs.jsonl)')
     _say(f'report: {out / "report.md"}')
     return 0
+
+
+def _took(seconds, cache):
+    """A step's line: how long it took in this invocation, or which file it was reused from."""
+    return f'skipped (reused from {cache})' if seconds is None else f'took {seconds:.1f} s'
 
 
 def _learner_factory(data, model_fn, out, quiet):
@@ -644,7 +698,7 @@ def _learner_factory(data, model_fn, out, quiet):
     cpu = torch.device(data.device).type == 'cpu' if hasattr(data, 'device') else not torch.cuda.is_available()
 
     def make_learner():  # channels_last: also on CPU (faster conv kernels there); on CUDA the Learner's default
-        return Learner(data, model_fn(), metrics=[accuracy, top_k_accuracy], path=out, silent=quiet,
+        return Learner(data, model_fn(), metrics=metrics_for(data.c), path=out, silent=quiet,
                        channels_last=True if cpu else None)
     return make_learner
 

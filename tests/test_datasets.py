@@ -248,3 +248,19 @@ def test_write_image_folder_grey_and_bad_input(tmp_path):
         write_image_folder(tmp_path, x, torch.tensor([0, 1, 1]), ['a', 'b'])
     with pytest.raises(ValueError, match='there are 1 classes'):
         write_image_folder(tmp_path, x, torch.tensor([0, 1]), ['a'])
+
+
+def test_failed_download_does_not_suggest_download_true_and_names_its_parts(tmp_path, monkeypatch):
+    """The message after a failed download said 'or call load_cifar(..., download=True)': what had just failed."""
+    from minifast.data.datasets import DatasetNotFoundError
+
+    def offline(root, train=True, download=False):
+        raise OSError('no network')
+    fake_torchvision(monkeypatch, offline)
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_cifar(tmp_path, 'cifar100', download=True)
+    assert 'download=True' not in str(e.value) and 'no network' in str(e.value)
+    assert e.value.folder == tmp_path / 'cifar-100-python' and e.value.missing == ['train', 'test', 'meta']
+    assert e.value.url == CIFAR_URL and isinstance(e.value.download_error, OSError)
+    with pytest.raises(FileNotFoundError, match=r"download=True\)\.$"):  # not tried: offered
+        load_cifar(tmp_path, 'cifar100', download=False)

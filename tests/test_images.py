@@ -440,3 +440,17 @@ def test_from_tensors_refuses_nan_pixels_instead_of_zeroing_them():
     with pytest.raises(ValueError, match=r'x_train: float images hold 1 NaN of 240 values, in 1 of 5 images \(the '
                                          r'first is image 4\)'):
         ImageDataBunch.from_tensors(nhwc, [0] * 5, x.nan_to_num(), [0] * 5)
+
+
+def test_decode_error_lists_every_unreadable_file(tmp_path):
+    """ImageDecodeError.bad: (file, why) of each unreadable file, so a caller (the CLI) can word its own fix."""
+    from minifast.data.cache import ImageDecodeError, decode_images
+    good = tmp_path / 'good.png'
+    from PIL import Image
+    Image.new('RGB', (4, 4)).save(good)
+    bad = [tmp_path / 'a.png', tmp_path / 'b.png']
+    for f in bad:
+        f.write_bytes(b'not an image')
+    with pytest.raises(ImageDecodeError) as e:
+        decode_images([good, *bad], (4, 4))
+    assert [f for f, _ in e.value.bad] == bad and all(why for _, why in e.value.bad)

@@ -632,3 +632,23 @@ def test_no_host_read_per_point(bn):
             interpolate_losses(learn, w1, w2, alphas=np.linspace(-1, 2, n), bn=bn)
         counts.append(reads.n)
     assert counts[0] == counts[1], counts
+
+
+def test_plot_interpolation_endpoint_labels_do_not_collide_with_a_title():
+    """The w1/w2 names used to sit on the top edge of the axes, where a title (smith sets one) covered them."""
+    learn = trained_bn_learner(epochs=2, save_list=(0, 1))
+    res = interpolate_losses(learn, 0, 1, alphas=np.linspace(-0.5, 1.5, 5))
+    fig = plot_interpolation(res)
+    ax = fig.axes[0]
+    ax.set_title('loss between two snapshots of the final fit\nw1 = after epoch 0, w2 = after epoch 2')
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    names = [t for t in fig.findobj(lambda a: hasattr(a, 'get_text') and a.get_text() in ('w1', 'w2'))
+             if t.get_visible()]
+    assert sorted(t.get_text() for t in names) == ['w1', 'w2']
+    title = ax.title.get_window_extent(r)
+    assert all(t.get_window_extent(r).y1 <= title.y0 + 0.5 for t in names)  # below the title, whatever its width
+    assert not any(t.get_window_extent(r).overlaps(title) for t in names)
+    x = {t.get_text(): t.get_window_extent(r).x0 + t.get_window_extent(r).width / 2 for t in names}
+    at = {a: ax.transData.transform((a, 0))[0] for a in (0., 1.)}
+    assert x['w2'] == pytest.approx(at[0.], abs=2) and x['w1'] == pytest.approx(at[1.], abs=2)  # over alpha 0, 1

@@ -349,3 +349,52 @@ def test_keyboard_interrupt_in_terminal(tmp_path, capsys, monkeypatch):
     learn.fit(1, lr=0.01)
     rows = [line.split() for line in table_lines(capsys.readouterr().out)[1:]]
     assert len(rows) == 1 and rows[0][1] == fmt(learn.recorder.train_losses[0])
+
+
+# ---- lr_find's sweep: a bar, no table; the fastai v1 hint only where it can be followed ---------------------------
+HINT = 'LR Finder is complete, type learn.recorder.plot() to see the graph.'
+
+
+def test_lr_find_in_a_script_prints_no_epoch_table_and_no_hint(tmp_path, capsys):
+    """A script or the `minifast` command (stdout not a terminal): the sweep used to print an epoch table of `#na#`
+    rows and the notebook hint; now nothing, and the next fit's table is back."""
+    learn = make_learner(tmp_path)
+    learn.lr_find(num_it=10)
+    assert capsys.readouterr().out == ''
+    learn.fit(1, lr=0.01)
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[0].split()[:3] == ['epoch', 'train_loss', 'valid_loss'] and len(lines) == 2
+
+
+def test_lr_find_in_a_notebook_shows_a_bar_and_the_hint_but_no_table(tmp_path, notebook, capsys):
+    learn = make_learner(tmp_path)
+    learn.lr_find(num_it=10)
+    (sweep,) = notebook
+    assert sweep.rows == []  # no header, no `#na#` rows
+    assert sweep.children and sweep.children[0].updates, 'no progress bar during the sweep'
+    assert capsys.readouterr().out.strip() == HINT
+    learn.fit(1, lr=0.01)
+    assert notebook[-1].rows[0][:3] == ['epoch', 'train_loss', 'valid_loss'] and len(notebook[-1].rows) == 2
+    assert learn.progress.table is True
+
+
+def test_lr_find_hint_at_an_interactive_prompt_but_not_when_silent(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, 'ps1', '>>> ', raising=False)
+    make_learner(tmp_path).lr_find(num_it=10)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == HINT
+    make_learner(tmp_path, silent=True).lr_find(num_it=10)
+    assert capsys.readouterr().out == ''
+
+
+def test_lr_find_interrupted_restores_the_table(tmp_path):
+    from minifast import GradientClipping
+    learn = make_learner(tmp_path)
+
+    class Stop(GradientClipping):  # the sweep keeps only callbacks that shape a step
+        def after_batch(self, learn):
+            raise KeyboardInterrupt
+
+    learn.add_cb(Stop(clip=1e9))
+    with pytest.raises(KeyboardInterrupt):
+        learn.lr_find(num_it=10)
+    assert learn.progress.table is True

@@ -402,3 +402,23 @@ def test_plot_lr_show_moms_without_momentum_raises(tmp_path):
     with pytest.raises(ValueError, match='no momentum'):
         learn.recorder.plot_lr(show_moms=True)
     assert isinstance(learn.recorder.plot_lr(), Figure)  # the lr alone is fine
+
+
+# ---- integer ticks where the x axis counts epochs, batches or steps --------------------------------------------
+def _x_ticks(ax):
+    ax.figure.canvas.draw()
+    lo, hi = ax.get_xlim()
+    return [t for t in ax.get_xticks() if lo <= t <= hi]
+
+
+@pytest.mark.parametrize('epochs', [2, 3, 5])
+def test_plots_have_integer_ticks_on_epochs_and_steps(tmp_path, epochs):
+    """plot_metrics drew ticks at epoch 0.5, 1.5 (and 0.25... for 3 or 5 epochs); plot_losses and plot_lr likewise
+    on short runs (a count of batches or steps)."""
+    learn = make_learner(tmp_path, n_train=64, metrics=(accuracy,))  # 2 batches per epoch
+    learn.fit(epochs, lr=0.01)
+    figs = [learn.recorder.plot_metrics(), learn.recorder.plot_losses(), learn.recorder.plot_lr(show_moms=True)]
+    for fig in figs:
+        for ax in fig.axes:
+            ticks = _x_ticks(ax)
+            assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (ax.get_xlabel(), ticks)

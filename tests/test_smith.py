@@ -398,3 +398,221 @@ def test_smith_removes_json_temp_files_of_killed_writers_only(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match='stop after cleanup'):
         smith.run(_args(tmp_path))
     assert not stale.exists() and live.exists() and other.exists()
+
+
+# ------------------------------------------------------------------------------------------------ smith: a clear run
+def test_step_lines_say_what_took_how_long_and_what_was_reused(smith_run):
+    """'final fit: trained 8 epochs' printed before training; seconds had 4 decimals; a re-run's reused steps
+    looked like ones that ran."""
+    _, (first, second) = smith_run
+    lines = [ln for ln in first['out'].splitlines() if ln.startswith('smith:')]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith('smith: 6/7 final fit: training 3 epochs'))
+    done = next(i for i, ln in enumerate(lines) if re.match(r'smith: 6/7 final fit trained 3 epochs in \d+\.\d s:', ln))
+    assert start < done and not any('final fit: trained' in ln for ln in lines)
+    for step in ('1/7 data', '2/7 LR range test', '7/7 interpolation'):
+        assert re.search(rf'{step}.*took \d+\.\d s', first['out']), step
+    assert not re.search(r'\d\.\d{3,} ?s\b', '\n'.join(lines))  # no 12.3456 s
+    assert re.search(r'smith: done in \d+\.\d s \(this invocation: data \d+\.\d s, LR range test \d+\.\d s',
+                     first['out'])
+    for words in ('2/7 LR range test skipped (reused from lr_find.json)',
+                  '6/7 final fit skipped (reused from runs.jsonl',
+                  '7/7 interpolation skipped (reused from interpolation.json)',
+                  'LR range test reused, grids reused, final fit reused, interpolation reused',
+                  f'0 grid run(s) trained, {N_GRID} skipped (reused from'):
+        assert words in second['out'], words
+
+
+def test_smith_final_and_interpolation_plots_are_titled(tmp_path, monkeypatch):
+    titles = {}
+    real = smith.save_plot
+    monkeypatch.setattr(smith, 'save_plot', lambda fig, file, title: (titles.update({file.name: title}),
+                                                                      real(fig, file, title)))
+    mk = lambda: _learner(silent=True)  # noqa: E731
+    rec, learn, _ = smith.step_final(mk, tmp_path, 0, 3, 1e-2, (0.95, 0.85), 1e-4, tmp_path / 'runs.jsonl')
+    smith.step_interpolation(mk, learn, tmp_path, 3, 5, 1, rec['key'])
+    assert sorted(titles) == ['final_losses.png', 'final_lr.png', 'final_metrics.png', 'interpolation.png']
+    assert all('fit_one_cycle(3, max_lr=0.01, moms=(0.95, 0.85), wd=0.0001)' in titles[f] for f in smith.FINAL_PNGS)
+    assert 'w1 = after epoch 2, w2 = after epoch 0' not in titles['interpolation.png']  # w1 is the earlier one
+    assert 'w1 = after epoch 0, w2 = after epoch 2' in titles['interpolation.png']
+
+
+def test_smith_workflow_metrics_leave_out_top_k_with_few_classes(tmp_path):
+    data = make_data(n_out=5)
+    learn = smith._learner_factory(data, lambda: make_mlp(n_out=5), tmp_path, True)()
+    assert learn.metrics == [accuracy]
+    data = make_data(n_out=6)
+    assert [m.__name__ for m in smith._learner_factory(data, lambda: make_mlp(n_out=6), tmp_path, True)().metrics] \
+        == ['accuracy', 'top_k_accuracy']
+
+
+# ---- data errors: one line naming the problem, with a fix that exists on the command line ------------------------
+def _smith_exit(tmp_path, *flags):
+    with pytest.raises(SystemExit) as e:
+        main(['smith', '--quick', '--quiet', '--out', str(tmp_path / 'run'), *flags])
+    msg = str(e.value.code)
+    assert '\n' not in msg, msg
+    return msg
+
+
+def _image_folder(root, train_classes=(0, 1, 2), valid_classes=(0, 1, 2), n=4):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    names = ['ant', 'bee', 'cat', 'dog']
+    for split, cls in (('train', train_classes), ('valid', valid_classes)):
+        y = torch.tensor([c for c in cls for _ in range(n)])
+        minifast.write_image_folder(root, torch.randint(0, 256, (len(y), 3, 8, 8), generator=g, dtype=torch.uint8),
+                                    y, names, split=split)
+    return root
+
+
+def test_smith_data_folder_missing_or_not_a_folder(tmp_path):
+    msg = _smith_exit(tmp_path, '--data', str(tmp_path / 'nope'))
+    assert msg == (f"smith: --data {tmp_path / 'nope'}: no such folder (give 'cifar10', 'cifar100' or a folder of "
+                   f"class sub-folders)")
+    (tmp_path / 'file.txt').write_text('x')
+    assert 'not a folder' in _smith_exit(tmp_path, '--data', str(tmp_path / 'file.txt'))
+
+
+def test_smith_corrupt_image_names_the_file_and_offers_ignore_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv('MINIFAST_CACHE', str(tmp_path / 'cache'))
+    root = _image_folder(tmp_path / 'imgs')
+    bad = root / 'train' / 'bee' / '05.png'
+    bad.write_bytes(b'not a png')
+    msg = _smith_exit(tmp_path, '--data', str(root))
+    assert msg.startswith(f'smith: --data {root}: cannot read image {bad} (') and msg.endswith(
+        'add --ignore-errors to skip such files')
+    assert 'ignore_errors=True' not in msg
+    args = argparse.Namespace(data=str(root), seed=0, size=8, ignore_errors=True, debug=False)
+    with pytest.warns(UserWarning, match='skipped 1 unreadable'):
+        data, what = smith.make_data(args, {'bs': 4})
+    assert len(data.train_ds) == 11 and '11 training images' in what
+    with pytest.raises(minifast.data.cache.ImageDecodeError):  # --debug: the library's own error and traceback
+        smith.make_data(argparse.Namespace(data=str(root), seed=0, size=8, debug=True), {'bs': 4})
+
+
+def test_smith_validation_classes_missing_from_training_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv('MINIFAST_CACHE', str(tmp_path / 'cache'))
+    root = _image_folder(tmp_path / 'imgs', train_classes=(0, 1), valid_classes=(3,))
+    msg = _smith_exit(tmp_path, '--data', str(root))
+    assert msg.startswith(f'smith: --data {root}: every validation image') and "'dog' (4 images)" in msg
+    assert 'label_from_folder' not in msg
+
+
+def test_smith_bad_cifar_file_names_it(tmp_path):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    d = {k: torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8) for k, n in
+         (('x_train', 10), ('x_valid', 5))}
+    minifast.write_cifar(tmp_path / 'data', 'cifar10', d['x_train'], torch.arange(10) % 10, d['x_valid'],
+                         torch.arange(5), [f'c{i}' for i in range(10)])
+    bad = tmp_path / 'data' / 'cifar-10-batches-py' / 'data_batch_3'
+    bad.write_bytes(bad.read_bytes()[:100])
+    msg = _smith_exit(tmp_path, '--data', 'cifar10', '--data-root', str(tmp_path / 'data'))
+    assert msg.startswith(f'smith: --data cifar10: {bad}: cannot read this CIFAR pickle')
+
+
+def test_smith_cifar_download_failure_is_one_line_without_download_true(tmp_path, monkeypatch):
+    import types
+    tv = types.ModuleType('torchvision')
+
+    def offline(root, train=True, download=False):
+        raise OSError('<urlopen error [Errno -3] Temporary failure in name resolution>')
+    tv.datasets = types.SimpleNamespace(CIFAR10=offline)
+    monkeypatch.setitem(sys.modules, 'torchvision', tv)
+    msg = _smith_exit(tmp_path, '--data', 'cifar10', '--data-root', str(tmp_path / 'data'))
+    folder = tmp_path / 'data' / 'cifar-10-batches-py'
+    assert msg.startswith('smith: --data cifar10: the download failed (OSError: <urlopen error [Errno -3] Temporary '
+                          f'failure in name resolution>) and {folder} lacks data_batch_1, data_batch_2, data_batch_3 '
+                          'and 4 more files; get "CIFAR-10 python version" from https://')
+    assert msg.endswith(f'extract it into {tmp_path / "data"}, or give --data-root the folder that holds '
+                        'cifar-10-batches-py')
+    assert 'download=True' not in msg
+
+
+# ---- Ctrl-C: one line, exit 130, and the next run resumes -------------------------------------------------------
+def test_smith_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    _tiny_smith(monkeypatch)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(smith, 'step_final', interrupted)
+    argv = ['smith', '--quick', '--quiet', '--out', str(tmp_path), '--max-lr', '1e-2', '--n-train', '64',
+            '--num-it', '8']
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ['smith: interrupted; run the same command again to resume (finished steps, '
+                                        'grid runs and checkpoints are kept)']
+    assert holds(tmp_path) == 0 and not (tmp_path / LOCK_FILE).exists()
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, '--debug'])
+
+
+SIGINT_CHILD = '''
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from conftest import make_data, make_mlp
+from minifast import smith
+from minifast.cli import main
+
+def fake_data(args, s):
+    data = make_data(n_train=s['n_train'], n_valid=32, bs=16, n_out=6, seed=args.seed)
+    data.device = 'cpu'
+    return data, 'tiny set'
+smith.make_data = fake_data
+smith._model_fn = lambda arch, c: (lambda: make_mlp(n_out=c))
+smith.step_data = lambda data, out: None
+
+class WaitForCtrlC(smith.WeightSnapshots):
+    """In the final fit, at epoch 1's second batch, waits for the parent's SIGINT (the first press sets a flag)."""
+    def after_batch(self, learn):
+        if os.environ.get('WAIT') and learn.training and learn.epoch == 1 and learn.iter == 1:
+            print('WAITING', flush=True)
+            t = time.time()
+            while not learn.ctrl_c.requested and time.time() - t < 60:
+                time.sleep(0.01)
+smith.WeightSnapshots = WaitForCtrlC
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow  # two processes that import torch (about 12 s here); test_smith_ctrl_c_is_one_line... is the fast one
+def test_smith_sigint_prints_one_line_and_the_next_run_resumes(tmp_path):
+    """A real SIGINT during the final fit: one line on stderr, exit 130, no traceback; the same command again
+    reuses the LR range test and the grid runs and resumes the final fit from its checkpoint."""
+    import signal
+    code = SIGINT_CHILD.format(tests=str(Path(__file__).parent))
+    argv = [sys.executable, '-c', code, 'smith', '--quick', '--out', str(tmp_path), '--n-train', '64', '--num-it', '8',
+            '--grid-epochs', '1', '--epochs', '3']
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**_env(), 'WAIT': '1'})
+    out = []
+    for line in child.stdout:
+        out.append(line)
+        if line.strip() == 'WAITING':
+            child.send_signal(signal.SIGINT)
+    err = child.stderr.read()
+    assert child.wait(60) == 130, ''.join(out) + err
+    assert 'Traceback' not in err and err.strip().splitlines()[-1] == (
+        'smith: interrupted; run the same command again to resume (finished steps, grid runs and checkpoints are '
+        'kept)'), err
+    out = ''.join(out)
+    assert '#na#' not in out and 'LR Finder is complete' not in out  # the sweep printed no table, no hint
+    assert list(tmp_path.glob('checkpoints/*/ckpt_*.pth'))
+    again = subprocess.run(argv, capture_output=True, text=True, env=_env())
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert 'LR range test skipped' in again.stdout and f'0 grid run(s) trained, {N_GRID} skipped' in again.stdout
+    assert re.search(r'6/7 final fit: resuming from ckpt_\S+ \(', again.stdout), again.stdout
+    assert re.search(r'6/7 final fit resumed from ckpt_\S+ and finished in \d+\.\d s', again.stdout)
+    finals = [r for r in _records(tmp_path) if r['name'] == 'final']
+    assert len(finals) == 1 and [e['epoch'] for e in finals[0]['epochs']] == [0, 1, 2]
+
+
+def test_smith_fewer_training_images_than_a_batch_is_one_line(tmp_path, monkeypatch):
+    """23 images and --bs 32: step 1 raised a traceback from an empty training loader."""
+    monkeypatch.setenv('MINIFAST_CACHE', str(tmp_path / 'cache'))
+    root = _image_folder(tmp_path / 'imgs', n=2)
+    msg = _smith_exit(tmp_path, '--data', str(root), '--bs', '8')
+    assert msg.startswith(f'smith: the image folder {root}') and msg.endswith(
+        '6 training images, fewer than one batch (--bs 8); lower --bs')
+    assert _smith_exit(tmp_path, '--n-train', '20', '--bs', '32').endswith(
+        '20 training images, fewer than one batch (--bs 32); lower --bs or raise --n-train')

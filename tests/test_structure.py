@@ -37,8 +37,19 @@ def _targets(cur, node):
     return [(f'{mod}.{a.name}' if f'{mod}.{a.name}' in MODS else mod, a.name) for a in node.names]
 
 
+def _lazy_table(tree):
+    """The package's table of lazily imported names ({submodule: (names)}, minifast/__init__.py's `_SUBMODULES`) with
+    its line, or ({}, 0) when the module has none."""
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == '_SUBMODULES'):
+            return ast.literal_eval(node.value), node.lineno
+    return {}, 0
+
+
 def _imports():
-    """[(module, target module, imported name, line, inside a function, source line and the line above)]."""
+    """[(module, target module, imported name, line, inside a function, source line and the line above)]; a package's
+    lazy table counts as its imports at the top level (what they import is what `from .x import name` would)."""
     rows = []
     for cur, (f, tree) in MODS.items():
         lines = f.read_text().splitlines()
@@ -49,6 +60,9 @@ def _imports():
                     if target in MODS and target != cur:
                         near = lines[node.lineno - 2:node.lineno]
                         rows.append((cur, target, name, node.lineno, id(node) not in top, near))
+        table, line = _lazy_table(tree)
+        for sub, names in table.items():
+            rows += [(cur, f'{cur}.{sub}', name, line, False, lines[line - 2:line]) for name in names]
     return rows
 
 
@@ -154,6 +168,62 @@ def test_the_measurement_sees_a_cycle_and_a_private_import(tmp_path):
         assert _cycles() == [['minifast.a', 'minifast.b']]
         assert [(m, n) for m, _, n, *_ in IMPORTS if n and n.startswith('_')] == [('minifast.a', '_hidden')]
         assert all(lazy for *_, lazy, _ in IMPORTS)
+    finally:
+        MODS, IMPORTS = old
+
+
+
+def _defined(tree):
+    """The names a module binds at its top level (definitions, assignments, imports)."""
+    out = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            out |= {(a.asname or a.name).split('.')[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                out |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return out
+
+
+def test_the_lazy_table_names_modules_that_define_its_names_and_only_public_ones():
+    """minifast/__init__.py imports nothing eagerly but names each public name's module: every entry exists, defines
+    the name, and the table and __all__ agree (the names that are not minifast's are the fastai v1 conveniences)."""
+    table, line = _lazy_table(MODS['minifast'][1])
+    assert table and line
+    wrong = [f'{sub}.{n}' for sub, names in table.items() for n in names
+             if f'minifast.{sub}' not in MODS or n not in _defined(MODS[f'minifast.{sub}'][1])]
+    assert wrong == []
+    names = [n for ns in table.values() for n in ns]
+    assert len(names) == len(set(names)), 'a name listed under two modules'
+    init = MODS['minifast'][1]
+    all_ = next(ast.literal_eval(n.value) for n in init.body if isinstance(n, ast.Assign)
+                and isinstance(n.targets[0], ast.Name) and n.targets[0].id == '__all__')
+    assert set(all_) - set(names) == {'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path'}
+    assert set(names) <= set(all_)
+    # the package's __init__ imports no minifast module at its top (else `import minifast` pays for torch again)
+    eager = [n.lineno for n in ast.walk(init)
+             if isinstance(n, (ast.Import, ast.ImportFrom)) and _targets('minifast', n)]
+    assert eager == []
+
+
+def test_the_measurement_reads_the_lazy_table_as_imports(tmp_path):
+    """The lazy table's entries are rows of the package's imports: a private name there is caught."""
+    global MODS, IMPORTS
+    init = "_SUBMODULES = {\n    'a': ('_hidden', 'f'),\n}\n"
+    a = 'import minifast\ndef f():\n    pass\n'
+    (tmp_path / '__init__.py').write_text(init)
+    (tmp_path / 'a.py').write_text(a)
+    (tmp_path / 'b.py').write_text('from . import a\n')
+    old = MODS, IMPORTS
+    MODS = {'minifast': (tmp_path / '__init__.py', ast.parse(init)), 'minifast.a': (tmp_path / 'a.py', ast.parse(a)),
+            'minifast.b': (tmp_path / 'b.py', ast.parse('from . import a\n'))}
+    try:
+        IMPORTS = _imports()
+        assert ('minifast', 'minifast.a', '_hidden') in [r[:3] for r in IMPORTS]
+        assert [(m, n) for m, _, n, *_ in IMPORTS if n and n.startswith('_')] == [('minifast', '_hidden')]
+        assert _cycles() == []  # as with `from .a import f`: a package importing its own submodule is no cycle
     finally:
         MODS, IMPORTS = old
 

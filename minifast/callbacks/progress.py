@@ -8,7 +8,7 @@ from fastprogress.fastprogress import format_time, master_bar, progress_bar
 
 from ..core import Callback
 
-__all__ = ['ProgressCallback', 'ShowGraph', 'no_bar']
+__all__ = ['ProgressCallback', 'ShowGraph', 'no_bar', 'interactive']
 
 
 @contextlib.contextmanager
@@ -24,6 +24,11 @@ def no_bar(learn):
 def _live():
     """True where bars can redraw in place: a notebook, or a terminal."""
     return fp.IN_NOTEBOOK or sys.stdout.isatty()
+
+
+def interactive():
+    """True in a notebook or an interactive Python prompt: where a hint to type something can be followed."""
+    return bool(fp.IN_NOTEBOOK or hasattr(sys, 'ps1'))
 
 
 class _PlainTable:
@@ -54,22 +59,34 @@ class ProgressCallback(Callback):
     The bar's own update is a counter compare; the smoothed loss shown beside it is read at most every
     `comment_every` seconds, so the bar costs no per-step host synchronisation. Outside a notebook, when stdout
     is not a terminal (CI logs, files), only the epoch table is printed. In distributed training only rank 0 shows
-    anything.
+    anything. With `table` False (lr_find's sweep) only the bars are shown, and nothing where they cannot redraw.
     """
     order = 60
 
     def __init__(self, comment_every=0.5):
         self.comment_every, self.mbar, self.pbar, self._outer = comment_every, None, None, []
+        self.table = True
+
+    @contextlib.contextmanager
+    def bars_only(self):
+        """Within: progress bars but no epoch table (lr_find's sweep, whose rows would be `#na#` but for a train
+        loss its plot shows better)."""
+        old, self.table = self.table, False
+        try:
+            yield
+        finally:
+            self.table = old
 
     def before_fit(self, learn):
         self.mbar = self.pbar = None
         self._outer = []
-        if learn.silent or not learn.is_main:
+        if learn.silent or not learn.is_main or not (self.table or _live()):
             return
         self.mbar = master_bar(range(learn.n_epoch)) if _live() else _PlainTable()
         self.mbar.on_iter_begin()
-        names = ['epoch', 'train_loss', 'valid_loss', *learn.recorder.metrics_names, 'time']
-        self.mbar.write(names, table=True)
+        if self.table:
+            names = ['epoch', 'train_loss', 'valid_loss', *learn.recorder.metrics_names, 'time']
+            self.mbar.write(names, table=True)
 
     def before_epoch(self, learn):
         if self.mbar is not None:
@@ -109,7 +126,7 @@ class ProgressCallback(Callback):
     after_train = after_validate = _end_bar
 
     def after_epoch(self, learn):
-        if self.mbar is None:
+        if self.mbar is None or not self.table:
             return
         r = learn.recorder
         fmt = lambda v: '#na#' if v is None or v != v else f'{v:.6f}'  # noqa: E731  (nan: not computed)

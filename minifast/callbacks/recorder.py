@@ -5,6 +5,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from ..checks import metric_name
 from ..core import Callback
@@ -221,6 +222,7 @@ class Recorder(Callback):
             ax.plot(*zip(*val), marker='o', label='Validation')
         ax.set_xlabel('Batches processed')
         ax.set_ylabel('Loss')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no tick at 2.5 batches
         ax.legend()
         return fig
 
@@ -237,6 +239,7 @@ class Recorder(Callback):
             a.plot(epochs, [self.metrics[e][i] for e in epochs], marker='o')
             a.set_xlabel('Epoch')
             a.set_ylabel(name)
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no tick at epoch 0.5
         return fig
 
     def plot_lr(self, show_moms=False, ax=None):
@@ -247,10 +250,11 @@ class Recorder(Callback):
             raise ValueError('Recorder.plot_lr(show_moms=True): the optimizer has no momentum/betas to show')
         fig, axs = new_figure(ax, ncols=2 if show_moms else 1)
         axs[0].plot(range(len(lrs)), lrs)
-        axs[0].set_xlabel('Iterations')
         axs[0].set_ylabel('Learning Rate')
         if show_moms:
             axs[1].plot(range(len(lrs)), self.moms)
-            axs[1].set_xlabel('Iterations')
             axs[1].set_ylabel('Momentum')
+        for a in axs:
+            a.set_xlabel('Iterations')
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))  # a count of steps
         return fig

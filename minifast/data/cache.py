@@ -19,7 +19,11 @@ _PARALLEL_MIN = 2000  # below this many files, starting worker processes costs m
 
 
 class ImageDecodeError(ValueError):
-    """An image file that cannot be read; the message names the file."""
+    """An image file that cannot be read; the message names the file, `bad` lists (file, why) of every such file."""
+
+    def __init__(self, message, bad=()):
+        super().__init__(message)
+        self.bad = list(bad)
 
 
 def default_cache_dir():
@@ -104,7 +108,8 @@ def decode_images(files, size, num_workers=None, ignore_errors=False, crop=False
     if bad and not ignore_errors:
         f, why = bad[0]
         more = f' (and {len(bad) - 1} more unreadable files)' if len(bad) > 1 else ''
-        raise ImageDecodeError(f'cannot read image {f}: {why}{more}; pass ignore_errors=True to skip such files')
+        raise ImageDecodeError(f'cannot read image {f}: {why}{more}; pass ignore_errors=True to skip such files',
+                               bad)
     if bad:
         listing = '\n'.join(f'  {f}: {why}' for f, why in bad)
         warnings.warn(f'skipped {len(bad)} unreadable image file(s):\n{listing}')

@@ -11,7 +11,7 @@ import torch
 from .images import ImageDataBunch, cifar_stats
 
 __all__ = ['cifar10', 'cifar100', 'synthetic_cifar', 'load_cifar', 'write_cifar', 'synthetic_images',
-           'write_image_folder', 'CIFAR_URL', 'SHAPES', 'HUES']
+           'write_image_folder', 'CIFAR_URL', 'SHAPES', 'HUES', 'DatasetNotFoundError']
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar.html'
 
@@ -49,15 +49,26 @@ def _missing_files(folder, spec):
     return [f for f in spec['train'] + spec['test'] + [spec['meta']] if not (folder / f).is_file()]
 
 
-def _not_found(root, name, spec, missing, download_error=None):
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not on disk (and were not downloaded): `folder`, the `missing` file names, where to get
+    them (`title`, `url`) and the `download_error` when a download was tried and failed."""
+
+    def __init__(self, message, folder, missing, title, url, download_error=None):
+        super().__init__(message)
+        self.folder, self.missing, self.title, self.url = folder, list(missing), title, url
+        self.download_error = download_error
+
+
+def _not_found(root, name, spec, missing, download_error=None, tried=False):
+    """The error for missing CIFAR files; it offers download=True only when the call did not just try it."""
     folder = root / spec['folder']
     files = ', '.join(spec['train'] + spec['test'] + [spec['meta']])
     msg = (f'{name}: expected the folder {folder} with the files {files}; missing: {", ".join(missing)}. '
-           f'Get the "{spec["title"]}" from {CIFAR_URL} and extract it into {root}, '
-           f'or call load_cifar({str(root)!r}, {name!r}, download=True).')
+           f'Get the "{spec["title"]}" from {CIFAR_URL} and extract it into {root}'
+           + ('.' if tried else f', or call load_cifar({str(root)!r}, {name!r}, download=True).'))
     if download_error is not None:
         msg += f' The download failed: {type(download_error).__name__}: {download_error}'
-    return FileNotFoundError(msg)
+    return DatasetNotFoundError(msg, folder, missing, spec['title'], CIFAR_URL, download_error)
 
 
 def _download(root, spec):
@@ -122,10 +133,10 @@ def load_cifar(root, name='cifar100', download=True):
         try:
             _download(root, spec)
         except Exception as e:
-            raise _not_found(root, name, spec, _missing_files(folder, spec), e) from e
+            raise _not_found(root, name, spec, _missing_files(folder, spec), e, tried=True) from e
         missing = _missing_files(folder, spec)
         if missing:
-            raise _not_found(root, name, spec, missing)
+            raise _not_found(root, name, spec, missing, tried=True)
     meta_path = folder / spec['meta']
     names = _key(_unpickle(meta_path), spec['names'], meta_path)
     classes = [n.decode('utf-8') if isinstance(n, bytes) else str(n) for n in names]

@@ -226,8 +226,9 @@ def _first_size(files, ignore_errors):
                 return im.height, im.width
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad files
             if not ignore_errors:
-                raise ImageDecodeError(f'cannot read image {f}: {type(e).__name__}: {e}; pass ignore_errors=True '
-                                       f'to skip such files') from e
+                why = f'{type(e).__name__}: {e}'
+                raise ImageDecodeError(f'cannot read image {f}: {why}; pass ignore_errors=True to skip such files',
+                                       [(f, why)]) from e
     raise ImageDecodeError(f'none of the {len(files)} training images can be read (the first is {files[0]})')
 
 

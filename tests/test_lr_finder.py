@@ -214,7 +214,7 @@ def test_max_lr_without_a_clear_descent_is_a_tenth_of_the_rise_and_says_so():
     raw = 2.5 + np.random.RandomState(1).normal(0, 0.1, 100) + np.where(x > -1, 3 * (x + 1) ** 2, 0)
     lr, note = suggest_max_lr(lrs, raw)
     assert 10 ** -2.2 < lr < 10 ** -1.6  # the rise becomes clear a little past 1e-1
-    assert 'no clear descent' in note and 'a tenth of the lr where the loss rises' in note
+    assert 'no clear descent' in note and 'max_lr is the lr where the loss rises clearly' in note and '/ 10' in note
     sug = suggestions(lrs, _ema(raw), raw_losses=raw)
     assert sug['max_lr'] == lr and sug['steep'] is None and sug['valley'] is None and sug['minimum'] is None
 

@@ -200,8 +200,8 @@ def suggest_max_lr(lrs, raw_losses):
             f'{NOISE_K}x its step-to-step noise ({shape.noise:.3g})' if shape.depth > 0 else
             f'no clear descent: the loss never fell below its start level ({shape.start:.3g})')
     if shape.onset is not None:
-        return shape.onset / RISE_DIV, (f'{fell}; max_lr is a tenth of the lr where the loss rises clearly '
-                                  f'({shape.onset:.2e}); steep, valley and minimum are None')
+        return shape.onset / RISE_DIV, (f'{fell}; max_lr is the lr where the loss rises clearly '
+                                        f'({shape.onset:.2e}) / {RISE_DIV:g}; steep, valley and minimum are None')
     return None, f'{fell}, nor a clear rise: no suggestion (try a wider sweep or more steps)'
 
 
@@ -242,8 +242,7 @@ def suggestions(lrs, losses, skip_start=None, skip_end=5, raw_losses=None):
     """The suggestions {'max_lr', 'steep', 'valley', 'minimum'}: max_lr from `raw_losses` (default: `losses`) over
     the whole sweep; the others on the smoothed `losses` after dropping the first tenth (skip_start) and last
     `skip_end` points, within the descent (from the last point within the noise of the start level to the lowest
-    loss), and None
-    when the raw losses show no clear descent."""
+    loss), and None when the raw losses show no clear descent."""
     raw = losses if raw_losses is None else raw_losses
     out = {'max_lr': suggest_max_lr(lrs, raw)[0], 'steep': None, 'valley': None, 'minimum': None}
     shape = curve_shape(lrs, raw)

@@ -15,7 +15,7 @@ from numbers import Number
 import numpy as np
 
 from .callbacks.gradients import GradientAccumulation, GradientClipping
-from .callbacks.lr_finder import LRFinder, LRFindResult, suggestions
+from .callbacks.lr_finder import LRFinder, LRFindResult, suggest_max_lr, suggestions
 from .callbacks.progress import interactive
 from .callbacks.schedule import ParamScheduler
 from .checks import check_epochs, check_fit, int_at_least, real_value
@@ -266,13 +266,15 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
         start_lr, end_lr: the sweep's ends (numbers, or one per layer group).
         num_it: steps in the sweep (over as many epochs as that needs; no validation). A GradientAccumulation or
             GradientClipping in learn.callbacks stays for the sweep: a step is then n_step batches.
-        stop_div: stop once the smoothed loss exceeds 4x its best, or any loss is not finite.
+        stop_div: stop once the smoothed loss exceeds 4x its best, or has stayed risen for half a decade of lr after
+            a real descent (a plateau: see LRFinder), or any loss is not finite.
         wd: weight decay during the sweep (None keeps learn.wd).
 
     Model parameters and buffers, optimizer state and hyper-parameters, and the RNG states (torch, CUDA, numpy,
     random) are restored afterwards, also when the sweep is interrupted, and nothing is written to disk. The
     sweep stays in `learn.recorder` for `learn.recorder.plot(suggestion=True)`; the returned LRFindResult holds
-    the 'steep', 'valley' and 'minimum' suggestions. In distributed training rank 0 sweeps alone (one process at
+    `max_lr` (the suggestion for fit_one_cycle), the 'steep', 'valley' and 'minimum' suggestions, and a `note` (also
+    printed) when the curve shows no clear descent. In distributed training rank 0 sweeps alone (one process at
     the per-process batch size, over the whole training set) while the others wait; its result and Recorder
     history are then broadcast, so every rank returns the same LRFindResult. An error on rank 0 is raised on
     every rank.
@@ -314,10 +316,14 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
         if interrupted:
             learn.interrupted = True
     rec = learn.recorder
-    sug = suggestions(rec.lrs, rec.losses)
+    sug = suggestions(rec.lrs, rec.losses, raw_losses=rec.raw_losses)
     if learn.is_main and not learn.silent and interactive():  # fastai v1's hint, where it can be followed
         print('LR Finder is complete, type learn.recorder.plot() to see the graph.')
-    return LRFindResult(rec.lrs, rec.losses, diverged=finder.diverged, suggestions=sug, **sug)
+    res = LRFindResult(rec.lrs, rec.losses, diverged=finder.diverged, suggestions=sug, plateau=finder.plateau,
+                       note=suggest_max_lr(rec.lrs, rec.raw_losses)[1], raw_losses=rec.raw_losses, **sug)
+    if learn.is_main and res.note and not learn.silent:
+        print(f'lr_find: {res.note}')
+    return res
 
 
 def _lr_find_distributed(learn, start_lr, end_lr, num_it, stop_div, wd):

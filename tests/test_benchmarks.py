@@ -4,6 +4,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 
 def _load(name):
     path = Path(__file__).resolve().parents[1] / 'benchmarks' / f'{name}.py'
@@ -47,3 +49,33 @@ def test_data_benchmark_smoke_run_leaves_no_cache_behind(tmp_path, monkeypatch, 
     assert 'RESULT cifar_transforms' in capsys.readouterr().out
     assert list((tmp_path / 'tmp').glob('minifast_bench_cache_*')) == []  # the run's decoded-image cache is gone
     assert 'MINIFAST_CACHE' not in os.environ
+
+
+def test_lr_suggestions_quick_run_caches_fits_and_sweeps(tmp_path, capsys):
+    cache = tmp_path / 'c.json'
+    mod = _load('lr_suggestions')
+    out = mod.main(['--quick', '--datasets', 'digits', '--cache', str(cache)])
+    text = capsys.readouterr().out
+    assert 'fastai is not installed' in text or 'fastai is installed' in text
+    assert 'RESULT worst-case regret' in text and 'max_lr' in text.split('RESULT')[1]
+    rules = out['digits']['rules']
+    assert {'max_lr', 'valley', 'steep', 'minimum', 'fastai slide', 'lightning', 'torch-lr-finder'} <= set(rules)
+    stored = json.loads(cache.read_text())
+    sweeps = [v for k, v in stored.items() if k.startswith('sweep')]
+    assert len(sweeps) == 2  # lr_find's own, and one with stop_div=False for the peers' finders
+    assert all(len(s['lrs']) == len(s['raw_losses']) > 5 for s in sweeps)
+    mod.main(['--quick', '--datasets', 'digits', '--cache', str(cache)])  # again: everything from the cache
+    assert '0 fits trained now' in capsys.readouterr().out
+
+
+def test_peer_rules_follow_their_documented_behaviour():
+    import numpy as np
+    mod = _load('lr_suggestions')
+    lrs = list(np.logspace(-7, 1, 100))
+    x = np.log10(lrs)
+    losses = list(2.3 - 1.0 / (1 + np.exp(-4 * (x + 3))) + np.where(x > -1, 3 * (x + 1) ** 2, 0))  # steepest at 1e-3
+    assert mod.lightning(lrs, losses) == pytest.approx(1e-3, rel=0.2)
+    assert mod.torch_lr_finder(lrs, losses) > 1e-3  # its EMA (0.05 on the new loss) trails: later than the slope
+    slide = mod.fastai_slide(lrs, losses)
+    # the window slides left over the rise and the fall until the gradients at its two ends agree: the fall's foot
+    assert 1e-5 < slide < 1e-3

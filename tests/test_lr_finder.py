@@ -171,3 +171,144 @@ def test_lr_find_records_no_non_finite_loss_with_the_gpu_default_guard(tmp_path)
     raw = learn.recorder.raw_losses
     assert res.diverged
     assert all(v == v and abs(v) != float('inf') for v in raw), [v for v in raw if not (v == v)][:3]
+
+
+# ---- max_lr, the curve's shape, the plateau stop (issue 17) -----------------------------------------------------
+from minifast.callbacks.lr_finder import curve_shape, suggest_max_lr, suggestions  # noqa: E402
+
+
+def _sweep(n=100, lo=1e-7, hi=10):
+    return np.logspace(np.log10(lo), np.log10(hi), n)
+
+
+def _ema(raw, beta=0.98):
+    out, mov = [], 0.
+    for i, v in enumerate(raw, 1):
+        mov = beta * mov + (1 - beta) * v
+        out.append(mov / (1 - beta ** i))
+    return np.array(out)
+
+
+def _descent(lrs, bottom=1e-2, depth=1.2, noise=0.01, seed=0):
+    """2.3 on the flat start, a fall of `depth` ending at `bottom`, then a steep rise (divergence); noisy."""
+    x = np.log10(lrs) - np.log10(bottom)
+    trend = 2.3 - depth * np.clip((x + 2) / 2, 0, 1) + np.where(x > 0, 8 * x ** 2, 0)
+    return trend + np.random.RandomState(seed).normal(0, noise, len(lrs))
+
+
+def test_max_lr_is_the_bottom_of_a_clear_descent():
+    lrs = _sweep()
+    raw = _descent(lrs, bottom=1e-2)
+    lr, note = suggest_max_lr(lrs, raw)
+    assert 10 ** -2.3 < lr < 10 ** -1.7 and note is None  # within a third of a decade of the bottom
+    shape = curve_shape(lrs, raw)
+    assert shape.clear and shape.depth == pytest.approx(1.2, abs=0.2) and shape.noise < 0.03
+    spiky = raw.copy()
+    spiky[[70, 74, 80]] += 30  # single-step spikes (a bad batch) neither move it nor hide the descent
+    assert suggest_max_lr(lrs, spiky)[0] == pytest.approx(lr, rel=0.3)
+
+
+def test_max_lr_without_a_clear_descent_is_a_tenth_of_the_rise_and_says_so():
+    lrs = _sweep()
+    x = np.log10(lrs)
+    raw = 2.5 + np.random.RandomState(1).normal(0, 0.1, 100) + np.where(x > -1, 3 * (x + 1) ** 2, 0)
+    lr, note = suggest_max_lr(lrs, raw)
+    assert 10 ** -2.2 < lr < 10 ** -1.6  # the rise becomes clear a little past 1e-1
+    assert 'no clear descent' in note and 'max_lr is the lr where the loss rises clearly' in note and '/ 10' in note
+    sug = suggestions(lrs, _ema(raw), raw_losses=raw)
+    assert sug['max_lr'] == lr and sug['steep'] is None and sug['valley'] is None and sug['minimum'] is None
+
+
+def test_a_flat_curve_suggests_nothing_and_says_so():
+    lrs = _sweep()
+    raw = 2.3 + np.random.RandomState(2).normal(0, 0.05, 100)
+    lr, note = suggest_max_lr(lrs, raw)
+    assert lr is None and 'no clear descent' in note and 'nor a clear rise' in note
+    assert all(v is None for v in suggestions(lrs, _ema(raw), raw_losses=raw).values())
+    assert suggest_max_lr(lrs[:4], raw[:4]) == (None, 'too few steps to read the curve (fewer than 5 finite losses)')
+
+
+def test_max_lr_when_the_loss_still_falls_at_the_end_of_the_sweep():
+    lrs = _sweep(60, 1e-6, 1e-3)
+    raw = 2.3 - 1.5 * np.clip((np.log10(lrs) + 5) / 2, 0, 1)
+    lr, note = suggest_max_lr(lrs, raw)
+    assert lr == pytest.approx(lrs[-1]) and 'still falls at the end of the sweep' in note
+
+
+def test_steep_never_comes_from_the_flat_start():
+    # a dip of the smoothed loss on the flat start (steeper than the real fall) drew 'steep' at 7.7e-07
+    lrs = _sweep()
+    raw = _descent(lrs, bottom=1e-1, depth=0.6, noise=0.005)
+    losses = _ema(raw)
+    losses[15:18] -= [0.02, 0.05, 0.02]
+    old = float(lrs[10 + int(np.argmin(np.gradient(losses[10:95], np.log10(lrs[10:95]))))])
+    assert old < 1e-5  # what the plain steepest-slope rule picks
+    steep = suggestions(lrs, losses, raw_losses=raw)['steep']
+    assert 1e-3 < steep <= 1e-1
+
+
+def test_steep_never_comes_from_a_plateau_past_the_minimum():
+    # MNIST-1D: the loss jumps to a plateau at chance past the minimum, and sags on it: steep landed at lr 2.7
+    lrs = _sweep()
+    x = np.log10(lrs)
+    losses = np.where(x < -1.5, 2.3 - 0.4 * np.clip((x + 3.5) / 2, 0, 1), 0.)
+    losses = np.where(x >= -1.5, np.where(x < 0, 3.2, 3.2 - 0.5 * np.clip(x / 0.5, 0, 1)), losses)
+    old = float(lrs[10 + int(np.argmin(np.gradient(losses[10:95], x[10:95])))])
+    assert old > 1  # the plain rule picks the sag on the plateau
+    sug = suggestions(lrs, losses)
+    assert 10 ** -3.6 < sug['steep'] < 10 ** -1.4 and sug['valley'] <= 10 ** -1.5
+    assert sug['max_lr'] <= 10 ** -1.4
+
+
+def _fake_loss_learner(curve, silent=True):
+    """A Learner whose loss is curve(step) (plus 0 x the model's output, so there are gradients to step)."""
+    step = []
+
+    def loss(pred, y):
+        step.append(1)
+        return pred.sum() * 0 + float(curve(len(step) - 1))
+    return Learner(make_data(n_train=320), make_mlp(), loss_func=loss, silent=silent)
+
+
+def _plateau_curve(i, n=100):
+    x = -7 + 8 * i / (n - 1)  # log10 of the lr lr_find sets at step i (1e-7 .. 10)
+    noise = 0.003 * np.sin(7 * i)
+    if x < -1:
+        return 2.3 - 1.0 * min(max((x + 3) / 2, 0), 1) + noise
+    return 2.3 + noise  # a plateau at chance: never 4x the best smoothed loss
+
+
+def test_lr_find_stops_on_a_plateau_after_a_descent():
+    res = _fake_loss_learner(_plateau_curve).lr_find()
+    assert res.plateau and not res.diverged
+    assert len(res.lrs) < 95 and res.lrs[-1] < 3  # the sweep ran on to 10 before
+    full = _fake_loss_learner(_plateau_curve).lr_find(stop_div=False)
+    assert len(full.lrs) == 100 and not full.plateau
+    assert 10 ** -1.4 < res.max_lr < 10 ** -0.8 and res.note is None
+
+
+def test_lr_find_does_not_stop_on_a_flat_curve_and_prints_its_note(capsys):
+    learn = _fake_loss_learner(lambda i: 2.3 + 0.01 * np.sin(3 * i), silent=False)
+    res = learn.lr_find(num_it=60)
+    assert len(res.lrs) == 60 and not res.plateau
+    assert res.max_lr is None and 'no clear descent' in res.note
+    assert f'lr_find: {res.note}' in capsys.readouterr().out
+    assert 'max_lr=None' in repr(res) and 'no clear descent' in repr(res)
+    fig = learn.recorder.plot(suggestion=True)
+    assert any('no clear descent' in t.get_text() for t in fig.axes[0].texts)
+    plt.close('all')
+
+
+def test_real_tiny_sweep_gives_max_lr_in_its_repr_and_plot():
+    learn = Learner(make_data(n_train=640, bs=32), make_mlp(), silent=True)
+    res = learn.lr_find()
+    assert res.max_lr is not None and res.lrs[0] < res.max_lr < res.lrs[-1]
+    assert res.note is None and res.suggestions['max_lr'] == res.max_lr
+    assert f'max_lr={res.max_lr:.2e}' in repr(res)
+    assert len(res.raw_losses) == len(res.lrs)
+    fig = learn.recorder.plot(suggestion=True)
+    ax = fig.axes[0]
+    assert ax.get_title() == 'LR range test' and 'Learning rate' in ax.get_xlabel() and ax.get_ylabel()
+    marks = {ln.get_label().split(':')[0]: float(ln.get_xdata()[0]) for ln in ax.lines[1:]}
+    assert marks['max_lr'] == pytest.approx(res.max_lr)
+    plt.close('all')

@@ -1,4 +1,5 @@
 """The Recorder: per-step and per-epoch history of a fit, and its plots."""
+import textwrap
 import time
 
 import matplotlib
@@ -11,7 +12,7 @@ from ..checks import metric_name
 from ..core import Callback
 from ..distributed import all_reduce_
 from ..optim import momentum_key
-from .lr_finder import ema_step, suggestions
+from .lr_finder import HALF_WINDOW, centred_smooth, curve_shape, ema_step, suggest_max_lr, suggestions
 
 __all__ = ['Recorder', 'new_figure', 'ema_step']
 
@@ -188,26 +189,46 @@ class Recorder(Callback):
     # ---- plots -----------------------------------------------------------------------------------------------
     def plot(self, skip_start=10, skip_end=5, suggestion=False, ax=None):
         """Smoothed loss against learning rate (log scale): the LR range test plot; with `suggestion`, lr_find's
-        'steep', 'valley' and 'minimum' suggestions are marked (computed as lr_find computes them, whatever part of
-        the curve skip_start/skip_end leave on the plot). Returns the Figure."""
+        suggestions are marked ('max_lr', the one for fit_one_cycle, as a vertical line over the lag-free smoothing
+        it reads; 'steep', 'valley' and 'minimum' as points; computed as lr_find computes them, whatever part of the
+        curve skip_start/skip_end leave on the plot), and lr_find's note, when the curve is not a clean descent, is
+        written under it. Returns the Figure."""
         lrs, losses = self.lrs, self.losses
         self._need(lrs, 'plot')
         if len(lrs) <= skip_start + skip_end:
             skip_start = skip_end = 0
         end = len(lrs) - skip_end
-        fig, (ax,) = new_figure(ax)
-        ax.plot(lrs[skip_start:end], losses[skip_start:end])
+        own = ax is None
+        fig, (ax,) = new_figure(ax, figsize=(6, 4.8) if suggestion else None)
+        ax.plot(lrs[skip_start:end], losses[skip_start:end], label='smoothed loss (EMA 0.98)')
         if suggestion:
             # the values lr_find returned (and smith chose from): its own skips, not the plot's, or the marks would
             # differ from them on sweeps of other than 100 steps
-            for (name, lr), m in zip(suggestions(lrs, losses).items(), 'o^s'):
+            raw = self.raw_losses
+            sug = suggestions(lrs, losses, raw_losses=raw)
+            shape = curve_shape(lrs, raw)
+            if shape is not None:  # what max_lr reads: the EMA above trails it by ~50 steps
+                half = max(1, int(round(HALF_WINDOW / float(np.median(np.diff(np.log10(lrs)))))))
+                lo, hi = min(losses[skip_start:end]), max(losses[skip_start:end])
+                sm = np.clip(centred_smooth(raw, half)[skip_start:end], None, hi + (hi - lo) * 0.5)
+                ax.scatter(lrs[skip_start:end], sm, s=5, color='0.55', label='loss, centred median (no lag)')
+            if sug['max_lr'] is not None:
+                ax.axvline(sug['max_lr'], color='C3', linestyle='--', label=f"max_lr: {sug['max_lr']:.2e}")
+            for (name, lr), m in zip(((k, sug[k]) for k in ('steep', 'valley', 'minimum')), 'o^s'):
                 if lr is not None:
                     y = float(np.interp(np.log10(lr), np.log10(lrs), losses))
                     ax.plot([lr], [y], m, markersize=8, label=f'{name}: {lr:.2e}')
-            ax.legend()
+            note = suggest_max_lr(lrs, raw)[1]
+            if note:
+                ax.annotate(textwrap.fill(f'Note: {note}', 90), xy=(0, -0.16), xycoords='axes fraction', va='top',
+                            fontsize=8)
+            ax.legend(fontsize=8)
         ax.set_xscale('log')
-        ax.set_xlabel('Learning Rate')
-        ax.set_ylabel('Loss')
+        ax.set_xlabel('Learning rate (log scale)')
+        ax.set_ylabel('Training loss')
+        ax.set_title('LR range test')
+        if own:
+            fig.tight_layout()
         return fig
 
     def plot_losses(self, skip_start=0, ax=None):

@@ -39,10 +39,10 @@ class ParamScheduler(Callback):
         return int(total)
 
     def _peak_lrs(self, learn):
-        """The highest scheduled lr of each layer group over the steps this fit will run (every step, or 20,000 spread
+        """The highest scheduled lr of each layer group over the steps this fit will run (every step, or 5,000 spread
         over a longer schedule); None when the schedule sets no lr."""
         total = max(self._total(learn), self.start_step + 1)
-        steps = np.unique(np.linspace(self.start_step, total - 1, min(total - self.start_step, 20000)).astype(int))
+        steps = np.unique(np.linspace(self.start_step, total - 1, min(total - self.start_step, 5000)).astype(int))
         n = max(g['layer_group'] for g in learn.opt.param_groups) + 1  # the schedule's values are per layer group
         peak = [None] * n
         for t in steps:

@@ -355,7 +355,8 @@ def test_fit_warns_when_weight_decay_can_never_act_and_trains_as_without_it():
 
 
 def test_a_grid_marks_a_weight_decay_that_never_acted_and_does_not_pick_it():
-    res = grid_search(make_learner, {'wd': [1e-5, 0., 1e-1]}, epochs=2, max_lr=2.78e-3)
+    with pytest.warns(UserWarning, match='wd=1e-05 cannot change the weights'):  # fit says so too
+        res = grid_search(make_learner, {'wd': [1e-5, 0., 1e-1]}, epochs=2, max_lr=2.78e-3)
     noop, zero, big = res.runs
     assert noop['decay'] == {'wd': 1e-5, 'true_wd': True, 'steps': 12, 'acting_steps': 0}
     assert big['decay']['acting_steps'] == 11 and noop['steps'] == zero['steps']  # not the last: lr is max_lr/25e4

@@ -18,7 +18,7 @@ __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyp
            'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
            'check_layer_groups', 'layer_decay_lrs', 'group_lrs', 'create_opt', 'freeze_to', 'freeze', 'unfreeze',
            'set_training_mode', 'TRAINING_MODES', 'param_summary', 'ParamSummary', 'opt_settings',
-           'lacking_settings']
+           'lacking_settings', 'decay_acts', 'least_acting_wd', 'inert_decay']
 
 AdamW = partial(torch.optim.AdamW, betas=(0.9, 0.99))
 AdamW.__doc__ = "torch.optim.AdamW with fastai v1's betas (0.9, 0.99); the default `opt_func`."
@@ -188,6 +188,56 @@ def opt_settings(opt):
 
 def _decouples_natively(opt):
     return isinstance(opt, torch.optim.AdamW) or bool(opt.defaults.get('decoupled_weight_decay', False))
+
+
+def _tiny(dtype=torch.float32):
+    """The largest lr*wd whose decoupled factor 1 - lr*wd rounds to exactly 1 in `dtype`: half the spacing of the
+    numbers just below 1 (2**-25 ~ 2.98e-8 in float32; the factor is cast to the weights' type before multiplying)."""
+    return torch.finfo(dtype).eps / 4
+
+
+def decay_acts(lr, wd, dtype=torch.float32):
+    """Whether decoupled weight decay (w *= 1 - lr*wd) changes `dtype` weights at `lr` (a number or an array of
+    per-step lrs; an array of booleans then): False when 1 - lr*wd rounds to exactly 1, i.e. lr*wd <= 2**-25 in
+    float32. Above that the factor is rounded to a multiple of 2**-24, so lr*wd below ~1e-6 is applied coarsely."""
+    lr = np.asarray(lr, dtype=float)
+    if dtype == torch.float32:  # exactly as torch casts the factor (a Python float) to the weights' type
+        return np.float32(1. - lr * wd) < 1
+    return lr * wd > _tiny(dtype)
+
+
+def least_acting_wd(lr, dtype=torch.float32):
+    """The weight decay at or below which decoupled decay cannot change `dtype` weights at learning rate `lr`:
+    2**-25 / lr in float32 (wd must exceed it)."""
+    return _tiny(dtype) / lr
+
+
+def inert_decay(opt, peak_lrs=None, true_wd=True):
+    """A sentence naming wd, the peak lr and the factor when decoupled weight decay can never change the weights of
+    a decaying parameter group of `opt`, else None. `peak_lrs`: the highest lr of the fit per layer group (as a
+    schedule gives it; a group's fixed lr or lr_mult applies on top), or None for the groups' current lr. It cannot
+    when peak lr * wd <= 2**-25 (float32): 1 - lr*wd rounds to 1.0 and every step multiplies by exactly 1. L2 decay
+    (true_wd=False) adds wd*w to the gradient instead, which lr does not shrink: not checked."""
+    if not true_wd:
+        return None
+    bad = []
+    for i, g in enumerate(opt.param_groups):
+        wd, ps = g.get('wd', 0.), g['params']
+        lr = g['lr'] if peak_lrs is None else _group_value(g, 'lr', peak_lrs[g['layer_group']])
+        if not wd or not ps or not lr > 0:
+            continue
+        dtype = ps[0].dtype if ps[0].is_floating_point() else torch.float32
+        if not decay_acts(lr, wd, dtype):
+            bad.append((i, lr, wd, dtype))
+    if not bad:
+        return None
+    i, lr, wd, dtype = bad[0]
+    where = f'parameter group(s) {[b[0] for b in bad]}' if len(opt.param_groups) > 1 else 'the weights'
+    tiny, kind = _tiny(dtype), str(dtype).replace('torch.', '')
+    return (f'weight decay wd={wd:g} cannot change {where}: at the peak lr {lr:.3g} the decoupled factor '
+            f'1 - lr*wd = 1 - {lr * wd:.3g} rounds to exactly 1.0 in {kind} (lr*wd must exceed {tiny:.3g}), so this '
+            f'fit trains exactly as with wd=0. Use wd > {least_acting_wd(lr, dtype):.2g} (applied in steps of '
+            f'{2 * tiny:.2g} per step, so coarsely below ~30x that), or wd=0')
 
 
 class WeightDecay:

@@ -21,13 +21,17 @@ def add_arguments(p):
                    help='epochs of the final 1cycle fit (default 8; 15 with --data)')
     p.add_argument('--grid-epochs', type=int, default=None, help='epochs of each grid run (default 2)')
     p.add_argument('--bs', type=int, default=None, help='batch size (default 64; 256 with --data)')
-    p.add_argument('--n-train', type=int, default=None, help='training images of the built-in set (default 5000)')
+    p.add_argument('--n-train', type=int, default=None, help='training images of the built-in set (default 4000)')
     p.add_argument('--n-valid', type=int, default=None, help='validation images of the built-in set (default 1000)')
     p.add_argument('--num-it', type=int, default=None, help='steps of the LR range test (default 100)')
-    p.add_argument('--max-lr', type=float, default=None, help="use this max_lr instead of lr_find's 'valley'")
+    p.add_argument('--max-lr', type=float, default=None, help="use this max_lr instead of lr_find's max_lr")
     p.add_argument('--size', type=int, default=32, help='image size for --data FOLDER (default 32)')
     p.add_argument('--out', default='runs/smith', help='the run folder (default: runs/smith)')
     p.add_argument('--seed', type=int, default=0, help='seed of data, initial weights and data order (default 0)')
+    p.add_argument('--seeds', type=int, default=None,
+                   help='seeds per grid config (--seed, --seed+1, ...): each config of steps 3-5 is trained once per '
+                        'seed, compared by its mean, and differences within the seed-to-seed spread are called a '
+                        'tie (default 2; 1 with --quick)')
     p.add_argument('--quiet', action='store_true', help='no progress bars or epoch tables (step lines still print)')
     p.add_argument('--quick', action='store_true',
                    help='tiny sizes, for tests and a first look (about a minute on a 2-core CPU)')

@@ -2,6 +2,8 @@
 divergence, the table, plots and seed 004's over/under-fitting verdicts; resuming an interrupted grid."""
 import json
 import math
+import re
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -10,9 +12,10 @@ import torch
 from torch import nn
 
 from minifast import Callback, Learner, accuracy, diagnose, grid_search, read_log
-from minifast.grid import append_record, plain
+from minifast.grid import GridResult, append_record, plain
+from minifast.optim import decay_acts, least_acting_wd
 
-from conftest import make_data
+from conftest import make_data, make_mlp
 
 
 class Probe(Callback):
@@ -202,3 +205,166 @@ def test_grid_plain_and_append_record_are_public(tmp_path):
     append_record(log, {'x': 1})
     with pytest.warns(UserWarning, match='not valid JSON'):
         assert read_log(log) == [{'x': 1}]
+
+
+# ---- several seeds, ties, weight decay that float32 cannot apply (issue 17) ---------------------------------------
+def _rec(name, seed, loss, status='done', wd=None):
+    """A run record of config {'x': name} with a final valid loss (for the tie rules)."""
+    epochs = [{'epoch': 0, 'train_loss': 1.0, 'valid_loss': loss + 0.1}, {'epoch': 1, 'train_loss': 0.9,
+                                                                          'valid_loss': loss}]
+    return {'name': name, 'config': {'x': name}, 'seed': seed, 'status': status, 'seconds': 1.0,
+            'final': {'train_loss': 0.9, 'valid_loss': loss}, 'verdict': 'underfitting', 'diagnosis': 'falling',
+            'epochs': epochs, 'decay': None if wd is None else {'wd': wd, 'true_wd': True, 'steps': 10,
+                                                                 'acting_steps': 0}}
+
+
+def test_seeds_run_every_config_once_per_seed_from_that_seeds_weights():
+    Probe.seen = []
+    res = grid_search(make_learner, {'wd': [1e-2, 0.]}, epochs=1, seeds=[0, 1])
+    assert [(r['config']['wd'], r['seed']) for r in res.runs] == [(0.01, 0), (0.0, 0), (0.01, 1), (0.0, 1)]
+    (w0, y0), (w1, _), (w2, y2), (w3, _) = Probe.seen
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    assert same(w0, w1) and same(w2, w3) and not same(w0, w2)  # same weights within a seed, other weights across
+    assert not torch.equal(y0, y2)  # and another data order
+    (a, b) = res.summary()
+    assert a['seeds'] == [0, 1] and a['n'] == 2 and a['final']['valid_loss'] == pytest.approx(
+        np.mean([r['final']['valid_loss'] for r in res.runs[::2]]))
+    assert a['sd']['valid_loss'] == pytest.approx(np.std([r['final']['valid_loss'] for r in res.runs[::2]], ddof=1))
+    table = res.table()
+    assert len(table.splitlines()) == 3 and 'valid_loss sd' in table and '0,1' in table
+
+
+def test_one_seed_in_a_list_is_that_seed():
+    a = grid_search(make_learner, {'wd': [1e-2]}, epochs=1, seed=3)
+    b = grid_search(make_learner, {'wd': [1e-2]}, epochs=1, seeds=[3])
+    assert a.runs[0]['steps'] == b.runs[0]['steps'] and a.runs[0]['seed'] == b.runs[0]['seed'] == 3
+    with pytest.raises(ValueError, match='give seed= or seeds=, not both'):
+        grid_search(make_learner, {'wd': [0.]}, seed=1, seeds=[0, 1])
+    with pytest.raises(ValueError, match='seeds must be a non-empty list of distinct integers'):
+        grid_search(make_learner, {'wd': [0.]}, seeds=[0, 0])
+
+
+def test_a_difference_within_the_seed_to_seed_spread_is_a_tie():
+    # b is worse than a on every seed by the same 0.01: not a tie however small; c's differences change sign: a tie
+    runs = [_rec('a', s, v) for s, v in enumerate([0.50, 0.52, 0.51])]
+    runs += [_rec('b', s, v) for s, v in enumerate([0.51, 0.53, 0.52])]
+    runs += [_rec('c', s, v) for s, v in enumerate([0.53, 0.50, 0.52])]
+    res = GridResult(runs)
+    best = res.best()
+    assert best['name'] == 'a' and best['tie'] == ['c'] and best['n'] == 3
+    assert [c['rank'] for c in res.summary()] == ['best', 'worse', 'tie']
+    rows = res.table().splitlines()
+    assert rows[0].split()[-2:] == ['vs', 'best'] and rows[1].endswith('best') and rows[3].endswith('tie')
+    assert '+0.0100' in rows[2]
+    lines = res.verdicts().splitlines()
+    assert 'TIE with c' in lines[0] and 'TIE with the best (a)' in lines[2] and 'TIE' not in lines[1]
+    # one seed: only identical results tie
+    one = GridResult([_rec('a', 0, 0.5), _rec('b', 0, 0.5), _rec('c', 0, 0.5001)])
+    assert one.best()['tie'] == ['b'] and [c['rank'] for c in one.summary()] == ['best', 'tie', 'worse']
+
+
+def test_a_seed_that_diverged_is_left_out_of_the_comparison():
+    runs = [_rec('a', 0, 0.5), _rec('a', 1, 0.6), _rec('b', 0, 0.4), _rec('b', 1, float('nan'), status='diverged')]
+    res = GridResult(runs)
+    assert res.best()['name'] == 'a'  # b did not finish every seed: not a candidate
+    b = res.summary()[1]
+    assert b['status'] == 'diverged 1/2' and b['n'] == 1
+
+
+def test_resumed_grid_with_seeds_trains_only_the_missing_config_seed_pairs(tmp_path):
+    log, calls = tmp_path / 'runs.jsonl', []
+    full = grid_search(lambda: make_learner(calls), {'wd': [1e-2, 0.]}, epochs=1, seeds=[0, 1], log=log)
+    lines = log.read_text().splitlines()
+    log.write_text('\n'.join(lines[:2] + lines[3:]) + '\n')  # (wd=0.01, seed 1) lost
+    calls.clear()
+    again = grid_search(lambda: make_learner(calls), {'wd': [1e-2, 0.]}, epochs=1, seeds=[0, 1], log=log)
+    assert len(calls) == 2  # the initial weights of seed 1 and the one missing run
+    assert [r['steps'] for r in again.runs] == [r['steps'] for r in full.runs]
+    calls.clear()
+    grid_search(lambda: make_learner(calls), {'wd': [1e-2, 0.]}, epochs=1, seeds=[0, 1, 2], log=log)
+    assert len(calls) == 3 and len(read_log(log)) == 6  # a third seed: its two runs only
+
+
+def test_a_logged_run_is_reused_by_another_grid_under_that_grids_name(tmp_path):
+    log, calls = tmp_path / 'runs.jsonl', []
+    first = grid_search(lambda: make_learner(calls), [{'policy': 'one_cycle', 'moms': (0.95, 0.85)}], epochs=1, log=log)
+    calls.clear()
+    res = grid_search(lambda: make_learner(calls), [{'moms': (0.95, 0.85)}, {'moms': (0.99, 0.9)}], epochs=1,
+                      fixed={'policy': 'one_cycle'}, log=log)
+    assert len(calls) == 2  # the initial weights and the second config: the first is the logged run
+    assert res.runs[0]['steps'] == first.runs[0]['steps'] and res.runs[0]['name'] == 'moms=(0.95, 0.85)'
+    assert res.runs[0]['fixed'] == {'policy': 'one_cycle'} and len(read_log(log)) == 2
+
+
+def test_a_learner_that_is_not_silent_prints_which_run_its_epoch_table_belongs_to(capsys):
+    grid_search(make_learner, {'wd': [1e-2, 0.]}, epochs=1, seeds=[0, 1], silent=False)
+    out = capsys.readouterr().out.splitlines()
+    heads = [i for i, line in enumerate(out) if line.startswith('grid run ')]
+    assert [out[i] for i in heads] == ['grid run 1/4: wd=0.01, seed 0', 'grid run 2/4: wd=0, seed 0',
+                                       'grid run 3/4: wd=0.01, seed 1', 'grid run 4/4: wd=0, seed 1']
+    assert all(out[i + 1].startswith('epoch') for i in heads)  # each header comes just before its table
+
+
+def test_grid_plots_are_titled_labelled_with_integer_epochs(tmp_path):
+    res = grid_search(make_learner, {'wd': [1e-2, 0.]}, epochs=3, seeds=[0, 1])
+    fig = res.plot()
+    ax = fig.axes[0]
+    assert ax.get_title() == 'valid_loss per epoch (mean of 2 seeds, range shaded)'
+    assert ax.get_xlabel() == 'Epoch' and len(ax.lines) == 2 and len(ax.collections) == 2
+    fig2 = res.plot_losses()
+    assert fig2._suptitle.get_text().startswith('Train and validation loss per epoch')
+    for a in fig2.axes:
+        assert a.get_xlabel() == 'Epoch' and a.get_ylabel() == 'Loss' and 'seeds' in a.get_title()
+        assert len(a.lines) == 4  # train and valid of each seed
+    for a in (ax, *fig2.axes):
+        fig.canvas.draw(), fig2.canvas.draw()
+        ticks = [t for t in a.get_xticks() if a.get_xlim()[0] <= t <= a.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    fig.savefig(tmp_path / 'plot.png'), fig2.savefig(tmp_path / 'plot_losses.png')
+    plt.close('all')
+
+
+def test_float32_cannot_apply_decoupled_decay_at_or_below_2_to_the_minus_25():
+    tiny = 2. ** -25  # half the float32 spacing below 1: 1 - x rounds to 1.0 for x <= tiny
+    assert not decay_acts(1., tiny) and decay_acts(1., tiny * (1 + 1e-6)) and not decay_acts(2.78e-3, 1e-5)
+    assert list(decay_acts(np.array([1e-4, 2.78e-3, 3e-3]), 1e-5)) == [False, False, True]
+    assert least_acting_wd(2.78e-3) == pytest.approx(1.0721e-5, rel=1e-4)
+    w = torch.randn(1000)
+    assert torch.equal(w.clone().mul_(1 - tiny), w) and not torch.equal(w.clone().mul_(1 - 1.01 * tiny), w)
+
+
+def _fit_wd(wd, true_wd=True, lr=2.78e-3):
+    learn = Learner(make_data(n_train=96), make_mlp(), silent=True, wd=wd, true_wd=true_wd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        learn.fit_one_cycle(2, lr)
+    return [p.detach().clone() for p in learn.model.parameters()], [str(w.message) for w in caught]
+
+
+def test_fit_warns_when_weight_decay_can_never_act_and_trains_as_without_it():
+    none, quiet = _fit_wd(0.)
+    inert, said = _fit_wd(1e-5)  # 2.78e-3 * 1e-5 = 2.78e-8 <= 2**-25 at the peak: never applied
+    assert all(torch.equal(a, b) for a, b in zip(none, inert))  # bit-identical to wd=0
+    assert not quiet and len(said) == 1
+    assert re.search(r'weight decay wd=1e-05 cannot change the weights: at the peak lr 0.0027[68] the decoupled factor '
+                     r'1 - lr\*wd = 1 - 2.7[68]e-08 rounds to exactly 1.0 in float32.*Use wd > 1.1e-05', said[0]), said
+    acting, said = _fit_wd(1.2e-5)  # above the threshold at the peak: it acts, no warning
+    assert not said and not all(torch.equal(a, b) for a, b in zip(none, acting))
+    l2, said = _fit_wd(1e-5, true_wd=False)  # L2 adds wd*w to the gradient: lr does not shrink it, it acts
+    assert not said and not all(torch.equal(a, b) for a, b in zip(none, l2))
+
+
+def test_a_grid_marks_a_weight_decay_that_never_acted_and_does_not_pick_it():
+    with pytest.warns(UserWarning, match='wd=1e-05 cannot change the weights'):  # fit says so too
+        res = grid_search(make_learner, {'wd': [1e-5, 0., 1e-1]}, epochs=2, max_lr=2.78e-3)
+    noop, zero, big = res.runs
+    assert noop['decay'] == {'wd': 1e-5, 'true_wd': True, 'steps': 12, 'acting_steps': 0}
+    assert big['decay']['acting_steps'] == 11 and noop['steps'] == zero['steps']  # not the last: lr is max_lr/25e4
+    summ = res.summary()
+    assert [c['noop'] for c in summ] == [True, False, False]
+    assert 'wd no-op' in res.table().splitlines()[1] and 'never acted' in res.verdicts().splitlines()[0]
+    if res.best()['name'] != 'wd=0.1':  # identical runs: wd=0 is the pick, the no-op a tie with it
+        assert res.best()['name'] == 'wd=0' and res.best()['tie'] == ['wd=1e-05']
+    legend = [t.get_text() for t in res.plot().axes[0].get_legend().get_texts()]
+    assert 'wd=1e-05 (wd no-op: = wd 0)' in legend and 'wd=0' in legend  # its dashed line drawn over wd=0's
+    plt.close('all')

@@ -23,7 +23,9 @@ from helpers import lock_holder
 
 PNGS = ('batch.png', 'lr_find.png', 'superconvergence.png', 'momentum.png', 'wd.png', 'wd_fine.png',
         'final_losses.png', 'final_lr.png', 'final_metrics.png', 'interpolation.png')
-N_GRID = 2 + 2 + 4 + 2  # 1cycle vs constant, two momentum pairs, four wd values, two half-decade neighbours
+# 1cycle vs constant, the second momentum pair (the first is step 3's 1cycle run), four wd values, two half-decade
+# neighbours
+N_GRID = 2 + 1 + 4 + 2
 
 
 def _records(out):
@@ -102,7 +104,8 @@ def test_second_invocation_trains_nothing_and_is_faster(smith_run):
     out = second['out']
     assert '0 run(s) trained' in out and 'trained 0' not in out
     assert 'LR range test skipped' in out and 'final fit skipped' in out and 'interpolation skipped' in out
-    assert re.search(rf'0 grid run\(s\) trained, {N_GRID} skipped', out), out
+    # every grid run of steps 3 to 5 is skipped: N_GRID records, one of them used by steps 3 and 4
+    assert re.search(rf'0 grid run\(s\) trained, {N_GRID + 1} skipped', out), out
     assert second['seconds'] < 0.6 * first['seconds'], (first['seconds'], second['seconds'])
 
 
@@ -616,3 +619,84 @@ def test_smith_fewer_training_images_than_a_batch_is_one_line(tmp_path, monkeypa
         '6 training images, fewer than one batch (--bs 8); lower --bs')
     assert _smith_exit(tmp_path, '--n-train', '20', '--bs', '32').endswith(
         '20 training images, fewer than one batch (--bs 32); lower --bs or raise --n-train')
+
+
+# ------------------------------------------------------------------------------------------------ smith: issue 17
+def test_smith_momentum_step_reuses_step_3s_1cycle_run(tmp_path):
+    """Step 4's (0.95, 0.85) run has step 3's 1cycle settings (config, seed, epochs, max_lr, policy): it is taken
+    from runs.jsonl, one run fewer, the same record."""
+    log = tmp_path / 'runs.jsonl'
+    mk = lambda: _learner(silent=True)  # noqa: E731
+    sc, _, tr1, _ = smith.step_superconvergence(mk, tmp_path, [0, 1], 1, 1e-2, log, True)
+    mo, _, tr2, sk2 = smith.step_momentum(mk, tmp_path, [0, 1], 1, 1e-2, log, True)
+    assert (tr1, tr2, sk2) == (4, 2, 2) and len(read_log(log)) == 6  # per seed: 2 + 1 runs, not 2 + 2
+    for seed in (0, 1):
+        one = next(r for r in sc.runs if r['seed'] == seed and r['config']['policy'] == 'one_cycle')
+        mom = next(r for r in mo.runs if r['seed'] == seed and r['config'] == {'moms': [0.95, 0.85]})
+        assert mom['steps'] == one['steps'] and mom['final'] == one['final'] and mom['name'] == 'moms=(0.95, 0.85)'
+    (tmp_path / 'b').mkdir()  # and it is the run step 4 trains when it is alone
+    alone, _, tr, _ = smith.step_momentum(mk, tmp_path / 'b', 0, 1, 1e-2, tmp_path / 'b' / 'runs.jsonl', True)
+    assert tr == 2 and alone.runs[0]['steps'] == sc.runs[0]['steps']
+
+
+def test_smith_seeds_flag_runs_every_grid_config_per_seed(tmp_path, monkeypatch, capsys):
+    _tiny_smith(monkeypatch)
+    assert smith.run(_args(tmp_path, seeds=2, seed=5)) == 0
+    recs = read_log(tmp_path / 'runs.jsonl')
+    grid = [r for r in recs if r['name'] != 'final']
+    assert len(grid) == 2 * N_GRID and sorted({r['seed'] for r in grid}) == [5, 6]
+    assert [r['seed'] for r in recs if r['name'] == 'final'] == [5]  # the final fit: one run, --seed
+    report = (tmp_path / 'report.md').read_text()
+    assert 'ran with 2 seeds (5, 6' in report and 'valid_loss sd' in report
+    out = capsys.readouterr().out
+    assert re.search(rf'{2 * N_GRID} grid run\(s\) trained, 2 skipped', out), out  # step 4 reuses step 3's per seed
+
+
+def test_smith_default_seeds_and_quick_seeds(capsys):
+    assert smith._sizes(_args('x', quick=True))['seeds'] == 1
+    assert smith._sizes(_args('x', quick=False))['seeds'] == smith.SIZES['default']['seeds'] >= 2
+    assert smith._sizes(_args('x', seeds=3))['seeds'] == 3
+    with pytest.raises(SystemExit, match='--seeds 0: it must be at least 1'):
+        smith._sizes(_args('x', seeds=0))
+    with pytest.raises(SystemExit):
+        main(['smith', '--help'])
+    assert '--seeds' in capsys.readouterr().out
+
+
+def _wd_rec(wd, seed, loss, noop=False):
+    return {'name': f'wd={wd:g}', 'config': {'moms': [0.95, 0.85], 'wd': wd}, 'seed': seed, 'status': 'done',
+            'seconds': 1.0, 'final': {'valid_loss': loss}, 'verdict': 'flat', 'diagnosis': 'flat',
+            'epochs': [{'epoch': 0, 'train_loss': 1., 'valid_loss': loss}],
+            'decay': {'wd': wd, 'true_wd': True, 'steps': 4, 'acting_steps': 0 if noop else 4}}
+
+
+def test_smith_wd_choice_on_a_tie_and_with_a_decay_that_never_acted():
+    grid = smith.GridResult
+    clear = grid([_wd_rec(w, s, v) for w, vs in ((1e-3, (0.4, 0.42)), (0., (0.5, 0.52))) for s, v in enumerate(vs)])
+    assert smith._pick_wd(clear, 1e-4, 'wd') == (1e-3, 'the lowest mean final valid loss')
+    # 1e-4 and 0 within the seed spread (differences +0.02, -0.01): a tie, the largest tied value that acts
+    tie = grid([_wd_rec(w, s, v) for w, vs in ((1e-4, (0.5, 0.5)), (0., (0.48, 0.51)), (1e-3, (0.6, 0.61)))
+                for s, v in enumerate(vs)])
+    wd, why = smith._pick_wd(tie, 1e-4, 'wd')
+    assert wd == 1e-4 and why.startswith('a tie: the seeds cannot tell wd = 0.0001, 0 apart')
+    # 1e-5 never acted: the same runs as 0; it is never the pick, whichever is listed first
+    noop = grid([_wd_rec(1e-5, s, v, noop=True) for s, v in enumerate((0.3, 0.31))] +
+                [_wd_rec(0., s, v) for s, v in enumerate((0.3, 0.31))] +
+                [_wd_rec(1e-3, s, v) for s, v in enumerate((0.5, 0.52))])
+    assert smith._pick_wd(noop, 1e-4, 'wd')[0] == 0.
+    alone = grid([_wd_rec(1e-5, s, v, noop=True) for s, v in enumerate((0.3, 0.31))] +
+                 [_wd_rec(1e-3, s, v) for s, v in enumerate((0.5, 0.52))])
+    assert smith._pick_wd(alone, 1e-4, 'wd')[0] == 0.  # the best had no decay at all: 0, not 1e-5
+
+
+def test_report_says_how_wd_is_applied_and_marks_decay_that_never_acted(smith_run):
+    out, _ = smith_run
+    report = (out / 'report.md').read_text()
+    for words in ('**decoupled** decay', 'SGD with L2', '2^-25', 'on at least half of the 1cycle steps',
+                  "step 3's 1cycle run", 'only identical results count as a tie'):
+        assert words in report, words
+    noop = [r for r in _records(out) if 'wd' in r['config'] and not r['config'].get('final') and r['config']['wd']
+            and r['decay']['acting_steps'] == 0]
+    assert bool(noop) == ('No-op in this grid' in report)
+    for r in noop:
+        assert f"{r['config']['wd']:g}" in report.split('No-op in this grid')[1].split('\n')[0]

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 
 from ..core import Callback
-from ..optim import momentum_key, set_hyper
+from ..optim import inert_decay, momentum_key, set_hyper
 
 __all__ = ['ParamScheduler']
 
@@ -24,15 +24,38 @@ class ParamScheduler(Callback):
         self._skip_mom = momentum_key(learn.opt) is None  # e.g. Adagrad: no momentum to cycle
         if names is not None and 'mom' in names and self._skip_mom:
             warnings.warn(f'{type(learn.opt).__name__} has no momentum or betas: the schedule\'s momentum is ignored')
+        if names is None or 'wd' not in names:  # decay that float32 cannot apply at any lr of this fit
+            why = inert_decay(learn.opt, self._peak_lrs(learn), getattr(learn, 'true_wd', True))
+            if why:
+                warnings.warn(f'fit: {why}')
 
-    def resume_signature(self, learn):
-        """The schedule as a resumed fit must repeat it: its length and its values at a few steps."""
+    def _total(self, learn):
         total = getattr(self.sched, 'total_steps', None)
         if total is None:
             try:
                 total = self.start_step + learn.n_epoch * learn.steps_per_epoch()
             except TypeError:
                 total = self.start_step + 1
+        return int(total)
+
+    def _peak_lrs(self, learn):
+        """The highest scheduled lr of each layer group over the steps this fit will run (every step, or 5,000 spread
+        over a longer schedule); None when the schedule sets no lr."""
+        total = max(self._total(learn), self.start_step + 1)
+        steps = np.unique(np.linspace(self.start_step, total - 1, min(total - self.start_step, 5000)).astype(int))
+        n = max(g['layer_group'] for g in learn.opt.param_groups) + 1  # the schedule's values are per layer group
+        peak = [None] * n
+        for t in steps:
+            lr = self.sched(int(t)).get('lr')
+            if lr is None:
+                return None  # a schedule without lr: the fit's lr holds
+            lrs = list(lr) if isinstance(lr, (list, tuple, np.ndarray)) else [lr] * n
+            peak = [float(x) if p is None else max(p, float(x)) for p, x in zip(peak, lrs)]
+        return peak
+
+    def resume_signature(self, learn):
+        """The schedule as a resumed fit must repeat it: its length and its values at a few steps."""
+        total = self._total(learn)
         steps = sorted({int(round(i * (total - 1) / 8)) for i in range(9)} | {self.start_step})
         return {'type': type(self.sched).__name__, 'start_step': self.start_step, 'total_steps': int(total),
                 'samples': [(t, _plain(self.sched(t))) for t in steps]}

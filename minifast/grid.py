@@ -442,7 +442,8 @@ class GridResult:
         ax.set_ylabel(metric)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title or f'{metric} per epoch' + (f' (mean of {n} seeds, range shaded)' if n > 1 else ''))
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # every run diverged: nothing to name
+            ax.legend(fontsize=8)
         return fig
 
     def plot_losses(self, ncols=3):

@@ -421,7 +421,7 @@ def test_step_lines_say_what_took_how_long_and_what_was_reused(smith_run):
                   '6/7 final fit skipped (reused from runs.jsonl',
                   '7/7 interpolation skipped (reused from interpolation.json)',
                   'LR range test reused, grids reused, final fit reused, interpolation reused',
-                  f'0 grid run(s) trained, {N_GRID} skipped (reused from'):
+                  f'0 grid run(s) trained, {N_GRID + 1} skipped (reused from'):
         assert words in second['out'], words
 
 
@@ -603,7 +603,7 @@ def test_smith_sigint_prints_one_line_and_the_next_run_resumes(tmp_path):
     assert list(tmp_path.glob('checkpoints/*/ckpt_*.pth'))
     again = subprocess.run(argv, capture_output=True, text=True, env=_env())
     assert again.returncode == 0, again.stdout + again.stderr
-    assert 'LR range test skipped' in again.stdout and f'0 grid run(s) trained, {N_GRID} skipped' in again.stdout
+    assert 'LR range test skipped' in again.stdout and f'0 grid run(s) trained, {N_GRID + 1} skipped' in again.stdout
     assert re.search(r'6/7 final fit: resuming from ckpt_\S+ \(', again.stdout), again.stdout
     assert re.search(r'6/7 final fit resumed from ckpt_\S+ and finished in \d+\.\d s', again.stdout)
     finals = [r for r in _records(tmp_path) if r['name'] == 'final']

@@ -359,8 +359,9 @@ def test_lr_find_in_a_script_prints_no_epoch_table_and_no_hint(tmp_path, capsys)
     """A script or the `minifast` command (stdout not a terminal): the sweep used to print an epoch table of `#na#`
     rows and the notebook hint; now nothing, and the next fit's table is back."""
     learn = make_learner(tmp_path)
-    learn.lr_find(num_it=10)
-    assert capsys.readouterr().out == ''
+    res = learn.lr_find(num_it=10)
+    # what is left: lr_find's note on the curve, when it has one (a 10-step sweep often shows no clear descent)
+    assert capsys.readouterr().out == ('' if res.note is None else f'lr_find: {res.note}\n')
     learn.fit(1, lr=0.01)
     lines = table_lines(capsys.readouterr().out)
     assert lines[0].split()[:3] == ['epoch', 'train_loss', 'valid_loss'] and len(lines) == 2
@@ -372,7 +373,7 @@ def test_lr_find_in_a_notebook_shows_a_bar_and_the_hint_but_no_table(tmp_path, n
     (sweep,) = notebook
     assert sweep.rows == []  # no header, no `#na#` rows
     assert sweep.children and sweep.children[0].updates, 'no progress bar during the sweep'
-    assert capsys.readouterr().out.strip() == HINT
+    assert capsys.readouterr().out.strip().splitlines()[0] == HINT
     learn.fit(1, lr=0.01)
     assert notebook[-1].rows[0][:3] == ['epoch', 'train_loss', 'valid_loss'] and len(notebook[-1].rows) == 2
     assert learn.progress.table is True
@@ -381,7 +382,7 @@ def test_lr_find_in_a_notebook_shows_a_bar_and_the_hint_but_no_table(tmp_path, n
 def test_lr_find_hint_at_an_interactive_prompt_but_not_when_silent(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, 'ps1', '>>> ', raising=False)
     make_learner(tmp_path).lr_find(num_it=10)
-    assert capsys.readouterr().out.strip().splitlines()[-1] == HINT
+    assert HINT in capsys.readouterr().out.strip().splitlines()
     make_learner(tmp_path, silent=True).lr_find(num_it=10)
     assert capsys.readouterr().out == ''
 

@@ -56,7 +56,8 @@ def test_lr_suggestions_quick_run_caches_fits_and_sweeps(tmp_path, capsys):
     cache = tmp_path / 'c.json'
     mod = _load('lr_suggestions')
     threads = torch.get_num_threads()
-    out = mod.main(['--quick', '--datasets', 'digits', '--cache', str(cache), '--threads', str(threads % 2 + 1)])
+    argv = ['--quick', '--datasets', 'digits', '--cache', str(cache), '--threads', str(threads % 2 + 1)]
+    out = mod.main(argv)
     assert torch.get_num_threads() == threads  # the suite's bit-identity tests compare at its own thread count
     text = capsys.readouterr().out
     assert 'fastai is not installed' in text or 'fastai is installed' in text
@@ -67,7 +68,7 @@ def test_lr_suggestions_quick_run_caches_fits_and_sweeps(tmp_path, capsys):
     sweeps = [v for k, v in stored.items() if k.startswith('sweep')]
     assert len(sweeps) == 2  # lr_find's own, and one with stop_div=False for the peers' finders
     assert all(len(s['lrs']) == len(s['raw_losses']) > 5 for s in sweeps)
-    mod.main(['--quick', '--datasets', 'digits', '--cache', str(cache)])  # again: everything from the cache
+    mod.main(argv)  # again: everything from the cache (its fits are keyed by the thread count too)
     assert '0 fits trained now' in capsys.readouterr().out
 
 

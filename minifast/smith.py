@@ -411,30 +411,26 @@ def _acting(c):
 
 
 def _pick_wd(res, fallback, what):
-    """(wd, why) from a wd grid: the lowest mean valid loss; when the seeds cannot tell it from others (a tie), the
-    largest tied wd that acts (a short grid run shows least of what regularisation does in the longer final fit),
-    else 0. A wd that never acted is never the pick: it trained as wd=0."""
+    """(wd, why) from a wd grid: the lowest mean valid loss, the best estimate the grid gives; when the seeds cannot
+    tell it from others (a tie), still that one, and `why` names the tied values (more seeds would separate them).
+    A wd that never acted is never the pick: it trained as wd=0."""
     best, tie = _best(res, fallback, what)
     if best is None:
         return fallback, 'every run diverged, so the fallback'
-    if not tie:
-        if best['noop']:
-            return 0., (f"the lowest mean final valid loss was wd={best['config']['wd']:g}'s, whose decay never acted "
-                        f"(the same runs as wd=0): 0")
-        return best['config']['wd'], 'the lowest mean final valid loss'
-    tied = [c for c in res.summary('valid_loss') if c['rank'] in ('best', 'tie')]
-    values = ', '.join(f"{c['config']['wd']:g}" + (' (no-op)' if c['noop'] else '') for c in tied)
-    acting = [c['config']['wd'] for c in tied if _acting(c)]
-    if acting:
-        return max(acting), (f'a tie: the seeds cannot tell wd = {values} apart, so the largest of them that acts '
-                             f'(short grid runs show least of what regularisation does in the longer final fit)')
-    return 0., f'a tie: the seeds cannot tell wd = {values} apart, and none of them acts: 0'
+    tied = ''
+    if tie:
+        values = ', '.join(f"{c['config']['wd']:g}" + (' (no-op)' if c['noop'] else '')
+                           for c in res.summary('valid_loss') if c['rank'] in ('best', 'tie'))
+        tied = f' (a tie: the seeds cannot tell wd = {values} apart; more seeds, --seeds, would say more)'
+    if best['noop']:
+        return 0., (f"the lowest mean final valid loss was wd={best['config']['wd']:g}'s, whose decay never acted "
+                    f"(the same runs as wd=0): 0" + tied)
+    return best['config']['wd'], 'the lowest mean final valid loss' + tied
 
 
 def step_weight_decay(make_learner, out, seed, epochs, max_lr, moms, log, quiet):
     """Step 5: wd in 1e-3, 1e-4, 1e-5, 0 (wd.png), then the half-decade neighbours of the best non-zero value that
-    acts (wd_fine.png); the chosen wd: the lowest mean valid loss over all six configs, or on a tie the largest tied
-    value that acts (see _pick_wd). Returns (coarse, fine, best non-zero (None when none acts), its neighbours,
+    acts (wd_fine.png); the chosen wd: the lowest mean valid loss over all six configs, a tie or not (see _pick_wd). Returns (coarse, fine, best non-zero (None when none acts), its neighbours,
     chosen wd, why, trained, skipped)."""
     coarse, tr1, sk1 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in WDS], out, seed, epochs, max_lr, log,
                              'weight decay: coarse grid', 'wd.png', quiet)

@@ -366,7 +366,8 @@ class GridResult:
                 row[k] = v
                 if several and k == monitor:
                     row[f'{k} sd'] = c['sd'].get(k)
-            row.update({'seconds': c['seconds'], 'status': c['status'], 'verdict': c['verdict']})
+            # the time of the runs, as recorded when they trained (a reused run keeps its first invocation's time)
+            row.update({'seconds': round(c['seconds'], 1), 'status': c['status'], 'verdict': c['verdict']})
             if best is not None and c['rank'] is not None:
                 row['vs best'] = (c['rank'] if c['rank'] != 'worse' or c['final'].get(monitor) is None else
                                   _diff(c['final'][monitor] - best['final'][monitor]))
@@ -374,10 +375,13 @@ class GridResult:
                 row['vs best'] = row.get('vs best', '') + ' (wd no-op)'
             rows.append(row)
         cols = list(dict.fromkeys(k for r in rows for k in r))
-        cell = lambda v: '' if v is None else f'{v:.4f}' if isinstance(v, float) else str(v)  # noqa: E731
-        width = {c: max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols}
+        def cell(v, c):
+            if v is None:
+                return ''
+            return f'{v:.1f}' if c == 'seconds' else f'{v:.4f}' if isinstance(v, float) else str(v)
+        width = {c: max(len(c), *(len(cell(r.get(c), c)) for r in rows)) for c in cols}
         lines = ['  '.join(c.ljust(width[c]) for c in cols)]
-        lines += ['  '.join(cell(r.get(c)).ljust(width[c]) for c in cols) for r in rows]
+        lines += ['  '.join(cell(r.get(c), c).ljust(width[c]) for c in cols) for r in rows]
         return '\n'.join(line.rstrip() for line in lines)
 
     def __repr__(self):

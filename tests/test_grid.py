@@ -368,3 +368,11 @@ def test_a_grid_marks_a_weight_decay_that_never_acted_and_does_not_pick_it():
     legend = [t.get_text() for t in res.plot().axes[0].get_legend().get_texts()]
     assert 'wd=1e-05 (wd no-op: = wd 0)' in legend and 'wd=0' in legend  # its dashed line drawn over wd=0's
     plt.close('all')
+
+
+def test_table_gives_seconds_to_a_tenth_and_losses_to_four_places():
+    """Seconds had 4 decimals (12.2557) in the table, a precision the timing does not have."""
+    runs = [dict(_rec('a', s, 0.51234567), seconds=6.12849) for s in (0, 1)]
+    header, row = GridResult(runs).table().splitlines()
+    at = header.index('seconds')
+    assert row[at:].split()[0] == '12.3' and row[header.index('valid_loss'):].split()[0] == '0.5123'

@@ -34,7 +34,7 @@ def add_arguments(p):
                         'tie (default 2; 1 with --quick)')
     p.add_argument('--quiet', action='store_true', help='no progress bars or epoch tables (step lines still print)')
     p.add_argument('--quick', action='store_true',
-                   help='tiny sizes, for tests and a first look (about a minute on a 2-core CPU)')
+                   help='tiny sizes, for tests and a first look (seconds on a 2-core CPU)')
     _add_debug(p)
     return p
 

@@ -684,7 +684,7 @@ def _report_wd_how(ctx):
            f"for wd > {h['half']:.2g}, and is applied to within ~3% at the peak from wd ~ {h['faithful']:.1g}. "
            + (f"**A grid where wd acts at this max_lr: {', '.join(f'{w:g}' for w in h['grid'])} (and 0)** (the "
               f"Learner's default is {ctx['default_wd']:g})." if h['grid'] else
-              f"**At this max_lr no wd up to 0.1 acts on most steps**: raise max_lr or drop weight decay."))
+              "**At this max_lr no wd up to 0.1 acts on most steps**: raise max_lr or drop weight decay."))
     noop = [c['config']['wd'] for g in (ctx['wd_coarse'], ctx['wd_fine']) for c in g.summary() if c['noop']]
     if not noop:
         return [how]

@@ -36,33 +36,34 @@ def make_state(mb):
     return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).state_dict()
 
 
-def torch_io(sd, file):
+def _timed(save, load):
+    """(seconds of save(), seconds of load()), one after the other."""
     t0 = time.perf_counter()
-    torch.save(sd, file)
+    save()
     t1 = time.perf_counter()
-    torch.load(file, weights_only=True)
+    load()
     return t1 - t0, time.perf_counter() - t1
 
 
-def unchecked_io(sd, file):
-    t0 = time.perf_counter()
+def torch_io(sd, file):
+    return _timed(lambda: torch.save(sd, file), lambda: torch.load(file, weights_only=True))
+
+
+def _fsynced_replace(sd, file):
     fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(file)}.', suffix='.tmp', dir=os.path.dirname(file))
     with os.fdopen(fd, 'wb') as f:
         torch.save(sd, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, file)
-    t1 = time.perf_counter()
-    torch.load(file, weights_only=True)
-    return t1 - t0, time.perf_counter() - t1
+
+
+def unchecked_io(sd, file):
+    return _timed(lambda: _fsynced_replace(sd, file), lambda: torch.load(file, weights_only=True))
 
 
 def minifast_io(sd, file):
-    t0 = time.perf_counter()
-    atomic_save(sd, file)
-    t1 = time.perf_counter()
-    load_state(file)
-    return t1 - t0, time.perf_counter() - t1
+    return _timed(lambda: atomic_save(sd, file), lambda: load_state(file))
 
 
 RUNNERS = {'torch': torch_io, 'unchecked': unchecked_io, 'minifast': minifast_io}

@@ -15,7 +15,7 @@ from numbers import Number
 import numpy as np
 
 from .callbacks.gradients import GradientAccumulation, GradientClipping
-from .callbacks.lr_finder import LRFinder, LRFindResult, suggest_max_lr, suggestions
+from .callbacks.lr_finder import LRFinder, LRFindResult, curve_shape, suggest_max_lr, suggestions
 from .callbacks.progress import interactive
 from .callbacks.schedule import ParamScheduler
 from .checks import check_epochs, check_fit, int_at_least, real_value
@@ -316,11 +316,12 @@ def lr_find(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, wd=None)
         if interrupted:
             learn.interrupted = True
     rec = learn.recorder
-    sug = suggestions(rec.lrs, rec.losses, raw_losses=rec.raw_losses)
+    shape = curve_shape(rec.lrs, rec.raw_losses)  # read once: the suggestions and the note both come from it
+    sug = suggestions(rec.lrs, rec.losses, raw_losses=rec.raw_losses, shape=shape)
     if learn.is_main and not learn.silent and interactive():  # fastai v1's hint, where it can be followed
         print('LR Finder is complete, type learn.recorder.plot() to see the graph.')
     res = LRFindResult(rec.lrs, rec.losses, diverged=finder.diverged, suggestions=sug, plateau=finder.plateau,
-                       note=suggest_max_lr(rec.lrs, rec.raw_losses)[1], raw_losses=rec.raw_losses, **sug)
+                       note=suggest_max_lr(rec.lrs, rec.raw_losses, shape)[1], raw_losses=rec.raw_losses, **sug)
     if learn.is_main and res.note and not learn.silent:
         print(f'lr_find: {res.note}')
     return res

@@ -151,7 +151,7 @@ class CurveShape:
     lowest point of the centred smoothing and the depth of the fall to it, whether that fall is clear (deeper than
     NOISE_K x the noise: a fall single steps cannot produce), and `onset`, the lr from which the smoothed loss stays
     clearly above the level it had before its lowest point, once it rises by more than NOISE_K x the noise (None if
-    it never does)."""
+    it never does). `half`: the smoothing's half window in steps (HALF_WINDOW decades of lr)."""
     start: float
     noise: float
     i_min: int
@@ -159,6 +159,7 @@ class CurveShape:
     depth: float
     clear: bool
     onset: float = None
+    half: int = 1
 
 
 def curve_shape(lrs, raw_losses):
@@ -182,12 +183,13 @@ def curve_shape(lrs, raw_losses):
     j = 0 if not len(stays) else int(stays[-1]) + 1
     risen = j < n and sm[j:].max() > level + NOISE_K * noise  # and a clear rise: more than the steps' own noise
     return CurveShape(start, noise, i_min, float(lrs[i_min]), depth, depth > NOISE_K * noise,
-                      float(lrs[j]) if risen else None)
+                      float(lrs[j]) if risen else None, half)
 
 
-def suggest_max_lr(lrs, raw_losses):
-    """(max_lr, note): Smith's rule for 1cycle's max_lr, read from the raw losses of a sweep (see LRFindResult)."""
-    shape = curve_shape(lrs, raw_losses)
+def suggest_max_lr(lrs, raw_losses, shape=None):
+    """(max_lr, note): Smith's rule for 1cycle's max_lr, read from the raw losses of a sweep (see LRFindResult);
+    `shape`: their curve_shape when the caller has it already."""
+    shape = curve_shape(lrs, raw_losses) if shape is None else shape
     if shape is None:
         return None, 'too few steps to read the curve (fewer than 5 finite losses)'
     if shape.clear:
@@ -239,14 +241,15 @@ class LRFindResult:
                 f'valley={fmt(self.valley)}, minimum={fmt(self.minimum)}{note})')
 
 
-def suggestions(lrs, losses, skip_start=None, skip_end=5, raw_losses=None):
+def suggestions(lrs, losses, skip_start=None, skip_end=5, raw_losses=None, shape=None):
     """The suggestions {'max_lr', 'steep', 'valley', 'minimum'}: max_lr from `raw_losses` (default: `losses`) over
     the whole sweep; the others on the smoothed `losses` after dropping the first tenth (skip_start) and last
     `skip_end` points, within the descent (from the last point within the noise of the start level to the lowest
-    loss), and None when the raw losses show no clear descent."""
+    loss), and None when the raw losses show no clear descent. `shape`: the raw losses' curve_shape when the caller
+    has it already."""
     raw = losses if raw_losses is None else raw_losses
-    out = {'max_lr': suggest_max_lr(lrs, raw)[0], 'steep': None, 'valley': None, 'minimum': None}
-    shape = curve_shape(lrs, raw)
+    shape = curve_shape(lrs, raw) if shape is None else shape
+    out = {'max_lr': suggest_max_lr(lrs, raw, shape)[0], 'steep': None, 'valley': None, 'minimum': None}
     if shape is None or not shape.clear:
         return out
     n = len(lrs)

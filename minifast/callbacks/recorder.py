@@ -12,7 +12,7 @@ from ..checks import metric_name
 from ..core import Callback
 from ..distributed import all_reduce_
 from ..optim import momentum_key
-from .lr_finder import HALF_WINDOW, centred_smooth, curve_shape, ema_step, suggest_max_lr, suggestions
+from .lr_finder import centred_smooth, curve_shape, ema_step, suggest_max_lr, suggestions
 
 __all__ = ['Recorder', 'new_figure', 'ema_step']
 
@@ -205,12 +205,11 @@ class Recorder(Callback):
             # the values lr_find returned (and smith chose from): its own skips, not the plot's, or the marks would
             # differ from them on sweeps of other than 100 steps
             raw = self.raw_losses
-            sug = suggestions(lrs, losses, raw_losses=raw)
             shape = curve_shape(lrs, raw)
+            sug = suggestions(lrs, losses, raw_losses=raw, shape=shape)
             if shape is not None:  # what max_lr reads: the EMA above trails it by ~50 steps
-                half = max(1, int(round(HALF_WINDOW / float(np.median(np.diff(np.log10(lrs)))))))
                 lo, hi = min(losses[skip_start:end]), max(losses[skip_start:end])
-                sm = np.clip(centred_smooth(raw, half)[skip_start:end], None, hi + (hi - lo) * 0.5)
+                sm = np.clip(centred_smooth(raw, shape.half)[skip_start:end], None, hi + (hi - lo) * 0.5)
                 ax.scatter(lrs[skip_start:end], sm, s=5, color='0.55', label='loss, centred median (no lag)')
             if sug['max_lr'] is not None:
                 ax.axvline(sug['max_lr'], color='C3', linestyle='--', label=f"max_lr: {sug['max_lr']:.2e}")
@@ -218,7 +217,7 @@ class Recorder(Callback):
                 if lr is not None:
                     y = float(np.interp(np.log10(lr), np.log10(lrs), losses))
                     ax.plot([lr], [y], m, markersize=8, label=f'{name}: {lr:.2e}')
-            note = suggest_max_lr(lrs, raw)[1]
+            note = suggest_max_lr(lrs, raw, shape)[1]
             if note:
                 ax.annotate(textwrap.fill(f'Note: {note}', 90), xy=(0, -0.16), xycoords='axes fraction', va='top',
                             fontsize=8)

@@ -367,7 +367,7 @@ class GridResult:
                 if several and k == monitor:
                     row[f'{k} sd'] = c['sd'].get(k)
             # the time of the runs, as recorded when they trained (a reused run keeps its first invocation's time)
-            row.update({'seconds': round(c['seconds'], 1), 'status': c['status'], 'verdict': c['verdict']})
+            row.update({'seconds': c['seconds'], 'status': c['status'], 'verdict': c['verdict']})
             if best is not None and c['rank'] is not None:
                 row['vs best'] = (c['rank'] if c['rank'] != 'worse' or c['final'].get(monitor) is None else
                                   _diff(c['final'][monitor] - best['final'][monitor]))

@@ -84,17 +84,27 @@ def _sizes(args):
     return s
 
 
-def _save(fig, file):
-    """Write `fig` to `file` through a temporary file and an atomic replace (an interrupt never leaves half a PNG)."""
+def _replace_with(file, write):
+    """Call `write(tmp)` on a temporary path of this call's own in `file`'s folder (two writers never share one),
+    then atomically replace `file` with it: `file` is the old or the new one, never a mix (an interrupt never
+    leaves half a file), and a failed write leaves no temporary file."""
     file = Path(file)
-    tmp = file.with_name(f'.{file.stem}.{os.getpid()}.{secrets.token_hex(4)}{file.suffix}')
+    tmp = file.parent / f'.{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
     try:
-        fig.savefig(tmp, dpi=90, bbox_inches='tight')
+        write(tmp)
         os.replace(tmp, file)
-    finally:
-        plt.close(fig)
+    except BaseException:
         with suppress(OSError):
             tmp.unlink()
+        raise
+
+
+def _save(fig, file):
+    """Write `fig` to `file` (its format from the suffix) through _replace_with, and close it."""
+    try:
+        _replace_with(file, lambda tmp: fig.savefig(tmp, format=Path(file).suffix[1:], dpi=90, bbox_inches='tight'))
+    finally:
+        plt.close(fig)
 
 
 def save_plot(fig, file, title):
@@ -197,20 +207,13 @@ def _num(v, none=True, finite=False):
 
 
 def _write_json(file, obj):
-    """Write `obj` to `file` as JSON through a temporary file of this call's own in the same folder (two writers
-    never share one) and an atomic replace: `file` is the old or the new one, never a mix, and a failed write leaves
-    no temporary file."""
-    file = Path(file)
+    """Write `obj` to `file` as JSON through _replace_with (atomic, a temporary file of this call's own)."""
     text = json.dumps(plain(obj), indent=1)  # non-finite numbers as null: strict JSON
-    tmp = file.parent / f'.{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
-    try:
+
+    def write(tmp):
         with open(tmp, 'x') as f:  # 'x': never another writer's file
             f.write(text)
-        os.replace(tmp, file)
-    except BaseException:
-        with suppress(OSError):
-            tmp.unlink()
-        raise
+    _replace_with(file, write)
 
 
 def _fmt_wd(v):

@@ -1,14 +1,25 @@
 """DataBunch (a train and a validation loader) and TensorDataLoader (batches by indexing in-memory tensors)."""
+import enum
 import math
 import numbers
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..device import resolve_device
 from ..distributed import shard_bounds
 
-__all__ = ['DataBunch', 'TensorDataLoader']
+__all__ = ['DataBunch', 'DatasetType', 'TensorDataLoader']
+
+
+class DatasetType(enum.Enum):
+    """Which loader of a DataBunch (fastai v1's names): Train (shuffled, augmented), Valid, Test (added with
+    `add_test`), Fix (the training set in order, without augmentation, nothing dropped), Single (one item)."""
+    Train = 1
+    Valid = 2
+    Test = 3
+    Single = 4
+    Fix = 5
 
 
 class TensorDataLoader:
@@ -111,8 +122,37 @@ class DataBunch:
     """A training loader and an optional validation loader, as the Learner expects them."""
 
     def __init__(self, train_dl, valid_dl=None, classes=None, c=None):
-        self.train_dl, self.valid_dl, self.classes = train_dl, valid_dl, classes
+        self.train_dl, self.valid_dl, self.classes, self.test_dl = train_dl, valid_dl, classes, None
         self.c = c if c is not None else len(classes) if classes is not None else None
+
+    @property
+    def fix_dl(self):
+        """The training set in order, as validation sees data: no shuffling, no augmentation, nothing dropped."""
+        dl = self.train_dl
+        if isinstance(dl, TensorDataLoader):
+            return TensorDataLoader(*dl.tensors, batch_size=dl.batch_size, device=dl.device,
+                                    after_batch=getattr(self.valid_dl, 'after_batch', None) or dl.after_batch)
+        if isinstance(dl, DataLoader):
+            return DataLoader(dl.dataset, batch_size=dl.batch_size, shuffle=False, drop_last=False,
+                              num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory)
+        raise TypeError(f'DatasetType.Fix: the training loader is a {type(dl).__name__}; only TensorDataLoader and '
+                        f'torch DataLoader can be replayed in order')
+
+    def dl(self, ds_type=DatasetType.Valid):
+        """The loader of `ds_type` (a DatasetType; Valid by default), with an error naming what is missing."""
+        if not isinstance(ds_type, DatasetType):
+            raise TypeError(f'dl: ds_type must be a DatasetType (Train, Valid, Test, Fix), got {ds_type!r}')
+        if ds_type is DatasetType.Fix:
+            return self.fix_dl
+        dl = {DatasetType.Train: self.train_dl, DatasetType.Valid: self.valid_dl,
+              DatasetType.Test: self.test_dl}.get(ds_type)
+        if ds_type is DatasetType.Single:
+            raise ValueError('dl: DatasetType.Single has no loader; use learn.predict(item) for one item')
+        if dl is None:
+            how = {DatasetType.Valid: 'this data has no validation set',
+                   DatasetType.Test: 'no test set was added: call data.add_test(items) first'}[ds_type]
+            raise ValueError(f'dl({ds_type}): {how}')
+        return dl
 
     @property
     def train_ds(self):

@@ -213,7 +213,7 @@ class LabelLists:
         xt, yt, it, xv, yv, iv = parts
         return ImageDataBunch(xt, yt, xv, yv, self.classes, bs=bs, val_bs=val_bs, train_tfms=self.tfms[0],
                               valid_tfms=self.tfms[1], device=device, path=self.path, train_items=it, valid_items=iv,
-                              device_data=device_data)
+                              device_data=device_data, crop=self.crop)
 
 
 def _first_size(files, ignore_errors):
@@ -326,7 +326,8 @@ class ImageDataBunch(DataBunch):
     crosses the host-device link."""
 
     def __init__(self, x_train, y_train, x_valid, y_valid, classes, bs=64, val_bs=None, train_tfms=(), valid_tfms=(),
-                 device=None, path='.', train_items=None, valid_items=None, drop_last=True, device_data='auto'):
+                 device=None, path='.', train_items=None, valid_items=None, drop_last=True, device_data='auto',
+                 crop=False):
         if len(x_train) != len(y_train) or len(x_valid) != len(y_valid):
             raise ValueError(f'ImageDataBunch: {len(x_train)} training images but {len(y_train)} labels, '
                              f'{len(x_valid)} validation images but {len(y_valid)} labels')
@@ -338,6 +339,8 @@ class ImageDataBunch(DataBunch):
                                      f'{len(classes) - 1} ({len(classes)} classes)')
         self.device, self.path, self.stats, self._stats_on = resolve_device(device), Path(path), None, {}
         self.train_tfms, self.valid_tfms = list(train_tfms), list(valid_tfms)
+        # how a new image file becomes one of these: decoded, then resized to size (crop: short side, centre crop)
+        self.size, self.crop = tuple(int(s) for s in x_train.shape[-2:]), bool(crop)
         if _on_device(device_data, self.device, (x_train, y_train, x_valid, y_valid)):
             x_train, y_train, x_valid, y_valid = (t.to(self.device) for t in (x_train, y_train, x_valid, y_valid))
         train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=True, drop_last=drop_last,
@@ -362,6 +365,26 @@ class ImageDataBunch(DataBunch):
         tr, va = _split_tfms(tfms, 'ImageDataBunch.from_tensors')
         return cls(xt, yt, xv, yv, classes, bs=bs, val_bs=val_bs, train_tfms=tr, valid_tfms=va, device=device,
                    path=path, device_data=device_data)
+
+    def input_spec(self):
+        """What turns a new image into a model input here, as JSON-ready values: size [H, W], crop (short side to
+        size then centre crop, else squish), stats [[means], [stds]] or None, classes, valid_tfms (their reprs)."""
+        return {'kind': 'image', 'size': list(self.size), 'crop': self.crop,
+                'stats': None if self.stats is None else [s.tolist() for s in self.stats],
+                'classes': [str(c) for c in self.classes], 'valid_tfms': [repr(t) for t in self.valid_tfms]}
+
+    @classmethod
+    def from_spec(cls, spec, device=None, bs=64):
+        """An image bunch with no images that turns new ones into model inputs as the bunch `spec` came from did
+        (see input_spec): what load_learner gives its Learner. Its valid transforms must be empty."""
+        h, w = spec['size']
+        if spec.get('valid_tfms'):
+            raise ValueError(f"from_spec: validation transforms {spec['valid_tfms']} cannot be rebuilt from names")
+        empty = torch.zeros(0, 3, h, w, dtype=torch.uint8)
+        no_y = torch.zeros(0, dtype=torch.long)
+        data = cls(empty, no_y, empty, no_y, spec['classes'], bs=bs, device=device, device_data=False,
+                   crop=spec.get('crop', False))
+        return data.normalize(spec['stats']) if spec.get('stats') is not None else data
 
     def __repr__(self):
         x = self.train_ds.x

@@ -35,6 +35,7 @@ _SUBMODULES = {
              'CancelException', 'CancelFitException', 'CancelTrainException', 'CancelValidateException',
              'DivergenceError'),
     'learner': ('Learner',),
+    'data.items': ('Image', 'open_image'),
     'metrics': ('accuracy', 'error_rate', 'top_k_accuracy'),
     'models': ('AdaptiveConcatPool2d', 'Flatten', 'cifar_resnet', 'create_cnn', 'create_head', 'from_seed_state_dict',
                'resnet56', 'to_seed_state_dict'),
@@ -67,7 +68,7 @@ __all__ = [
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
     'DivergenceError', 'UnsafeCheckpointError', 'CorruptCheckpointError', 'FolderLockedError', 'set_seed',
     'resumable', 'EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
-    'EarlyStoppingCallback',
+    'EarlyStoppingCallback', 'Image', 'open_image',
     'ReduceLROnPlateauCallback',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',

@@ -2,14 +2,16 @@
 `Learner` as methods of the same names."""
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data.core import DatasetType
+from .data.items import image_uint8, is_image_item
 from .state import preserved
 
-__all__ = ['get_preds', 'predict', 'is_cross_entropy', 'loss_activation', 'item_losses']
+__all__ = ['get_preds', 'predict', 'predict_files', 'is_cross_entropy', 'loss_activation', 'item_losses']
 
 
 def get_preds(learn, ds_type=DatasetType.Valid, with_loss=False, n_batch=None, activ=None, dl=None):
@@ -78,23 +80,72 @@ def item_losses(loss_func, out, targ):
     return loss.reshape(loss.shape[0], -1).mean(1) if loss.ndim > 1 else loss
 
 
-def predict(learn, x):
-    """Predict one item (no batch dimension; raw, as in data.valid_ds): (label, class index, probabilities) for
-    classification. Data with a `preprocess` method (images) converts and normalises the item first."""
-    xs = x if isinstance(x, (tuple, list)) else (x,)
-    pre = getattr(learn.data, 'preprocess', None)  # e.g. images: uint8 -> float, normalised like validation
+def predict(learn, item):
+    """fastai v1's predict: one item -> (class, class index, probabilities) for classification, else the output
+    three times. For image data `item` is a file path, an `open_image` Image, a PIL image, a numpy array or a tensor
+    (one image, no batch dimension), decoded and resized as the data's files were, then converted and normalised as
+    validation batches are (never the training augmentation); other data takes the raw item (or a tuple of
+    inputs)."""
+    probs = _predict_batch(learn, [_as_input(learn.data, item, 'predict')])[0]
+    return _triple(learn, probs)
+
+
+def predict_files(learn, items, bs=None, ignore_errors=False):
+    """Predict many images (a folder, or a list of files or of images in any form predict takes) in batches:
+    (items, labels, class indices, probabilities), in the order of `items` (unreadable files are skipped with
+    ignore_errors=True, so `items` says which were predicted). The data's test set is left as it was."""
+    data = learn.data
+    if not hasattr(data, 'add_test'):
+        raise TypeError(f'predict_files: {type(data).__name__} has no add_test(); it needs image data (an '
+                        f'ImageDataBunch, or a learner from load_learner)')
+    old = data.test_dl
+    try:
+        data.add_test(items, ignore_errors=ignore_errors)
+        dl = data.test_dl
+        if bs is not None:
+            dl.batch_size = int(bs)
+        probs, _ = get_preds(learn, DatasetType.Test)
+        kept = dl.dataset.items
+    finally:
+        data.test_dl = old
+    idx = probs.argmax(-1) if is_cross_entropy(learn.loss_func) else None
+    labels = None if idx is None else [_label(data, int(i)) for i in idx]
+    return kept, labels, idx, probs
+
+
+def _as_input(data, item, what):
+    """The model's inputs for one item, without a batch dimension, before preprocessing."""
+    if getattr(data, 'size', None) is not None:  # image data: every form of an image becomes its uint8 tensor
+        return (image_uint8(item, data.size, data.crop, what),)
+    if is_image_item(item):
+        raise TypeError(f'{what}: {type(item).__name__} given, but the data ({type(data).__name__}) is not image '
+                        f'data; pass the item as the data holds it')
+    xs = item if isinstance(item, (tuple, list)) else (item,)
+    return tuple(x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)) for x in xs)
+
+
+def _predict_batch(learn, items):
+    """The model's outputs (after the loss's activation, on CPU) for a list of items as `_as_input` gives them."""
+    pre = getattr(learn.data, 'preprocess', None)  # images: uint8 -> float, normalised like validation
     with preserved(learn, parts=('modes',)), torch.no_grad(), learn.stepper.autocast():  # as get_preds runs
         learn.model.eval()
-        xs = [t.unsqueeze(0).to(learn.device) for t in xs]
+        xs = [torch.stack(t).to(learn.device) for t in zip(*items)]
         if pre is not None:
             xs = [pre(t) for t in xs]
-        out = learn.model(*xs)[0].float().cpu()
+        out = learn.model(*xs).float()
+        return loss_activation(learn.loss_func)(out).cpu()
+
+
+def _label(data, idx):
+    classes = getattr(data, 'classes', None)
+    return classes[idx] if classes is not None else idx
+
+
+def _triple(learn, probs):
     if not is_cross_entropy(learn.loss_func):
-        return out, out, out
-    probs = out.softmax(-1)
+        return probs, probs, probs
     idx = int(probs.argmax())
-    classes = getattr(learn.data, 'classes', None)
-    return (classes[idx] if classes is not None else idx), idx, probs
+    return _label(learn.data, idx), idx, probs
 
 
 def is_cross_entropy(loss_func):

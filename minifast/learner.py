@@ -454,7 +454,7 @@ class Learner:
             self.state = saved
             self.model.train(was_training)
 
-    get_preds, predict = inference.get_preds, inference.predict
+    get_preds, predict, predict_files = inference.get_preds, inference.predict, inference.predict_files
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def model_file(self, name):

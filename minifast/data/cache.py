@@ -12,7 +12,8 @@ import torch
 
 from ..checkpoint import atomic_save
 
-__all__ = ['decode_images', 'cached_decode', 'default_cache_dir', 'ImageDecodeError']
+__all__ = ['decode_images', 'cached_decode', 'default_cache_dir', 'ImageDecodeError', 'read_rgb', 'fit_to_size',
+           'to_rgb_array']
 
 _FORMAT = 3  # bump when the cache layout or the decoding changes
 _PARALLEL_MIN = 2000  # below this many files, starting worker processes costs more than it saves
@@ -34,7 +35,7 @@ def default_cache_dir():
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'minifast'
 
 
-def _to_rgb_array(im):
+def to_rgb_array(im):
     """RGB uint8 array of a PIL image; 16-bit and float images are scaled to 0..255, not clipped."""
     if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
         a = np.asarray(im, dtype=np.float64)
@@ -51,24 +52,35 @@ def _to_rgb_array(im):
     return np.asarray(im.convert('RGB'), dtype=np.uint8)  # grayscale, palette, RGBA, CMYK -> RGB (alpha dropped)
 
 
-def _decode_one(file, size, crop):
+def read_rgb(file):
+    """The image in `file` as an RGB uint8 array (H, W, 3), decoded as dataset images are; raises what PIL raises."""
     from PIL import Image
+    with Image.open(file) as im:
+        im.load()  # decode now: truncated files fail here, not later
+        return to_rgb_array(im)
+
+
+def fit_to_size(a, size, crop):
+    """An RGB uint8 array (H, W, 3) resized to `size` = (H, W) as dataset images are: `crop`: short side to size,
+    then the centre crop, keeping the aspect ratio; else squished. Already that size: `a` itself."""
+    from PIL import Image
+    h, w = size
+    if a.shape[:2] == (h, w):
+        return a
+    img = Image.fromarray(a)
+    if crop:
+        s = max(h / img.height, w / img.width)
+        img = img.resize((max(w, round(img.width * s)), max(h, round(img.height * s))), Image.BILINEAR)
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+    else:
+        img = img.resize((w, h), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_one(file, size, crop):
     try:
-        with Image.open(file) as im:
-            im.load()  # decode now, inside the try: truncated files fail here, not later
-            a = _to_rgb_array(im)
-        h, w = size
-        if a.shape[:2] != (h, w):
-            img = Image.fromarray(a)
-            if crop:  # int size: short side to `size`, then the centre crop, keeping the aspect ratio
-                s = max(h / img.height, w / img.width)
-                img = img.resize((max(w, round(img.width * s)), max(h, round(img.height * s))), Image.BILINEAR)
-                left, top = (img.width - w) // 2, (img.height - h) // 2
-                img = img.crop((left, top, left + w, top + h))
-            else:
-                img = img.resize((w, h), Image.BILINEAR)
-            a = np.asarray(img, dtype=np.uint8)
-        return a.transpose(2, 0, 1).copy()
+        return fit_to_size(read_rgb(file), size, crop).transpose(2, 0, 1).copy()
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad files
         return f'{type(e).__name__}: {e}'
 

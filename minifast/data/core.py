@@ -126,6 +126,11 @@ class DataBunch:
         self.c = c if c is not None else len(classes) if classes is not None else None
 
     @property
+    def test_ds(self):
+        """The test set (added by add_test), or None."""
+        return getattr(self.test_dl, 'dataset', None)
+
+    @property
     def fix_dl(self):
         """The training set in order, as validation sees data: no shuffling, no augmentation, nothing dropped."""
         dl = self.train_dl

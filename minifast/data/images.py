@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from ..callbacks.recorder import new_figure
 from ..device import resolve_device
 from .augment import apply_tfms, split_index_only
-from .cache import ImageDecodeError, cached_decode
+from .cache import ImageDecodeError, cached_decode, decode_images
 from .core import DataBunch, TensorDataLoader
+from .items import image_uint8
 
 __all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'IMG_EXTENSIONS',
            'cifar_stats', 'imagenet_stats']
@@ -385,6 +386,28 @@ class ImageDataBunch(DataBunch):
         data = cls(empty, no_y, empty, no_y, spec['classes'], bs=bs, device=device, device_data=False,
                    crop=spec.get('crop', False))
         return data.normalize(spec['stats']) if spec.get('stats') is not None else data
+
+    def add_test(self, items, ignore_errors=False, num_workers=None):
+        """fastai v1's add_test: `items` (a folder, a list of image files, or of images in any form predict takes)
+        become data.test_dl, decoded and resized as this data's files are, run through the validation pipeline;
+        `learn.get_preds(DatasetType.Test)` then predicts them in order (their targets are 0). Returns self."""
+        if isinstance(items, (str, Path)) and Path(items).is_dir():
+            items = ImageList.from_folder(items).items
+        elif isinstance(items, ImageList):
+            items = items.items
+        items = list(items)
+        if not items:
+            raise ValueError('add_test: no items given')
+        if all(isinstance(i, (str, Path)) for i in items):
+            x, keep = decode_images(items, self.size, num_workers, ignore_errors, self.crop)
+            items = [Path(items[k]) for k in keep]
+        else:
+            x = torch.stack([image_uint8(i, self.size, self.crop, f'add_test (item {k})') for k, i in enumerate(items)])
+        y = torch.zeros(len(x), dtype=torch.long)
+        self.test_dl = TensorDataLoader(x, y, batch_size=self.valid_dl.batch_size, device=self.device,
+                                        after_batch=_Pipeline(self.valid_tfms, self))
+        self.test_dl.dataset = ImageDataset(x, y, self.classes, items)
+        return self
 
     def __repr__(self):
         x = self.train_ds.x

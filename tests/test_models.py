@@ -317,3 +317,14 @@ def test_create_cnn_head_gets_fastai_v1_initialisation():
     assert all(torch.count_nonzero(l.bias) == 0 for l in lins)
     w = lins[0].weight  # kaiming normal, fan_in: std = sqrt(2 / fan_in)
     assert abs(w.std().item() - (2 / w.shape[1]) ** 0.5) < 0.1 * (2 / w.shape[1]) ** 0.5
+
+
+def test_create_cnn_body_keeps_the_backbone_child_names():
+    # the names are what learn.split({'0.layer3': ...}) and a state dict read; numbers would hide which block is which
+    model = create_cnn(torchvision.models.resnet18, 3)
+    assert [n for n, _ in model[0].named_children()] == ['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2',
+                                                          'layer3', 'layer4']
+    assert model.layer_groups()[1][0] is model[0].layer3  # fastai v1's split: before layer3
+    learn = Learner(DataBunch.from_tensors(torch.zeros(4, 3, 8, 8), torch.zeros(4).long()), model, silent=True)
+    learn.split({('0.conv1', '0.bn1', '0.layer1', '0.layer2'): {}, '0.layer3': {}, '0.layer4': {}, '1': {}})
+    assert len(learn.layer_groups) == 4

@@ -1,4 +1,5 @@
 """fastai v1's `create_cnn`: a torchvision backbone's body, cut before its pooling, followed by `create_head`."""
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -52,7 +53,8 @@ def cut_body(model, cut=None):
     if i is None or not -n <= i < n:
         raise ValueError(f'create_cnn: cut must be an index into the {n} children of {type(model).__name__} '
                          f'({-n} to {n - 1}) or a function model -> body, got {cut!r}')
-    body = nn.Sequential(*children[:cut])
+    # named: the body keeps the backbone's child names (layer3, ...), so `learn.split({'0.layer3': ...})` reads them
+    body = nn.Sequential(OrderedDict(list(model.named_children())[:cut]))
     if len(body) == 1 and isinstance(body[0], nn.Sequential):
         body = body[0]
     if len(body) < 2:

@@ -9,7 +9,7 @@ from torch import nn
 
 from minifast import (DataBunch, DatasetType, FlipLR, ImageDataBunch, ImageList, Learner, cifar_stats, open_image)
 from minifast.data.cache import ImageDecodeError
-from tests.conftest import make_data, make_mlp
+from conftest import make_data, make_mlp
 
 CLASSES = ['ant', 'bee', 'cat']
 

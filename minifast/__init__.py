@@ -24,6 +24,8 @@ _SUBMODULES = {
              'ImageDataBunch', 'ImageList', 'Lighting', 'RandomCropPad', 'TensorDataLoader', 'cifar10', 'cifar100',
              'cifar_stats', 'cifar_transforms', 'get_transforms', 'imagenet_stats', 'load_cifar', 'synthetic_cifar',
              'synthetic_classification', 'synthetic_images', 'write_cifar', 'write_image_folder'),
+    'export': ('CorruptExportError', 'ExportError', 'UnsafeExportError'),
+    'exported': ('load_learner',),
     'grid': ('GridResult', 'diagnose', 'grid_search', 'read_log'),
     'lock': ('FolderLockedError',),
     'landscape': ('InterpolationResult', 'SurfaceResult', 'average_weights', 'evaluate_weights',
@@ -68,8 +70,8 @@ __all__ = [
     'one_cycle_schedule', 'grid_search', 'GridResult', 'diagnose', 'read_log', 'Checkpoint', 'DivergenceGuard',
     'DivergenceError', 'UnsafeCheckpointError', 'CorruptCheckpointError', 'FolderLockedError', 'set_seed',
     'resumable', 'EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
-    'EarlyStoppingCallback', 'Image', 'open_image',
-    'ReduceLROnPlateauCallback',
+    'EarlyStoppingCallback', 'ReduceLROnPlateauCallback', 'Image', 'open_image', 'load_learner', 'ExportError',
+    'UnsafeExportError', 'CorruptExportError',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import accel, inference, optim, policies, resume as resuming
+from . import accel, export as exporting, inference, optim, policies, resume as resuming
 from .callbacks.gradients import GradientAccumulation, GradientClipping
 from .callbacks.progress import ProgressCallback, no_bar
 from .callbacks.recorder import Recorder
@@ -455,6 +455,7 @@ class Learner:
             self.model.train(was_training)
 
     get_preds, predict, predict_files = inference.get_preds, inference.predict, inference.predict_files
+    export = exporting.export
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def model_file(self, name):

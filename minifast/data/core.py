@@ -188,6 +188,48 @@ class DataBunch:
         db.c_inferred = c is not None  # guessed from the largest label: a class may be absent from the data
         return db
 
+    def input_spec(self):
+        """What this data's model inputs and targets are, as JSON-ready values (what learn.export records): kind
+        'tensor', classes, c, and the per-item shape and dtype of each input and of the target."""
+        for dl in (self.train_dl, self.valid_dl):
+            ts = getattr(dl, 'tensors', None)
+            if ts is not None:
+                items = [(t.shape[1:], t.dtype) for t in ts]
+                break
+            ds = getattr(dl, 'dataset', None)
+            if ds is not None and hasattr(ds, '__len__') and len(ds):
+                items = [(torch.as_tensor(t).shape, torch.as_tensor(t).dtype) for t in ds[0]]
+                break
+        else:
+            raise ValueError(f'input_spec: neither loader of this {type(self).__name__} holds tensors or a '
+                             f'non-empty dataset, so the shape of its items is unknown')
+        if len(items) < 2:
+            raise ValueError(f'input_spec: items of {len(items)} tensor(s); expected inputs and a target')
+        spec = [{'shape': list(shape), 'dtype': str(dtype).replace('torch.', '')} for shape, dtype in items]
+        keep = lambda c: c if isinstance(c, (str, int, float, bool)) else str(c)  # noqa: E731
+        return {'kind': 'tensor', 'classes': None if self.classes is None else [keep(c) for c in self.classes],
+                'c': self.c, 'inputs': spec[:-1], 'target': spec[-1]}
+
+    @classmethod
+    def from_spec(cls, spec, device=None, bs=64):
+        """A DataBunch with no items whose (empty) loaders have the inputs and targets `spec` describes (see
+        input_spec): what load_learner gives its Learner for tensor data."""
+        if not isinstance(spec, dict) or spec.get('kind') != 'tensor':
+            raise ValueError(f"DataBunch.from_spec: expected a spec of kind 'tensor', got {spec!r:.80}")
+
+        def empty(s, what):
+            shape, dtype = s.get('shape'), getattr(torch, str(s.get('dtype')), None)
+            if not isinstance(dtype, torch.dtype) or not isinstance(shape, list) or \
+                    not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+                raise ValueError(f'DataBunch.from_spec: {what} must have a shape (a list of sizes) and a torch '
+                                 f'dtype name, got {s!r:.80}')
+            return torch.zeros(0, *shape, dtype=dtype)
+
+        ts = [empty(s, f'input {i}') for i, s in enumerate(spec['inputs'])] + [empty(spec['target'], 'target')]
+        dev = None if device is None else resolve_device(device)
+        return cls(TensorDataLoader(*ts, batch_size=bs, shuffle=True, drop_last=True, device=dev),
+                   TensorDataLoader(*ts, batch_size=bs, device=dev), classes=spec.get('classes'), c=spec.get('c'))
+
     def __repr__(self):
         n = lambda dl: len(dl.dataset) if getattr(dl, 'dataset', None) is not None else '?'  # noqa: E731
         return (f'DataBunch(train: {n(self.train_dl)} items, valid: '

@@ -19,6 +19,7 @@ from collections import OrderedDict
 import torch.nn.functional as F
 from torch import nn
 
+from .factory import record_spec, recorded
 from .layers import check_size, create_head
 
 __all__ = ['BasicBlock', 'CifarResNet', 'cifar_resnet', 'resnet56', 'CIFAR_DEPTHS', 'from_seed_state_dict',
@@ -65,6 +66,7 @@ class CifarResNet(nn.Module):
         self.layer2 = self._stage(16, 32, num_blocks[1], stride=2)
         self.layer3 = self._stage(32, 64, num_blocks[2], stride=2)
         self.head = create_head(2 * 64, num_classes, lin_ftrs=[128], ps=0.5)  # dropouts 0.25, 0.5 as the seed
+        record_spec(self, f'{__name__}:CifarResNet', {'num_blocks': num_blocks, 'num_classes': num_classes})
 
     @staticmethod
     def _stage(c_in, c_out, n, stride):
@@ -79,6 +81,7 @@ class CifarResNet(nn.Module):
         return [[self.conv1, self.bn1, self.layer1], self.layer2, self.layer3, self.head]
 
 
+@recorded
 def cifar_resnet(depth, num_classes=100):
     """The CIFAR ResNet of `depth` = 6n + 2 (He et al.'s 20, 32, 44, 56, 110, or any other such as 8 and 14 for quick
     runs): n BasicBlocks per stage."""
@@ -89,6 +92,7 @@ def cifar_resnet(depth, num_classes=100):
     return CifarResNet((n, n, n), num_classes)
 
 
+@recorded
 def resnet56(num_classes=100):
     """Seed 004's ResNet-56 (9 blocks per stage, concat-pool head): 885,044 parameters at 100 classes."""
     return cifar_resnet(56, num_classes)

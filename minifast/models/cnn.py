@@ -6,6 +6,7 @@ from torch import nn
 
 from ..checks import int_value
 from ..optim import NO_WD_TYPES
+from .factory import recorded
 from .layers import check_size, create_head
 
 __all__ = ['BodyHead', 'create_cnn', 'cut_body']
@@ -96,6 +97,7 @@ def _init_head(head):
                 nn.init.zeros_(m.bias)
 
 
+@recorded(importable=('arch',), fixed={'pretrained': False})  # what learn.export writes
 def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, concat_pool=True, bn_final=False,
                split_at=None):
     """A torchvision backbone's body (cut before its pooling) and a new `create_head` for `nc` classes.

@@ -21,7 +21,7 @@ from .cache import ImageDecodeError, cached_decode
 from .core import DataBunch, TensorDataLoader
 
 __all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'IMG_EXTENSIONS',
-           'cifar_stats', 'imagenet_stats']
+           'cifar_stats', 'imagenet_stats', 'get_image_files']
 
 IMG_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'})
 cifar_stats = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
@@ -57,6 +57,17 @@ def _split_tfms(tfms, where):
 
 def _hidden(rel):
     return any(part.startswith('.') or part == '__pycache__' for part in rel.parts)
+
+
+def get_image_files(c, check_ext=True, recurse=False):
+    """fastai v1's: the image files in folder `c` (below it too with `recurse`), sorted; hidden entries skipped,
+    and, unless check_ext=False, files without an image extension."""
+    c = Path(c)
+    if not c.is_dir():
+        raise NotADirectoryError(f'get_image_files: {c} is not a folder')
+    found = c.rglob('*') if recurse else c.iterdir()
+    return sorted(p for p in found if p.is_file() and not _hidden(p.relative_to(c))
+                  and (not check_ext or p.suffix.lower() in IMG_EXTENSIONS))
 
 
 class ImageList:

@@ -610,3 +610,17 @@ def test_from_csv_errors_name_the_file_the_line_and_the_image(tmp_path):
         ImageDataBunch.from_csv(tmp_path, label_delim=' ')
     with pytest.raises(ValueError, match=r'these items do not come from a csv file'):
         ImageList(fnames, tmp_path).split_by_idx([0]).label_from_df()
+
+
+def test_get_image_files(tmp_path):
+    fnames = flat_pets(tmp_path)
+    (tmp_path / 'images' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'images' / '.hidden.png').write_bytes(b'')
+    (tmp_path / 'images' / 'sub').mkdir()
+    Image.fromarray(pixels(0, 0)).save(tmp_path / 'images' / 'sub' / 'deep.png')
+    from minifast import get_image_files
+    assert get_image_files(tmp_path / 'images') == fnames
+    assert get_image_files(tmp_path / 'images', recurse=True) == sorted([*fnames, tmp_path / 'images/sub/deep.png'])
+    assert tmp_path / 'images' / 'notes.txt' in get_image_files(tmp_path / 'images', check_ext=False)
+    with pytest.raises(NotADirectoryError, match='get_image_files: .*nope is not a folder'):
+        get_image_files(tmp_path / 'nope')

@@ -225,3 +225,23 @@ def test_fastai_v1_data_cells_run_verbatim(tmp_path):
     assert shown[6] == "['0', '1']" and shown[7] == '64'
     assert ns['data'].train_ds.x.shape[1:] == (3, 12, 12)  # no size: the images' own; grayscale becomes RGB
     assert len(ns['labels']) == 64
+
+
+@pytest.mark.slow
+def test_v1_default_resnet18_from_the_cache_fits(tmp_path, monkeypatch):
+    """fastai v1's `cnn_learner(data, models.resnet18, metrics=accuracy)` with its default pretrained=True: random
+    weights of resnet18's shapes (a 47 MB file) where torchvision looks, no download; the split is v1's (layer3)."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    _no_download(monkeypatch)
+    arch = torchvision.models.resnet18
+    ckpt = tmp_path / 'torch' / 'hub' / 'checkpoints' / get_model_weights(arch).DEFAULT.url.rsplit('/', 1)[1]
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(arch(weights=None).state_dict(), ckpt)
+    data = ImageDataBunch.from_folder(image_folder(tmp_path / 'data', n_train=32), size=28, bs=16, device='cpu')
+    learn = cnn_learner(data, arch, metrics=accuracy)
+    body = learn.model[0]
+    assert learn.layer_groups[1][0] is body[6] and not body[7][0].conv1.weight.requires_grad  # layer3, layer4
+    before = body[7][0].conv1.weight.clone()
+    learn.fit(1)
+    assert torch.equal(body[7][0].conv1.weight, before) and len(learn.recorder.val_losses) == 1

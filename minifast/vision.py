@@ -1,7 +1,7 @@
 """fastai v1's `cnn_learner`: a Learner for a torchvision backbone with a new head, in layer groups, frozen when
 pretrained.
 
-    learn = cnn_learner(data, models.resnet18, metrics=error_rate)   # pretrained: trains the head only
+    learn = cnn_learner(data, torchvision.models.resnet18, metrics=error_rate)   # pretrained: the head trains
 """
 from torch import nn
 

@@ -42,6 +42,9 @@ _SUBMODULES = {
     'models': ('AdaptiveConcatPool2d', 'Flatten', 'cifar_resnet', 'create_cnn', 'create_head', 'from_seed_state_dict',
                'resnet56', 'to_seed_state_dict'),
     'optim': ('SGD', 'AdamW', 'LayerGroup', 'layer_decay_lrs', 'module_groups', 'split_by_idx', 'split_model'),
+    'data.images': ('get_image_files',),
+    'summary': ('ModelSummary', 'model_summary'),
+    'vision': ('cnn_learner',),
     'schedules': ('GeneralSchedule', 'Phase', 'PhaseSchedule', 'TrainingPhase', 'annealing_cos', 'annealing_exp',
                   'annealing_linear', 'annealing_no', 'one_cycle_schedule'),
 }
@@ -71,7 +74,7 @@ __all__ = [
     'DivergenceError', 'UnsafeCheckpointError', 'CorruptCheckpointError', 'FolderLockedError', 'set_seed',
     'resumable', 'EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
     'EarlyStoppingCallback', 'ReduceLROnPlateauCallback', 'Image', 'open_image', 'load_learner', 'ExportError',
-    'UnsafeExportError', 'CorruptExportError',
+    'UnsafeExportError', 'CorruptExportError', 'cnn_learner', 'model_summary', 'ModelSummary', 'get_image_files',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -30,6 +30,7 @@ from .metrics import batch_means, metric_error
 from .optim import AdamW
 from .state import Snapshot
 from .stepper import Stepper
+from .summary import model_summary
 
 __all__ = ['Learner', 'LoopState', 'Callback', 'EVENTS', 'CancelBatchException', 'CancelTrainException',
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'CallbackException',
@@ -455,7 +456,7 @@ class Learner:
             self.model.train(was_training)
 
     get_preds, predict, predict_files = inference.get_preds, inference.predict, inference.predict_files
-    export = exporting.export
+    export, summary = exporting.export, model_summary
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def model_file(self, name):

@@ -454,3 +454,173 @@ def test_decode_error_lists_every_unreadable_file(tmp_path):
     with pytest.raises(ImageDecodeError) as e:
         decode_images([good, *bad], (4, 4))
     assert [f for f, _ in e.value.bad] == bad and all(why for _, why in e.value.bad)
+
+
+# ---- fastai v1's constructors and labelling functions (issue 18) ------------------------------------------------
+def flat_pets(root, n=4):
+    """A fastai-v1-pets-like folder: root/images/<class>_<k>.png (the label is in the name), 3 classes."""
+    d = root / 'images'
+    d.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(CLASSES):
+        for k in range(n):
+            Image.fromarray(pixels(c, k)).save(d / f'{name}_{k}.png')
+    return sorted(d.iterdir())
+
+
+def labels_of(data):
+    """{file name: class name} over both splits."""
+    return {f.name: data.classes[int(y)] for ds in (data.train_ds, data.valid_ds) for f, y in zip(ds.items, ds.y)}
+
+
+def test_from_folder_is_the_chain_and_valid_pct_splits_the_whole_folder(tmp_path):
+    make_folder(tmp_path, splits=('train', 'valid'))
+    data = ImageDataBunch.from_folder(tmp_path, size=8, bs=4, device='cpu')
+    ref = (ImageList.from_folder(tmp_path).split_by_folder().label_from_folder().transform(size=8)
+           .databunch(bs=4, device='cpu'))
+    assert data.classes == CLASSES and data.train_ds.items == ref.train_ds.items
+    assert torch.equal(data.train_ds.x, ref.train_ds.x) and torch.equal(data.valid_ds.y, ref.valid_ds.y)
+    assert data.train_dl.batch_size == 4 and data.size == (8, 8) and data.crop
+    a = ImageDataBunch.from_folder(tmp_path, valid_pct=0.25, seed=3, size=(8, 8), device='cpu')
+    b = ImageDataBunch.from_folder(tmp_path, valid_pct=0.25, seed=3, size=(8, 8), device='cpu')
+    assert len(a.train_ds) == 14 and len(a.valid_ds) == 4 and a.valid_ds.items == b.valid_ds.items
+    assert {f.parts[-3] for f in a.valid_ds.items + a.train_ds.items} == {'train', 'valid'}  # both folders mixed
+    assert all(a.classes[int(y)] == f.parent.name for f, y in zip(a.valid_ds.items, a.valid_ds.y))
+
+
+def test_from_folder_classes_keeps_their_order_and_drops_the_others(tmp_path):
+    make_folder(tmp_path, splits=('train', 'valid'))
+    with pytest.warns(UserWarning) as w:
+        data = ImageDataBunch.from_folder(tmp_path, classes=['cat', 'ant'], size=8, device='cpu')
+    assert [str(m.message) for m in w] == [
+        "training classes absent from the classes given, their images are dropped: 'bee' (4 images)",
+        "validation classes absent from the classes given, their images are dropped: 'bee' (2 images)"]
+    assert data.classes == ['cat', 'ant'] and len(data.train_ds) == 8 and len(data.valid_ds) == 4
+    assert all(data.classes[int(y)] == f.parent.name for f, y in zip(data.train_ds.items, data.train_ds.y))
+
+
+def test_from_name_re_from_name_func_and_from_lists_agree(tmp_path):
+    fnames = flat_pets(tmp_path)
+    pat = r'/([^/]+)_\d+.png$'  # fastai v1's docs' pattern: searched in the whole path
+    data = ImageDataBunch.from_name_re(tmp_path, fnames, pat, valid_pct=0.25, seed=0, size=8, bs=4, device='cpu')
+    assert data.classes == CLASSES and len(data.valid_ds) == 3 and len(data.train_ds) == 9
+    truth = {f.name: f.name.split('_')[0] for f in fnames}
+    assert labels_of(data) == truth
+    by_func = ImageDataBunch.from_name_func(tmp_path, fnames, lambda f: f.name.split('_')[0], valid_pct=0.25,
+                                            seed=0, size=8, device='cpu')
+    by_list = ImageDataBunch.from_lists(tmp_path, [f'images/{f.name}' for f in fnames],  # relative to path
+                                        [truth[f.name] for f in fnames], valid_pct=0.25, seed=0, size=8, device='cpu')
+    for other in (by_func, by_list):
+        assert other.valid_ds.items == data.valid_ds.items and torch.equal(other.valid_ds.y, data.valid_ds.y)
+        assert torch.equal(other.train_ds.x, data.train_ds.x)
+
+
+def test_label_from_re_names_the_file_and_the_pattern(tmp_path):
+    fnames = flat_pets(tmp_path)
+    odd = tmp_path / 'images' / 'nolabel.png'
+    Image.fromarray(pixels(0, 0)).save(odd)
+    with pytest.raises(ValueError, match=rf"label_from_re: the pattern '.*' does not match {odd}"):
+        ImageDataBunch.from_name_re(tmp_path, [*fnames, odd], r'/([a-z]+)_\d+.png$', size=8, seed=0)
+    with pytest.raises(ValueError, match=r"the pattern '_\\\\d\+' has no group"):
+        ImageList(fnames, tmp_path).split_by_idx([0]).label_from_re(r'_\d+')
+    ll = ImageList([f.relative_to(tmp_path) for f in fnames], tmp_path).split_by_idx([0, 4, 8])
+    with pytest.raises(ValueError, match='does not match images/ant_1.png'):  # as given: relative
+        ll.label_from_re(r'^/.*/(\w+?)_')
+    assert ll.label_from_re(r'^/.*/(\w+?)_', full_path=True).classes == CLASSES  # joined to path: absolute
+
+
+def test_from_name_func_and_from_lists_check_their_input(tmp_path):
+    fnames = flat_pets(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r'from_name_func: 1 of the 13 files do not exist \(the first: '
+                                                r'.*gone.png'):
+        ImageDataBunch.from_name_func(tmp_path, [*fnames, tmp_path / 'gone.png'], str)
+    with pytest.raises(ValueError, match=r'label_from_func: <lambda> returned None for .*ant_0.png'):
+        ImageList(fnames, tmp_path).split_by_idx([1]).label_from_func(lambda f: None)
+    with pytest.raises(ValueError, match='from_lists: 12 files but 11 labels'):
+        ImageDataBunch.from_lists(tmp_path, fnames, ['ant'] * 11)
+    with pytest.raises(ValueError, match=r"ant_0.png is listed twice, as 'ant' and as 'bee'"):
+        ImageDataBunch.from_lists(tmp_path, [fnames[0], *fnames], ['ant', 'bee', *['x'] * 11])
+    with pytest.raises(ValueError, match='label_from_lists: 2 valid labels for 3 valid items'):
+        ImageList(fnames, tmp_path).split_by_idx([0, 1, 2]).label_from_lists(['a'] * 9, ['a'] * 2)
+
+
+def test_every_labelling_function_drops_unknown_validation_classes_the_same_way(tmp_path):
+    fnames = flat_pets(tmp_path)
+    src = ImageList(fnames, tmp_path).split_by_idx([0, 4, 5])  # valid: ant_0, bee_0, bee_1
+    ytr = ['ant' if f.name.startswith('ant') else 'cat' for f in src.train.items]
+    with pytest.warns(UserWarning, match=r"validation classes absent from training, their images are dropped: "
+                                         r"'bee' \(2 images\)"):
+        ll = src.label_from_lists(ytr, ['ant', 'bee', 'bee'])
+    assert ll.classes == ['ant', 'cat'] and [f.name for f in ll.valid.items] == ['ant_0.png']
+    with pytest.warns(UserWarning, match=r"'bee' \(2 images\)"):
+        ll2 = src.label_from_func(lambda f: 'bee' if f in src.valid.items[1:] else ytr[src.train.items.index(f)]
+                                  if f in src.train.items else 'ant')
+    assert ll2.classes == ll.classes and ll2.y_valid == ['ant']
+    with pytest.raises(ValueError, match=r"label_from_func: every validation image \(the validation split\) is of "
+                                         r"a class absent from training: 'dog' \(3 images\)"):
+        src.label_from_func(lambda f: 'dog' if f in src.valid.items else 'ant')
+    with pytest.raises(ValueError, match=r"classes= names a class twice"):
+        src.label_from_lists(ytr, ['ant'] * 3, classes=['ant', 'ant'])
+
+
+def write_csv(file, rows):
+    file.write_text(''.join(','.join(r) + '\n' for r in rows))
+
+
+def test_from_csv_with_and_without_a_header(tmp_path):
+    fnames = flat_pets(tmp_path)
+    truth = {f.name: f.name.split('_')[0] for f in fnames}
+    write_csv(tmp_path / 'labels.csv', [('name', 'label'), *((f'images/{n}', y) for n, y in truth.items())])
+    data = ImageDataBunch.from_csv(tmp_path, size=8, bs=4, seed=0, device='cpu')  # fastai v1's defaults
+    assert data.classes == CLASSES and len(data.train_ds) + len(data.valid_ds) == 12  # the header is no image
+    assert labels_of(data) == truth
+    # no header, names without the extension in a subfolder, columns swapped and a ';' delimiter
+    (tmp_path / 'l2.csv').write_text(''.join(f'{y};{n[:-4]}\n' for n, y in truth.items()))
+    d2 = ImageDataBunch.from_csv(tmp_path, folder='images', csv_labels='l2.csv', fn_col=1, label_col=0,
+                                 suffix='.png', delimiter=';', header=None, seed=0, size=8, device='cpu')
+    assert labels_of(d2) == truth and d2.valid_ds.items == data.valid_ds.items
+    # columns by header name; ImageList.from_csv + label_from_df is the same chain
+    write_csv(tmp_path / 'l3.csv', [('label', 'file'), *((y, n) for n, y in truth.items())])
+    ll = ImageList.from_csv(tmp_path, 'l3.csv', cols='file', folder='images').split_by_idx([0, 5]).label_from_df(
+        cols='label')
+    assert ll.classes == CLASSES and ll.y_valid == ['ant', 'bee']
+    d4 = ImageDataBunch.from_csv(tmp_path, folder='images', csv_labels='l3.csv', fn_col='file', label_col='label',
+                                 seed=0, size=8, device='cpu')
+    assert labels_of(d4) == truth
+
+
+def test_from_csv_errors_name_the_file_the_line_and_the_image(tmp_path):
+    fnames = flat_pets(tmp_path)
+    rows = [(f'images/{f.name}', f.name.split('_')[0]) for f in fnames]
+    write_csv(tmp_path / 'labels.csv', [('name', 'label'), *rows[:3], ('images/missing.png', 'ant'), *rows[3:]])
+    csv_file = tmp_path / 'labels.csv'
+    with pytest.raises(FileNotFoundError, match=rf'from_csv: 1 of the 13 images named in {csv_file} do not exist; '
+                                                rf'the first, on line 5, is {tmp_path / "images/missing.png"}'):
+        ImageDataBunch.from_csv(tmp_path, size=8)
+    with pytest.warns(UserWarning, match='those rows are skipped'):
+        data = ImageDataBunch.from_csv(tmp_path, size=8, ignore_errors=True, device='cpu')
+    assert len(data.train_ds) + len(data.valid_ds) == 12
+    write_csv(csv_file, [('name', 'label'), *rows[:2], (rows[2][0],), *rows[3:]])
+    with pytest.raises(ValueError, match=rf"label_from_df: the label column 1: line 4 of {csv_file} has 1 column"):
+        ImageDataBunch.from_csv(tmp_path, size=8)
+    with pytest.raises(ValueError, match=r"column 'labels' is not in the header of .*: \['name', 'label'\]"):
+        ImageDataBunch.from_csv(tmp_path, label_col='labels', size=8)
+    with pytest.raises(FileNotFoundError, match=r"no csv file .*nope.csv \(csv files there: \['labels.csv'\]\)"):
+        ImageDataBunch.from_csv(tmp_path, csv_labels='nope.csv')
+    with pytest.raises(ValueError, match='multi-label'):
+        ImageDataBunch.from_csv(tmp_path, label_delim=' ')
+    with pytest.raises(ValueError, match=r'these items do not come from a csv file'):
+        ImageList(fnames, tmp_path).split_by_idx([0]).label_from_df()
+
+
+def test_get_image_files(tmp_path):
+    fnames = flat_pets(tmp_path)
+    (tmp_path / 'images' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'images' / '.hidden.png').write_bytes(b'')
+    (tmp_path / 'images' / 'sub').mkdir()
+    Image.fromarray(pixels(0, 0)).save(tmp_path / 'images' / 'sub' / 'deep.png')
+    from minifast import get_image_files
+    assert get_image_files(tmp_path / 'images') == fnames
+    assert get_image_files(tmp_path / 'images', recurse=True) == sorted([*fnames, tmp_path / 'images/sub/deep.png'])
+    assert tmp_path / 'images' / 'notes.txt' in get_image_files(tmp_path / 'images', check_ext=False)
+    with pytest.raises(NotADirectoryError, match='get_image_files: .*nope is not a folder'):
+        get_image_files(tmp_path / 'nope')

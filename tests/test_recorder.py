@@ -422,3 +422,33 @@ def test_plots_have_integer_ticks_on_epochs_and_steps(tmp_path, epochs):
         for ax in fig.axes:
             ticks = _x_ticks(ax)
             assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (ax.get_xlabel(), ticks)
+
+
+# ---- fastai v1's min_grad_lr (issue 18) -------------------------------------------------------------------------
+def test_min_grad_lr_is_lr_finds_steep_suggestion_without_plotting(tmp_path, capsys):
+    from conftest import make_data, make_mlp
+    learn = Learner(make_data(n_train=1600), make_mlp(), silent=True, path=tmp_path, device='cpu')
+    with pytest.raises(AttributeError, match=r'min_grad_lr: nothing is recorded; run learn.lr_find\(\) first'):
+        learn.recorder.min_grad_lr
+    res = learn.lr_find(num_it=50, start_lr=1e-4, end_lr=10)
+    assert res.steep is not None and learn.recorder.min_grad_lr == res.steep  # no plot needed
+    capsys.readouterr()
+    learn.recorder.plot(suggestion=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f'Min numerical gradient: {res.steep:.2E}', f'Min loss divided by 10: {res.minimum:.2E}']
+    learn.recorder.plot()
+    assert capsys.readouterr().out == ''  # only with suggestion=True, as v1
+    learn.fit_one_cycle(1, 0.01)
+    with pytest.raises(AttributeError, match='the recorded history is a fit, not an LR range test'):
+        learn.recorder.min_grad_lr
+    assert not hasattr(learn.recorder, 'min_grad_lr')  # as in v1 before a plot: hasattr is safe
+    learn.recorder.plot(suggestion=True)
+    assert capsys.readouterr().out == ''  # no v1 line for a fit's history
+
+
+def test_min_grad_lr_is_none_without_a_clear_descent(tmp_path, capsys):
+    learn = make_learner(tmp_path)  # random labels: the loss does not clearly fall
+    res = learn.lr_find(num_it=12, start_lr=1e-7, end_lr=1e-6)
+    assert res.steep is None and learn.recorder.min_grad_lr is None
+    learn.recorder.plot(suggestion=True)
+    assert capsys.readouterr().out.splitlines()[0] == 'Min numerical gradient: none (the loss shows no clear descent)'

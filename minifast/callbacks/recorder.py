@@ -34,6 +34,11 @@ def new_figure(ax=None, ncols=1, figsize=None):
     return fig, list(axs[0])
 
 
+def _is_sweep(lrs):
+    """Whether `lrs` are an LR range test's: at least 3, each higher than the one before."""
+    return len(lrs) >= 3 and all(b > a for a, b in zip(lrs, lrs[1:]))
+
+
 class Recorder(Callback):
     """History of the current fit: per step lr, momentum, raw and smoothed loss; per epoch losses, metrics, time.
 
@@ -182,6 +187,19 @@ class Recorder(Callback):
         """Momentum (beta1 for Adam-type optimizers) of the last parameter group at every step."""
         return [g[-1] for g in self.group_moms]
 
+    @property
+    def min_grad_lr(self):
+        """fastai v1's: the lr where the smoothed loss of the recorded LR range test falls fastest (lr_find's 'steep'
+        suggestion; None when the loss shows no clear descent). Read from the recorded sweep, so it is there after
+        learn.lr_find() without plotting; an AttributeError when the history is not a sweep."""
+        lrs = self.lrs
+        if not _is_sweep(lrs):
+            what = ('nothing is recorded' if not lrs else 'the recorded history is a fit, not an LR range test (its '
+                    'lr does not rise at every step)')
+            raise AttributeError(f'Recorder.min_grad_lr: {what}; run learn.lr_find() first')
+        raw = self.raw_losses
+        return suggestions(lrs, self.losses, raw_losses=raw, shape=curve_shape(lrs, raw))['steep']
+
     def _need(self, values, what):
         if not len(values):
             raise ValueError(f'Recorder.{what}: nothing recorded yet; run learn.fit(...) (or learn.lr_find()) first')
@@ -192,7 +210,8 @@ class Recorder(Callback):
         suggestions are marked ('max_lr', the one for fit_one_cycle, as a vertical line over the lag-free smoothing
         it reads; 'steep', 'valley' and 'minimum' as points; computed as lr_find computes them, whatever part of the
         curve skip_start/skip_end leave on the plot), and lr_find's note, when the curve is not a clean descent, is
-        written under it. Returns the Figure."""
+        written under it; for an LR range test it prints fastai v1's lines 'Min numerical gradient' (min_grad_lr)
+        and 'Min loss divided by 10'. Returns the Figure."""
         lrs, losses = self.lrs, self.losses
         self._need(lrs, 'plot')
         if len(lrs) <= skip_start + skip_end:
@@ -217,6 +236,12 @@ class Recorder(Callback):
                 if lr is not None:
                     y = float(np.interp(np.log10(lr), np.log10(lrs), losses))
                     ax.plot([lr], [y], m, markersize=8, label=f'{name}: {lr:.2e}')
+            if _is_sweep(lrs):  # fastai v1's lines (min_grad_lr is the first)
+                steep, low = sug['steep'], sug['minimum']
+                print('Min numerical gradient: ' + ('none (the loss shows no clear descent)' if steep is None
+                                                    else f'{steep:.2E}'))
+                if low is not None:
+                    print(f'Min loss divided by 10: {low:.2E}')
             note = suggest_max_lr(lrs, raw, shape)[1]
             if note:
                 ax.annotate(textwrap.fill(f'Note: {note}', 90), xy=(0, -0.16), xycoords='axes fraction', va='top',

@@ -3,9 +3,11 @@
     data = (ImageList.from_folder(path).split_by_folder(train='train', valid='test').label_from_folder()
             .transform(get_transforms(), size=(32, 32)).databunch(bs=256, val_bs=512).normalize(cifar_stats))
 """
+import csv
 import math
+import re
 import warnings
-from collections import Counter
+from collections import Counter, namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from .core import DataBunch, TensorDataLoader
 from .items import image_uint8
 
 __all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'IMG_EXTENSIONS',
-           'cifar_stats', 'imagenet_stats']
+           'cifar_stats', 'imagenet_stats', 'get_image_files']
 
 IMG_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'})
 cifar_stats = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
@@ -58,11 +60,24 @@ def _hidden(rel):
     return any(part.startswith('.') or part == '__pycache__' for part in rel.parts)
 
 
+def get_image_files(c, check_ext=True, recurse=False):
+    """fastai v1's: the image files in folder `c` (below it too with `recurse`), sorted; hidden entries skipped,
+    and, unless check_ext=False, files without an image extension."""
+    c = Path(c)
+    if not c.is_dir():
+        raise NotADirectoryError(f'get_image_files: {c} is not a folder')
+    found = c.rglob('*') if recurse else c.iterdir()
+    return sorted(p for p in found if p.is_file() and not _hidden(p.relative_to(c))
+                  and (not check_ext or p.suffix.lower() in IMG_EXTENSIONS))
+
+
 class ImageList:
     """A list of image files under `path`: the start of the chain."""
 
-    def __init__(self, items, path='.', ignore_errors=False):
+    def __init__(self, items, path='.', ignore_errors=False, rows=None, columns=None):
         self.items, self.path, self.ignore_errors = [Path(i) for i in items], Path(path), ignore_errors
+        # from_csv: each item's csv row (and the header's column names), for label_from_df
+        self.rows, self.columns = rows, columns
 
     @classmethod
     def from_folder(cls, path='.', extensions=None, recurse=True, ignore_errors=False):
@@ -90,8 +105,20 @@ class ImageList:
     def __repr__(self):
         return f'{type(self).__name__} ({len(self)} items) in {self.path}'
 
+    @classmethod
+    def from_csv(cls, path, csv_name, cols=0, folder=None, suffix='', delimiter=None, header='infer',
+                 ignore_errors=False):
+        """The files named in column `cols` (an index, or a name from the header) of path/csv_name, under
+        path/folder with `suffix` appended; `header` 'infer' (a first row naming no existing file is the header),
+        None (no header) or 0 (the first row is the header). label_from_df then reads labels from the same rows."""
+        path = Path(path)
+        table = _read_csv(path / csv_name, delimiter, header, cols, path if folder is None else path / folder, suffix,
+                          ignore_errors)
+        return cls(table.files, path, ignore_errors, rows=table.rows, columns=table.columns)
+
     def _sub(self, idx):
-        return ImageList([self.items[i] for i in idx], self.path, self.ignore_errors)
+        rows = None if self.rows is None else [self.rows[i] for i in idx]
+        return ImageList([self.items[i] for i in idx], self.path, self.ignore_errors, rows, self.columns)
 
     def split_by_folder(self, train='train', valid='valid'):
         """Items under path/train and path/valid (the first folder below `path` decides)."""
@@ -141,9 +168,9 @@ class ItemLists:
             return [self.path]
         return [self.path / d for d in self.split_dirs]
 
-    def label_from_folder(self):
-        """Label each image by the name of its folder; validation classes unknown to training are dropped, with a
-        warning (a ValueError when no validation image is left)."""
+    def label_from_folder(self, classes=None):
+        """Label each image by the name of its folder; see `label_from_lists` for `classes` and for validation
+        classes unknown to training."""
         items = (*self.train.items, *self.valid.items)
         parents = Counter(i.parent for i in items)
         holding = {a for d in parents for a in (d, *d.parents)}  # folders with an image somewhere below
@@ -155,22 +182,97 @@ class ItemLists:
             for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')):
                 if d not in holding:
                     warnings.warn(f'class folder {d} has no images; it is not a class')
-        ytr = [i.parent.name for i in self.train.items]
-        yva = [i.parent.name for i in self.valid.items]
-        classes = sorted(set(ytr))
-        known = set(classes)
-        unknown = Counter(y for y in yva if y not in known)
-        valid = self.valid
-        if unknown:
-            what = ', '.join(f"'{c}' ({n} images)" for c, n in sorted(unknown.items()))
-            if len(yva) and sum(unknown.values()) == len(yva):  # nothing left to validate on: fit would refuse it
-                where = self.path / self.split_dirs[1] if self.split_dirs else 'the validation split'
-                raise ValueError(f'label_from_folder: every validation image ({where}) is of a class absent from '
-                                 f'training: {what}; the training classes are {classes}')
-            warnings.warn(f'validation classes absent from training, their images are dropped: {what}')
-            keep = [k for k, y in enumerate(yva) if y not in unknown]
-            valid, yva = valid._sub(keep), [yva[k] for k in keep]
-        return LabelLists(self.path, self.train, ytr, valid, yva, classes)
+        return self._label([i.parent.name for i in self.train.items], [i.parent.name for i in self.valid.items],
+                           'label_from_folder', classes)
+
+    def label_from_func(self, func, classes=None):
+        """Label each image by `func(file path)` (a string, or anything str() makes one)."""
+        if not callable(func):
+            raise TypeError(f'label_from_func: func must be a function file path -> label, got {func!r}')
+
+        def label(f):
+            y = func(f)
+            if y is None:
+                raise ValueError(f'label_from_func: {getattr(func, "__name__", func)} returned None for {f}')
+            return str(y)
+        return self._label([label(f) for f in self.train.items], [label(f) for f in self.valid.items],
+                           'label_from_func', classes)
+
+    def label_from_re(self, pat, full_path=False, classes=None):
+        """Label each image by the first group of the regular expression `pat` searched in its path (as fastai v1:
+        the item's path as given, or joined to `path` with full_path), e.g. r'/([^/]+)_\\d+.png$'."""
+        rx = re.compile(pat)
+        if rx.groups < 1:
+            raise ValueError(f'label_from_re: the pattern {pat!r} has no group; the label is its first (...) group')
+
+        def label(f):
+            s = (self.path / f if full_path else f).as_posix()
+            m = rx.search(s)
+            if m is None or m.group(1) is None:
+                raise ValueError(f'label_from_re: the pattern {pat!r} does not match {s} (nor gives a first group); '
+                                 f'every file needs a label')
+            return m.group(1)
+        return self._label([label(f) for f in self.train.items], [label(f) for f in self.valid.items],
+                           'label_from_re', classes)
+
+    def label_from_lists(self, train_labels, valid_labels, classes=None):
+        """Labels given as lists, one per training and one per validation item (as strings).
+
+        Classes are the sorted training labels, or `classes` in its order (items of other classes are then dropped,
+        with a warning); validation items of classes unknown to training are dropped with a warning (a ValueError
+        when none is left)."""
+        ytr, yva = list(train_labels), list(valid_labels)
+        for name, ys, il in (('train', ytr, self.train), ('valid', yva, self.valid)):
+            if len(ys) != len(il):
+                raise ValueError(f'label_from_lists: {len(ys)} {name} labels for {len(il)} {name} items')
+        return self._label([str(y) for y in ytr], [str(y) for y in yva], 'label_from_lists', classes)
+
+    def label_from_df(self, cols=1, classes=None):
+        """Label each image by column `cols` (an index or a header name) of its row of the csv file that
+        ImageList.from_csv read (one label per image)."""
+        rows = self.train.rows
+        if rows is None or self.valid.rows is None:
+            raise ValueError('label_from_df: these items do not come from a csv file (ImageList.from_csv); use '
+                             'label_from_func, label_from_re or label_from_lists')
+        if not isinstance(cols, (int, str)):
+            raise ValueError(f'label_from_df: cols={cols!r}: one label column (an index or a name) is supported; '
+                             f'multi-label data is not')
+        ys = []
+        for il in (self.train, self.valid):
+            ys.append([_cell(r, cols, self.train.columns, 'label_from_df: the label') for r in il.rows])
+        return self._label(*ys, 'label_from_df', classes)
+
+    def _label(self, ytr, yva, who, classes=None):
+        """The one way labels become a LabelLists: classes (sorted training labels, or `classes` as given), items
+        whose label is not a class dropped with a warning (a ValueError when a split would be left empty)."""
+        given = classes is not None
+        if given:
+            classes = [str(c) for c in classes]
+            if len(set(classes)) != len(classes):
+                raise ValueError(f'{who}: classes= names a class twice: {classes}')
+        else:
+            classes = sorted(set(ytr))
+        known, source = set(classes), 'the classes given' if given else 'training'
+        train, ytr = _drop_unknown(self.train, ytr, known, who, 'training', source, classes)
+        valid, yva = _drop_unknown(self.valid, yva, known, who, 'validation', source, classes,
+                                   self.path / self.split_dirs[1] if self.split_dirs else None)
+        return LabelLists(self.path, train, ytr, valid, yva, classes)
+
+
+def _drop_unknown(il, ys, known, who, split, absent_from, classes, where=None):
+    """(items, labels) without those whose label is not in `known`, with a warning naming them; a ValueError when
+    every item would go."""
+    unknown = Counter(y for y in ys if y not in known)
+    if not unknown:
+        return il, ys
+    what = ', '.join(f"'{c}' ({n} images)" for c, n in sorted(unknown.items()))
+    if sum(unknown.values()) == len(ys):  # nothing left: fit would refuse it later, with less to go on
+        raise ValueError(f'{who}: every {split} image ({where or f"the {split} split"}) is of a class absent from '
+                         f'{absent_from}: {what}; the {"training " if absent_from == "training" else ""}classes are '
+                         f'{classes}')
+    warnings.warn(f'{split} classes absent from {absent_from}, their images are dropped: {what}')
+    keep = [k for k, y in enumerate(ys) if y in known]
+    return il._sub(keep), [ys[k] for k in keep]
 
 
 class LabelLists:
@@ -231,6 +333,88 @@ def _first_size(files, ignore_errors):
                 raise ImageDecodeError(f'cannot read image {f}: {why}; pass ignore_errors=True to skip such files',
                                        [(f, why)]) from e
     raise ImageDecodeError(f'none of the {len(files)} training images can be read (the first is {files[0]})')
+
+
+# one csv row: its file and line number come along so that an error about it can say where it is
+_Row = namedtuple('_Row', 'file line values')
+_CsvTable = namedtuple('_CsvTable', 'files rows columns')
+
+
+def _col(cols, columns, file, what):
+    """The index of column `cols` (an int, or a name from the header `columns`)."""
+    if isinstance(cols, str):
+        if columns is None:
+            raise ValueError(f'{what} column {cols!r}: {file} is read without a header (header=None), so columns '
+                             f'are given by index')
+        if cols not in columns:
+            raise ValueError(f'{what} column {cols!r} is not in the header of {file}: {columns}')
+        return columns.index(cols)
+    if isinstance(cols, bool) or not isinstance(cols, int):
+        raise TypeError(f'{what} column must be an index or a header name, got {cols!r}')
+    return cols
+
+
+def _cell(row, cols, columns, what):
+    """The value of column `cols` in `row` (a _Row), with an error naming the file and line when it has none."""
+    i = _col(cols, columns, row.file, what)
+    if not -len(row.values) <= i < len(row.values):
+        raise ValueError(f'{what} column {cols!r}: line {row.line} of {row.file} has {len(row.values)} column(s): '
+                         f'{row.values}')
+    return row.values[i].strip()
+
+
+def _read_csv(file, delimiter, header, cols, folder, suffix, ignore_errors=False):
+    """The image files a csv file names (column `cols`, under `folder`, + `suffix`), with their rows and header.
+    header='infer': a first row whose file column does not name an existing file is the header (pandas-free)."""
+    file = Path(file)
+    if not file.is_file():
+        near = sorted(p.name for p in file.parent.glob('*.csv')) if file.parent.is_dir() else []
+        raise FileNotFoundError(f'from_csv: no csv file {file}' + (f' (csv files there: {near})' if near else ''))
+    if header not in ('infer', None, 0):
+        raise ValueError(f"from_csv: header must be 'infer', None (no header) or 0 (the first row), got {header!r}")
+    with open(file, newline='', encoding='utf-8-sig') as fh:  # utf-8-sig: a BOM from Excel is not part of a name
+        rows = [_Row(file, n, r) for n, r in enumerate(csv.reader(fh, delimiter=delimiter or ','), 1)
+                if any(v.strip() for v in r)]  # blank lines are skipped, as pandas does
+    if not rows:
+        raise ValueError(f'from_csv: {file} has no rows')
+    columns = None
+    if header == 0 or (header == 'infer' and not isinstance(cols, int)):
+        columns = [v.strip() for v in rows.pop(0).values]
+    elif header == 'infer':
+        first = rows[0]
+        name = first.values[cols].strip() if -len(first.values) <= cols < len(first.values) else ''
+        if not (folder / f'{name}{suffix}').is_file():
+            columns = [v.strip() for v in rows.pop(0).values]
+    files = [folder / f'{_cell(r, cols, columns, "from_csv: the file name")}{suffix}' for r in rows]
+    missing = [k for k, f in enumerate(files) if not f.is_file()]
+    if missing:
+        r = rows[missing[0]]
+        msg = (f'{len(missing)} of the {len(files)} images named in {file} do not exist; the first, on line {r.line}, '
+               f'is {files[missing[0]]}')
+        if not ignore_errors:
+            raise FileNotFoundError(f'from_csv: {msg} (check folder= and suffix=, or pass ignore_errors=True to skip '
+                                    f'them)')
+        warnings.warn(f'from_csv: {msg}; those rows are skipped')
+        keep = sorted(set(range(len(files))) - set(missing))
+        files, rows = [files[k] for k in keep], [rows[k] for k in keep]
+    if not files:
+        raise ValueError(f'from_csv: {file} names no images')
+    return _CsvTable(files, rows, columns)
+
+
+def _files(path, fnames, who):
+    """`fnames` as paths; a relative one that does not exist as given is taken under `path`; every one must exist."""
+    path, out = Path(path), []
+    for f in fnames:
+        f = Path(f)
+        out.append(path / f if not f.is_absolute() and not f.exists() and (path / f).exists() else f)
+    if not out:
+        raise ValueError(f'{who}: fnames is empty')
+    missing = [f for f in out if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f'{who}: {len(missing)} of the {len(out)} files do not exist (the first: '
+                                f'{missing[0]}; relative names are looked up in the current folder, then in {path})')
+    return out
 
 
 class ImageDataset:
@@ -366,6 +550,63 @@ class ImageDataBunch(DataBunch):
         tr, va = _split_tfms(tfms, 'ImageDataBunch.from_tensors')
         return cls(xt, yt, xv, yv, classes, bs=bs, val_bs=val_bs, train_tfms=tr, valid_tfms=va, device=device,
                    path=path, device_data=device_data)
+
+    # ---- fastai v1's constructors: each one is an ImageList chain, finished by create_from_ll ----------------
+    @classmethod
+    def create_from_ll(cls, lls, bs=64, val_bs=None, ds_tfms=None, num_workers=None, device=None, size=None,
+                       **kwargs):
+        """A LabelLists transformed (`ds_tfms`, `size`) and decoded into a bunch; other kwargs go to databunch()."""
+        return lls.transform(ds_tfms, size=size).databunch(bs=bs, val_bs=val_bs, num_workers=num_workers,
+                                                           device=device, **kwargs)
+
+    @classmethod
+    def from_folder(cls, path='.', train='train', valid='valid', valid_pct=None, seed=None, classes=None, **kwargs):
+        """Images in path/train/<class>/ and path/valid/<class>/; with `valid_pct`, a random split of every image
+        below `path` (labelled by its folder) instead. kwargs: create_from_ll's (ds_tfms, size, bs...)."""
+        il = ImageList.from_folder(path, ignore_errors=kwargs.get('ignore_errors') or False)
+        src = il.split_by_folder(train, valid) if valid_pct is None else il.split_by_rand_pct(valid_pct, seed)
+        return cls.create_from_ll(src.label_from_folder(classes=classes), **kwargs)
+
+    @classmethod
+    def from_csv(cls, path, folder='.', label_delim=None, csv_labels='labels.csv', valid_pct=0.2, seed=None,
+                 fn_col=0, label_col=1, suffix='', delimiter=None, header='infer', **kwargs):
+        """Images path/folder/<name><suffix> labelled by path/csv_labels (columns fn_col and label_col, indices or
+        header names), split at random; read with the csv module (see ImageList.from_csv for `header`)."""
+        if label_delim is not None:
+            raise ValueError(f'from_csv: label_delim={label_delim!r} asks for multi-label data, which minifast does '
+                             f'not support; give one label per image')
+        il = ImageList.from_csv(path, csv_labels, cols=fn_col, folder=folder, suffix=suffix, delimiter=delimiter,
+                                header=header, ignore_errors=kwargs.get('ignore_errors') or False)
+        return cls.create_from_ll(il.split_by_rand_pct(valid_pct, seed).label_from_df(cols=label_col), **kwargs)
+
+    @classmethod
+    def from_name_re(cls, path, fnames, pat, valid_pct=0.2, seed=None, classes=None, **kwargs):
+        """Files `fnames` labelled by the first group of `pat` searched in each path (r'/([^/]+)_\\d+.png$'),
+        split at random."""
+        il = ImageList(_files(path, fnames, 'from_name_re'), path)
+        return cls.create_from_ll(il.split_by_rand_pct(valid_pct, seed).label_from_re(pat, classes=classes),
+                                  **kwargs)
+
+    @classmethod
+    def from_name_func(cls, path, fnames, label_func, valid_pct=0.2, seed=None, classes=None, **kwargs):
+        """Files `fnames` labelled by `label_func(file path)`, split at random."""
+        il = ImageList(_files(path, fnames, 'from_name_func'), path)
+        return cls.create_from_ll(il.split_by_rand_pct(valid_pct, seed).label_from_func(label_func, classes=classes),
+                                  **kwargs)
+
+    @classmethod
+    def from_lists(cls, path, fnames, labels, valid_pct=0.2, seed=None, classes=None, **kwargs):
+        """Files `fnames` with their `labels` (one each, in the same order), split at random."""
+        files, labels = _files(path, fnames, 'from_lists'), list(labels)
+        if len(files) != len(labels):
+            raise ValueError(f'from_lists: {len(files)} files but {len(labels)} labels')
+        of = {}
+        for f, y in zip(files, labels):
+            if of.setdefault(f, y) != y:
+                raise ValueError(f'from_lists: {f} is listed twice, as {of[f]!r} and as {y!r}')
+        src = ImageList(list(of), path).split_by_rand_pct(valid_pct, seed)
+        lls = src.label_from_lists([of[f] for f in src.train.items], [of[f] for f in src.valid.items], classes)
+        return cls.create_from_ll(lls, **kwargs)
 
     def input_spec(self):
         """What turns a new image into a model input here, as JSON-ready values: size [H, W], crop (short side to

@@ -105,7 +105,9 @@ def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, conc
     Args:
         arch: a torchvision model function such as `torchvision.models.resnet18`.
         nc: the number of classes.
-        pretrained: load torchvision's default weights (`weights='DEFAULT'`; downloads them once).
+        pretrained: True loads torchvision's default weights (`weights='DEFAULT'`: from torch's hub cache,
+            $TORCH_HOME/hub/checkpoints, else downloaded once); a file path loads that state dict of the whole
+            torchvision model (strict: every key and shape must fit), read with torch's weights-only loader.
         cut: where to cut the backbone: an index into its children, or a function model -> body; default: before the
             last child holding a pooling layer (-2 for torchvision ResNets).
         lin_ftrs, ps, concat_pool, bn_final: as `create_head`; the head's input size is inferred from the body.
@@ -119,13 +121,22 @@ def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, conc
                         f'got {arch!r}')
     name = getattr(arch, '__name__', repr(arch))
     nc = check_size(nc, 'create_cnn: nc (the number of classes)')  # before a download or building the backbone
-    if pretrained:
+    if isinstance(pretrained, str) or hasattr(pretrained, '__fspath__'):  # a local weights file
+        model = _load_weights(arch(weights=None), str(pretrained), name)
+    elif pretrained:
         try:
             model = arch(weights='DEFAULT')
         except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+            try:  # the file torchvision looks for, to say exactly what to copy where
+                from torchvision.models import get_model_weights  # torchvision: only needed for its own archs
+                url = get_model_weights(arch).DEFAULT.url
+            except Exception:  # not a torchvision builder: no file name to give
+                url = None
+            what = f'{url.rsplit("/", 1)[-1]} (from {url})' if url else 'the weights file'
             raise RuntimeError(f'create_cnn({name}, pretrained=True): could not get the pretrained weights ({e}). '
-                               f'Without a network, copy the weights file into {torch.hub.get_dir()}/checkpoints, '
-                               f'or use pretrained=False') from e
+                               f'Without a network, copy {what} into {torch.hub.get_dir()}/checkpoints (torchvision '
+                               f"loads it from there), pass pretrained='path/to/weights.pth', or use "
+                               f'pretrained=False') from e
     else:
         model = arch(weights=None)
     if not isinstance(model, nn.Module):
@@ -135,3 +146,28 @@ def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, conc
     head = create_head(nf, nc, lin_ftrs=lin_ftrs, ps=ps, concat_pool=concat_pool, bn_final=bn_final)
     _init_head(head)
     return BodyHead(body, head, _default_split(body) if split_at is None else split_at)
+
+
+def _load_weights(model, file, name):
+    """`model` with the state dict in `file` loaded (strict), read with torch's weights-only loader; every key and
+    shape that does not fit is named."""
+    try:
+        state = torch.load(file, map_location='cpu', weights_only=True)  # tensors only: nothing in it runs
+    except FileNotFoundError:
+        raise FileNotFoundError(f'create_cnn({name}, pretrained={file!r}): no such weights file') from None
+    except Exception as e:  # weights-only unpickling refuses code; a truncated file fails to unzip
+        raise ValueError(f'create_cnn({name}, pretrained={file!r}): not a readable state dict ({e})') from e
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'create_cnn: arch {name} returned a {type(model).__name__}, not an nn.Module')
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f'create_cnn({name}, pretrained={file!r}): the file holds a {type(state).__name__}, not a '
+                         f'state dict (names -> tensors) of the {name} model')
+    own = model.state_dict()
+    bad = ([f'missing {k}' for k in own if k not in state] + [f'unexpected {k}' for k in state if k not in own]
+           + [f'{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in {name}' for k, v in own.items()
+              if k in state and state[k].shape != v.shape])
+    if bad:
+        raise ValueError(f'create_cnn({name}, pretrained={file!r}): the weights do not fit {name} ({len(bad)} '
+                         f'problem(s)): ' + '; '.join(bad[:6]) + (' ...' if len(bad) > 6 else ''))
+    model.load_state_dict(state)
+    return model

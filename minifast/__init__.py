@@ -24,6 +24,9 @@ _SUBMODULES = {
              'ImageDataBunch', 'ImageList', 'Lighting', 'RandomCropPad', 'TensorDataLoader', 'cifar10', 'cifar100',
              'cifar_stats', 'cifar_transforms', 'get_transforms', 'imagenet_stats', 'load_cifar', 'synthetic_cifar',
              'synthetic_classification', 'synthetic_images', 'write_cifar', 'write_image_folder'),
+    'data.augment': ('ZoomCrop',),
+    'interpret': ('ClassificationInterpretation',),
+    'tta': ('tta_views',),
     'grid': ('GridResult', 'diagnose', 'grid_search', 'read_log'),
     'lock': ('FolderLockedError',),
     'landscape': ('InterpolationResult', 'SurfaceResult', 'average_weights', 'evaluate_weights',
@@ -68,7 +71,7 @@ __all__ = [
     'DivergenceError', 'UnsafeCheckpointError', 'CorruptCheckpointError', 'FolderLockedError', 'set_seed',
     'resumable', 'EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
     'EarlyStoppingCallback',
-    'ReduceLROnPlateauCallback',
+    'ReduceLROnPlateauCallback', 'ClassificationInterpretation', 'ZoomCrop', 'tta_views',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

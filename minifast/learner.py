@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import accel, inference, optim, policies, resume as resuming
+from . import accel, inference, interpret as interp, optim, policies, resume as resuming, tta
 from .callbacks.gradients import GradientAccumulation, GradientClipping
 from .callbacks.progress import ProgressCallback, no_bar
 from .callbacks.recorder import Recorder
@@ -455,6 +455,7 @@ class Learner:
             self.model.train(was_training)
 
     get_preds, predict = inference.get_preds, inference.predict
+    interpret, show_results, TTA, tta_only = interp.interpret, interp.show_results, tta.TTA, tta.tta_only
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def model_file(self, name):

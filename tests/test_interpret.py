@@ -230,3 +230,18 @@ def test_plot_top_losses_of_the_shuffled_training_loader_is_refused():
         interp.plot_top_losses(3)
     fix = learn.interpret(DatasetType.Fix)
     assert len(fix.plot_top_losses(30).axes) == 24  # k beyond the set: clipped
+
+
+def test_most_confused_sorts_by_count_on_crafted_predictions():
+    learn = image_learner()
+    # actual -> predicted: ant->bee once, ant->dog three times, cat->bee twice, dog->dog twice (right)
+    pairs = [(0, 1)] + [(0, 3)] * 3 + [(2, 1)] * 2 + [(3, 3)] * 2
+    y = torch.tensor([a for a, _ in pairs])
+    preds = F.one_hot(torch.tensor([p for _, p in pairs]), 4).float()
+    interp = ClassificationInterpretation(learn, preds, y, torch.zeros(len(y)))
+    assert interp.most_confused() == [('ant', 'dog', 3), ('cat', 'bee', 2), ('ant', 'bee', 1)]
+    assert interp.most_confused(min_val=2) == [('ant', 'dog', 3), ('cat', 'bee', 2)]
+    assert interp.confusion_matrix().tolist() == [[0, 1, 0, 3], [0, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 2]]
+    bad = ClassificationInterpretation(learn, preds, torch.tensor([0] * 7 + [4]), torch.zeros(len(y)))
+    with pytest.raises(ValueError, match='target 4 is outside the 4 classes 0..3'):
+        bad.confusion_matrix()

@@ -133,3 +133,22 @@ def test_non_image_data_and_the_training_loader_are_refused():
         learn.TTA(beta=1.5)
     p, y = learn.TTA(ds_type=DatasetType.Fix)
     assert len(p) == 24 and torch.equal(y, learn.data.train_ds.y)
+
+
+@pytest.mark.slow  # trains on digits (seconds); the tests above are its fast variants
+def test_digits_benchmark_quick_run(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'tta.py'
+    spec = importlib.util.spec_from_file_location('bench_tta', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        rows = mod.main(['--quick', '--threads', str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(rows) == 1 and set(rows[0]) == {'plain', 's1.35 4 noflip b.4', 's1.35 4 noflip b0',
+                                                's1.35 8 flip b.4', 's1.35 8 flip b0'}
+    assert all(0 <= v <= 1 for v in rows[0].values())
+    assert 'RESULT tta_digits' in capsys.readouterr().out

@@ -135,6 +135,13 @@ def test_non_image_data_and_the_training_loader_are_refused():
     assert len(p) == 24 and torch.equal(y, learn.data.train_ds.y)
 
 
+def test_the_unflipped_views_are_the_same_with_or_without_the_flipped_ones():
+    learn = image_learner(tfms=[Lighting(0.5, p=1.)])  # random views: the same draws either way
+    eight = torch.stack(list(learn.tta_only(flip=True)))
+    torch.testing.assert_close(learn.TTA(beta=None, flip=False)[1], eight[:4].mean(0), atol=0, rtol=0)
+    torch.testing.assert_close(learn.TTA(beta=None, flip=True)[1], eight.mean(0), atol=0, rtol=0)
+
+
 @pytest.mark.slow  # trains on digits (seconds); the tests above are its fast variants
 def test_digits_benchmark_quick_run(capsys):
     import importlib.util

@@ -53,8 +53,9 @@ class ClassificationInterpretation:
         classes = getattr(self.data, 'classes', None)
         return [str(c) for c in classes] if classes is not None else [str(i) for i in range(self._n_classes())]
 
-    def confusion_matrix(self):
-        """Counts (numpy int64, classes x classes): row = actual class, column = predicted class."""
+    def confusion_matrix(self, slice_size=None):
+        """Counts (numpy int64, classes x classes): row = actual class, column = predicted class. (fastai v1's
+        `slice_size` is accepted and unused: one bincount needs no slicing.)"""
         y, p, c = self.y_true, self.pred_class, self._n_classes()
         if y.ndim != 1 or y.is_floating_point() or self.preds.ndim != 2:
             raise ValueError(f'confusion_matrix needs single-label classification: integer targets of one label per '
@@ -70,7 +71,7 @@ class ClassificationInterpretation:
         cm = torch.bincount(y * c + p.long(), minlength=c * c).view(c, c)
         return cm.numpy().astype(np.int64)
 
-    def most_confused(self, min_val=1):
+    def most_confused(self, min_val=1, slice_size=None):
         """[(actual, predicted, count)] of the off-diagonal cells of the confusion matrix with count >= min_val,
         the largest count first."""
         cm, names = self.confusion_matrix(), self._class_names()
@@ -78,16 +79,19 @@ class ClassificationInterpretation:
         res = [(names[i], names[j], int(cm[i, j])) for i, j in zip(*np.nonzero(cm >= max(min_val, 1)))]
         return sorted(res, key=lambda r: -r[2])  # stable: ties stay in row, then column order
 
-    def plot_confusion_matrix(self, normalize=False, title='Confusion matrix', cmap='Blues', norm_dec=2,
-                              plot_txt=True, ax=None, figsize=None):
+    def plot_confusion_matrix(self, normalize=False, title='Confusion matrix', cmap='Blues', slice_size=None,
+                              norm_dec=2, plot_txt=True, return_fig=None, ax=None, figsize=None, dpi=None):
         """A Figure of the confusion matrix (actual classes down, predicted across); normalize divides each row by
-        its count (a class absent from the set gets a row of zeros)."""
+        its count (a class absent from the set gets a row of zeros). fastai v1's arguments, in its order; the Figure
+        is always returned (return_fig is accepted and unused), drawn on `ax` when given."""
         cm = self.confusion_matrix()
         if normalize:
             rows = cm.sum(1, keepdims=True)
             cm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
         names, c = self._class_names(), len(cm)
         fig, (ax,) = new_figure(ax, figsize=figsize or (max(4., 0.5 * c + 2), max(4., 0.5 * c + 1.5)))
+        if dpi is not None:
+            fig.set_dpi(dpi)
         im = ax.imshow(cm, interpolation='nearest', cmap=cmap, vmin=0)
         fig.colorbar(im, ax=ax)
         ax.set_title(title)
@@ -107,9 +111,12 @@ class ClassificationInterpretation:
         fig.tight_layout()
         return fig
 
-    def plot_top_losses(self, k, largest=True, figsize=(12, 12)):
+    def plot_top_losses(self, k, largest=True, figsize=(12, 12), heatmap=False, return_fig=None):
         """A Figure of the `k` images with the largest losses as the model saw them (no augmentation), each titled
-        prediction/actual/loss/probability of the actual class."""
+        prediction/actual/loss/probability of the actual class (k beyond the set: every item)."""
+        if heatmap:
+            raise NotImplementedError('plot_top_losses: heatmap=True (fastai v1\'s Grad-CAM overlay) is not '
+                                      'implemented; call it with heatmap=False')
         if self.ds_type is DatasetType.Train:
             raise ValueError('plot_top_losses: the Train loader is shuffled and augmented, so its losses cannot be '
                              'matched with images; interpret ds_type=DatasetType.Fix (the training set in order)')
@@ -150,8 +157,9 @@ def _image_grid(data, x, figsize):
     return fig
 
 
-def interpret(learn, ds_type=DatasetType.Valid, activ=None, tta=False):
-    """fastai v1's learn.interpret(): ClassificationInterpretation.from_learner(learn, ds_type, activ, tta)."""
+def interpret(learn, ds_type=DatasetType.Valid, tta=False, activ=None):
+    """fastai v1's learn.interpret(ds_type, tta): ClassificationInterpretation.from_learner(learn, ds_type, activ,
+    tta)."""
     return ClassificationInterpretation.from_learner(learn, ds_type, activ, tta)
 
 

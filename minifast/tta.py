@@ -17,7 +17,8 @@ def tta_views(train_tfms, scale=1.35, flip=None):
     transforms that are not flips, crops or zooms (drawn at random).
 
     flip: None flips only when `train_tfms` did (FlipLR or Dihedral): 8 views, else 4, since a model trained
-    without flips (digits, text) need not know flipped images; True or False decides.
+    without flips (digits, text) need not know flipped images (on digits, benchmarks/tta.py: flipped views cost
+    0.4 to 0.6 points more at beta 0.4); True or False decides.
     """
     flip = flips_lr(train_tfms) if flip is None else bool(flip)
     kept = tta_kept(train_tfms)

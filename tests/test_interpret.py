@@ -120,7 +120,7 @@ def test_from_learner_makes_one_prediction_pass():
 def test_plot_top_losses_shows_the_images_as_the_model_saw_them():
     learn = image_learner(tfms=[FlipLR(1.), Lighting(0.5, p=1.)])  # training augmentation must not show
     interp = learn.interpret()
-    fig = interp.plot_top_losses(5, figsize=(6, 6))
+    fig = interp.plot_top_losses(5, figsize=(6, 6), heatmap=False)
     assert isinstance(fig, Figure) and len(fig.axes) == 5
     val, idx = interp.top_losses(5)
     names = interp.data.classes
@@ -245,3 +245,17 @@ def test_most_confused_sorts_by_count_on_crafted_predictions():
     bad = ClassificationInterpretation(learn, preds, torch.tensor([0] * 7 + [4]), torch.zeros(len(y)))
     with pytest.raises(ValueError, match='target 4 is outside the 4 classes 0..3'):
         bad.confusion_matrix()
+
+
+def test_fastai_v1_calls_run_unchanged():
+    learn = image_learner()
+    interp = learn.interpret(DatasetType.Valid, True)  # v1's positional order: ds_type, tta
+    assert torch.allclose(interp.preds, learn.TTA()[0])
+    interp = ClassificationInterpretation.from_learner(learn)
+    fig = interp.plot_confusion_matrix(figsize=(12, 12), dpi=60)
+    assert fig.get_dpi() == 60 and tuple(fig.get_size_inches()) == (12, 12)
+    assert isinstance(interp.plot_confusion_matrix(True, 'T', 'Reds', 1, 3, return_fig=True), Figure)
+    assert isinstance(interp.plot_top_losses(9, figsize=(15, 11)), Figure)
+    assert interp.most_confused(min_val=2) == interp.most_confused(2, slice_size=10)
+    with pytest.raises(NotImplementedError, match='heatmap'):
+        interp.plot_top_losses(9, heatmap=True)

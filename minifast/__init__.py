@@ -26,6 +26,9 @@ _SUBMODULES = {
              'synthetic_classification', 'synthetic_images', 'write_cifar', 'write_image_folder'),
     'export': ('CorruptExportError', 'ExportError', 'UnsafeExportError'),
     'exported': ('load_learner',),
+    'data.augment': ('ZoomCrop',),
+    'interpret': ('ClassificationInterpretation',),
+    'tta': ('tta_views',),
     'grid': ('GridResult', 'diagnose', 'grid_search', 'read_log'),
     'lock': ('FolderLockedError',),
     'landscape': ('InterpolationResult', 'SurfaceResult', 'average_weights', 'evaluate_weights',
@@ -75,6 +78,7 @@ __all__ = [
     'resumable', 'EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
     'EarlyStoppingCallback', 'ReduceLROnPlateauCallback', 'Image', 'open_image', 'load_learner', 'ExportError',
     'UnsafeExportError', 'CorruptExportError', 'cnn_learner', 'model_summary', 'ModelSummary', 'get_image_files',
+    'ClassificationInterpretation', 'ZoomCrop', 'tta_views',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

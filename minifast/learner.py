@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import accel, export as exporting, inference, optim, policies, resume as resuming
+from . import accel, export as exporting, inference, interpret as interp, optim, policies, resume as resuming, tta
 from .callbacks.gradients import GradientAccumulation, GradientClipping
 from .callbacks.progress import ProgressCallback, no_bar
 from .callbacks.recorder import Recorder
@@ -457,6 +457,7 @@ class Learner:
 
     get_preds, predict, predict_files = inference.get_preds, inference.predict, inference.predict_files
     export, summary = exporting.export, model_summary
+    interpret, show_results, TTA, tta_only = interp.interpret, interp.show_results, tta.TTA, tta.tta_only
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def model_file(self, name):

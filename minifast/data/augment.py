@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['BatchTransform', 'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting',
-           'get_transforms', 'cifar_transforms', 'apply_tfms', 'split_index_only']
+__all__ = ['BatchTransform', 'FlipLR', 'FlipUD', 'Dihedral', 'RandomCropPad', 'AffineWarp', 'Lighting', 'ZoomCrop',
+           'get_transforms', 'cifar_transforms', 'apply_tfms', 'split_index_only', 'flips_lr', 'tta_kept']
 
 
 class BatchTransform:
@@ -317,6 +317,57 @@ def _select(mask, a, b):
     """Per sample, `a` where `mask` else `b`, for float batches."""
     # lerp with a 0/1 weight returns an end point exactly, and is ~4x faster than torch.where on CPU.
     return torch.lerp(b, a, mask.to(a.dtype).view(-1, *(1,) * (a.ndim - 1)))
+
+
+class ZoomCrop(BatchTransform):
+    """Zooms every sample by `scale` and crops back to H x W with the window at (`row_pct`, `col_pct`) (0: top or
+    left edge, 1: bottom or right edge): deterministic, fastai v1's zoom at a fixed centre (TTA's corner views).
+
+    The same as resizing to (H * scale, W * scale) with bilinear interpolation (align_corners=False) and slicing the
+    H x W window at that offset; one `F.grid_sample` for the batch, and scale 1 returns `x` itself.
+    """
+    _repr_names = ('scale', 'row_pct', 'col_pct')
+
+    def __init__(self, scale=1.35, row_pct=0.5, col_pct=0.5):
+        if not scale > 0:
+            raise ValueError(f'ZoomCrop: scale must be > 0, got {scale}')
+        for name, v in (('row_pct', row_pct), ('col_pct', col_pct)):
+            if not 0 <= v <= 1:
+                raise ValueError(f'ZoomCrop: {name} must be in [0, 1], got {v}')
+        self.scale, self.row_pct, self.col_pct = float(scale), float(row_pct), float(col_pct)
+
+    def __call__(self, x):
+        self._check(x)
+        n, _, h, w = x.shape
+        s = torch.full((1,), self.scale, device=x.device)
+        self.last_params = {'scale': s.expand(n)}
+        if self.scale == 1 or n == 0:
+            return x
+        k = 1 - 1 / s  # AffineWarp's zoom matrix: the window [c - 1/s, c + 1/s] with c at row_pct, col_pct
+        m = _mat3(1 / s, 0 * s, k * (2 * self.col_pct - 1), 0 * s, 1 / s, k * (2 * self.row_pct - 1))
+        grid = _sampling_grid(m, h, w, projective=False).to(x.dtype).expand(n, h, w, 2)
+        return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
+
+
+def flips_lr(tfms):
+    """Whether the transforms `tfms` flip images left-right (a FlipLR or a Dihedral with p > 0): the model was then
+    trained to be indifferent to the flip, so test-time augmentation may use it."""
+    return any(isinstance(t, (FlipLR, Dihedral)) and t.p > 0 for t in _listify(tfms))
+
+
+def tta_kept(tfms):
+    """The training transforms test-time augmentation keeps, as fastai v1 did: all but flips, crops and zooms (an
+    AffineWarp is kept as a copy without zoom: its rotation and warp stay random)."""
+    kept = []
+    for t in _listify(tfms):
+        if isinstance(t, (_Flip, Dihedral, RandomCropPad, ZoomCrop)):
+            continue
+        if isinstance(t, AffineWarp):
+            if t.max_rotate == 0 and t.max_warp == 0:
+                continue
+            t = AffineWarp(t.max_rotate, 1., t.max_warp, t.p_affine, t.pad_mode)
+        kept.append(t)
+    return kept
 
 
 def _listify(o):

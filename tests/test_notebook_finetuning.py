@@ -44,7 +44,10 @@ _loaded = all(torch.equal(w0['0.' + n], pretrained_body[n]) for n in pretrained_
               if _k.get('0.' + n) == 'body')
 print(%r + json.dumps({'head_phase': _diff(w0, w_head, _k), 'full_phase': _diff(w_head, w_full, _k),
                        'runs': runs, 'size': SIZE, 'n_train': len(data.train_ds), 'loaded': _loaded,
-                       'task_a': [data_a.c, len(data_a.train_ds)], 'task_b': data.c}))
+                       'task_a': [data_a.c, len(data_a.train_ds)], 'task_b': data.c, 'fresh_same': same,
+                       'fresh_files': len(fresh['files']), 'top_losses': [float(v) for v in interp.top_losses(3)[0]],
+                       'by_hand': [float(v) for v in F.cross_entropy(torch.log(interp.preds), interp.y_true,
+                                                                    reduction='none').sort(descending=True)[0][:3]]}))
 ''' % MARK
 
 
@@ -53,8 +56,8 @@ def _code(nb):
 
 
 def _plot_cells(nb):
-    return [c for c in _code(nb) if any(line.startswith(('learn.recorder.plot', 'data.show_batch'))
-                                        for line in c.source.splitlines())]
+    starts = ('learn.recorder.plot', 'data.show_batch', 'interp.plot_', 'img.show')
+    return [c for c in _code(nb) if any(line.startswith(starts) for line in c.source.splitlines())]
 
 
 def test_finetuning_notebook_is_saved_without_outputs():
@@ -70,7 +73,7 @@ def test_finetuning_notebook_is_saved_without_outputs():
     assert 'load_state_dict(pretrained_body)' in src  # ... the pretrained body is made in the notebook instead
     text = '\n'.join(c.source for c in nb.cells if c.cell_type == 'markdown')
     assert all(f'seed {n}' in text for n in ('000', '002', '003'))
-    assert len(_plot_cells(nb)) >= 8
+    assert len(_plot_cells(nb)) >= 11
 
 
 def _ratios(values):
@@ -108,6 +111,11 @@ def test_finetuning_notebook_executes(tmp_path, monkeypatch):
                           'CLR triangular2', 'body lr x0.1, head wd 0', 'plateau: RLROP, early stop']
     for r in runs.values():
         assert math.isfinite(r['valid_loss']) and 0 <= r['accuracy'] <= 1, r['name']
+
+    # section 12: the export, loaded in a fresh process with no training data, predicts the PNGs bit for bit as the
+    # live learner does; the interpretation's top losses are the cross-entropy of its predictions
+    assert res['fresh_same'] is True and res['fresh_files'] == 12
+    assert res['top_losses'] == pytest.approx(res['by_hand'], rel=1e-4, abs=1e-5)
 
     # slice(lo, hi) over the 3 create_cnn groups: geometric, increasing from body to head, hi/lo = 100
     full = runs['full, slice']

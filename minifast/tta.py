@@ -3,8 +3,9 @@ views of each image, flipped too when the model was trained with flips, made bat
 import torch
 import torch.nn.functional as F
 
-from .data.augment import FlipLR, ZoomCrop, apply_tfms, flips_lr, split_index_only, tta_kept
+from .data.augment import FlipLR, ZoomCrop, flips_lr, tta_kept
 from .data.core import DatasetType, TensorDataLoader
+from .data.images import BatchPipeline
 from .inference import is_cross_entropy, item_losses, loss_activation
 from .state import preserved
 
@@ -27,25 +28,6 @@ def tta_views(train_tfms, scale=1.35, flip=None):
         zoom = ZoomCrop(scale, row_pct=float(i & 1), col_pct=float((i & 2) > 0))
         views.append(([FlipLR(p=1.)] if i & 4 else []) + [zoom] + kept)
     return views
-
-
-class _ViewPipeline:
-    """A validation batch as the model sees it, with `view` applied after the validation transforms: index-only
-    transforms on uint8, to float in [0, 1], the rest, then the data's normalisation."""
-
-    def __init__(self, data, view):
-        self.pre, self.post = split_index_only(list(data.valid_tfms) + list(view))
-        self.data = data
-
-    def __call__(self, batch):
-        x, y = batch
-        x = apply_tfms(self.pre, x)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        x = apply_tfms(self.post, x)
-        if self.data.stats is not None:
-            mean, std = (s.to(x.device)[None, :, None, None] for s in self.data.stats)
-            x = (x - mean) / std
-        return x, y
 
 
 def _image_loader(learn, ds_type):
@@ -74,7 +56,7 @@ def tta_only(learn, ds_type=DatasetType.Valid, activ=None, scale=1.35, flip=None
     with preserved(learn, parts=('rng',)):  # the random views must not shift a later fit's shuffles and draws
         for view in tta_views(data.train_tfms, scale, flip):
             vdl = TensorDataLoader(*dl.tensors, batch_size=dl.batch_size, device=dl.device,
-                                   after_batch=_ViewPipeline(data, view))
+                                   after_batch=BatchPipeline([*data.valid_tfms, *view], data))
             yield learn.get_preds(dl=vdl, activ=activ)[0]
 
 

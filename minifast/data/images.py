@@ -21,7 +21,7 @@ from .cache import ImageDecodeError, cached_decode, decode_images
 from .core import DataBunch, TensorDataLoader
 from .items import image_uint8
 
-__all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'IMG_EXTENSIONS',
+__all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'BatchPipeline', 'IMG_EXTENSIONS',
            'cifar_stats', 'imagenet_stats', 'get_image_files']
 
 IMG_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'})
@@ -433,9 +433,9 @@ class ImageDataset:
         return f'ImageDataset({len(self)} images of {tuple(self.x.shape[1:])}, {len(self.classes)} classes)'
 
 
-class _Pipeline:
-    """Per-batch work on the batch's device: index-only transforms on uint8, to float in [0, 1], the other
-    transforms, then normalisation."""
+class BatchPipeline:
+    """What a loader of `bunch` does to each batch, on the batch's device: the index-only transforms of `tfms` on
+    uint8, to float in [0, 1], the other transforms, then the bunch's normalisation (TTA builds its views with it)."""
 
     def __init__(self, tfms, bunch):
         self.pre, self.post = split_index_only(list(tfms))
@@ -529,9 +529,9 @@ class ImageDataBunch(DataBunch):
         if _on_device(device_data, self.device, (x_train, y_train, x_valid, y_valid)):
             x_train, y_train, x_valid, y_valid = (t.to(self.device) for t in (x_train, y_train, x_valid, y_valid))
         train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=True, drop_last=drop_last,
-                                 device=self.device, after_batch=_Pipeline(self.train_tfms, self))
+                                 device=self.device, after_batch=BatchPipeline(self.train_tfms, self))
         valid = TensorDataLoader(x_valid, y_valid, batch_size=val_bs or bs, device=self.device,
-                                 after_batch=_Pipeline(self.valid_tfms, self))
+                                 after_batch=BatchPipeline(self.valid_tfms, self))
         train.dataset = ImageDataset(x_train, y_train, classes, train_items)
         valid.dataset = ImageDataset(x_valid, y_valid, classes, valid_items)
         super().__init__(train, valid, classes=list(classes))
@@ -646,7 +646,7 @@ class ImageDataBunch(DataBunch):
             x = torch.stack([image_uint8(i, self.size, self.crop, f'add_test (item {k})') for k, i in enumerate(items)])
         y = torch.zeros(len(x), dtype=torch.long)
         self.test_dl = TensorDataLoader(x, y, batch_size=self.valid_dl.batch_size, device=self.device,
-                                        after_batch=_Pipeline(self.valid_tfms, self))
+                                        after_batch=BatchPipeline(self.valid_tfms, self))
         self.test_dl.dataset = ImageDataset(x, y, self.classes, items)
         return self
 

@@ -245,3 +245,45 @@ def test_v1_default_resnet18_from_the_cache_fits(tmp_path, monkeypatch):
     before = body[7][0].conv1.weight.clone()
     learn.fit(1)
     assert torch.equal(body[7][0].conv1.weight, before) and len(learn.recorder.val_losses) == 1
+
+
+V1_AFTER_CELLS = [
+    "data = ImageDataBunch.from_folder(path, ds_tfms=get_transforms(), size=24, bs=16).normalize(imagenet_stats)\n"
+    "learn = cnn_learner(data, models.resnet18, metrics=accuracy, pretrained=False)\nlearn.fit_one_cycle(1)",
+    "img = open_image(path/'valid'/'3'/'0.png')\nimg.shape",
+    "pred_class,pred_idx,outputs = learn.predict(img)\npred_class",
+    "interp = ClassificationInterpretation.from_learner(learn)\nlosses,idxs = interp.top_losses()\n"
+    "len(data.valid_ds)==len(losses)==len(idxs)",
+    "interp.plot_top_losses(9, figsize=(15,11))",
+    "interp.plot_confusion_matrix(figsize=(12,12), dpi=60)",
+    "interp.most_confused(min_val=2)",
+    "preds,y,losses = learn.get_preds(with_loss=True)\nlosses.shape",
+    "log_preds,y = learn.TTA()\nlog_preds.shape",
+    "learn.show_results(rows=3)",
+    "learn.export()",
+    "learn = load_learner(path, test=ImageList.from_folder(path/'test'))\n"
+    "preds,y = learn.get_preds(ds_type=DatasetType.Test)\npreds.shape",
+]
+
+
+def test_fastai_v1_after_training_cells_run_verbatim(tmp_path):
+    """predict on open_image, interpretation, get_preds with losses, TTA, show_results, export and load_learner with a
+    test folder, as a fastai v1 notebook types them; each checked against the live learner."""
+    path = mnist_sample(tmp_path)
+    test = path / 'test'
+    test.mkdir()
+    for f in sorted((path / 'valid').rglob('*.png'))[:5]:
+        (test / f'{f.parent.name}_{f.name}').write_bytes(f.read_bytes())
+    torch.manual_seed(0)
+    ns, shown = run_cells(V1_AFTER_CELLS[:-2], path=path, models=torchvision.models)
+    live, interp = ns['learn'], ns['interp']
+    assert shown[1] == '(3, 12, 12)' and shown[2] in ("'3'", "'7'")
+    assert torch.equal(ns['outputs'], live.predict(path / 'valid' / '3' / '0.png')[2])
+    assert shown[3] == 'True' and shown[7] == 'torch.Size([8])' and shown[8] == 'torch.Size([8, 2])'
+    assert torch.allclose(ns['losses'], interp.losses) and torch.equal(ns['y'], interp.y_true)
+    assert all(s.startswith('<Figure') for s in (shown[4], shown[5], shown[9]))
+    ns2, shown2 = run_cells(V1_AFTER_CELLS[-2:], path=path, learn=live)
+    assert shown2[0] == repr(path / 'export')
+    assert shown2[1] == 'torch.Size([5, 2])'
+    files = sorted(test.iterdir())
+    assert torch.equal(ns2['preds'], live.predict_files(files)[3])

@@ -19,14 +19,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
 from .checkpoint import atomic_save, check_state_dict, load_state
 from .data.core import DataBunch
 from .data.images import ImageDataBunch
-from .inference import is_cross_entropy
+from .inference import ACTIVATIONS, activation_name
 from .models.factory import importable_name, is_recorded_factory, json_args, model_spec
 
 __all__ = ['export', 'read_export', 'bare_model', 'ExportError', 'UnsafeExportError', 'CorruptExportError',
@@ -37,7 +36,6 @@ MANIFEST = 'manifest.json'
 WEIGHTS = {'minifast': 'weights.pth', 'safetensors': 'weights.safetensors'}
 # the modules whose model functions, model classes and losses a manifest may name without the caller's trust=
 TRUSTED = ('minifast', 'torchvision.models', 'torch.nn')
-ACTIVATIONS = ('softmax', 'sigmoid', 'none')
 # factory arguments that would fetch weights (a download, or a file named by the manifest): the export has them
 _WEIGHT_ARGS = ('pretrained', 'weights', 'weights_backbone')
 _MODULE = re.compile(r'^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$')
@@ -165,15 +163,6 @@ def _data_entry(data, folder):
         raise ExportError(folder, f'cannot export the data\'s input spec: {e}') from None
 
 
-def _activation(loss_func):
-    """The activation inference applies to the model's outputs for `loss_func` (see inference.loss_activation)."""
-    if is_cross_entropy(loss_func):
-        return 'softmax'
-    if loss_func is F.binary_cross_entropy_with_logits or isinstance(loss_func, nn.BCEWithLogitsLoss):
-        return 'sigmoid'
-    return 'none'
-
-
 def _loss_entry(loss_func):
     """{'function': name} or {'class': name, 'kwargs': {...}}, with its activation; or {'reason': why not}."""
     entry = {}
@@ -191,7 +180,7 @@ def _loss_entry(loss_func):
         entry = {'reason': f'the loss function {name} cannot be recorded: {e}'}
         warnings.warn(f"export: {entry['reason']}. The loaded learner predicts as this one does, but computes no "
                       f'loss (with_loss=True, validate, fit)')
-    entry['activation'] = _activation(loss_func)
+    entry['activation'] = activation_name(loss_func)
     return entry
 
 

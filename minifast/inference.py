@@ -11,7 +11,8 @@ from .data.core import DatasetType
 from .data.items import image_uint8, is_image_item
 from .state import preserved
 
-__all__ = ['get_preds', 'predict', 'predict_files', 'is_cross_entropy', 'loss_activation', 'item_losses']
+__all__ = ['get_preds', 'predict', 'predict_files', 'is_cross_entropy', 'loss_activation', 'activation_name',
+           'ACTIVATIONS', 'item_losses']
 
 
 def get_preds(learn, ds_type=DatasetType.Valid, with_loss=False, n_batch=None, activ=None, dl=None):
@@ -49,14 +50,22 @@ def get_preds(learn, ds_type=DatasetType.Valid, with_loss=False, n_batch=None, a
     return res + [torch.cat(losses)] if with_loss else res
 
 
-def loss_activation(loss_func):
-    """What turns the model's raw outputs into predictions for `loss_func`: softmax for cross-entropy, sigmoid for
-    binary cross-entropy with logits, else the outputs themselves."""
+ACTIVATIONS = {'softmax': lambda o: o.softmax(-1), 'sigmoid': torch.sigmoid, 'none': lambda o: o}
+
+
+def activation_name(loss_func):
+    """The name (a key of ACTIVATIONS) of what turns the model's raw outputs into predictions for `loss_func`:
+    'softmax' for cross-entropy, 'sigmoid' for binary cross-entropy with logits, else 'none'."""
     if is_cross_entropy(loss_func):
-        return lambda o: o.softmax(-1)
+        return 'softmax'
     if loss_func is F.binary_cross_entropy_with_logits or isinstance(loss_func, nn.BCEWithLogitsLoss):
-        return torch.sigmoid
-    return lambda o: o
+        return 'sigmoid'
+    return 'none'
+
+
+def loss_activation(loss_func):
+    """The function of ACTIVATIONS that `activation_name(loss_func)` names."""
+    return ACTIVATIONS[activation_name(loss_func)]
 
 
 def item_losses(loss_func, out, targ):

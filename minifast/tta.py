@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from .data.augment import FlipLR, ZoomCrop, flips_lr, tta_kept
 from .data.core import DatasetType, TensorDataLoader
 from .data.images import BatchPipeline
-from .inference import is_cross_entropy, item_losses, loss_activation
+from .inference import activation_name, is_cross_entropy, item_losses
 from .state import preserved
 
 __all__ = ['TTA', 'tta_only', 'tta_views', 'tta_loss']
@@ -82,6 +82,6 @@ def tta_loss(loss_func, preds, y, activ=None):
     if they were logits)."""
     if activ is None and is_cross_entropy(loss_func):
         return -preds.gather(1, y.long()[:, None])[:, 0].clamp_min(torch.finfo(preds.dtype).tiny).log()
-    if activ is None and loss_activation(loss_func) is torch.sigmoid:
+    if activ is None and activation_name(loss_func) == 'sigmoid':
         return F.binary_cross_entropy(preds, y.to(preds.dtype), reduction='none').reshape(len(y), -1).mean(1)
     return item_losses(loss_func, preds, y)

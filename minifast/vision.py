@@ -6,8 +6,7 @@ pretrained.
 from torch import nn
 
 from .learner import Learner
-from .models.cnn import BodyHead, create_cnn
-from .optim import NO_WD_TYPES
+from .models.cnn import BodyHead, create_cnn, init_head
 
 __all__ = ['cnn_learner']
 
@@ -39,7 +38,7 @@ def cnn_learner(data, base_arch, cut=None, pretrained=True, lin_ftrs=None, ps=0.
         # a new module (not the one create_cnn returned with its own head): nothing recorded about that one applies
         model = BodyHead(model[0], custom_head, model.split_at)
     if init is not None and (custom_head is not None or init is not nn.init.kaiming_normal_):
-        _init_head(model[1], init)  # create_cnn's head already has fastai v1's default initialisation
+        init_head(model[1], init)  # create_cnn's head already has fastai v1's default initialisation
     learner_kwargs.setdefault('path', None)  # fastai v1: models are saved under the data's folder
     learn = Learner(data, model, **learner_kwargs)
     if split_on is not None:
@@ -47,15 +46,3 @@ def cnn_learner(data, base_arch, cut=None, pretrained=True, lin_ftrs=None, ps=0.
     if pretrained:
         learn.freeze()
     return learn
-
-
-def _init_head(head, init):
-    """fastai v1's apply_init: `init` on the weights of every layer but normalisation layers, zero biases."""
-    for m in head.modules():
-        if isinstance(m, NO_WD_TYPES):
-            continue
-        w, b = getattr(m, 'weight', None), getattr(m, 'bias', None)
-        if isinstance(w, nn.Parameter) and w.ndim >= 2:
-            init(w)
-            if isinstance(b, nn.Parameter):
-                nn.init.zeros_(b)

@@ -9,7 +9,7 @@ from ..optim import NO_WD_TYPES
 from .factory import recorded
 from .layers import check_size, create_head
 
-__all__ = ['BodyHead', 'create_cnn', 'cut_body']
+__all__ = ['BodyHead', 'create_cnn', 'cut_body', 'init_head']
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 
@@ -86,13 +86,14 @@ def _default_split(body):
     return stages[2] if len(stages) == 4 else len(body) // 2
 
 
-def _init_head(head):
-    """fastai v1's head initialisation: kaiming-normal weights and zero biases for every layer but normalisation."""
+def init_head(head, init=nn.init.kaiming_normal_):
+    """fastai v1's head initialisation (apply_init): `init` (kaiming normal) on the weights of every layer but
+    normalisation layers, zero biases."""
     for m in head.modules():
         if isinstance(m, NO_WD_TYPES):
             continue
         if isinstance(getattr(m, 'weight', None), nn.Parameter) and m.weight.ndim >= 2:
-            nn.init.kaiming_normal_(m.weight)
+            init(m.weight)
             if isinstance(getattr(m, 'bias', None), nn.Parameter):
                 nn.init.zeros_(m.bias)
 
@@ -144,7 +145,7 @@ def create_cnn(arch, nc, pretrained=False, cut=None, lin_ftrs=None, ps=0.5, conc
     body = cut_body(model, cut)
     nf = _body_channels(body) * (2 if concat_pool else 1)
     head = create_head(nf, nc, lin_ftrs=lin_ftrs, ps=ps, concat_pool=concat_pool, bn_final=bn_final)
-    _init_head(head)
+    init_head(head)
     return BodyHead(body, head, _default_split(body) if split_at is None else split_at)
 
 

@@ -3,6 +3,7 @@ import functools
 import math
 import operator
 import os
+import sys
 from numbers import Real
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 __all__ = ['check_data', 'check_learner_args', 'check_learner_options', 'check_metrics', 'check_epochs', 'check_wd',
-           'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name', 'int_value', 'int_at_least', 'real_value']
+           'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name', 'is_torchmetric', 'int_value', 'int_at_least', 'real_value']
 
 
 def check_data(data):
@@ -55,21 +56,34 @@ def check_learner_options(path, model_dir, layer_groups, splitter, layer_decay):
         raise ValueError(f'Learner: layer_decay must be a number in [0, 1], got {layer_decay!r}')
 
 def metric_name(m):
-    """The column name of a metric: its function name (through partials)."""
+    """The column name of a metric: its `__name__` (a function's name, through partials; one set on a torchmetrics
+    object), else its class name (a torchmetrics.Metric: e.g. MulticlassF1Score)."""
     while isinstance(m, functools.partial):
         m = m.func
     return getattr(m, '__name__', type(m).__name__)
 
 
+def is_torchmetric(m):
+    """Whether `m` is a torchmetrics.Metric, found without importing torchmetrics (an optional extra): an instance
+    exists only once torchmetrics is imported."""
+    tm = sys.modules.get('torchmetrics')
+    return tm is not None and isinstance(m, tm.Metric)
+
+
 def check_metrics(metrics):
-    """A list of callables; a single callable is wrapped."""
+    """A list of callables (functions (pred, target) -> 0-d tensor, or torchmetrics.Metric objects); a single one is
+    wrapped."""
     if metrics is None:
         return []
     ms = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
+    tm = sys.modules.get('torchmetrics')
     for i, m in enumerate(ms):
+        if tm is not None and isinstance(m, tm.MetricCollection):  # one column per metric: compute() gives a dict
+            raise TypeError(f'metrics[{i}] is a torchmetrics.MetricCollection ({", ".join(m.keys())}): pass its '
+                            f'metrics as a list instead, e.g. metrics=list(collection.values())')
         if not callable(m):
             raise TypeError(f'metrics[{i}] is {m!r} ({type(m).__name__}), which is not callable: a metric is a '
-                            f'function (pred, target) -> tensor, such as minifast.accuracy')
+                            f'function (pred, target) -> tensor, such as minifast.accuracy, or a torchmetrics.Metric')
     return ms
 
 

@@ -26,7 +26,7 @@ from .determinism import rng_state
 from .device import resolve_device
 from .distributed import check_device, strategy
 from .interrupt import DeferredInterrupt
-from .metrics import batch_means, metric_error
+from .metrics import Evaluation, metric_error
 from .optim import AdamW
 from .state import Snapshot
 from .stepper import Stepper
@@ -283,12 +283,13 @@ class Learner:
 
     def _validate(self, dl, metrics):
         s = self.state
-        s.dl, s.training, s.val_metrics, s.vals = self.dist.loader(dl, False), False, metrics, []
+        s.dl, s.training, s.vals = self.dist.loader(dl, False), False, []
+        s.val_metrics = Evaluation(metrics, self.device)  # torchmetrics objects: reset and on the device
         self.model.eval()
         with torch.no_grad():
             self._with_events(self._all_batches, 'validate', CancelValidateException)
         reduce = None if self.dist.world == 1 else self.dist.reduce  # sums and counts over every rank's share
-        return batch_means(s.vals, 1 + len(metrics), self.device, reduce)
+        return s.val_metrics.values(s.vals, self.device, reduce)
 
     def _all_batches(self):
         s = self.state
@@ -378,9 +379,9 @@ class Learner:
         run(self, 'after_loss')
         if not s.training:
             try:
-                mets = [m(s.pred, s.yb) for m in s.val_metrics]
+                mets = s.val_metrics(s.pred, s.yb)
             except Exception as e:  # a bare shape or dtype error would not say which metric
-                raise metric_error(s.val_metrics, s.pred, s.yb, s.iter, e) from e
+                raise metric_error(s.val_metrics.metrics, s.pred, s.yb, s.iter, e) from e
             s.vals.append((s.yb.shape[0], (s.loss.detach(), *mets)))
             return
         if not stepper.backward(self):

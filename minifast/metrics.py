@@ -1,10 +1,11 @@
 """Metrics: functions (pred, target) -> 0-d tensor, averaged over a dataset weighted by batch size, on device
-(`batch_sums`, `batch_means`): the one reduction of validate, distributed validation and the landscape analyses."""
+(`batch_sums`, `batch_means`): the one reduction of validate, distributed validation and the landscape analyses;
+and torchmetrics.Metric objects, which keep their own state (`Evaluation`)."""
 import torch
 
-from .checks import metric_name
+from .checks import is_torchmetric, metric_name
 
-__all__ = ['accuracy', 'top_k_accuracy', 'error_rate', 'batch_sums', 'batch_means', 'metric_error']
+__all__ = ['accuracy', 'top_k_accuracy', 'error_rate', 'batch_sums', 'batch_means', 'metric_error', 'Evaluation']
 
 
 def accuracy(input, targs):
@@ -63,3 +64,61 @@ def metric_error(metrics, pred, yb, batch, e):
     return RuntimeError(f'metric {metric_name(m)} raised {type(e).__name__} on validation batch {batch} '
                         f'(predictions of shape {tuple(getattr(pred, "shape", ()))}, targets of shape '
                         f'{tuple(getattr(yb, "shape", ()))}): {e}')
+
+
+def _no():
+    return False
+
+
+class Evaluation:
+    """The metrics of one validation pass. Functions of (pred, target) give a value per batch, averaged over the
+    items (`batch_means`, reduced across ranks); torchmetrics.Metric objects are moved to `device` and reset here,
+    updated with each batch's raw outputs and targets (on the device, nothing read back), and computed once in
+    `values`: torchmetrics gathers their states across the ranks itself (never averaged again here)."""
+
+    def __init__(self, metrics, device):
+        self.metrics = list(metrics)
+        self.fns = [m for m in self.metrics if not is_torchmetric(m)]
+        self.stateful = [m for m in self.metrics if is_torchmetric(m)]
+        for m in self.stateful:
+            m.to(device)  # a no-op once there: the states follow the module
+            m.reset()  # a fresh state per validation (also drops a cached compute())
+
+    def __call__(self, pred, yb):
+        """This batch's values of the function metrics; the torchmetrics objects take the batch."""
+        vals = [m(pred, yb) for m in self.fns]
+        for m in self.stateful:
+            m.update(pred, yb)
+        return vals
+
+    def values(self, rows, device, reduce=None):
+        """[loss, *metric values] (Python floats, in the order of the metrics): `rows` (batch size, [loss, *function
+        metric values]) per batch, averaged by `batch_means` (with `reduce` across ranks); each torchmetrics object
+        computed once (synchronised across ranks by torchmetrics when `reduce` is given, else never: a single
+        process must not wait for ranks that do not validate). One host read for each."""
+        means = batch_means(rows, 1 + len(self.fns), device, reduce)
+        if not self.stateful:
+            return means
+        got = torch.stack([self._compute(m, reduce is not None).reshape(()).float().to(device)
+                           for m in self.stateful]).tolist()
+        fns, tms = iter(means[1:]), iter(got)
+        return [means[0], *(next(tms) if is_torchmetric(m) else next(fns) for m in self.metrics)]
+
+    @staticmethod
+    def _compute(m, synced):
+        if not synced and not m.update_called:  # no batch: nan, as for the function metrics (and no warning)
+            return torch.tensor(float('nan'))
+        old = m.distributed_available_fn
+        if not synced:  # torch.distributed may be initialised while one process validates (distributed.local)
+            m.distributed_available_fn = _no
+        try:
+            v = m.compute()
+        finally:
+            m.distributed_available_fn = old
+        if not isinstance(v, torch.Tensor) or v.numel() != 1:
+            what = (f'a tensor of shape {tuple(v.shape)}' if isinstance(v, torch.Tensor)
+                    else f'a {type(v).__name__}')
+            raise ValueError(f'metric {metric_name(m)}: compute() returned {what}, and a metric column holds one '
+                             f'number: use a reducing setting (e.g. average="macro" or "micro" instead of '
+                             f'average=None for per-class values), or one metric object per value')
+        return v

@@ -166,6 +166,23 @@ def batchnorm_fit():
             'validate': learn.validate(), 'preds': learn.get_preds()[0], 'by_hand': by_hand}
 
 
+def torchmetrics_fit():
+    """One epoch with torchmetrics' micro accuracy and macro F1 next to minifast's accuracy: what this rank reports,
+    and the model's outputs over the whole validation set (for the F1 by hand)."""
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+    set_seed(6)
+    data = make_data(n_train=256, n_valid=N_VALID, bs=32, val_bs=VAL_BS)
+    metrics = [accuracy, MulticlassAccuracy(num_classes=3, average='micro'),
+               MulticlassF1Score(num_classes=3, average='macro')]
+    learn = Learner(data, make_mlp(), metrics=metrics, silent=True)
+    learn.fit(1, 1e-2)
+    x, y = data.valid_dl.tensors
+    learn.model.eval()
+    with torch.no_grad():
+        out = learn.model(x)
+    return {'metrics': learn.recorder.metrics, 'validate': learn.validate(), 'out': out, 'y': y}
+
+
 def _plain_validate(learn, dl):
     """The validation loss of the whole set in this process, without any sharding."""
     import torch.nn.functional as F
@@ -183,6 +200,7 @@ def main(out):
     result['control'] = control_fit(out / 'control', bs=32)  # one folder, as on one machine or a shared disk
     result['accumulate'] = accumulate_fit(bs=32)
     result['batchnorm'] = batchnorm_fit()
+    result['torchmetrics'] = torchmetrics_fit()
     try:
         Learner(make_data(), make_mlp(), sync_bn=True)
         result['sync_bn_error'] = None

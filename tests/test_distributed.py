@@ -291,3 +291,26 @@ def test_local_strategy_changes_nothing():
     with local.no_sync():
         pass
     assert Learner(make_data(), make_mlp()).dist.world == 1
+
+
+def test_ddp_torchmetrics_synced_by_torchmetrics_not_averaged(ddp):
+    """torchmetrics gathers its states across the ranks in compute(): every rank reports the macro F1 of the whole
+    validation set (by hand), not the mean of the ranks' own F1s (which minifast's reduction would give)."""
+    pytest.importorskip('torchmetrics')
+    r0, r1 = ddp[0]['torchmetrics'], ddp[1]['torchmetrics']
+    assert r0['metrics'] == r1['metrics'] and r0['validate'] == r1['validate']
+    out, y = r0['out'], r0['y']
+    assert torch.equal(out, r1['out'])
+
+    def f1(o, t):
+        p = o.argmax(1)
+        per = [2 * ((p == c) & (t == c)).sum().item() / max(1, (p == c).sum().item() + (t == c).sum().item())
+               for c in range(3)]
+        return sum(per) / 3
+    whole = f1(out, y)
+    shards = [shard_bounds(len(y), r, 2) for r in range(2)]
+    assert abs(whole - sum(f1(out[a:b], y[a:b]) for a, b in shards) / 2) > 1e-3  # averaging would show
+    for vals in (r0['metrics'][-1], r0['validate'][1:]):
+        own, acc, macro = vals
+        assert acc == pytest.approx(own, abs=1e-6)  # micro accuracy: the same as minifast's over every rank
+        assert macro == pytest.approx(whole, abs=1e-6)

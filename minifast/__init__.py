@@ -13,6 +13,7 @@ _SUBMODULES = {
                           'SaveModelCallback'),
     'callbacks.gradients': ('GradientAccumulation', 'GradientClipping'),
     'callbacks.logging': ('CSVLogger',),
+    'callbacks.mixup': ('CutMix', 'MixUp'),
     'callbacks.lr_finder': ('LRFinder', 'LRFindResult'),
     'callbacks.progress': ('ProgressCallback', 'ShowGraph'),
     'callbacks.recorder': ('Recorder',),
@@ -31,6 +32,7 @@ _SUBMODULES = {
     'tta': ('tta_views',),
     'grid': ('GridResult', 'diagnose', 'grid_search', 'read_log'),
     'lock': ('FolderLockedError',),
+    'losses': ('LabelSmoothingCrossEntropy',),
     'landscape': ('InterpolationResult', 'SurfaceResult', 'average_weights', 'evaluate_weights',
                   'filter_normalized_direction', 'interpolate_losses', 'loss_surface', 'plot_interpolation',
                   'plot_surface', 'recompute_bn'),
@@ -78,7 +80,7 @@ __all__ = [
     'resumable', 'EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
     'EarlyStoppingCallback', 'ReduceLROnPlateauCallback', 'Image', 'open_image', 'load_learner', 'ExportError',
     'UnsafeExportError', 'CorruptExportError', 'cnn_learner', 'model_summary', 'ModelSummary', 'get_image_files',
-    'ClassificationInterpretation', 'ZoomCrop', 'tta_views',
+    'ClassificationInterpretation', 'ZoomCrop', 'tta_views', 'MixUp', 'CutMix', 'LabelSmoothingCrossEntropy',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import accel, export as exporting, inference, interpret as interp, optim, policies, resume as resuming, tta
 from .callbacks.gradients import GradientAccumulation, GradientClipping
+from .callbacks.mixup import mixup
 from .callbacks.progress import ProgressCallback, no_bar
 from .callbacks.recorder import Recorder
 from .callbacks.tracking import DivergenceGuard
@@ -162,7 +163,7 @@ class Learner:
         if cb in self.callbacks:
             self.callbacks.remove(cb)
 
-    no_bar = no_bar
+    no_bar, mixup = no_bar, mixup  # mixup: fastai v1's learn.mixup(alpha=0.4) adds a MixUp callback
 
     def _new_state(self, extra=()):
         """A fresh loop state whose hook table holds the built-in and registered callbacks and `extra`."""

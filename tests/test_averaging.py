@@ -1,7 +1,9 @@
 """Weight averaging: EMA against torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn, SWA against
 AveragedModel + SWALR + update_bn in a hand-written loop, exact resume of both, EMA validation leaving the model
 bit-identical, replace_at_end, no host sync in EMA's update, and the argument errors."""
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,3 +304,14 @@ def test_resuming_with_other_swa_settings_is_refused(tmp_path):
         go(SWA(0, swa_lr=0.02), extra=[CrashAtStep(5)])
     with pytest.raises(ValueError, match="does not continue this fit: its schedule differs from this call's"):
         go(SWA(1, swa_lr=0.02), resume='checkpoints')
+
+
+def test_the_ema_benchmark_runs(capsys):
+    """benchmarks/ema.py's smoke mode, so the script cannot rot."""
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'ema.py'
+    spec = importlib.util.spec_from_file_location('bench_ema', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(['--rounds', '1', '--steps', '2', '--bs', '4'])
+    assert out['best_ratio'] > 0 and 0 < out['update_fraction'] < 1
+    assert 'RESULT EMA/plain step time' in capsys.readouterr().out

@@ -241,7 +241,7 @@ class SWA(_Averaged):
         if self._lrs is None:  # the first SWA batch: anneal from the lr each group has now
             start = [g['lr'] for g in groups]
             set_hyper(learn.opt, 'lr', self.swa_lr)  # swa_lr per layer group, as each param group takes it
-            self._lrs = [[a, g['lr']] for a, g in zip(start, groups)]
+            self._lrs = [[float(a), float(g['lr'])] for a, g in zip(start, groups)]  # plain floats: weights-only
         alpha = swa_alpha(learn.epoch - self.start_epoch, self.anneal_epochs, self.anneal_strategy)
         for g, (lr0, swa) in zip(groups, self._lrs):
             g['lr'] = swa * alpha + lr0 * (1 - alpha)  # SWALR's expression

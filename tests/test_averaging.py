@@ -5,6 +5,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,13 +174,13 @@ class CrashAtStep(Callback):
             raise RuntimeError('simulated crash')
 
 
-@pytest.mark.parametrize('make', [lambda: EMA(decay=0.7, every=2), lambda: SWA(0, swa_lr=0.02, anneal_epochs=3)],
+@pytest.mark.parametrize('make', [lambda: EMA(decay=0.7, every=2), lambda: SWA(0, swa_lr=np.float64(0.02), anneal_epochs=3)],
                          ids=['EMA', 'SWA'])
 @pytest.mark.parametrize('crash_at', [5, 8])
 def test_a_resumed_fit_ends_with_the_same_average_as_an_uninterrupted_one(tmp_path, make, crash_at):
     """3 epochs of 3 steps, a checkpoint every 2 steps: crashed at step 5 it resumes from step 4 (mid-epoch 1, after
     SWA's first average, its lr half-way annealed), at step 8 from step 6 (the end of epoch 1's training, before its
-    average)."""
+    average). SWA's swa_lr is a numpy number: the checkpoints must still load weights-only."""
     def go(path, extra=(), resume=None):
         learn = learner(make_data(), path=path)
         avg = make()
@@ -191,6 +192,8 @@ def test_a_resumed_fit_ends_with_the_same_average_as_an_uninterrupted_one(tmp_pa
         go(tmp_path / 'run', extra=[CrashAtStep(crash_at)])
     learn, avg = go(tmp_path / 'run', resume='checkpoints')
     assert avg.n_averaged == ref_avg.n_averaged > 0
+    assert list(avg.state_dict()['averaged']) == [k for k, _ in learn.model.named_parameters()] + \
+        [k for k, _ in learn.model.named_buffers()]
     assert same_state(avg.model, snapshot(ref_avg.model))
     assert same_state(learn.model, snapshot(ref.model))
     assert learn.recorder.lrs == ref.recorder.lrs

@@ -207,10 +207,11 @@ class SWA(_Averaged):
     def __init__(self, start_epoch, swa_lr=None, anneal_epochs=10, anneal_strategy='cos'):
         super().__init__(False)
         self.start_epoch = int_at_least(start_epoch, 'start_epoch', 'SWA', low=0)
-        lrs = swa_lr if isinstance(swa_lr, (list, tuple)) else [swa_lr]
-        if swa_lr is not None:
-            for v in lrs:
-                real_value(v, 'swa_lr', 'SWA', low=0., low_open=True)
+        # plain floats: they reach the optimizer's groups and the checkpoint, which loads weights-only (no numpy)
+        if isinstance(swa_lr, (list, tuple)):
+            swa_lr = [real_value(v, 'swa_lr', 'SWA', low=0., low_open=True) for v in swa_lr]
+        elif swa_lr is not None:
+            swa_lr = real_value(swa_lr, 'swa_lr', 'SWA', low=0., low_open=True)
         self.swa_lr = swa_lr
         self.anneal_epochs = int_at_least(anneal_epochs, 'anneal_epochs', 'SWA', low=0)
         if anneal_strategy not in ANNEAL:
@@ -241,7 +242,7 @@ class SWA(_Averaged):
         if self._lrs is None:  # the first SWA batch: anneal from the lr each group has now
             start = [g['lr'] for g in groups]
             set_hyper(learn.opt, 'lr', self.swa_lr)  # swa_lr per layer group, as each param group takes it
-            self._lrs = [[float(a), float(g['lr'])] for a, g in zip(start, groups)]  # plain floats: weights-only
+            self._lrs = [[a, g['lr']] for a, g in zip(start, groups)]
         alpha = swa_alpha(learn.epoch - self.start_epoch, self.anneal_epochs, self.anneal_strategy)
         for g, (lr0, swa) in zip(groups, self._lrs):
             g['lr'] = swa * alpha + lr0 * (1 - alpha)  # SWALR's expression

@@ -174,8 +174,8 @@ class CrashAtStep(Callback):
             raise RuntimeError('simulated crash')
 
 
-@pytest.mark.parametrize('make', [lambda: EMA(decay=0.7, every=2), lambda: SWA(0, swa_lr=np.float64(0.02), anneal_epochs=3)],
-                         ids=['EMA', 'SWA'])
+@pytest.mark.parametrize('make', [lambda: EMA(decay=0.7, every=2),
+                                  lambda: SWA(0, swa_lr=np.float64(0.02), anneal_epochs=3)], ids=['EMA', 'SWA'])
 @pytest.mark.parametrize('crash_at', [5, 8])
 def test_a_resumed_fit_ends_with_the_same_average_as_an_uninterrupted_one(tmp_path, make, crash_at):
     """3 epochs of 3 steps, a checkpoint every 2 steps: crashed at step 5 it resumes from step 4 (mid-epoch 1, after

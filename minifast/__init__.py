@@ -9,6 +9,7 @@ from pathlib import Path
 # --help do not pay for torch and matplotlib (about 3 s). tests/test_structure.py reads this table as the package's
 # imports (cycles, private names) and checks that each module defines the names listed for it.
 _SUBMODULES = {
+    'callbacks.averaging': ('EMA', 'SWA'),
     'callbacks.control': ('EarlyStopping', 'EarlyStoppingCallback', 'ReduceLROnPlateau', 'ReduceLROnPlateauCallback',
                           'SaveModelCallback'),
     'callbacks.gradients': ('GradientAccumulation', 'GradientClipping'),
@@ -80,7 +81,8 @@ __all__ = [
     'resumable', 'EarlyStopping', 'ReduceLROnPlateau', 'SaveModelCallback', 'GradientClipping', 'GradientAccumulation',
     'EarlyStoppingCallback', 'ReduceLROnPlateauCallback', 'Image', 'open_image', 'load_learner', 'ExportError',
     'UnsafeExportError', 'CorruptExportError', 'cnn_learner', 'model_summary', 'ModelSummary', 'get_image_files',
-    'ClassificationInterpretation', 'ZoomCrop', 'tta_views', 'MixUp', 'CutMix', 'LabelSmoothingCrossEntropy',
+    'ClassificationInterpretation', 'ZoomCrop', 'tta_views', 'MixUp', 'CutMix', 'LabelSmoothingCrossEntropy', 'EMA',
+    'SWA',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

@@ -1,16 +1,25 @@
 """timm backbones in create_cnn / cnn_learner: built without weights, cut at the feature layer, minifast's head,
 layer groups from timm's group_matcher (freeze, slice lrs, layer decay against timm's own layer decay), weights only
 from a local file, export round trip."""
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
 
-timm = pytest.importorskip('timm')
+from minifast import ImageDataBunch, Learner, cnn_learner, create_cnn, load_learner
+from minifast.models import TimmBodyHead, model_spec
 
-from minifast import ImageDataBunch, Learner, cnn_learner, create_cnn, load_learner  # noqa: E402
-from minifast.models import model_spec  # noqa: E402
-from minifast.models import TimmBodyHead  # noqa: E402
-from timm.optim import param_groups_layer_decay  # noqa: E402
+# timm is imported by the tests, not at collection: importing it imports safetensors.torch, which would make
+# test_checkpoint's "safetensors is not installed" test find it anyway
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('timm') is None,
+                                reason='timm is not installed (minifast[timm])')
+
+
+@pytest.fixture
+def timm():
+    import timm
+    return timm
 
 # two small architectures that build in well under a second on CPU: a CNN (pooled feature map, concat pool head)
 # and a vision transformer (timm pools its tokens; the head has no pooling), at 32x32 inputs
@@ -25,7 +34,7 @@ def image_data(n=16, seed=1):
 
 
 @pytest.mark.parametrize('name,kw,stem', ARCHS)
-def test_timm_backbone_forward_and_layer_groups(name, kw, stem):
+def test_timm_backbone_forward_and_layer_groups(name, kw, stem, timm):
     m = create_cnn(name, 5, arch_kwargs=kw, lin_ftrs=[16])
     assert isinstance(m, TimmBodyHead)
     m.eval()
@@ -64,9 +73,10 @@ def test_timm_freeze_slice_and_layer_decay(name, kw, stem):
 
 
 @pytest.mark.parametrize('name,kw,stem', ARCHS)
-def test_timm_rule_equals_timm_param_groups_layer_decay(name, kw, stem):
+def test_timm_rule_equals_timm_param_groups_layer_decay(name, kw, stem, timm):
     # timm's own layer decay (BEiT's) on the whole timm model, fine groups, its classifier the top layer; minifast's
     # default rule on the same backbone with timm_groups='fine' and minifast's head as the top layer
+    from timm.optim import param_groups_layer_decay
     torch.manual_seed(0)
     ref = timm.create_model(name, **kw)
     scale = {}
@@ -85,7 +95,7 @@ def test_timm_rule_equals_timm_param_groups_layer_decay(name, kw, stem):
     assert all(g['lr'] == 1. for g in learn.opt.param_groups if g['layer_group'] == len(learn.layer_groups) - 1)
 
 
-def test_timm_weights_only_from_a_local_file(tmp_path, monkeypatch):
+def test_timm_weights_only_from_a_local_file(tmp_path, monkeypatch, timm):
     import huggingface_hub.constants
     from safetensors.torch import save_file
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))  # an empty cache
@@ -116,7 +126,7 @@ def test_timm_weights_only_from_a_local_file(tmp_path, monkeypatch):
     assert torch.equal(m[0].conv1[0].weight, src.conv1[0].weight)
 
 
-def test_timm_bad_names_and_arguments_are_named():
+def test_timm_bad_names_and_arguments_are_named(timm):
     with pytest.raises(ValueError, match=r"'resnet10x' is not a timm model name \(did you mean resnet10t"):
         create_cnn('resnet10x', 2)
     with pytest.raises(ValueError, match="'hf-hub:timm/resnet10t.c3_in1k' is not a timm model name"):
@@ -131,7 +141,7 @@ def test_timm_bad_names_and_arguments_are_named():
         create_cnn(timm.create_model('resnet10t'), 2, pretrained=True)
 
 
-def test_timm_instance_as_arch_and_cnn_learner():
+def test_timm_instance_as_arch_and_cnn_learner(timm):
     body = timm.create_model('resnet10t')
     m = create_cnn(body, 3, lin_ftrs=[8])
     assert m[0] is body and isinstance(body.fc, nn.Identity)

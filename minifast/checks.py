@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 __all__ = ['check_data', 'check_learner_args', 'check_learner_options', 'check_metrics', 'check_epochs', 'check_wd',
-           'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name', 'is_torchmetric', 'int_value', 'int_at_least', 'real_value']
+           'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name', 'is_torchmetric', 'int_value', 'int_at_least',
+           'real_value', 'LAYER_DECAY_RULES']
 
 
 def check_data(data):
@@ -41,9 +42,14 @@ def check_learner_args(model, loss_func, opt_func):
 
 
 
-def check_learner_options(path, model_dir, layer_groups, splitter, layer_decay):
-    """Learner's path and model_dir are folder names; layer_groups (or a splitter, not both) and layer_decay have the
-    right kinds."""
+# how layer_decay spreads the lr (optim.layer_decay_lrs): 'timm' counts the head as the top layer, 'zoobot' (seed 000)
+# puts the head and the highest body block both at the full lr
+LAYER_DECAY_RULES = ('timm', 'zoobot')
+
+
+def check_learner_options(path, model_dir, layer_groups, splitter, layer_decay, layer_decay_rule='timm', head_wd=None):
+    """Learner's path and model_dir are folder names; layer_groups (or a splitter, not both), layer_decay and its rule,
+    and head_wd have the right kinds."""
     for name, v in (('path', path), ('model_dir', model_dir)):
         if not (isinstance(v, (str, os.PathLike)) or (name == 'path' and v is None)):
             raise TypeError(f'Learner: {name} must be a folder (a str or Path), got {v!r}')
@@ -54,6 +60,15 @@ def check_learner_options(path, model_dir, layer_groups, splitter, layer_decay):
                         f'got {layer_groups!r}')
     if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 <= layer_decay <= 1):
         raise ValueError(f'Learner: layer_decay must be a number in [0, 1], got {layer_decay!r}')
+    if layer_decay_rule not in LAYER_DECAY_RULES:
+        raise ValueError(f"Learner: layer_decay_rule must be 'timm' (the head counts as the top layer: the block below "
+                         f"it gets lr * layer_decay) or 'zoobot' (seed 000: the head and the highest body block both "
+                         f"at the full lr), got {layer_decay_rule!r}")
+    if head_wd is not None:
+        real_value(head_wd, 'head_wd', 'Learner', low=0,
+                   message=f'Learner: head_wd must be a finite number >= 0 (the head\'s fixed weight decay) or None '
+                           f'(as wd), got {head_wd!r}')
+
 
 def metric_name(m):
     """The column name of a metric: its `__name__` (a function's name, through partials; one set on a torchmetrics

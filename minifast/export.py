@@ -446,7 +446,7 @@ def _resolve_spec(spec, trust, where):
                                        f'{args[fetch[0]]!r}); an export carries its own and load_learner fetches '
                                        f'none')
     for k in getattr(fn, 'recorded_importable', ()):
-        if isinstance(args.get(k), str):
+        if isinstance(args.get(k), str) and ':' in args[k]:  # 'pkg.mod:name'; a bare name (timm's) is passed as is
             args[k] = _resolve(args[k], trust, f"{spec['factory']}'s argument {k}", where, 'model')
     return fn, args
 

@@ -76,12 +76,12 @@ class Learner:
     def __init__(self, data, model, loss_func=None, opt_func=AdamW, metrics=None, callbacks=None,
                  callback_fns=None, wd=1e-2, true_wd=True, bn_wd=True, path='.', model_dir='models', device=None,
                  bf16=False, fp16=False, channels_last=None, compile=False, cudnn_benchmark=None, silent=False,
-                 layer_groups=None, splitter=None, layer_decay=None,
+                 layer_groups=None, splitter=None, layer_decay=None, layer_decay_rule='timm', head_wd=None,
                  train_bn=True, training_mode=None, check_finite=True, check_inputs=False, distributed=None,
                  ddp_kwargs=None, sync_bn=False):
         check_data(data)
         check_learner_args(model, loss_func, opt_func)
-        check_learner_options(path, model_dir, layer_groups, splitter, layer_decay)
+        check_learner_options(path, model_dir, layer_groups, splitter, layer_decay, layer_decay_rule, head_wd)
         self.data, self.metrics = data, check_metrics(metrics)
         self.dist = strategy(distributed, ddp_kwargs)
         self.device, self.is_main = resolve_device(device), self.dist.is_main
@@ -107,7 +107,8 @@ class Learner:
         # given groups go through split_model too, so lists of modules are accepted as a splitter's are
         self.layer_groups = optim.split_model(self.model, splitter if layer_groups is None else
                                               (lambda m: list(layer_groups)))
-        self.layer_decay, self.train_bn, self.opt = layer_decay, train_bn, None
+        self.layer_decay, self.layer_decay_rule, self.head_wd = layer_decay, layer_decay_rule, head_wd
+        self.train_bn, self.opt = train_bn, None
         self.epoch = self.n_epoch = self.train_iter = 0
         self.state, self.ctrl_c = LoopState(), DeferredInterrupt()
         self.recorder, self.progress, self.guard = Recorder(), ProgressCallback(), DivergenceGuard()

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from .accel import fused_option
-from .checks import check_wd, int_value, real_value
+from .checks import LAYER_DECAY_RULES, check_wd, int_value, real_value
 
 __all__ = ['AdamW', 'SGD', 'param_groups', 'lr_per_group', 'set_hyper', 'get_hyper', 'momentum_key',
            'WeightDecay', 'NO_WD_TYPES', 'LayerGroup', 'split_model', 'split_by_idx', 'module_groups', 'split',
-           'check_layer_groups', 'layer_decay_lrs', 'group_lrs', 'create_opt', 'freeze_to', 'freeze', 'unfreeze',
-           'set_training_mode', 'TRAINING_MODES', 'param_summary', 'ParamSummary', 'opt_settings',
-           'lacking_settings', 'decay_acts', 'least_acting_wd', 'inert_decay']
+           'check_layer_groups', 'layer_decay_lrs', 'LAYER_DECAY_RULES', 'group_lrs', 'create_opt', 'freeze_to',
+           'freeze', 'unfreeze', 'set_training_mode', 'TRAINING_MODES', 'param_summary', 'ParamSummary', 'opt_settings',
+           'lacking_settings', 'decay_acts', 'least_acting_wd', 'inert_decay', 'param_name_groups']
 
 AdamW = partial(torch.optim.AdamW, betas=(0.9, 0.99))
 AdamW.__doc__ = "torch.optim.AdamW with fastai v1's betas (0.9, 0.99); the default `opt_func`."
@@ -41,28 +41,40 @@ def _no_wd_params(module):
     return _norm_params(module) | biases
 
 
-def param_groups(layer_groups, bn_wd=True):
+def param_groups(layer_groups, bn_wd=True, head_wd=None):
     """Optimizer parameter groups for `layer_groups` (a list of modules), split into decay/no-decay when not bn_wd.
 
     Each group carries `layer_group` (its index) and `decay` (False: weight decay is never applied to it).
     A parameter shared between layer groups goes to the first one that has it. The settings of a `LayerGroup`
     go into its groups: 'fixed' {lr/wd/mom: value}, 'mult' {lr/wd: factor} (both honoured by `set_hyper`), and any
-    other optimizer option (e.g. eps) as is.
+    other optimizer option (e.g. eps) as is. `head_wd` (None: as the learner's wd) fixes the weight decay of the
+    last layer group, the head (seed 000: head_wd=0, the head is not decayed).
     """
-    seen, groups = set(), []
+    seen, groups, last = set(), [], len(layer_groups) - 1
     for i, lg in enumerate(layer_groups):
         params = [p for p in lg.parameters() if id(p) not in seen]
         seen.update(id(p) for p in params)
         no_wd = set() if bn_wd else _no_wd_params(lg)
         decay = [p for p in params if id(p) not in no_wd]
         keep = [p for p in params if id(p) in no_wd]
+        extra = _group_settings(lg.settings) if isinstance(lg, LayerGroup) else {}
+        if head_wd is not None and i == last:
+            extra = _with_head_wd(extra, head_wd, lg)
         for ps, d in ((decay, True), (keep, False)):
             if ps:
-                extra = _group_settings(lg.settings) if isinstance(lg, LayerGroup) else {}
                 groups.append({'params': ps, 'layer_group': i, 'decay': d, **extra})
     if not groups:
         raise ValueError('the model has no parameters to optimize')
     return groups
+
+
+def _with_head_wd(extra, head_wd, lg):
+    """The head's param-group settings with its weight decay fixed at `head_wd` (ValueError when its LayerGroup
+    already sets wd or wd_mult: two answers for one number)."""
+    if 'wd' in extra.get('fixed', {}) or 'wd' in extra.get('mult', {}):
+        raise ValueError(f'head_wd={head_wd}: the head\'s layer group {getattr(lg, "name", None)!r} already sets its '
+                         f'weight decay (wd or wd_mult); give one of them')
+    return {**extra, 'fixed': {**extra.get('fixed', {}), 'wd': float(head_wd)}}
 
 
 def _rate(v, name):
@@ -342,10 +354,11 @@ class _DirectParams(nn.Module):
     """The parameters a module holds itself, not through children (e.g. a ViT's pos_embed), under their own names
     (so a direct `bias` is still recognised by bn_wd=False)."""
 
-    def __init__(self, owner, owner_name):
+    def __init__(self, owner, owner_name, names=None):
         super().__init__()
         for n, p in owner.named_parameters(recurse=False):
-            self.register_parameter(n, p)
+            if names is None or n in names:
+                self.register_parameter(n, p)
         self.owner_name = owner_name
 
 
@@ -468,20 +481,7 @@ def module_groups(model, spec):
             name = name.rpartition('.')[0]
         return owner[name]
 
-    members = [[] for _ in range(rest + 1)]
-
-    def visit(m, prefix):
-        ks = {group_of(n) for n, sub in m.named_modules(prefix=prefix) if next(sub.parameters(recurse=False), None)
-              is not None}
-        if len(ks) == 1:
-            members[ks.pop()].append(m)
-        elif ks:  # split across groups: its own parameters go one way, each child is looked at separately
-            if next(m.parameters(recurse=False), None) is not None:
-                members[group_of(prefix)].append(_DirectParams(m, prefix))
-            for cname, child in m.named_children():
-                visit(child, f'{prefix}.{cname}' if prefix else cname)
-    visit(model, '')
-
+    members = _members(model, lambda pname: group_of(pname.rpartition('.')[0]), rest + 1)
     groups = [LayerGroup(members[rest], name='(rest)')] if members[rest] else []
     for gi, (key, settings) in enumerate(items):
         name = key if isinstance(key, str) else '+'.join(key)
@@ -490,6 +490,41 @@ def module_groups(model, spec):
                              f"in the spec took them all)")
         groups.append(LayerGroup(members[gi], name=name, **(settings or {})))
     return groups
+
+
+def _members(model, group_of, n):
+    """The members of `n` layer groups, given `group_of` (a parameter's full name -> its group's index): each
+    largest subtree of `model` whose parameters all go to one group; a module whose subtree goes to several gives its
+    own parameters to their groups (as `_DirectParams`) and each child is looked at separately."""
+    members = [[] for _ in range(n)]
+
+    def visit(m, prefix):
+        ks = {group_of(pn) for pn, _ in m.named_parameters(prefix=prefix)}
+        if len(ks) == 1:
+            members[ks.pop()].append(m)
+        elif ks:
+            own = {}
+            for pn, _ in m.named_parameters(prefix=prefix, recurse=False):
+                own.setdefault(group_of(pn), []).append(pn.rpartition('.')[2])
+            for k, names in own.items():
+                members[k].append(_DirectParams(m, prefix, names))
+            for cname, child in m.named_children():
+                visit(child, f'{prefix}.{cname}' if prefix else cname)
+    visit(model, '')
+    return members
+
+
+def param_name_groups(model, group_ids, names=None):
+    """Layer groups from a {parameter name: group id} mapping (timm's `group_parameters(model, matcher,
+    reverse=True)`), in the order of the ids; a parameter missing from it goes to the last group. `names`: one name
+    per group (default: none, so summaries list the modules)."""
+    ids = sorted(set(group_ids.values()))
+    if not ids:
+        raise ValueError('param_name_groups: no parameter has a group')
+    index = {g: i for i, g in enumerate(ids)}
+    members = _members(model, lambda pn: index[group_ids[pn]] if pn in group_ids else len(ids) - 1, len(ids))
+    names = [None] * len(ids) if names is None else list(names)
+    return [LayerGroup(ms, name=nm) for ms, nm in zip(members, names) if ms]
 
 
 def split(learn, split_on):
@@ -503,16 +538,26 @@ def split(learn, split_on):
 
 
 # ---- learning rates per group and the optimizer ---------------------------------------------------------------
-def layer_decay_lrs(lr, n_groups, decay):
-    """Layer-wise LR decay: the last (head) group at `lr`, each lower group `decay` times the one above it."""
+def layer_decay_lrs(lr, n_groups, decay, rule='timm'):
+    """Layer-wise LR decay over `n_groups` layer groups, the last one the head, which is always at `lr`.
+
+    rule='timm' (default): each lower group `decay` times the one above it (group i at lr * decay**(n-1-i)), as
+    timm's and BEiT's layer decay; rule='zoobot' (seed 000): the highest body group also at `lr`, each lower body
+    group `decay` times the one above it (body group i at lr * decay**(n-2-i)).
+    """
     if not decay >= 0:
         raise ValueError(f'layer_decay must be >= 0 (1 gives every group the same lr), got {decay}')
-    return [float(lr) * decay ** (n_groups - 1 - i) for i in range(n_groups)]
+    if rule not in LAYER_DECAY_RULES:
+        raise ValueError(f"layer_decay_rule must be one of {LAYER_DECAY_RULES} ('timm': the head counts as the top "
+                         f"layer; 'zoobot': the head and the highest body block at the full lr), got {rule!r}")
+    top = n_groups - 1 if rule == 'timm' else n_groups - 2  # the group at decay ** 0 (besides the head)
+    return [float(lr) * decay ** max(top - i, 0) for i in range(n_groups)]
 
 
 def group_lrs(learn, lr, name='lr'):
     """One lr per layer group of `learn`: `lr_per_group`, except that `learn.layer_decay`, when set, spreads a
-    single number with `layer_decay_lrs`; explicit per-group values (a list) are used as given."""
+    single number with `layer_decay_lrs` (by `learn.layer_decay_rule`); explicit per-group values (a list) are used
+    as given."""
     n = len(learn.layer_groups)
     decay = getattr(learn, 'layer_decay', None)
     if decay is None or isinstance(lr, (list, tuple, np.ndarray)):
@@ -520,13 +565,13 @@ def group_lrs(learn, lr, name='lr'):
     if isinstance(lr, slice):
         raise ValueError(f'lr=slice(...) and layer_decay={decay} both spread the lr over the layer groups; give a '
                          f'single number (the head\'s lr), or set learn.layer_decay = None')
-    return layer_decay_lrs(_rate(lr, name), n, decay)
+    return layer_decay_lrs(_rate(lr, name), n, decay, getattr(learn, 'layer_decay_rule', 'timm'))
 
 
 def create_opt(learn, lr=3e-3, wd=None):
     """Build `learn.opt` from `learn.opt_func` over `param_groups(learn.layer_groups, learn.bn_wd)`, with lr and wd
     set through `set_hyper`, so layer decay and per-module settings hold from the first step."""
-    groups = param_groups(learn.layer_groups, learn.bn_wd)
+    groups = param_groups(learn.layer_groups, learn.bn_wd, getattr(learn, 'head_wd', None))
     lrs = group_lrs(learn, lr)
     # fused_option: on CUDA, torch's fused Adam/AdamW/SGD kernels unless the user chose otherwise
     opt = learn.opt_func(groups, lr=lrs[-1], **fused_option(learn.opt_func, [p for g in groups for p in g['params']],
@@ -686,7 +731,8 @@ def param_summary(learn):
     """The parameter groups as a table (index, layer group, modules, parameter count, trainable, lr, wd); rows in
     `.rows`. Before the optimizer exists, wd is learn.wd and lr is '-' unless a layer group fixes it."""
     opt = learn.opt
-    groups = opt.param_groups if opt is not None else param_groups(learn.layer_groups, learn.bn_wd)
+    groups = opt.param_groups if opt is not None else param_groups(learn.layer_groups, learn.bn_wd,
+                                                                   getattr(learn, 'head_wd', None))
     names = {id(m): n for n, m in learn.model.named_modules()}
     labels = [str(lg.name) if isinstance(lg, LayerGroup) and lg.name else _abbrev(_member_names(lg, names))
               for lg in learn.layer_groups]

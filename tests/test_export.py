@@ -411,3 +411,17 @@ def test_wrappers_are_removed_from_the_exported_weights(img_learn, tmp_path):
     m = json.loads((tmp_path / 'export' / 'manifest.json').read_text())
     assert m['model']['class'] == 'CifarResNet' and m['weights']['keys'] == len(inner.state_dict())
     assert torch.equal(load_learner(tmp_path).get_preds(dl=img_learn.data.valid_dl)[0], img_learn.get_preds()[0])
+
+
+def test_a_timm_arch_in_a_manifest_is_a_registered_name_and_fetches_nothing(img_learn, tmp_path):
+    pytest.importorskip('timm')
+    folder = img_learn.export()
+    cases = [({'arch': 'hf-hub:timm/resnet10t.c3_in1k'}, UnsafeExportError, 'not an importable name'),
+             ({'arch': 'os'}, ExportError, "'os' is not a timm model name"),
+             ({'arch': 'resnet10t', 'arch_kwargs': {'checkpoint_path': 'w.pth'}}, ExportError,
+              'arch_kwargs may not hold checkpoint_path')]
+    for args, err, msg in cases:
+        edit_manifest(folder, lambda m: m.update(model={'factory': 'minifast.models.cnn:create_cnn',
+                                                        'args': {'nc': 3, **args}}))
+        with pytest.raises(err, match=msg):
+            load_learner(tmp_path)

@@ -328,3 +328,25 @@ def test_create_cnn_body_keeps_the_backbone_child_names():
     learn = Learner(DataBunch.from_tensors(torch.zeros(4, 3, 8, 8), torch.zeros(4).long()), model, silent=True)
     learn.split({('0.conv1', '0.bn1', '0.layer1', '0.layer2'): {}, '0.layer3': {}, '0.layer4': {}, '1': {}})
     assert len(learn.layer_groups) == 4
+
+
+def dropouts(m):
+    return [d.p for d in m.modules() if isinstance(d, nn.Dropout)]
+
+
+def test_head_dropout_is_seed_000s_dropout_before_the_output_layer():
+    # zoobot's head: Dropout(p) then the output Linear; minifast's with no hidden layer is exactly that
+    m = create_cnn(torchvision.models.resnet18, 3, lin_ftrs=[], head_dropout=0.2)
+    assert dropouts(m[1]) == [0.2] and isinstance(m[1][-1], nn.Linear)
+    assert dropouts(create_cnn(torchvision.models.resnet18, 3, lin_ftrs=[8], head_dropout=0.4)[1]) == [0.2, 0.4]
+    assert dropouts(create_cnn(torchvision.models.resnet18, 3, lin_ftrs=[8], head_dropout=0)[1]) == []
+    with pytest.raises(ValueError, match=r'give head_dropout=0.2 or ps=0.3, not both'):
+        create_cnn(torchvision.models.resnet18, 3, ps=0.3, head_dropout=0.2)
+    with pytest.raises(ValueError, match=r'head_dropout must be a dropout probability in \[0, 1\), got 1.5'):
+        create_cnn(torchvision.models.resnet18, 3, head_dropout=1.5)
+
+
+def test_create_head_without_pooling_takes_pooled_features():
+    head = create_head(6, 2, lin_ftrs=[4], pool=False)
+    assert not any(isinstance(m, (AdaptiveConcatPool2d, nn.AdaptiveAvgPool2d)) for m in head)
+    assert head(torch.randn(3, 6)).shape == (3, 2)

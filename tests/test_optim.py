@@ -490,3 +490,56 @@ def test_layer_groups_that_are_not_modules_are_named(groups):
     with pytest.raises(TypeError, match=r'layer group 0 is a int \(3\); a layer group is a module or a list of modules'
                        if groups == [3] else r'Learner: layer_groups must be a list of layer groups'):
         Learner(make_data(), make_mlp(), layer_groups=groups)
+
+
+# ---- seed 000's fine-tuning parameters: layer decay rules, head_wd -----------------------------------------------
+def test_layer_decay_rules_timm_and_zoobot_by_hand():
+    # timm (default): the head is the top layer; the highest body group already gets lr * decay
+    assert layer_decay_lrs(1e-4, 4, 0.75) == pytest.approx([1e-4 * 0.75 ** 3, 1e-4 * 0.5625, 7.5e-5, 1e-4], rel=1e-12)
+    # zoobot (seed 000): head and highest block at 1e-4, then 7.5e-5, then 5.6e-5 (the seed's numbers)
+    assert layer_decay_lrs(1e-4, 4, 0.75, 'zoobot') == pytest.approx([5.625e-5, 7.5e-5, 1e-4, 1e-4], rel=1e-12)
+    assert layer_decay_lrs(1e-4, 4, 0., 'zoobot') == [0., 0., 1e-4, 1e-4]  # seed 000: only the first block learns
+    assert layer_decay_lrs(1e-4, 4, 1., 'zoobot') == [1e-4] * 4
+    assert layer_decay_lrs(1e-4, 1, 0.5, 'zoobot') == [1e-4]
+    with pytest.raises(ValueError, match="layer_decay_rule must be one of"):
+        layer_decay_lrs(1e-4, 3, 0.5, 'beit')
+
+
+def test_layer_decay_rule_through_the_learner_and_its_check():
+    learn = Learner(make_data(), bn_net(), splitter=[3, 6], layer_decay=0.5, layer_decay_rule='zoobot', silent=True)
+    learn.create_opt(1e-2)
+    assert [g['lr'] for g in learn.opt.param_groups] == pytest.approx([5e-3, 1e-2, 1e-2], rel=1e-12)
+    learn.layer_decay_rule = 'timm'
+    assert group_lrs(learn, 1e-2) == pytest.approx([2.5e-3, 5e-3, 1e-2], rel=1e-12)
+    with pytest.raises(ValueError, match="layer_decay_rule must be 'timm' .* or 'zoobot'.*got 'beit'"):
+        Learner(make_data(), bn_net(), layer_decay=0.5, layer_decay_rule='beit')
+
+
+def wd_of(learn):
+    """{parameter id: the weight decay its optimizer group applies}."""
+    return {id(p): g['wd'] for g in learn.opt.param_groups for p in g['params']}
+
+
+@pytest.mark.parametrize('bn_wd', [True, False])
+def test_head_wd_fixes_the_head_weight_decay_only(bn_wd):
+    m = bn_net()
+    learn = Learner(make_data(), m, splitter=[3, 6], wd=0.1, head_wd=0, bn_wd=bn_wd, silent=True)
+    learn.create_opt(1e-3)
+    wd = wd_of(learn)
+    assert wd[id(m[6].weight)] == 0 and wd[id(m[6].bias)] == 0  # the head (last layer group)
+    assert wd[id(m[0].weight)] == wd[id(m[3].weight)] == 0.1
+    assert wd[id(m[1].weight)] == wd[id(m[0].bias)] == (0.1 if bn_wd else 0.)  # bn_wd=False: norm and bias not
+    learn.fit(1, 1e-3, wd=0.2)  # a fit's wd leaves the head's fixed one alone
+    wd = wd_of(learn)
+    assert wd[id(m[6].weight)] == 0 and wd[id(m[0].weight)] == 0.2
+    rows = param_summary(Learner(make_data(), bn_net(), splitter=[3, 6], wd=0.1, head_wd=0.03)).rows
+    assert [r['wd'] for r in rows] == [0.1, 0.1, 0.03]  # before any optimizer, the summary says the same
+
+
+def test_head_wd_refuses_a_head_with_its_own_wd_and_bad_values():
+    with pytest.raises(ValueError, match=r"head_wd=0: the head's layer group 'head' already sets its weight decay"):
+        Learner(make_data(), named_net(), splitter={'encoder': {}, 'head': dict(wd_mult=2)}, head_wd=0,
+                silent=True).create_opt(1e-3)
+    for bad in (-1, float('nan'), 'x'):
+        with pytest.raises(ValueError, match=r'Learner: head_wd must be a finite number >= 0'):
+            Learner(make_data(), bn_net(), head_wd=bad)

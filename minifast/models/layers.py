@@ -66,13 +66,14 @@ def _as_ps(ps, n_lin):
     return ps
 
 
-def create_head(nf, nc, lin_ftrs=None, ps=0.5, concat_pool=True, bn_final=False):
+def create_head(nf, nc, lin_ftrs=None, ps=0.5, concat_pool=True, bn_final=False, pool=True):
     """fastai v1's classifier head: pool -> Flatten -> [BatchNorm1d, Dropout, Linear, ReLU] per hidden layer -> out.
 
     `nf` is the number of features after pooling (twice the body's channels with concat_pool), `nc` the number of
     classes, `lin_ftrs` the hidden sizes (default [512]). `ps` is one dropout probability p (then p/2 before every
     Linear but the last, which gets p) or one per Linear layer; a zero probability adds no Dropout layer. `bn_final`
-    appends a BatchNorm1d on the outputs.
+    appends a BatchNorm1d on the outputs. pool=False leaves out the pooling layer, for a body whose output is
+    already pooled features (batch, nf) (a vision transformer's); concat_pool then does not apply.
     """
     lin_ftrs = lin_ftrs.tolist() if hasattr(lin_ftrs, 'tolist') else lin_ftrs
     if lin_ftrs is not None and not isinstance(lin_ftrs, (list, tuple)):
@@ -81,7 +82,7 @@ def create_head(nf, nc, lin_ftrs=None, ps=0.5, concat_pool=True, bn_final=False)
         [check_size(n, 'create_head: each of lin_ftrs') for n in ([512] if lin_ftrs is None else lin_ftrs)] + \
         [check_size(nc, 'create_head: nc (the number of classes)')]
     ps = _as_ps(ps, len(sizes) - 1)
-    layers = [AdaptiveConcatPool2d() if concat_pool else nn.AdaptiveAvgPool2d(1), Flatten()]
+    layers = ([AdaptiveConcatPool2d() if concat_pool else nn.AdaptiveAvgPool2d(1)] if pool else []) + [Flatten()]
     for i, (n_in, n_out, p) in enumerate(zip(sizes[:-1], sizes[1:], ps)):
         layers.append(nn.BatchNorm1d(n_in))
         if p:

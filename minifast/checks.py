@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 __all__ = ['check_data', 'check_learner_args', 'check_learner_options', 'check_metrics', 'check_epochs', 'check_wd',
-           'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name', 'is_torchmetric', 'int_value', 'int_at_least',
-           'real_value', 'LAYER_DECAY_RULES']
+           'check_fit', 'check_batch', 'check_finite_inputs', 'metric_name', 'is_torchmetric', 'int_value',
+           'int_at_least', 'real_value', 'LAYER_DECAY_RULES']
 
 
 def check_data(data):

@@ -116,7 +116,8 @@ def test_torchmetrics_single_process_never_syncs_and_empty_pass_is_nan():
     def boom(*a, **k):
         raise AssertionError('a single-process validation gathered a torchmetrics state')
     # as if torch.distributed were initialised while one process validates (distributed.local)
-    tm = tmc.MulticlassAccuracy(num_classes=3, average='micro', dist_sync_fn=boom, distributed_available_fn=lambda: True)
+    tm = tmc.MulticlassAccuracy(num_classes=3, average='micro', dist_sync_fn=boom,
+                                distributed_available_fn=lambda: True)
     learn = Learner(_data(), make_mlp(), metrics=[accuracy, tm], silent=True)
     loss, own, theirs = learn.validate()
     assert theirs == pytest.approx(own, abs=1e-6)

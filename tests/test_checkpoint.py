@@ -195,7 +195,8 @@ def test_save_load_round_trip(tmp_path):
 def test_safetensors_needs_the_package(tmp_path, monkeypatch):
     file = tmp_path / 'model.safetensors'
     file.write_bytes(b'not read')
-    monkeypatch.setitem(sys.modules, 'safetensors', None)  # import safetensors.torch now raises ImportError
+    monkeypatch.setitem(sys.modules, 'safetensors', None)  # import safetensors.torch now raises ImportError ...
+    monkeypatch.setitem(sys.modules, 'safetensors.torch', None)  # ... also once timm (say) has imported it
     with pytest.raises(ImportError, match=r'model\.safetensors.*`safetensors` package'):
         load_state(file)
 

@@ -1,9 +1,9 @@
-"""Do MixUp, label smoothing and EMA help on real data? MNIST-1D (the `mnist1d` package's generator: 4000 training
+"""Do MixUp, CutMix (a segment of the signal), label smoothing and EMA help on real data? MNIST-1D (the `mnist1d` package's generator: 4000 training
 and 1000 test signals of length 40, 10 classes) with the paper's 1-D CNN, trained by fit_one_cycle from the same
 initialisation per seed, with and without each tool; the final validation accuracy (for EMA: of the averaged
 weights) over 3 seeds, as mean +- sd and per seed, side by side in one run.
 
-    python benchmarks/regularisation.py            # 3 seeds, 40 epochs per fit (15 fits)
+    python benchmarks/regularisation.py            # 3 seeds, 40 epochs per fit (18 fits)
     python benchmarks/regularisation.py --quick    # smoke run: 1 seed, 1 epoch, a subset
 """
 import argparse
@@ -17,11 +17,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.dirname(__file__))
 from lr_suggestions import MNIST1DConv, mnist1d_data  # noqa: E402  (the same data and model as the lr benchmark)
-from minifast import EMA, LabelSmoothingCrossEntropy, Learner, MixUp, accuracy, set_seed  # noqa: E402
+from minifast import EMA, CutMix, LabelSmoothingCrossEntropy, Learner, MixUp, accuracy, set_seed  # noqa: E402
 
 VARIANTS = {  # name -> (Learner kwargs, fit callbacks)
     'plain': lambda: ({}, []),
     'MixUp(alpha=0.4)': lambda: ({}, [MixUp(alpha=0.4)]),
+    'CutMix(alpha=1.0)': lambda: ({}, [CutMix(alpha=1.)]),
     'label smoothing 0.1': lambda: ({'loss_func': LabelSmoothingCrossEntropy(eps=0.1)}, []),
     'EMA(decay=0.999)': lambda: ({}, [EMA(decay=0.999, replace_at_end=True)]),
     'MixUp + EMA': lambda: ({}, [MixUp(alpha=0.4), EMA(decay=0.999, replace_at_end=True)]),

@@ -3,7 +3,8 @@ and 1000 test signals of length 40, 10 classes) with the paper's 1-D CNN, traine
 initialisation per seed, with and without each tool; the final validation accuracy (for EMA: of the averaged
 weights) over 3 seeds, as mean +- sd and per seed, side by side in one run.
 
-    python benchmarks/regularisation.py            # 3 seeds, 40 epochs per fit (18 fits)
+    python benchmarks/regularisation.py            # 3 seeds, 40 epochs per fit (21 fits)
+    python benchmarks/regularisation.py --only 'EMA(decay=0.99)'   # one variant next to plain
     python benchmarks/regularisation.py --quick    # smoke run: 1 seed, 1 epoch, a subset
 """
 import argparse
@@ -25,6 +26,7 @@ VARIANTS = {  # name -> (Learner kwargs, fit callbacks)
     'CutMix(alpha=1.0)': lambda: ({}, [CutMix(alpha=1.)]),
     'label smoothing 0.1': lambda: ({'loss_func': LabelSmoothingCrossEntropy(eps=0.1)}, []),
     'EMA(decay=0.999)': lambda: ({}, [EMA(decay=0.999, replace_at_end=True)]),
+    'EMA(decay=0.99)': lambda: ({}, [EMA(decay=0.99, replace_at_end=True)]),
     'MixUp + EMA': lambda: ({}, [MixUp(alpha=0.4), EMA(decay=0.999, replace_at_end=True)]),
 }
 
@@ -45,13 +47,15 @@ def main(argv=None):
     ap.add_argument('--epochs', type=int, default=40)
     ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--lr', type=float, default=1e-2)
+    ap.add_argument('--only', nargs='+', metavar='VARIANT', help='these variants (and plain) only')
     args = ap.parse_args(argv)
     epochs, seeds = (1, 1) if args.quick else (args.epochs, args.seeds)
     data = mnist1d_data(bs=100, n_train=512 if args.quick else None, n_valid=256 if args.quick else None)
     print(f'MNIST-1D: train {len(data.train_ds)}, valid {len(data.valid_ds)}; the paper\'s CNN; fit_one_cycle('
           f'{epochs}, {args.lr}) (AdamW, wd 1e-2); seeds 0..{seeds - 1}; {torch.get_num_threads()} threads')
     t0 = time.time()
-    acc = {v: [run(v, s, epochs, data, args.lr) for s in range(seeds)] for v in VARIANTS}
+    names = [v for v in VARIANTS if not args.only or v == 'plain' or v in args.only]
+    acc = {v: [run(v, s, epochs, data, args.lr) for s in range(seeds)] for v in names}
     base = acc['plain']
     print(f"\n{'variant':22} {'mean':>7} {'sd':>6} {'vs plain':>9}   per seed")
     for v, a in acc.items():

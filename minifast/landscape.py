@@ -14,7 +14,7 @@ from torch import nn
 from .accel import autocast
 from .callbacks.recorder import new_figure
 from .checkpoint import load_state
-from .checks import check_metrics, metric_name
+from .checks import check_metrics, is_torchmetric, metric_name
 from .metrics import batch_sums
 from .optim import NO_WD_TYPES
 from .state import preserved
@@ -295,7 +295,7 @@ def interpolate_losses(learn, w1, w2, alphas=None, dls=('valid', 'train'), bn='r
     if bn not in BN_MODES:
         raise ValueError(f"interpolate_losses: bn must be one of {', '.join(map(repr, BN_MODES))}, got {bn!r}")
     alphas = _alphas(alphas, include_endpoints)
-    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
+    metrics = _batch_metrics(learn, metrics, fn)
     w1, w2 = _resolve_weights(learn, w1, 'w1'), _resolve_weights(learn, w2, 'w2')
     model = learn.model
     state = _model_tensors(model)
@@ -381,6 +381,20 @@ def _check_matches(state, w, name, model, fn):
     if missing or extra or bad:
         raise ValueError(f'{fn}: {name} does not match the model ({type(model).__name__}): '
                          f'missing {missing[:5]}, unexpected {extra[:5]}, shapes {bad[:5]}')
+
+
+def _batch_metrics(learn, metrics, who):
+    """The metrics a sweep can compute: functions of (pred, target), averaged per batch as validate averages them.
+    torchmetrics objects accumulate state over a whole pass, which a sweep over many weights in one pass of the data
+    does not give them: given, they are refused; taken from learn.metrics, they are left out."""
+    if metrics is None:
+        return [m for m in learn.metrics if not is_torchmetric(m)]
+    metrics = check_metrics(metrics)
+    stateful = [metric_name(m) for m in metrics if is_torchmetric(m)]
+    if stateful:
+        raise TypeError(f'{who}: torchmetrics metrics ({", ".join(stateful)}) keep one state per validation pass, '
+                        f'and a sweep evaluates many weights per pass; give metric functions (accuracy, ...)')
+    return metrics
 
 
 def _analyse(learn, loaders, n_points, set_point, metrics, fixed, recompute, n_batches, fn):
@@ -609,7 +623,7 @@ def loss_surface(learn, center, directions=None, dir1=None, dir2=None, span=(-1,
     (xlo, xhi), (ylo, yhi) = span if np.ndim(span[0]) else (span, span)
     nx, ny = (steps, steps) if np.ndim(steps) == 0 else steps
     xs, ys = _axis((xlo, xhi), nx, must, 'x'), _axis((ylo, yhi), ny, must, 'y')
-    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
+    metrics = _batch_metrics(learn, metrics, fn)
     fixed, set_point = _plane_points(model, state, w0, others, bn, plane, xs, ys)
     loaders = _loaders(learn, dl if isinstance(dl, (str, dict, list, tuple)) else {'dl': dl}, fn)
     values = _analyse(learn, loaders, len(xs) * len(ys), set_point, metrics, fixed, bn == 'recompute', n_batches,
@@ -782,7 +796,7 @@ def evaluate_weights(learn, weights, dl='valid', bn='keep', n_batches=None, metr
     model = learn.model
     state = _model_tensors(model)
     _check_matches(state, w, 'weights', model, fn)
-    metrics = list(learn.metrics) if metrics is None else check_metrics(metrics)
+    metrics = _batch_metrics(learn, metrics, fn)
     fixed = [(t, w[k]) for k, t in state.items()]
     name = dl if isinstance(dl, str) else 'dl'
     loaders = _loaders(learn, dl if isinstance(dl, str) else {'dl': dl}, fn)

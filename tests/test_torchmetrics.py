@@ -138,3 +138,16 @@ def test_torchmetrics_not_imported_by_minifast_or_a_fit_without_it():
                                                                                      os.environ.get('PYTHONPATH')])))
     p = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == 'ok', p.stderr[-3000:]
+
+
+def test_loss_interpolation_leaves_out_or_refuses_torchmetrics():
+    # a sweep evaluates many weights in one pass of the data: a per-pass torchmetrics state would mix them
+    from minifast import evaluate_weights, interpolate_losses
+    learn = Learner(_data(), make_mlp(), metrics=[accuracy, tmc.MulticlassF1Score(num_classes=3)], silent=True)
+    w = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    w2 = {k: v + 0.01 for k, v in w.items()}
+    res = interpolate_losses(learn, w, w2, alphas=[0., 1.], dls=('valid',))
+    assert res.columns == ['loss', 'accuracy']
+    assert res.metric('accuracy')[list(res.alphas).index(1.)] == pytest.approx(learn.validate()[1], abs=1e-6)
+    with pytest.raises(TypeError, match='MulticlassF1Score'):
+        evaluate_weights(learn, w, metrics=[tmc.MulticlassF1Score(num_classes=3)])

@@ -125,7 +125,7 @@ def predict_files(learn, items, bs=None, ignore_errors=False):
 def _as_input(data, item, what):
     """The model's inputs for one item, without a batch dimension, before preprocessing."""
     if getattr(data, 'size', None) is not None:  # image data: every form of an image becomes its uint8 tensor
-        return (image_uint8(item, data.size, data.crop, what),)
+        return (image_uint8(item, data.size, data.crop, what, getattr(data, 'resize', 'pil')),)
     if is_image_item(item):
         raise TypeError(f'{what}: {type(item).__name__} given, but the data ({type(data).__name__}) is not image '
                         f'data; pass the item as the data holds it')

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from PIL import Image as PILImage
 from torch import nn
 
-from minifast import (DataBunch, DatasetType, FlipLR, ImageDataBunch, ImageList, Learner, cifar_stats, open_image)
+from minifast import (DataBunch, DatasetType, FlipLR, ImageDataBunch, ImageList, Learner, cifar_resnet, cifar_stats,
+                      open_image)
 from minifast.data.cache import ImageDecodeError
 from conftest import make_data, make_mlp
 
@@ -159,3 +160,27 @@ def test_image_shows_itself_and_keeps_its_pixels(folder):
     assert fig.axes[0].get_title() == 'ant'
     assert img._repr_png_().startswith(b'\x89PNG')
     assert ImageDataBunch is not None
+
+
+def test_predict_resizes_as_the_data_was_resized_from_tensors_too(tmp_path):
+    # from_tensors resizes with torch's antialiased interpolate, decoded files with PIL: an image of the original
+    # size must go the way the data's own images went, also after an export (the spec carries it)
+    from minifast import load_learner
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (12, 20, 20, 3), generator=g, dtype=torch.uint8)  # NHWC, 20x20
+    y = torch.arange(12) % 3
+    data = ImageDataBunch.from_tensors(x[:8], y[:8], x[8:], y[8:], size=12, bs=4, device='cpu').normalize()
+    assert data.input_spec()['resize'] == 'torch'
+    torch.manual_seed(0)
+    learn = Learner(data, cifar_resnet(8, 3), silent=True, path=tmp_path)
+    raw = x[9].numpy()
+    ref = learn.predict(data.valid_ds.x[1])[2]
+    assert torch.equal(learn.predict(raw)[2], ref)
+    assert torch.equal(learn.predict(PILImage.fromarray(raw))[2], ref)
+    f = tmp_path / 'one.png'
+    PILImage.fromarray(raw).save(f)
+    assert torch.equal(learn.predict(f)[2], ref)
+    learn.export()
+    loaded = load_learner(tmp_path)
+    assert torch.equal(loaded.predict(f)[2], ref)
+    assert torch.allclose(loaded.predict_files([f])[3][0], ref, atol=1e-6)

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..callbacks.recorder import new_figure
 from ..device import resolve_device
 from .augment import apply_tfms, split_index_only
 from .cache import ImageDecodeError, cached_decode, decode_images
 from .core import DataBunch, TensorDataLoader
-from .items import image_uint8
+from .items import image_uint8, resize_uint8
 
 __all__ = ['ImageList', 'ItemLists', 'LabelLists', 'ImageDataBunch', 'ImageDataset', 'BatchPipeline', 'IMG_EXTENSIONS',
            'cifar_stats', 'imagenet_stats', 'get_image_files']
@@ -483,14 +482,6 @@ def _to_uint8_images(x, name):
     return x.contiguous()
 
 
-def _resize_uint8(x, size, chunk=1024):
-    if size is None or tuple(x.shape[-2:]) == size:
-        return x
-    out = [F.interpolate(x[i:i + chunk].float(), size=size, mode='bilinear', antialias=True, align_corners=False)
-           .round().clamp(0, 255).to(torch.uint8) for i in range(0, len(x), chunk)]
-    return torch.cat(out)
-
-
 def _on_device(device_data, device, tensors):
     """Whether the dataset's tensors go to `device` once, up front: device_data True/False, or 'auto' (CUDA, and
     they take at most a quarter of the free GPU memory)."""
@@ -512,7 +503,7 @@ class ImageDataBunch(DataBunch):
 
     def __init__(self, x_train, y_train, x_valid, y_valid, classes, bs=64, val_bs=None, train_tfms=(), valid_tfms=(),
                  device=None, path='.', train_items=None, valid_items=None, drop_last=True, device_data='auto',
-                 crop=False):
+                 crop=False, resize='pil'):
         if len(x_train) != len(y_train) or len(x_valid) != len(y_valid):
             raise ValueError(f'ImageDataBunch: {len(x_train)} training images but {len(y_train)} labels, '
                              f'{len(x_valid)} validation images but {len(y_valid)} labels')
@@ -526,6 +517,9 @@ class ImageDataBunch(DataBunch):
         self.train_tfms, self.valid_tfms = list(train_tfms), list(valid_tfms)
         # how a new image file becomes one of these: decoded, then resized to size (crop: short side, centre crop)
         self.size, self.crop = tuple(int(s) for s in x_train.shape[-2:]), bool(crop)
+        if resize not in ('pil', 'torch'):
+            raise ValueError(f"ImageDataBunch: resize must be 'pil' (files) or 'torch' (from_tensors), got {resize!r}")
+        self.resize = resize  # PIL's bilinear for decoded files, torch's antialiased interpolate for tensors
         if _on_device(device_data, self.device, (x_train, y_train, x_valid, y_valid)):
             x_train, y_train, x_valid, y_valid = (t.to(self.device) for t in (x_train, y_train, x_valid, y_valid))
         train = TensorDataLoader(x_train, y_train, batch_size=bs, shuffle=True, drop_last=drop_last,
@@ -541,15 +535,15 @@ class ImageDataBunch(DataBunch):
                      val_bs=None, device=None, path='.', device_data='auto'):
         """From tensors or numpy arrays (NCHW or NHWC; 0..255 integers or [0, 1] floats), resized to `size`."""
         size = _size2(size)
-        xt = _resize_uint8(_to_uint8_images(x_train, 'x_train'), size)
-        xv = _resize_uint8(_to_uint8_images(x_valid, 'x_valid'), size)
+        xt = resize_uint8(_to_uint8_images(x_train, 'x_train'), size)
+        xv = resize_uint8(_to_uint8_images(x_valid, 'x_valid'), size)
         as_long = lambda y: (y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))).long()  # noqa: E731
         yt, yv = as_long(y_train), as_long(y_valid)
         if classes is None:
             classes = [str(i) for i in range(int(max(yt.max(), yv.max() if len(yv) else 0)) + 1)]
         tr, va = _split_tfms(tfms, 'ImageDataBunch.from_tensors')
         return cls(xt, yt, xv, yv, classes, bs=bs, val_bs=val_bs, train_tfms=tr, valid_tfms=va, device=device,
-                   path=path, device_data=device_data)
+                   path=path, device_data=device_data, resize='torch')
 
     # ---- fastai v1's constructors: each one is an ImageList chain, finished by create_from_ll ----------------
     @classmethod
@@ -610,8 +604,8 @@ class ImageDataBunch(DataBunch):
 
     def input_spec(self):
         """What turns a new image into a model input here, as JSON-ready values: size [H, W], crop (short side to
-        size then centre crop, else squish), stats [[means], [stds]] or None, classes, valid_tfms (their reprs)."""
-        return {'kind': 'image', 'size': list(self.size), 'crop': self.crop,
+        size then centre crop, else squish), resize ('pil' or 'torch': how images of another size were resized), stats [[means], [stds]] or None, classes, valid_tfms (their reprs)."""
+        return {'kind': 'image', 'size': list(self.size), 'crop': self.crop, 'resize': self.resize,
                 'stats': None if self.stats is None else [s.tolist() for s in self.stats],
                 'classes': [str(c) for c in self.classes], 'valid_tfms': [repr(t) for t in self.valid_tfms]}
 
@@ -625,7 +619,7 @@ class ImageDataBunch(DataBunch):
         empty = torch.zeros(0, 3, h, w, dtype=torch.uint8)
         no_y = torch.zeros(0, dtype=torch.long)
         data = cls(empty, no_y, empty, no_y, spec['classes'], bs=bs, device=device, device_data=False,
-                   crop=spec.get('crop', False))
+                   crop=spec.get('crop', False), resize=spec.get('resize', 'pil'))
         return data.normalize(spec['stats']) if spec.get('stats') is not None else data
 
     def add_test(self, items, ignore_errors=False, num_workers=None):
@@ -639,11 +633,12 @@ class ImageDataBunch(DataBunch):
         items = list(items)
         if not items:
             raise ValueError('add_test: no items given')
-        if all(isinstance(i, (str, Path)) for i in items):
+        if self.resize == 'pil' and all(isinstance(i, (str, Path)) for i in items):
             x, keep = decode_images(items, self.size, num_workers, ignore_errors, self.crop)
             items = [Path(items[k]) for k in keep]
-        else:
-            x = torch.stack([image_uint8(i, self.size, self.crop, f'add_test (item {k})') for k, i in enumerate(items)])
+        else:  # one at a time: other forms, or images resized as from_tensors resized (torch)
+            x = torch.stack([image_uint8(i, self.size, self.crop, f'add_test (item {k})', self.resize)
+                             for k, i in enumerate(items)])
         y = torch.zeros(len(x), dtype=torch.long)
         self.test_dl = TensorDataLoader(x, y, batch_size=self.valid_dl.batch_size, device=self.device,
                                         after_batch=BatchPipeline(self.valid_tfms, self))

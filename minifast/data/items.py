@@ -5,11 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..callbacks.recorder import new_figure
 from .cache import ImageDecodeError, fit_to_size, read_rgb, to_rgb_array
 
-__all__ = ['Image', 'open_image', 'image_uint8', 'is_image_item']
+__all__ = ['Image', 'open_image', 'image_uint8', 'is_image_item', 'resize_uint8']
 
 
 class Image:
@@ -108,10 +109,21 @@ def _hwc_uint8(x, what):
     return np.ascontiguousarray(np.repeat(a, 3, axis=2) if a.shape[-1] == 1 else a)
 
 
-def image_uint8(x, size, crop=False, what='predict'):
+def resize_uint8(x, size, chunk=1024):
+    """uint8 images (N, C, H, W) resized to `size` = (H, W) as ImageDataBunch.from_tensors resizes them: torch's
+    antialiased bilinear interpolation, rounded back to uint8, in chunks of `chunk` images."""
+    if size is None or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    out = [F.interpolate(x[i:i + chunk].float(), size=tuple(size), mode='bilinear', antialias=True,
+                         align_corners=False).round().clamp(0, 255).to(torch.uint8) for i in range(0, len(x), chunk)]
+    return torch.cat(out)
+
+
+def image_uint8(x, size, crop=False, what='predict', resize='pil'):
     """One image as the uint8 (3, H, W) tensor of `size` an ImageDataBunch holds: a file path (decoded and resized
     as the data's files were), an Image (open_image), a PIL image, or an array/tensor (H×W, H×W×C or C×H×W; 0..255
-    or [0, 1]). A uint8 (3, H, W) tensor already of `size` is returned as it is."""
+    or [0, 1]). A uint8 (3, H, W) tensor already of `size` is returned as it is. `resize`: 'pil' resizes as image
+    files are decoded (crop or squish, PIL's bilinear), 'torch' as ImageDataBunch.from_tensors does."""
     if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and tuple(x.shape) == (3, *size):
         return x
     if isinstance(x, (str, Path)):
@@ -128,4 +140,6 @@ def image_uint8(x, size, crop=False, what='predict'):
         a = to_rgb_array(x)
     else:
         a = _hwc_uint8(x, what)
+    if resize == 'torch':
+        return resize_uint8(torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None], size)[0]
     return torch.from_numpy(np.ascontiguousarray(fit_to_size(a, tuple(size), crop).transpose(2, 0, 1)))

@@ -22,7 +22,7 @@ except ImportError:  # not on Windows: stale temp files are then recognised by t
     fcntl = None
 
 __all__ = ['atomic_save', 'load_state', 'check_state_dict', 'remove_stale_temps', 'UnsafeCheckpointError',
-           'CorruptCheckpointError']
+           'CorruptCheckpointError', 'pid_alive']
 
 # the process's umask, read once at import: reading it means setting it, which would race with threads creating files
 _UMASK = os.umask(0o022)
@@ -64,7 +64,7 @@ def remove_stale_temps(folder):
     removed = []
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if m is None or _alive(int(m.group(1))) or _locked(entry.path):
+        if m is None or pid_alive(int(m.group(1))) or _locked(entry.path):
             continue
         try:
             os.remove(entry.path)
@@ -74,7 +74,7 @@ def remove_stale_temps(folder):
     return removed
 
 
-def _alive(pid):
+def pid_alive(pid):
     """Whether process `pid` exists (a zombie counts as gone); True when that cannot be told."""
     if pid == os.getpid():
         return True

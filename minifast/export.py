@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_save, check_state_dict, load_state
+from .checkpoint import atomic_save, check_state_dict, load_state, pid_alive
 from .data.core import DataBunch
 from .data.images import ImageDataBunch
 from .inference import ACTIVATIONS, activation_name
@@ -217,20 +217,10 @@ def _temp_name(folder, kind):
     return folder.parent / f'.{folder.name}.p{os.getpid()}.{secrets.token_hex(4)}.{kind}'
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, owned by another user
-        return True
-    return True
-
-
 def _stale(folder, name):
     """'tmp' or 'old' when `name` is a temporary folder of an export to `folder` whose process is gone, else None."""
     m = re.match(rf'^\.{re.escape(folder.name)}\.p(\d+)\.[0-9a-f]{{8}}\.(tmp|old)$', name)
-    return None if m is None or _alive(int(m.group(1))) else m.group(2)
+    return None if m is None or pid_alive(int(m.group(1))) else m.group(2)
 
 
 def _clean_stale(folder):

@@ -31,7 +31,7 @@ import torch
 
 from .callbacks.snapshots import WeightSnapshots
 from .callbacks.tracking import Checkpoint
-from .checkpoint import load_state
+from .checkpoint import load_state, pid_alive
 from .data import ImageList, cifar10, cifar100, cifar_transforms, get_transforms, synthetic_cifar
 from .determinism import set_seed
 from .distributed import launched
@@ -184,19 +184,9 @@ def _remove_stale_tmp(out):
     """Remove the temporary files of _write_json in `out` whose writer is gone (killed during a write)."""
     for p in out.iterdir():
         m = JSON_TMP.match(p.name)
-        if m and not _alive(int(m.group(2))):
+        if m and not pid_alive(int(m.group(2))):
             with suppress(OSError):
                 p.unlink()
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process: it exists
-        return True
-    return True
 
 
 def _num(v, none=True, finite=False):

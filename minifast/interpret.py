@@ -1,6 +1,5 @@
 """What a trained classifier gets wrong (fastai v1's ClassificationInterpretation: top losses, confusion matrix, most
 confused pairs) and `learn.show_results`, from one prediction pass over a dataset."""
-import math
 
 import numpy as np
 import torch
@@ -123,7 +122,7 @@ class ClassificationInterpretation:
         val, idx = self.top_losses(k, largest)
         x = model_inputs(self.data, self.data.dl(self.ds_type), idx, 'plot_top_losses')
         names = self._class_names()
-        fig = _image_grid(self.data, x, figsize)
+        fig = self.data.image_grid(x, figsize)
         for ax, i, loss in zip(fig.axes, idx.tolist(), val.tolist()):
             actual = int(self.y_true[i])
             ax.set_title(f'{names[int(self.pred_class[i])]}/{names[actual]} / {loss:.2f} / '
@@ -141,20 +140,6 @@ def model_inputs(data, dl, idx, who):
         raise TypeError(f'{who} shows images: it needs an ImageDataBunch (uint8 images N x C x H x W); this '
                         f'learner has a {type(data).__name__} whose loader is a {type(dl).__name__}')
     return data.preprocess(x[idx.to(x.device)])
-
-
-def _image_grid(data, x, figsize):
-    """A Figure with one axes per image of the normalised batch `x`, in a square grid, images denormalised."""
-    n = len(x)
-    img = data.denormalize(x.float()).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    cols = max(1, math.ceil(math.sqrt(n)))
-    fig, _ = new_figure(figsize=figsize)
-    fig.clf()
-    for i in range(n):
-        ax = fig.add_subplot(math.ceil(n / cols), cols, i + 1)
-        ax.imshow(img[i])
-        ax.axis('off')
-    return fig
 
 
 def interpret(learn, ds_type=DatasetType.Valid, tta=False, activ=None):
@@ -181,7 +166,7 @@ def show_results(learn, ds_type=DatasetType.Valid, rows=3, figsize=None):
                          f'{tuple(preds.shape)}, not one score per class')
     pred = preds.argmax(1)
     names = [str(c) for c in getattr(data, 'classes', None) or range(preds.shape[-1])]
-    fig = _image_grid(data, x, figsize or (2.2 * rows, 2.4 * rows))
+    fig = data.image_grid(x, figsize or (2.2 * rows, 2.4 * rows))
     for ax, a, p in zip(fig.axes, y.tolist(), pred.tolist()):
         ax.set_title(f'{names[a]}/{names[p]}', fontsize=9, color='black' if a == p else 'red')
     fig.suptitle('actual/predicted (red: wrong)')

@@ -700,14 +700,22 @@ class ImageDataBunch(DataBunch):
         """A Figure of rows×rows images from a batch (augmented when `train`), de-normalised, titled by class."""
         x, y = self.one_batch(train)
         n = min(rows * rows, len(x))
-        x = self.denormalize(x[:n]).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        cols = rows
+        fig = self.image_grid(x[:n], figsize, cols=rows)
+        for ax, c in zip(fig.axes, y[:n].tolist()):
+            ax.set_title(self.classes[int(c)], fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def image_grid(self, x, figsize, cols=None):
+        """A Figure with one axes per image of the normalised batch `x` (de-normalised, axes off), in rows of `cols`
+        (default: a square grid); show_batch, plot_top_losses and show_results title them."""
+        n = len(x)
+        img = self.denormalize(x.float()).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        cols = cols or max(1, math.ceil(math.sqrt(n)))
         fig, _ = new_figure(figsize=figsize)
         fig.clf()
         for i in range(n):
             ax = fig.add_subplot(math.ceil(n / cols), cols, i + 1)
-            ax.imshow(x[i])
-            ax.set_title(self.classes[int(y[i])], fontsize=8)
+            ax.imshow(img[i])
             ax.axis('off')
-        fig.tight_layout()
         return fig

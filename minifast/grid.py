@@ -20,11 +20,12 @@ from .callbacks.tracking import monitor_mode
 from .determinism import set_seed
 from .core import DivergenceError
 from .distributed import launched
-from .lock import folder_lock
+from .lock import appending, folder_lock
 from .optim import decay_acts
 
 __all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'run_records', 'record_problem',
-           'append_record', 'plain', 'FIT_KEYS', 'paired_tie', 'decay_record', 'decay_noop']
+           'append_record', 'plain', 'FIT_KEYS', 'paired_tie', 'decay_record', 'decay_noop', 'config_name',
+           'initial_weights', 'fresh_learner', 'fit_run', 'split_config', 'run_key', 'as_shown', 'logged_runs']
 
 # config keys that go to the fit call; every other key goes to make_learner(**keys)
 FIT_KEYS = ('policy', 'epochs', 'max_lr', 'lr', 'moms', 'wd', 'div_factor', 'pct_start', 'final_div')
@@ -196,17 +197,15 @@ def run_records(file):
 
 
 def append_record(file, record):
-    """Append `record` to the JSONL log `file` as one line (a line cut short by a kill is ended first)."""
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file, 'a+b') as f:
+    """Append `record` to the JSONL log `file` as one line (a line cut short by a kill is ended first), under the
+    file's lock (see lock.appending): processes sharing one log never interleave their lines."""
+    with appending(file) as f:
         f.seek(0, 2)
         if f.tell():  # a record cut short by a kill has no newline: start on a line of our own
             f.seek(-1, 2)
             if f.read(1) != b'\n':
                 f.write(b'\n')
         f.write((json.dumps(record) + '\n').encode())
-        f.flush()
 
 
 def _configs(grid):
@@ -548,29 +547,29 @@ def _seeds(seed, seeds):
 
 
 def _search(make_learner, configs, epochs, max_lr, seeds, policy, log, skip_done, silent, monitor, fixed, tag):
-    done = _logged_runs(log) if log is not None and skip_done else {}
+    done = logged_runs(log) if log is not None and skip_done else {}
     fixed = dict(fixed or {})
     runs, total = [], len(configs) * len(seeds)
     for seed in seeds:  # seed by seed: an interrupted grid has compared every config on its first seeds
         init = None
         for config in configs:
             shown, config = config, {**fixed, **config}
-            pol, n_ep, fit, made = _split_config(config, policy, epochs)
-            key = _run_key(config, seed, n_ep, max_lr, pol, tag)
+            pol, n_ep, fit, made = split_config(config, policy, epochs)
+            key = run_key(config, seed, n_ep, max_lr, pol, tag)
             cached = done.get(json.dumps(key, sort_keys=True))
             if cached is not None:
-                runs.append(_as_shown(cached, shown, fixed))
+                runs.append(as_shown(cached, shown, fixed))
                 continue
             if init is None:
                 # from the first config's learner, whichever runs are in the log, so a resumed grid starts where a
                 # fresh one would
-                init = _initial_weights(make_learner, {**fixed, **configs[0]}, seed)
-            learn = _fresh_learner(make_learner, made, init, seed, silent)
+                init = initial_weights(make_learner, {**fixed, **configs[0]}, seed)
+            learn = fresh_learner(make_learner, made, init, seed, silent)
             if not learn.silent:  # the epoch table that follows belongs to this run
                 print(f'grid run {len(runs) + 1}/{total}: {config_name(shown)}, seed {seed}', flush=True)
             set_seed(seed)
             t0 = time.perf_counter()
-            status = _fit_run(learn, pol, n_ep, fit, max_lr)
+            status = fit_run(learn, pol, n_ep, fit, max_lr)
             rec = run_record(learn, shown, seed, status, time.perf_counter() - t0)
             rec['key'], rec['fixed'] = key, plain(fixed)
             if log is not None:
@@ -579,7 +578,7 @@ def _search(make_learner, configs, epochs, max_lr, seeds, policy, log, skip_done
     return GridResult(runs, monitor)
 
 
-def _as_shown(rec, shown, fixed):
+def as_shown(rec, shown, fixed):
     """A logged record under this grid's name: the same run (same key) may have been logged by another grid that
     split its settings between config and fixed differently."""
     if rec['config'] == plain(shown) and (rec.get('fixed') or {}) == plain(fixed):
@@ -587,12 +586,12 @@ def _as_shown(rec, shown, fixed):
     return {**rec, 'name': config_name(shown), 'config': plain(shown), 'fixed': plain(fixed)}
 
 
-def _logged_runs(log):
+def logged_runs(log):
     """The records of the log `log` by their key (as sorted JSON); a later record of a key replaces an earlier one."""
     return {json.dumps(rec.get('key'), sort_keys=True): rec for rec in run_records(log)}
 
 
-def _run_key(config, seed, epochs, max_lr, policy, tag):
+def run_key(config, seed, epochs, max_lr, policy, tag):
     """A run's identity in the log (JSON-friendly): its config, seed, epochs, max_lr and policy, and `tag` if given."""
     key = plain({'config': config, 'seed': seed, 'epochs': epochs, 'max_lr': max_lr, 'policy': policy})
     if tag is not None:
@@ -600,7 +599,7 @@ def _run_key(config, seed, epochs, max_lr, policy, tag):
     return key
 
 
-def _split_config(config, policy, epochs):
+def split_config(config, policy, epochs):
     """(policy, epochs, fit's keyword arguments, make_learner's keyword arguments) of a config; `policy` and `epochs`
     when it sets neither. ValueError for an unknown policy, or for arguments the 'constant' policy does not take."""
     for k in config:
@@ -616,14 +615,14 @@ def _split_config(config, policy, epochs):
     return pol, n_ep, fit, made
 
 
-def _initial_weights(make_learner, config, seed):
+def initial_weights(make_learner, config, seed):
     """A copy of the weights of the learner that `config`'s make_learner keys build after set_seed(seed)."""
     first = {k: v for k, v in config.items() if k not in FIT_KEYS}
     set_seed(seed)
     return state_dict_copy(make_learner(**first).model)
 
 
-def _fresh_learner(make_learner, made, init, seed, silent):
+def fresh_learner(make_learner, made, init, seed, silent):
     """make_learner(**made) after set_seed(seed), starting from the weights `init` when its model has their shapes."""
     set_seed(seed)
     learn = make_learner(**made)
@@ -636,7 +635,7 @@ def _fresh_learner(make_learner, made, init, seed, silent):
     return learn
 
 
-def _fit_run(learn, pol, n_ep, fit, max_lr):
+def fit_run(learn, pol, n_ep, fit, max_lr):
     """Train `learn` with the policy `pol` for `n_ep` epochs; 'done', or 'diverged' on a DivergenceError."""
     try:
         if pol == 'one_cycle':

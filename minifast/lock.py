@@ -20,7 +20,7 @@ try:
 except ImportError:  # Windows: not a target; folders are simply not locked there
     fcntl = None
 
-__all__ = ['FolderLockedError', 'LOCK_FILE', 'acquire', 'release', 'folder_lock', 'holds']
+__all__ = ['FolderLockedError', 'LOCK_FILE', 'acquire', 'release', 'folder_lock', 'holds', 'appending']
 
 LOCK_FILE = '.minifast.lock'
 _PID_WAIT = 1.0  # seconds to wait for a holder that has just taken the lock to write its PID
@@ -170,3 +170,23 @@ def folder_lock(folder, who='minifast'):
         yield key
     finally:
         release(key)
+
+
+@contextmanager
+def appending(file):
+    """`file` opened for appending in binary, under an exclusive flock held for the body of the with statement, so
+    that writers in several processes (search workers sharing one JSONL export) append whole lines one at a time;
+    a writer waits for the one before it. Without fcntl, or where the file system refuses flock, it is not locked."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file, 'a+b') as f:
+        if fcntl is not None:
+            with suppress(OSError):  # a file system without flock: append unlocked, as folders are then
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield f
+        finally:
+            f.flush()
+            if fcntl is not None:
+                with suppress(OSError):
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)

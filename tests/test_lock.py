@@ -197,3 +197,47 @@ def test_weight_snapshots_and_grid_search_logs_are_locked_too(tmp_path):
     res = grid_search(learner, {'wd': [0.]}, epochs=1, log=folder / 'runs.jsonl')
     assert seen == [1] and holds(folder) == 0 and not (folder / LOCK_FILE).exists()
     assert (folder / 'snapshot_0.pth').exists() and len(res.runs) == 1 and (folder / 'runs.jsonl').exists()
+
+
+# a child that appends `n` records of `size` bytes to a JSONL log through grid.append_record
+APPENDER = textwrap.dedent('''
+    import sys
+    from minifast.grid import append_record
+    file, tag, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    for i in range(n):
+        append_record(file, {'tag': tag, 'i': i, 'pad': 'x' * size})
+''')
+
+
+def test_appending_holds_an_exclusive_flock_on_the_file_until_the_body_ends(tmp_path):
+    file = tmp_path / 'log' / 'runs.jsonl'
+    with lock.appending(file) as f:
+        f.write(b'{}\n')
+        other = os.open(file, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # another writer would wait here
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    other = os.open(file, os.O_RDONLY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at the end of the body
+    finally:
+        os.close(other)
+    assert file.read_bytes() == b'{}\n'
+
+
+def test_processes_appending_to_one_log_at_once_leave_only_whole_records(tmp_path):
+    import json
+    file = tmp_path / 'runs.jsonl'
+    file.write_bytes(b'{"cut": ')  # a record cut short by a kill: the next append starts on a line of its own
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, '-c', APPENDER, str(file), t, '40', '70000'], env=env)
+             for t in 'abc']
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    lines = file.read_text().splitlines()
+    assert lines[0] == '{"cut": '
+    recs = [json.loads(x) for x in lines[1:]]
+    assert sorted((r['tag'], r['i']) for r in recs) == [(t, i) for t in 'abc' for i in range(40)]
+    for t in 'abc':  # each writer's records in its own order
+        assert [r['i'] for r in recs if r['tag'] == t] == list(range(40))

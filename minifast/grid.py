@@ -25,7 +25,8 @@ from .optim import decay_acts
 
 __all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'run_records', 'record_problem',
            'append_record', 'plain', 'FIT_KEYS', 'paired_tie', 'decay_record', 'decay_noop', 'config_name',
-           'initial_weights', 'fresh_learner', 'fit_run', 'split_config', 'run_key', 'as_shown', 'logged_runs']
+           'initial_weights', 'fresh_learner', 'fit_run', 'tracked', 'split_config', 'run_key', 'as_shown',
+           'logged_runs']
 
 # config keys that go to the fit call; every other key goes to make_learner(**keys)
 FIT_KEYS = ('policy', 'epochs', 'max_lr', 'lr', 'moms', 'wd', 'div_factor', 'pct_start', 'final_div')
@@ -485,7 +486,7 @@ class GridResult:
 
 
 def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_cycle', log=None, skip_done=True,
-                silent=None, monitor='valid_loss', fixed=None, tag=None, seeds=None):
+                silent=None, monitor='valid_loss', fixed=None, tag=None, seeds=None, tracker=None):
     """Train one learner per configuration of `grid` and compare them.
 
     Args:
@@ -513,6 +514,9 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
         tag: anything JSON-able that identifies what make_learner builds (data, model, batch size...): part of
             a run's identity in the log, so a log shared by different setups never hands one setup's runs to
             another.
+        tracker: a tracker (minifast.callbacks.trackers: TensorBoardLogger, MLflowLogger, WandbLogger): every run
+            this call trains is logged live as one child run of it (named as in the table, with the seed), with its
+            config and seed as parameters. Runs reused from `log` were logged when they trained.
 
     A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on. It runs as one
     process: under torchrun it is an error (its log is not written for several ranks). With `log`, the log's folder
@@ -530,7 +534,7 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
     # on it would train the same runs again and append duplicates
     with folder_lock(Path(log).parent, 'grid_search(log=...)') if log is not None else contextlib.nullcontext():
         return _search(make_learner, configs, epochs, max_lr, seeds, policy, log, skip_done, silent, monitor, fixed,
-                       tag)
+                       tag, tracker)
 
 
 def _seeds(seed, seeds):
@@ -546,7 +550,8 @@ def _seeds(seed, seeds):
     return seeds
 
 
-def _search(make_learner, configs, epochs, max_lr, seeds, policy, log, skip_done, silent, monitor, fixed, tag):
+def _search(make_learner, configs, epochs, max_lr, seeds, policy, log, skip_done, silent, monitor, fixed, tag,
+            tracker):
     done = logged_runs(log) if log is not None and skip_done else {}
     fixed = dict(fixed or {})
     runs, total = [], len(configs) * len(seeds)
@@ -569,13 +574,25 @@ def _search(make_learner, configs, epochs, max_lr, seeds, policy, log, skip_done
                 print(f'grid run {len(runs) + 1}/{total}: {config_name(shown)}, seed {seed}', flush=True)
             set_seed(seed)
             t0 = time.perf_counter()
-            status = fit_run(learn, pol, n_ep, fit, max_lr)
+            with tracked(tracker, f'{config_name(shown)} seed {seed}', {**plain(config), 'seed': seed}) as cbs:
+                status = fit_run(learn, pol, n_ep, fit, max_lr, callbacks=cbs)
             rec = run_record(learn, shown, seed, status, time.perf_counter() - t0)
             rec['key'], rec['fixed'] = key, plain(fixed)
             if log is not None:
                 append_record(log, rec)
             runs.append(rec)
     return GridResult(runs, monitor)
+
+
+@contextlib.contextmanager
+def tracked(tracker, name, params):
+    """The callbacks that log one run to `tracker` (a child run named `name` with `params`), for the body of a with
+    statement; [] without a tracker."""
+    if tracker is None:
+        yield []
+        return
+    with tracker.child(name, params) as child:
+        yield [child]
 
 
 def as_shown(rec, shown, fixed):
@@ -635,8 +652,10 @@ def fresh_learner(make_learner, made, init, seed, silent):
     return learn
 
 
-def fit_run(learn, pol, n_ep, fit, max_lr):
-    """Train `learn` with the policy `pol` for `n_ep` epochs; 'done', or 'diverged' on a DivergenceError."""
+def fit_run(learn, pol, n_ep, fit, max_lr, callbacks=None, resume=None):
+    """Train `learn` with the policy `pol` for `n_ep` epochs (with this fit's extra `callbacks`, e.g. a tracker's or
+    a pruner's, and fit's `resume`); 'done', or 'diverged' on a DivergenceError."""
+    fit = dict(fit, callbacks=callbacks, resume=resume)
     try:
         if pol == 'one_cycle':
             # a config's lr is the peak when it gives no max_lr (as max_lr is the constant policy's lr without
@@ -645,7 +664,7 @@ def fit_run(learn, pol, n_ep, fit, max_lr):
             learn.fit_one_cycle(n_ep, lr, **fit)
         else:
             lr = fit.pop('lr', fit.pop('max_lr', max_lr))
-            learn.fit(n_ep, lr, wd=fit.pop('wd', None))
+            learn.fit(n_ep, lr, **fit)
     except DivergenceError:
         return 'diverged'
     return 'done'

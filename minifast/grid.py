@@ -635,17 +635,18 @@ def fresh_learner(make_learner, made, init, seed, silent):
     return learn
 
 
-def fit_run(learn, pol, n_ep, fit, max_lr):
-    """Train `learn` with the policy `pol` for `n_ep` epochs; 'done', or 'diverged' on a DivergenceError."""
+def fit_run(learn, pol, n_ep, fit, max_lr, callbacks=None, resume=None):
+    """Train `learn` with the policy `pol` for `n_ep` epochs (with this fit's `callbacks`, continuing from the
+    checkpoint `resume` when given); 'done', or 'diverged' on a DivergenceError."""
     try:
         if pol == 'one_cycle':
             # a config's lr is the peak when it gives no max_lr (as max_lr is the constant policy's lr without
             # lr): dropping it would train every lr of a grid at the default max_lr under different names
             lr = fit.pop('max_lr', fit.pop('lr', max_lr))  # pops both
-            learn.fit_one_cycle(n_ep, lr, **fit)
+            learn.fit_one_cycle(n_ep, lr, callbacks=callbacks, resume=resume, **fit)
         else:
             lr = fit.pop('lr', fit.pop('max_lr', max_lr))
-            learn.fit(n_ep, lr, wd=fit.pop('wd', None))
+            learn.fit(n_ep, lr, wd=fit.pop('wd', None), callbacks=callbacks, resume=resume)
     except DivergenceError:
         return 'diverged'
     return 'done'

@@ -453,7 +453,9 @@ class _Search:
                 self.fail_stale()
                 time.sleep(pause)
                 continue
-            trial = self.study.ask()
+            with warnings.catch_warnings():  # ask/tell with our own heartbeat thread, as optimize does it
+                warnings.filterwarnings('ignore', 'Heartbeat of storage is supposed to be used')
+                trial = self.study.ask()
             with _Heartbeat(self.raw, trial._trial_id, self.a['heartbeat_interval']):
                 if not self.claim(trial, slot):
                     trial.set_user_attr('yielded', f'yielded slot {slot}')

@@ -21,6 +21,9 @@ _SUBMODULES = {
     'callbacks.schedule': ('ParamScheduler',),
     'callbacks.snapshots': ('WeightSnapshots',),
     'callbacks.tracking': ('Checkpoint', 'DivergenceGuard'),
+    'callbacks.trackers': ('MLflowLogger', 'TensorBoardLogger', 'Tracker', 'WandbLogger'),
+    'crossval': ('CVResult', 'cross_validate', 'kfold_data', 'kfold_indices'),
+    'search': ('Choice', 'IntRange', 'LogUniform', 'SearchResult', 'Uniform', 'search'),
     'checkpoint': ('CorruptCheckpointError', 'UnsafeCheckpointError'),
     'data': ('AffineWarp', 'BatchTransform', 'DataBunch', 'DatasetType', 'Dihedral', 'FlipLR', 'FlipUD',
              'ImageDataBunch', 'ImageList', 'Lighting', 'RandomCropPad', 'TensorDataLoader', 'cifar10', 'cifar100',
@@ -82,7 +85,8 @@ __all__ = [
     'EarlyStoppingCallback', 'ReduceLROnPlateauCallback', 'Image', 'open_image', 'load_learner', 'ExportError',
     'UnsafeExportError', 'CorruptExportError', 'cnn_learner', 'model_summary', 'ModelSummary', 'get_image_files',
     'ClassificationInterpretation', 'ZoomCrop', 'tta_views', 'MixUp', 'CutMix', 'LabelSmoothingCrossEntropy', 'EMA',
-    'SWA',
+    'SWA', 'Tracker', 'TensorBoardLogger', 'MLflowLogger', 'WandbLogger', 'search', 'SearchResult', 'LogUniform',
+    'Uniform', 'IntRange', 'Choice', 'cross_validate', 'CVResult', 'kfold_indices', 'kfold_data',
     # what a fastai v1 notebook expects to have after `from fastai.vision import *`
     'np', 'torch', 'nn', 'F', 'plt', 'partial', 'Path',
 ]

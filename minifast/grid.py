@@ -516,7 +516,8 @@ def grid_search(make_learner, grid, epochs=2, max_lr=1e-2, seed=0, policy='one_c
             another.
         tracker: a tracker (minifast.callbacks.trackers: TensorBoardLogger, MLflowLogger, WandbLogger): every run
             this call trains is logged live as one child run of it (named as in the table, with the seed), with its
-            config and seed as parameters. Runs reused from `log` were logged when they trained.
+            config and seed as parameters; a run reused from `log` is replayed into it from its record
+            (Tracker.log_record), so each tracker run shows the whole grid.
 
     A run that diverges (DivergenceError) is recorded with status 'diverged' and the grid goes on. It runs as one
     process: under torchrun it is an error (its log is not written for several ranks). With `log`, the log's folder
@@ -564,6 +565,8 @@ def _search(make_learner, configs, epochs, max_lr, seeds, policy, log, skip_done
             cached = done.get(json.dumps(key, sort_keys=True))
             if cached is not None:
                 runs.append(as_shown(cached, shown, fixed))
+                if tracker is not None:  # the tracker shows every run of the grid, reused ones replayed from the log
+                    tracker.log_record(runs[-1], name=f'{config_name(shown)} seed {seed}')
                 continue
             if init is None:
                 # from the first config's learner, whichever runs are in the log, so a resumed grid starts where a

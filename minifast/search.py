@@ -18,8 +18,10 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -32,12 +34,14 @@ from .callbacks.tracking import Checkpoint, monitor_mode
 from .core import Callback, CancelFitException
 from .determinism import set_seed
 from .distributed import launched
-from .grid import (POLICIES, GridResult, append_record, fit_run, fresh_learner, initial_weights, plain,
-                   run_key, run_record, split_config)
+from .crossval import CVResult, cross_validate
+from .grid import (POLICIES, GridResult, append_record, config_name, fit_run, fresh_learner, initial_weights, plain,
+                   run_key, run_record, split_config, tracked)
 from .resume import find_checkpoint, resumable
 
 __all__ = ['search', 'SearchResult', 'LogUniform', 'Uniform', 'IntRange', 'Choice', 'OptunaPruning',
-           'open_storage', 'SAMPLERS', 'PRUNERS']
+           'open_storage', 'SAMPLERS', 'PRUNERS', 'publish', 'wait_for', 'quiet_optuna',
+           'worker_id']
 
 SAMPLERS = ('tpe', 'random', 'grid')
 PRUNERS = ('median', 'hyperband', None)
@@ -337,6 +341,19 @@ def _storage_file(storage):
     return None
 
 
+@contextlib.contextmanager
+def quiet_optuna():
+    """Optuna's INFO lines (a line per trial, 'Using an existing study') off for the body of a with statement: the
+    search prints its own table; Optuna's verbosity is restored afterwards (no lasting side effect)."""
+    import optuna
+    old = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(old, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(old)
+
+
 def _state(t):
     return t.state.name  # 'RUNNING', 'COMPLETE', 'PRUNED', 'FAIL', 'WAITING'
 
@@ -479,15 +496,20 @@ class _Search:
         if params is not None:
             self.sampler.fixed[trial.number] = params
         config = {k: d.suggest(trial, k) for k, d in a['space'].items()}
+        if a['configs'] is not None:  # a list of configs: the one chosen is the config
+            config = dict(config['config'])
         full = {**a['fixed'], **config}
         pol, n_ep, fit, made = split_config(full, a['policy'], a['epochs'])
         key = run_key(full, a['seed'], n_ep, a['max_lr'], pol, a['tag'])
         rec = self.reusable(key)
         if rec is not None:  # the same run (config and seed) already finished in another slot
             rec = {**rec, 'reused': rec.get('trial')}
+            if a['tracker'] is not None:
+                a['tracker'].log_record(rec, name=f'trial {trial.number} {config_name(config)}')
         else:
             try:
                 rec = self.train(trial, config, made, fit, pol, n_ep, key)
+                rec['worker'] = worker_id()
             except BaseException as e:  # an error or Ctrl-C: the slot stays open for a later run
                 with contextlib.suppress(Exception):
                     trial.set_user_attr('error', f'{type(e).__name__}: {e}'[:500])
@@ -498,6 +520,8 @@ class _Search:
 
     def train(self, trial, config, made, fit, pol, n_ep, key):
         a = self.a
+        if a['folds']:
+            return self.cross_validate(trial, config)
         if self.init is None:
             self.init = initial_weights(a['make_learner'], a['base'], a['seed'])
         learn = fresh_learner(a['make_learner'], made, self.init, a['seed'], a['silent'])
@@ -513,12 +537,44 @@ class _Search:
         resumed = find_checkpoint(resume).name if resume is not None else None
         set_seed(a['seed'])
         t0 = time.perf_counter()
-        status = fit_run(learn, pol, n_ep, dict(fit), a['max_lr'], callbacks=cbs, resume=resume)
+        with tracked(a['tracker'], f'trial {trial.number} {config_name(config)}',
+                     {**plain(config), 'seed': a['seed'], 'trial': trial.number}) as extra:
+            status = fit_run(learn, pol, n_ep, dict(fit), a['max_lr'], callbacks=cbs + extra, resume=resume)
         status = 'pruned' if pruning.pruned and status == 'done' else status
         rec = run_record(learn, config, a['seed'], status, time.perf_counter() - t0)
         if resumed is not None:
             rec['resumed_from'] = resumed
         rec['_folder'] = str(folder) if folder is not None else None
+        return rec
+
+    def cross_validate(self, trial, config):
+        """The record of `config` scored by k-fold cross-validation of `data` (the mean over folds): after each fold
+        the running mean of the monitor is reported (step = fold) and the pruner may stop the trial there."""
+        a, done = self.a, []
+        if self.init is None:  # from the whole training set's learner: the folds' models have its shapes
+            self.init = initial_weights(lambda **kw: a['make_learner'](data=a['data'], **kw), a['base'], a['seed'])
+
+        def on_fold(i, rec):
+            done.append(rec)
+            v = CVResult(done, monitor=a['monitor']).mean.get(a['monitor'])
+            if v is not None and math.isfinite(v):
+                trial.report(float(v), i)
+            if i + 1 < a['folds'] and trial.should_prune():
+                raise _FoldsPruned()
+
+        status = None
+        try:
+            cv = cross_validate(a['make_learner'], a['data'], k=a['folds'], config={**a['fixed'], **config},
+                                epochs=a['epochs'], max_lr=a['max_lr'], seed=a['seed'], policy=a['policy'],
+                                monitor=a['monitor'], silent=a['silent'], on_fold=on_fold, init=self.init)
+        except _FoldsPruned:
+            cv, status = CVResult(done, monitor=a['monitor']), 'pruned'
+        rec = cv.record(name=config_name(config))
+        rec.update(config=plain(config), name=config_name(config), _folder=None)
+        if status is not None:
+            rec['status'] = status
+        if a['tracker'] is not None:
+            a['tracker'].log_record(rec, name=f'trial {trial.number} {config_name(config)}')
         return rec
 
     def finish(self, trial, rec, key):
@@ -542,6 +598,10 @@ class _Search:
             append_record(self.a['log'], rec)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class _FoldsPruned(Exception):
+    """The pruner stopped a cross-validated trial after a fold."""
 
 
 class SearchResult(GridResult):
@@ -582,7 +642,8 @@ class SearchResult(GridResult):
     def from_storage(cls, storage, study_name='minifast', monitor=None):
         """The result of the search `study_name` in `storage` (a URL, a journal path or an Optuna storage)."""
         import optuna
-        return cls.from_study(optuna.load_study(study_name=study_name, storage=open_storage(storage)), monitor)
+        with quiet_optuna():
+            return cls.from_study(optuna.load_study(study_name=study_name, storage=open_storage(storage)), monitor)
 
     def header(self):
         """'study 'x': 20 trials: 14 done, 5 pruned, 1 diverged; 2 failed attempts (ran again)'."""
@@ -601,7 +662,7 @@ def _identity(a):
     return plain({'space': {k: repr(d) for k, d in a['space'].items()}, 'sampler': a['sampler'],
                   'sampler_seed': a['sampler_seed'], 'seed': a['seed'], 'epochs': a['epochs'], 'max_lr': a['max_lr'],
                   'policy': a['policy'], 'fixed': a['fixed'], 'tag': a['tag'], 'monitor': a['monitor'],
-                  'mode': a['mode']})
+                  'mode': a['mode'], **({'folds': a['folds']} if a['folds'] else {})})
 
 
 def _open_study(a, sampler, pruner):
@@ -628,13 +689,15 @@ def _open_study(a, sampler, pruner):
 def search(make_learner, space, n_trials=None, sampler='tpe', pruner='median', epochs=2, max_lr=1e-2, seed=0,
            policy='one_cycle', monitor='valid_loss', mode='auto', storage=None, study_name='minifast', log=None,
            fixed=None, tag=None, silent=None, checkpoints=None, tracker=None, sampler_seed=0, heartbeat_interval=10,
-           grace_period=30, n_random=10):
+           grace_period=30, n_random=10, folds=None, data=None):
     """Search `space` with Optuna, trials trained as grid_search trains its runs; returns a SearchResult.
 
     Args:
         make_learner: a function returning a fresh Learner; config keys other than fit's (grid.FIT_KEYS) are its
             keyword arguments.
-        space: {config key: LogUniform(lo, hi) | Uniform(lo, hi) | IntRange(lo, hi, log=False) | Choice(values)}.
+        space: {config key: LogUniform(lo, hi) | Uniform(lo, hi) | IntRange(lo, hi, log=False) | Choice(values)},
+            or a list of config dicts: exactly those configs, one slot each, in order (as grid_search's list of
+            configs; the sampler is then 'grid').
         n_trials: the study's total number of trials (not per call or per worker): 20 by default, the whole grid
             for sampler='grid' (a larger n_trials is capped at the grid's size, with a warning).
         sampler: 'random' (slot i's config is the i-th draw of numpy's Generator seeded with (sampler_seed, i)),
@@ -660,7 +723,13 @@ def search(make_learner, space, n_trials=None, sampler='tpe', pruner='median', e
             by default a folder '<study_name>/' under 'search_checkpoints' beside learn.path (the storage's
             folder for SQLite and journal files, as '<file>_checkpoints'); False for none. With an in-memory
             storage there are none unless a folder is given. Use a shared folder for workers on several machines.
-        tracker: reserved for the trackers (passed through, unused here).
+        tracker: a tracker (minifast.callbacks.trackers): each trial this worker trains is a child run of it
+            (named 'trial N config'), logged live; a trial reused from an equal finished run, or scored by
+            cross-validation, is replayed into it from its record.
+        folds, data: score each trial by k-fold cross-validation (minifast.crossval.cross_validate) of `data`'s
+            training set, make_learner(data=fold, ...) making each fold's learner: the trial's value is the mean
+            over folds, reported to the pruner after each fold (a trial can be pruned between folds). A killed
+            worker's cross-validated trial starts over (no checkpoints).
         sampler_seed: the seed of the samplers (not of training: that is `seed`).
 
     Many workers: start the same call in N processes (or on N machines, with a database URL every machine
@@ -674,13 +743,14 @@ def search(make_learner, space, n_trials=None, sampler='tpe', pruner='median', e
                            'trials); start several workers instead (one per GPU with CUDA_VISIBLE_DEVICES), or set '
                            'MINIFAST_DISTRIBUTED=0')
     a = _arguments(locals())
-    plan = _Plan(a['space'], sampler, sampler_seed, n_random)
+    plan = _Plan(a['space'], a['sampler'], sampler_seed, n_random)
     n = _n_trials(n_trials, plan)
-    samplers = _base_sampler(sampler, sampler_seed, n_random)
+    samplers = _base_sampler(a['sampler'], sampler_seed, n_random)
     planned = _planned_sampler(samplers)
-    study, raw = _open_study(a, planned, _pruner(pruner, epochs))
-    _Search(study, raw, n, plan, planned, a).work()
-    return SearchResult.from_study(study, monitor)
+    with quiet_optuna():
+        study, raw = _open_study(a, planned, _pruner(pruner, epochs))
+        _Search(study, raw, n, plan, planned, a).work()
+        return SearchResult.from_study(study, monitor)
 
 
 def _arguments(a):
@@ -696,9 +766,19 @@ def _arguments(a):
         raise ValueError(f"search: grace_period ({a['grace_period']} s) must exceed heartbeat_interval "
                          f"({a['heartbeat_interval']} s), or live trials are failed as stale")
     monitor_mode(a['monitor'], a['mode'])
-    a = dict(a, fixed=dict(a['fixed'] or {}))
+    a = dict(a, fixed=dict(a['fixed'] or {}), configs=None)
+    if a['folds'] is not None and (not isinstance(a['folds'], Integral) or isinstance(a['folds'], bool) or
+                                   a['folds'] < 2 or a['data'] is None):
+        raise ValueError(f"search: folds must be an integer >= 2 and come with data= (the DataBunch whose training "
+                         f"set is split), got folds={a['folds']!r}, data={type(a['data']).__name__}")
+    if isinstance(a['space'], (list, tuple)):
+        if not a['space'] or not all(isinstance(c, dict) for c in a['space']):
+            raise ValueError(f"search: a list space must be a non-empty list of config dicts, got {a['space']!r:.80}")
+        a['configs'] = [dict(c) for c in a['space']]
+        a['space'], a['sampler'] = {'config': Choice(a['configs'])}, 'grid'
     _check_space(a['space'], a['fixed'])
-    a['base'] = {**{k: d.base() for k, d in a['space'].items()}, **a['fixed']}
+    base = {k: d.base() for k, d in a['space'].items()}
+    a['base'] = {**(base['config'] if a['configs'] is not None else base), **a['fixed']}
     a['in_memory'] = a['storage'] is None
     if a['checkpoints'] is None and _storage_file(a['storage']) is not None:
         f = _storage_file(a['storage'])
@@ -728,3 +808,33 @@ def _base_sampler(sampler, sampler_seed, n_random):
             return optuna.samplers.TPESampler(seed=s, n_startup_trials=0)
         return optuna.samplers.RandomSampler(seed=s)
     return make
+
+
+def _note_study(storage, name):
+    import optuna
+    with quiet_optuna():
+        return optuna.create_study(storage=open_storage(storage), study_name=name, load_if_exists=True)
+
+
+def worker_id():
+    """'host:pid' of this process: the record of a trial says which worker trained it."""
+    return f'{socket.gethostname()}:{os.getpid()}'
+
+
+def publish(storage, name, key, value):
+    """Write `value` (JSON-able) under `key` in the storage's study `name` (created when missing): how one worker
+    hands others a value they must share, e.g. `minifast smith`'s max_lr to its grid workers."""
+    _note_study(storage, name).set_user_attr(key, plain(value))
+
+
+def wait_for(storage, name, key, poll=1.0, timeout=None):
+    """The value `publish` wrote under `key` in the study `name`, waiting for it (TimeoutError after `timeout`
+    seconds, naming the study and key; None waits for ever)."""
+    study, t0 = _note_study(storage, name), time.monotonic()
+    while True:
+        attrs = study.user_attrs  # read from the storage at each call
+        if key in attrs:
+            return attrs[key]
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise TimeoutError(f'search: no {key!r} in study {name!r} of {storage} after {timeout} s')
+        time.sleep(poll)

@@ -13,11 +13,14 @@ and report.md, which embeds every plot and says what was chosen and why. Every t
 a record of runs.jsonl; a second invocation reuses those records and caches and trains only what is missing.
 """
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import re
 import secrets
+import subprocess
+import sys
 import time
 import warnings
 from contextlib import suppress
@@ -30,12 +33,15 @@ import numpy as np
 import torch
 
 from .callbacks.snapshots import WeightSnapshots
+from .callbacks.trackers import MLflowLogger, TensorBoardLogger, WandbLogger
 from .callbacks.tracking import Checkpoint
 from .checkpoint import load_state, pid_alive
 from .data import ImageList, cifar10, cifar100, cifar_transforms, get_transforms, synthetic_cifar
 from .determinism import set_seed
 from .distributed import launched
-from .grid import GridResult, append_record, grid_search, plain, read_log, run_record, run_records
+from .grid import (GridResult, append_record, as_shown, grid_search, logged_runs, plain, read_log, run_key,
+                   run_record, run_records, split_config, tracked)
+from .search import publish, search, wait_for, worker_id
 from .landscape import BN_MODES, InterpolationResult, interpolate_losses, plot_interpolation
 from .core import DivergenceError
 from .learner import Learner
@@ -46,9 +52,9 @@ from .metrics import accuracy, top_k_accuracy
 from .models import cifar_resnet
 from .optim import least_acting_wd
 from .resume import checkpoint_info, find_checkpoint, is_finished
-from .options import add_arguments, refuse_small  # re-exported: smith.add_arguments was their home
+from .options import add_arguments, refuse_small, worker_argv  # re-exported: smith.add_arguments was their home
 
-__all__ = ['run', 'add_arguments', 'SIZES']
+__all__ = ['run', 'add_arguments', 'SIZES', 'make_data', 'model_fn', 'learner_factory', 'save_plot', 'make_tracker']
 
 # sizes per mode: the built-in default (< 5 minutes on a 2-core CPU), --quick (tests), and a real dataset
 SIZES = {
@@ -115,6 +121,28 @@ def save_plot(fig, file, title):
         fig.suptitle(title)
         fig.tight_layout()  # makes room for the suptitle above the axes' own titles
     _save(fig, file)
+
+
+def make_tracker(kind, out, name, cmd='smith'):
+    """The tracker --tracker `kind` names, writing beside the run folder `out`: TensorBoard in OUT/tensorboard,
+    MLflow in sqlite:///OUT/mlflow.db (or MLFLOW_TRACKING_URI) under the experiment `name`, W&B under OUT (offline
+    unless WANDB_MODE says otherwise), one run (or folder) per invocation, holding every run of it (those reused
+    from runs.jsonl replayed); None for None. A missing library exits with the line that installs it."""
+    if kind is None:
+        return None
+    if importlib.util.find_spec(kind) is None:  # the logger imports it at its first write: say it before any training
+        raise SystemExit(f'{cmd}: --tracker {kind}: the {kind} package is not installed; pip install minifast[track]')
+    try:
+        if kind == 'tensorboard':
+            # one folder per invocation: a second one replays the reused runs, which must not add to the first's
+            return TensorBoardLogger(out / 'tensorboard' / time.strftime('%Y%m%d-%H%M%S'))
+        if kind == 'mlflow':
+            return MLflowLogger(experiment=name, tracking_uri=os.environ.get('MLFLOW_TRACKING_URI')
+                                or f"sqlite:///{out / 'mlflow.db'}", artifact_location=str(out / 'mlruns'),
+                                run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        return WandbLogger(project='minifast', name=name, dir=str(out), mode=os.environ.get('WANDB_MODE', 'offline'))
+    except ImportError as e:
+        raise SystemExit(f'{cmd}: --tracker {kind}: {e}') from None
 
 
 def metrics_for(n_classes, k=5):
@@ -220,27 +248,29 @@ def _half_decade(wd):
     return [float(f'{10 ** (e + 0.5):.0e}'), float(f'{10 ** (e - 0.5):.0e}')]
 
 
-def _model_fn(arch, n_classes):
+def model_fn(arch, n_classes, cmd='smith'):
+    """A function making a new CIFAR ResNet `arch` (resnetN) for `n_classes`; SystemExit naming --arch if bad."""
     name = arch.lower().replace('-', '')
     if not name.startswith('resnet') or not name[6:].isdigit():
-        raise SystemExit(f'smith: --arch {arch!r}: expected resnetN with N = 6n + 2 (8, 14, 20, 32, 44, 56, 110)')
+        raise SystemExit(f'{cmd}: --arch {arch!r}: expected resnetN with N = 6n + 2 (8, 14, 20, 32, 44, 56, 110)')
     depth = int(name[6:])
     if depth < 8 or (depth - 2) % 6:
-        raise SystemExit(f'smith: --arch {arch!r}: the depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110)')
+        raise SystemExit(f'{cmd}: --arch {arch!r}: the depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110)')
     return lambda: cifar_resnet(depth, n_classes)
 
 
 # ----------------------------------------------------------------------------------------------------- steps
-def make_data(args, s):
+def make_data(args, s, cmd='smith'):
     """Step 1's DataBunch: the built-in set, CIFAR-10/100, or an image folder. A data problem (a missing folder or
-    file, an unreadable image, a class missing from training) exits with one line naming it, or with --debug raises."""
+    file, an unreadable image, a class missing from training) exits with one line naming it (and the command `cmd`),
+    or with --debug raises."""
     try:
-        data, what = _make_data(args, s)
+        data, what = _make_data(args, s, cmd)
     except (OSError, ValueError) as e:
         if getattr(args, 'debug', False):
             raise
-        raise SystemExit(data_error('smith', '--data', args.data, e, downloads=True)) from None
-    refuse_no_batch('smith', data, what, s['bs'], builtin=not args.data)
+        raise SystemExit(data_error(cmd, '--data', args.data, e, downloads=True)) from None
+    refuse_no_batch(cmd, data, what, s['bs'], builtin=not args.data)
     return data, what
 
 
@@ -253,7 +283,7 @@ def refuse_no_batch(cmd, data, what, bs, builtin):
                          + (' or raise --n-train' if builtin else ''))
 
 
-def _make_data(args, s):
+def _make_data(args, s, cmd):
     set_seed(args.seed)
     if not args.data:
         data = synthetic_cifar(n_classes=10, n_train=s['n_train'], n_valid=s['n_valid'], seed=args.seed,
@@ -266,7 +296,7 @@ def _make_data(args, s):
         return data, f'{args.data.upper()} from {args.data_root}'
     path = Path(args.data)
     if not path.is_dir():
-        raise SystemExit(f"smith: --data {args.data}: {'not a folder' if path.exists() else 'no such folder'} (give "
+        raise SystemExit(f"{cmd}: --data {args.data}: {'not a folder' if path.exists() else 'no such folder'} (give "
                          f"'cifar10', 'cifar100' or a folder of class sub-folders)")
     il = ImageList.from_folder(path, ignore_errors=getattr(args, 'ignore_errors', False))
     valid = next((v for v in ('test', 'valid') if (path / v).is_dir()), None)
@@ -284,7 +314,7 @@ def step_data(data, out):
     save_plot(data.show_batch(rows=3, figsize=(5, 5)), out / 'batch.png', 'augmented training images')
 
 
-def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
+def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None, tracker=None):
     """Step 2: the LR range test -> lr_find.png; max_lr = lr_find's max_lr (else 1e-2), or --max-lr.
 
     Returns (info dict, skipped)."""
@@ -296,6 +326,11 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None):
         learn = make_learner()
         res = learn.lr_find(num_it=num_it)
         save_plot(learn.recorder.plot(suggestion=True), png, f'LR range test ({len(res.lrs)} steps)')
+        if tracker is not None:  # lr_find hides the learner's callbacks: its curve and suggestions are logged here
+            with tracker.child('LR range test', {'num_it': num_it, 'seed': seed}) as t:
+                if res.max_lr:
+                    t.log_metrics({'lr_find/max_lr': res.max_lr}, step=0)
+                t.log_figure(learn.recorder.plot(suggestion=True), 'lr_find')
         info = {'key': key, 'max_lr': res.max_lr, 'steep': res.steep, 'valley': res.valley, 'minimum': res.minimum,
                 'note': res.note, 'plateau': bool(res.plateau), 'diverged': bool(res.diverged), 'n_steps': len(res.lrs),
                 'lrs': [float(x) for x in res.lrs], 'losses': [float(x) for x in res.losses]}
@@ -346,15 +381,20 @@ def _seed_list(seed):
     return list(seed) if isinstance(seed, (list, tuple)) else [seed]
 
 
-def _grid(make_learner, configs, out, seed, epochs, max_lr, log, name, png, quiet, fixed=None):
+def _grid(make_learner, configs, out, seed, epochs, max_lr, log, name, png, quiet, fixed=None, scale=None):
     """One grid_search call (over the seeds `seed`, a list or one) whose finished runs come from the log; returns
-    (GridResult, trained, skipped)."""
+    (GridResult, trained, skipped). `scale`: {'tracker': a tracker every trained run is mirrored to, 'storage': an
+    Optuna storage the grid's runs are shared through with other workers} (see run)."""
+    scale = scale or {}
     before = len(read_log(log))
     with warnings.catch_warnings():  # fit's warning of a decay that cannot act: one line below, and in the report
         warnings.filterwarnings('ignore', message='fit: weight decay wd=', category=UserWarning)
-        res = grid_search(make_learner, configs, epochs=epochs, max_lr=max_lr, seeds=_seed_list(seed), log=log,
-                          tag=TAG, fixed=fixed)
-    trained = len(read_log(log)) - before
+        if scale.get('storage'):
+            res, trained = _shared_grid(make_learner, configs, out, seed, epochs, max_lr, log, name, fixed, scale)
+        else:
+            res = grid_search(make_learner, configs, epochs=epochs, max_lr=max_lr, seeds=_seed_list(seed), log=log,
+                              tag=TAG, fixed=fixed, tracker=scale.get('tracker'))
+            trained = len(read_log(log)) - before
     skipped = len(res.runs) - trained
     _save(res.plot('valid_loss', title=name + _seeds_note(res)), out / png)
     _say(f'{name}: {trained} run(s) trained, {skipped} skipped (already in {log.name})')
@@ -367,6 +407,43 @@ def _grid(make_learner, configs, out, seed, epochs, max_lr, log, name, png, quie
     return res, trained, skipped
 
 
+def _digest(obj):
+    return hashlib.sha1(json.dumps(plain(obj), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _shared_grid(make_learner, configs, out, seed, epochs, max_lr, log, name, fixed, scale):
+    """_grid's runs through the Optuna storage scale['storage'], shared with the other workers (minifast.search
+    with the list of configs: every run trained once by some worker, each worker waiting until the grid is
+    complete); one study per seed, named after what the grid trains. A run already in the local log (an earlier
+    grid's: every worker's log holds every finished grid) is taken from it, as grid_search does, and the runs missing
+    from the log are appended to it (an export). Returns (GridResult, runs this process trained)."""
+    fixed = dict(fixed or {})
+    logged, by_seed, trained = logged_runs(log), {}, 0
+    for sd in _seed_list(seed):
+        todo, have = [], {}
+        for i, c in enumerate(configs):
+            full = {**fixed, **c}
+            pol, n_ep, _, _ = split_config(full, 'one_cycle', epochs)
+            rec = logged.get(json.dumps(run_key(full, sd, n_ep, max_lr, pol, TAG), sort_keys=True))
+            if rec is not None:
+                have[i] = as_shown(rec, c, fixed)
+            else:
+                todo.append(i)
+        if todo:
+            ident = _digest({'tag': TAG, 'configs': [configs[i] for i in todo], 'fixed': fixed, 'epochs': epochs,
+                             'max_lr': max_lr})
+            res = search(make_learner, [configs[i] for i in todo], epochs=epochs, max_lr=max_lr, seed=sd,
+                         pruner=None, fixed=fixed, tag=TAG, storage=scale['storage'],
+                         study_name=f'smith {ident} seed {sd}', tracker=scale.get('tracker'),
+                         checkpoints=out / 'search_checkpoints', silent=True)
+            trained += sum(r.get('worker') == worker_id() for r in res.runs)
+            for r in res.runs:
+                append_record(log, r)
+            have.update({todo[r['slot']]: r for r in res.runs})
+        by_seed[sd] = [have[i] for i in range(len(configs))]
+    return GridResult([r for sd in by_seed for r in by_seed[sd]]), trained
+
+
 def _seeds_note(res):
     n = max((len(c['runs']) for c in res.summary()), default=1)
     return f' (mean of {n} seeds, range shaded)' if n > 1 else ''
@@ -377,24 +454,24 @@ def _final_metric(rec, k):
     return float('nan') if v is None else v
 
 
-def step_superconvergence(make_learner, out, seed, epochs, max_lr, log, quiet):
+def step_superconvergence(make_learner, out, seed, epochs, max_lr, log, quiet, scale=None):
     """Step 3: 1cycle at max_lr against a constant lr of max_lr / CONST_DIV, the same epochs -> superconvergence.png.
     Returns (GridResult, 'beat', 'did not beat' or 'tied with', trained, skipped)."""
     # the 1cycle run names its momentum, so that step 4's run of the same pair is this run (taken from the log)
     configs = [{'policy': 'one_cycle', 'moms': MOMS[0]}, {'policy': 'constant', 'lr': max_lr / CONST_DIV}]
     res, tr, sk = _grid(make_learner, configs, out, seed, epochs, max_lr, log,
-                        'super-convergence check: 1cycle vs constant lr', 'superconvergence.png', quiet)
+                        'super-convergence check: 1cycle vs constant lr', 'superconvergence.png', quiet, scale=scale)
     one, const = res.summary('valid_loss')
     won = ('tied with' if 'tie' in (one['rank'], const['rank']) else
            'beat' if one['rank'] == 'best' and one['complete'] else 'did not beat')
     return res, won, tr, sk
 
 
-def step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet):
+def step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet, scale=None):
     """Step 4: cyclic momentum (0.95, 0.85) against (0.99, 0.90) -> momentum.png; the lower valid loss wins, and on a
     tie the default (0.95, 0.85). The first pair's run is step 3's 1cycle run (from the log when it is there)."""
     res, tr, sk = _grid(make_learner, [{'moms': m} for m in MOMS], out, seed, epochs, max_lr, log,
-                        'momentum test', 'momentum.png', quiet, fixed={'policy': 'one_cycle'})
+                        'momentum test', 'momentum.png', quiet, fixed={'policy': 'one_cycle'}, scale=scale)
     best, tie = _best(res, MOMS[0], 'momentum test')
     return res, tuple(best['config']['moms']) if best and not tie else MOMS[0], tr, sk
 
@@ -421,17 +498,19 @@ def _pick_wd(res, fallback, what):
     return best['config']['wd'], 'the lowest mean final valid loss' + tied
 
 
-def step_weight_decay(make_learner, out, seed, epochs, max_lr, moms, log, quiet):
+def step_weight_decay(make_learner, out, seed, epochs, max_lr, moms, log, quiet, scale=None):
     """Step 5: wd in 1e-3, 1e-4, 1e-5, 0 (wd.png), then the half-decade neighbours of the best non-zero value that
-    acts (wd_fine.png); the chosen wd: the lowest mean valid loss over all six configs, a tie or not (see _pick_wd). Returns (coarse, fine, best non-zero (None when none acts), its neighbours,
+    acts (wd_fine.png); the chosen wd: the lowest mean valid loss over all six configs, a tie or not (see _pick_wd).
+    Returns (coarse, fine, best non-zero (None when none acts), its neighbours,
     chosen wd, why, trained, skipped)."""
     coarse, tr1, sk1 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in WDS], out, seed, epochs, max_lr, log,
-                             'weight decay: coarse grid', 'wd.png', quiet)
+                             'weight decay: coarse grid', 'wd.png', quiet, scale=scale)
     acting = [r for c in coarse.summary('valid_loss') if _acting(c) for r in c['runs']]
     best_nz = _pick_wd(GridResult(acting), WDS[1], 'weight decay')[0] if acting else None
     fine_wds = _half_decade(best_nz or WDS[1])
     fine, tr2, sk2 = _grid(make_learner, [{'moms': moms, 'wd': w} for w in fine_wds], out, seed, epochs, max_lr,
-                           log, f'weight decay: half-decade neighbours of {best_nz or WDS[1]:g}', 'wd_fine.png', quiet)
+                           log, f'weight decay: half-decade neighbours of {best_nz or WDS[1]:g}', 'wd_fine.png', quiet,
+                           scale=scale)
     chosen, why = _pick_wd(GridResult(coarse.runs + fine.runs), best_nz or WDS[1], 'weight decay')
     return coarse, fine, best_nz, fine_wds, chosen, why, tr1 + tr2, sk1 + sk2
 
@@ -478,9 +557,10 @@ def _final_dirs(out, key):
     return out / 'checkpoints' / fid, out / 'snapshots' / fid
 
 
-def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
+def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log, tracker=None):
     """Step 6: fit_one_cycle(epochs, max_lr, moms, wd) with WeightSnapshots and Checkpoint; resumes from the newest
-    checkpoint, or is skipped when its record is in the log. Returns (record, learn or None, what happened)."""
+    checkpoint, or is skipped when its record is in the log; with a `tracker`, the fit it trains is a child run of
+    it. Returns (record, learn or None, what happened)."""
     config = {'final': True, 'policy': 'one_cycle', 'epochs': epochs, 'max_lr': max_lr, 'moms': moms, 'wd': wd}
     key = plain({'config': config, 'seed': seed, 'tag': TAG})
     snap_epochs = _snapshot_epochs(epochs)
@@ -494,6 +574,8 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
                 if state is not None:
                     learn.recorder.load_state_dict(state['callbacks']['Recorder'])
                     _final_plots(learn, out, config)
+            if tracker is not None:
+                tracker.log_record(rec, name='final')
             secs = rec.get('seconds')
             earlier = f', where it took {secs:.1f} s' if _num(secs, none=False, finite=True) else ''
             return rec, learn, f'skipped (reused from runs.jsonl{earlier})'
@@ -517,7 +599,8 @@ def step_final(make_learner, out, seed, epochs, max_lr, moms, wd, log):
             _say(f'6/7 final fit: training {epochs} epochs (checkpoints in {ck_dir.relative_to(out)})')
         set_seed(seed)
         try:
-            learn.fit_one_cycle(epochs, max_lr, moms=moms, wd=wd, callbacks=[snaps, ck], resume=resume)
+            with tracked(tracker, 'final', {**plain(config), 'seed': seed}) as extra:
+                learn.fit_one_cycle(epochs, max_lr, moms=moms, wd=wd, callbacks=[snaps, ck, *extra], resume=resume)
         except DivergenceError:
             status = 'diverged'
         except ValueError as e:
@@ -730,22 +813,69 @@ def run(args):
         acquire(out, 'minifast smith --out')
     except FolderLockedError as e:
         raise SystemExit(str(e)) from None
+    storage = _storage(args, out)
+    helpers = _start_workers(args, storage, out) if not getattr(args, 'grid_worker', False) else []
     try:
-        return _run_steps(args, s, out, t_start)
+        return _run_steps(args, s, out, t_start, storage)
     finally:
         release(out)
+        codes = [p.wait() for p in helpers]  # they exit once the grids are done
+        if any(codes):
+            _say(f'warning: grid workers exited with {codes} (their logs: {out / "workers"})')
 
 
-def _run_steps(args, s, out, t_start):
-    """run's steps 1 to 7 and the report, in the run folder `out` (which this process holds)."""
+def _storage(args, out):
+    """The Optuna storage the grids are shared through: --storage, or with --workers N > 1 sqlite:///OUT/study.db;
+    None for a plain run. SystemExit for --grid-worker without a storage."""
+    workers = getattr(args, 'workers', 1) or 1
+    refuse_small('smith', {'workers': workers}, workers=1)
+    storage = getattr(args, 'storage', None) or (f"sqlite:///{out / 'study.db'}" if workers > 1 else None)
+    if getattr(args, 'grid_worker', False) and storage is None:
+        raise SystemExit('smith: --grid-worker helps a main invocation through its --storage: give the same '
+                         '--storage URL')
+    return storage
+
+
+def _start_workers(args, storage, out):
+    """--workers N: N - 1 more processes on this machine, each `minifast smith ... --grid-worker` on the same
+    storage in its own folder OUT/workers/i (its output in OUT/workers/i.log); returns their Popen objects."""
+    n = getattr(args, 'workers', 1) or 1
+    if n <= 1:
+        return []
+    procs = []
+    for i in range(1, n):
+        folder = out / 'workers' / str(i)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(out / 'workers' / f'{i}.log', 'w') as f:
+            procs.append(subprocess.Popen(worker_argv(getattr(args, 'argv', None) or sys.argv[1:], storage, folder,
+                                                      extra=['--grid-worker']), stdout=f, stderr=subprocess.STDOUT))
+    _say(f'{n - 1} grid worker(s) started on {storage} (PIDs {[p.pid for p in procs]}; logs in {out / "workers"})')
+    return procs
+
+
+def _run_steps(args, s, out, t_start, storage=None):
+    """run's steps 1 to 7 and the report, in the run folder `out` (which this process holds); with --tracker, every
+    run mirrored to the tracker and the report and plots logged to it at the end."""
     _remove_stale_tmp(out)
-    log = out / 'runs.jsonl'
-
     data, what = make_data(args, s)
-    model_fn = _model_fn(s['arch'], data.c)
-    make_learner = _learner_factory(data, model_fn, out, args.quiet)
-    n_params = sum(p.numel() for p in model_fn().parameters())
+    new_model = model_fn(s['arch'], data.c)
+    make_learner = learner_factory(data, new_model, out, args.quiet)
+    n_params = sum(p.numel() for p in new_model().parameters())
     _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out}")
+    tracker = make_tracker(getattr(args, 'tracker', None), out, 'minifast smith')
+    try:
+        return _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, storage)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, storage):
+    """_run_steps's steps, reporting to `tracker` (or None), the grids shared through `storage` (or None)."""
+    log = out / 'runs.jsonl'
+    scale = {'tracker': tracker, 'storage': storage}
+    if getattr(args, 'grid_worker', False):
+        return _grid_worker(args, s, out, what, make_learner, log, scale)
     times = {}  # step -> seconds this invocation spent on it, or None where it reused an earlier one's result
 
     t = time.perf_counter()
@@ -754,16 +884,18 @@ def _run_steps(args, s, out, t_start):
     _say(f"1/7 data: batch.png (took {times['data']:.1f} s)")
 
     t = time.perf_counter()
-    lf, skipped = _lr_find_step(args, s, what, make_learner, out)
+    lf, skipped = _lr_find_step(args, s, what, make_learner, out, tracker)
     max_lr = lf['chosen']
     times['LR range test'] = None if skipped else time.perf_counter() - t
     _say(f"2/7 LR range test {_took(times['LR range test'], 'lr_find.json')}: max_lr = {max_lr:.3g} from "
          f"{lf['rule']} (steep {_fmt_lr(lf['steep'])}, valley {_fmt_lr(lf['valley'])})"
          + (f"; {lf['note']}" if lf.get('note') and args.max_lr is None else ''))
 
+    if storage is not None:  # the grid workers wait for it: the grids' configs depend on it
+        publish(storage, f'smith setup {_digest(TAG)}', 'max_lr', max_lr)
     t = time.perf_counter()
     grids, trained, skipped_runs = _grid_steps(make_learner, out, list(range(args.seed, args.seed + s['seeds'])),
-                                               s['grid_epochs'], max_lr, log, args.quiet)
+                                               s['grid_epochs'], max_lr, log, args.quiet, scale)
     times['grids'] = time.perf_counter() - t if trained else None
     _say(f"5/7 weight decay: best non-zero {_fmt_wd(grids['best_nz'])}, half-decade {grids['fine_wds']}; chose "
          f"wd={grids['wd']:g} (steps 3 to 5: {trained} run(s) trained, {skipped_runs} reused from runs.jsonl; "
@@ -771,7 +903,7 @@ def _run_steps(args, s, out, t_start):
 
     t = time.perf_counter()
     final, learn, final_what = step_final(make_learner, out, args.seed, s['epochs'], max_lr, grids['moms'],
-                                          grids['wd'], log)
+                                          grids['wd'], log, tracker)
     times['final fit'] = None if final_what.startswith('skipped') else time.perf_counter() - t
     fin = final['final']
     _say(f"6/7 final fit {final_what}: " + ', '.join(f'{k} {v:.4f}' for k, v in fin.items() if isinstance(v, float)))
@@ -791,7 +923,10 @@ def _run_steps(args, s, out, t_start):
     _say(f'done in {total:.1f} s (this invocation: '
          + ', '.join(f"{k} {'reused' if v is None else f'{v:.1f} s'}" for k, v in times.items())
          + f'); {trained} grid run(s) trained, {skipped_runs} skipped (reused from runs.jsonl)')
-    _say(f'report: {out / "report.md"}')
+    if tracker is not None:
+        for f in ['report.md', *sorted(p.name for p in out.glob('*.png'))]:
+            tracker.log_artifact(out / f)
+    _say(f'report: {out / "report.md"}' + (f' (and in the {args.tracker} tracker)' if tracker is not None else ''))
     return 0
 
 
@@ -800,34 +935,57 @@ def _took(seconds, cache):
     return f'skipped (reused from {cache})' if seconds is None else f'took {seconds:.1f} s'
 
 
-def _learner_factory(data, model_fn, out, quiet):
-    """make_learner() for every step: a fresh Learner on `data` with a new model_fn() and the workflow's metrics."""
+def learner_factory(data, new_model, out, quiet):
+    """make_learner() for every step: a fresh Learner on `data` (or the `data=` given, e.g. a cross-validation fold)
+    with a new new_model() and the workflow's metrics."""
     cpu = torch.device(data.device).type == 'cpu' if hasattr(data, 'device') else not torch.cuda.is_available()
 
-    def make_learner():  # channels_last: also on CPU (faster conv kernels there); on CUDA the Learner's default
-        return Learner(data, model_fn(), metrics=metrics_for(data.c), path=out, silent=quiet,
+    def make_learner(data=data):  # channels_last: also on CPU (faster conv kernels there); on CUDA the default
+        return Learner(data, new_model(), metrics=metrics_for(data.c), path=out, silent=quiet,
                        channels_last=True if cpu else None)
     return make_learner
 
 
-def _lr_find_step(args, s, what, make_learner, out):
-    """Step 2 as run does it: sets TAG (what make_learner builds), then step_lr_find; returns (info, skipped)."""
+def _set_tag(args, s, what):
+    """TAG: what make_learner builds (data, model, batch size, image size)."""
     TAG.clear()
     TAG.update({'data': what, 'arch': s['arch'], 'bs': s['bs'], 'size': getattr(args, 'size', None)})
+
+
+def _grid_worker(args, s, out, what, make_learner, log, scale):
+    """--grid-worker: steps 3 to 5 on the shared storage with the main invocation's max_lr (waited for in the
+    storage unless --max-lr gives it), then exit 0."""
+    _set_tag(args, s, what)
+    max_lr = args.max_lr
+    if max_lr is None:
+        _say(f"grid worker: waiting for the main invocation's max_lr in {scale['storage']}")
+        max_lr = wait_for(scale['storage'], f'smith setup {_digest(TAG)}', 'max_lr')
+    _say(f'grid worker: max_lr = {max_lr:.3g}')
+    t = time.perf_counter()
+    _, trained, skipped = _grid_steps(make_learner, out, list(range(args.seed, args.seed + s['seeds'])),
+                                      s['grid_epochs'], max_lr, log, args.quiet, scale)
+    _say(f'grid worker: steps 3 to 5 done in {time.perf_counter() - t:.1f} s ({trained} run(s) trained here, '
+         f'{skipped} by other workers or earlier); the main invocation does the final fit and the report')
+    return 0
+
+
+def _lr_find_step(args, s, what, make_learner, out, tracker=None):
+    """Step 2 as run does it: sets TAG (what make_learner builds), then step_lr_find; returns (info, skipped)."""
+    _set_tag(args, s, what)
     lr_key = plain({**TAG, 'seed': args.seed, 'num_it': s['num_it'], 'rule': LR_RULE})
-    return step_lr_find(make_learner, out, args.seed, s['num_it'], lr_key, args.max_lr)
+    return step_lr_find(make_learner, out, args.seed, s['num_it'], lr_key, args.max_lr, tracker)
 
 
-def _grid_steps(make_learner, out, seed, epochs, max_lr, log, quiet):
+def _grid_steps(make_learner, out, seed, epochs, max_lr, log, quiet, scale=None):
     """Steps 3 to 5 with their lines (but step 5's, which run prints after timing them), over the seeds `seed` (a
     list, or one); returns (what write_report takes from them, grid runs trained, grid runs skipped)."""
-    sc, won, tr1, sk1 = step_superconvergence(make_learner, out, seed, epochs, max_lr, log, quiet)
+    sc, won, tr1, sk1 = step_superconvergence(make_learner, out, seed, epochs, max_lr, log, quiet, scale)
     _say(f"3/7 super-convergence: 1cycle {won} constant lr {max_lr / CONST_DIV:.3g}")
-    mo, moms, tr2, sk2 = step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet)
+    mo, moms, tr2, sk2 = step_momentum(make_learner, out, seed, epochs, max_lr, log, quiet, scale)
     tie = mo.best()['tie'] if any(r['status'] == 'done' for r in mo.runs) else []
     _say(f"4/7 momentum: chose moms={moms}" + (' (a tie: the default)' if tie else ''))
     wd_c, wd_f, best_nz, fine_wds, wd, why, tr3, sk3 = step_weight_decay(make_learner, out, seed, epochs, max_lr,
-                                                                          moms, log, quiet)
+                                                                          moms, log, quiet, scale)
     grids = dict(sc=sc, sc_won=won, mom=mo, moms=moms, mom_tie=bool(tie), wd_coarse=wd_c, wd_fine=wd_f,
                  best_nz=best_nz, fine_wds=fine_wds, wd=wd, wd_why=why, seeds=_seed_list(seed),
                  wd_how=_wd_ranges(make_learner(), max_lr, wd_c.runs))

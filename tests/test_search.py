@@ -1,6 +1,7 @@
 """search on Optuna: spaces, samplers' plans, fairness with grid_search, pruning, records in the storage and skipping
 finished slots; many worker processes on one SQLite / PostgreSQL study (every slot exactly once, the table of one
 worker), a killed worker's trial failed as stale and resumed from its checkpoint by another worker."""
+import contextlib
 import glob
 import json
 import os
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minifast import Learner, accuracy, grid_search
+from minifast import Callback, Learner, accuracy, grid_search
+from minifast.grid import plain
 from minifast.search import (HEARTBEAT_ATTR, Choice, IntRange, LogUniform, SearchResult, Uniform, search)
 
 from conftest import make_data
@@ -35,7 +37,7 @@ def make_learner(calls=None, hidden=16):
 
 def strip(rec):
     """A record without what differs between two identical runs (timings, trial numbers)."""
-    drop = {'seconds', 'trial', 'slot', 'resumed_from'}
+    drop = {'seconds', 'trial', 'slot', 'resumed_from', 'worker'}
     out = {k: v for k, v in rec.items() if k not in drop}
     out['epochs'] = [{k: v for k, v in e.items() if k != 'time'} for e in rec['epochs']]
     return out
@@ -301,3 +303,75 @@ def test_two_workers_on_a_postgresql_server(tmp_path):
         subprocess.run([*as_pg, str(bin_ / 'pg_ctl'), '-D', str(data), '-m', 'immediate', 'stop'],
                        capture_output=True)
         shutil.rmtree(data, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- a list of configs, trackers, folds
+def test_a_list_of_configs_runs_exactly_those_and_matches_grid_search(tmp_path):
+    configs = [{'policy': 'one_cycle', 'moms': (0.95, 0.85)}, {'policy': 'constant', 'lr': 3e-3}]
+    res = search(make_learner, configs, pruner=None, epochs=2, fixed={'wd': 1e-4}, storage=f'sqlite:///{tmp_path}/s.db')
+    g = grid_search(make_learner, configs, epochs=2, fixed={'wd': 1e-4})
+    assert [r['config'] for r in res.runs] == [{'policy': 'one_cycle', 'moms': [0.95, 0.85]},
+                                               {'policy': 'constant', 'lr': 3e-3}]
+    assert [r['key'] for r in res.runs] == [r['key'] for r in g.runs]
+    for a, b in zip(res.runs, g.runs):  # same initial weights (the first config's) and data order
+        assert a['steps'] == b['steps'] and strip(a)['epochs'] == strip(b)['epochs']
+    assert [t.params for t in res.study.trials] == [{'config': json.dumps(plain(c))} for c in configs]
+    with pytest.raises(ValueError, match='list of config dicts'):
+        search(make_learner, [{'lr': 1e-3}, 'wd=0'])
+
+
+class FakeTracker:
+    """A tracker that notes what it is given (the trackers themselves are tested in test_trackers.py)."""
+
+    def __init__(self):
+        self.children, self.replayed = [], []
+
+    @contextlib.contextmanager
+    def child(self, name, params=None):
+        cb = EpochCounter()
+        yield cb
+        self.children.append((name, params, cb.epochs))
+
+    def log_record(self, rec, name=None):
+        self.replayed.append((name, rec['status']))
+
+
+class EpochCounter(Callback):
+    def __init__(self):
+        self.epochs = 0
+
+    def after_epoch(self, learn):
+        self.epochs += 1
+
+
+def test_each_trained_trial_is_a_child_run_of_the_tracker():
+    t = FakeTracker()
+    space = {'lr': Choice([3e-2, 1e-2]), 'wd': Choice([0., 1e-3])}
+    res = search(make_learner, space, sampler='grid', pruner=None, epochs=2, tracker=t)
+    assert [n for n, _, _ in t.children] == [f"trial {r['trial']} {r['name']}" for r in res.runs]
+    assert all(e == 2 for _, _, e in t.children) and t.children[0][1] == {'lr': 3e-2, 'wd': 0., 'seed': 0,
+                                                                          'trial': 0}
+
+
+def test_folds_score_each_trial_by_the_mean_over_folds_and_can_prune_between_folds():
+    from minifast.crossval import cross_validate
+    data = make_data(n_train=120, n_valid=20)
+
+    def mk(data=data, hidden=16):
+        model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
+        return Learner(data, model, silent=True, metrics=[accuracy])
+
+    t = FakeTracker()
+    res = search(mk, {'lr': Choice([3e-2, 1e-8])}, sampler='grid', pruner=None, epochs=2, folds=3, data=data,
+                 tracker=t)
+    cv = cross_validate(mk, data, k=3, config={'lr': 3e-2}, epochs=2)  # by hand: the same initial weights
+    rec = res.runs[0]
+    assert rec['final']['valid_loss'] == pytest.approx(cv.mean['valid_loss'], rel=1e-6)
+    assert rec['k'] == 3 and rec['status'] == 'done' and rec['config'] == {'lr': 3e-2}
+    assert res.best()['config'] == {'lr': 3e-2} and len(t.replayed) == 2
+    # a pruner that always prunes stops a trial after its first fold
+    always = optuna.pruners.ThresholdPruner(upper=-1.0)
+    cut = search(mk, {'lr': Choice([3e-2])}, sampler='grid', pruner=always, epochs=2, folds=3, data=data)
+    assert cut.runs[0]['status'] == 'pruned' and len(cut.runs[0]['folds']) == 1 and cut.n_pruned == 1
+    with pytest.raises(ValueError, match=r'folds must be an integer >= 2 and come with data='):
+        search(mk, {'lr': Choice([3e-2])}, folds=3)

@@ -166,12 +166,12 @@ def test_smith_final_fit_with_new_wd_is_trained_with_that_wd(tmp_path):
 # ------------------------------------------------------------------------------------------------ smith: caches
 def _tiny_smith(monkeypatch):
     """smith.run with a tiny MLP task in place of images and ResNets (the steps and caches are the real ones)."""
-    def fake_data(args, s):
+    def fake_data(args, s, cmd='smith'):
         data = make_data(n_train=s['n_train'], n_valid=32, bs=16, n_out=6, seed=args.seed)
         data.device = 'cpu'  # images' DataBunch has it; the tensor one does not
         return data, f"tiny set ({s['n_train']} training rows)"
     monkeypatch.setattr(smith, 'make_data', fake_data)
-    monkeypatch.setattr(smith, '_model_fn', lambda arch, c: (lambda: make_mlp(n_out=c)))
+    monkeypatch.setattr(smith, 'model_fn', lambda arch, c: (lambda: make_mlp(n_out=c)))
     monkeypatch.setattr(smith, 'step_data', lambda data, out: None)
 
 
@@ -441,10 +441,10 @@ def test_smith_final_and_interpolation_plots_are_titled(tmp_path, monkeypatch):
 
 def test_smith_workflow_metrics_leave_out_top_k_with_few_classes(tmp_path):
     data = make_data(n_out=5)
-    learn = smith._learner_factory(data, lambda: make_mlp(n_out=5), tmp_path, True)()
+    learn = smith.learner_factory(data, lambda: make_mlp(n_out=5), tmp_path, True)()
     assert learn.metrics == [accuracy]
     data = make_data(n_out=6)
-    assert [m.__name__ for m in smith._learner_factory(data, lambda: make_mlp(n_out=6), tmp_path, True)().metrics] \
+    assert [m.__name__ for m in smith.learner_factory(data, lambda: make_mlp(n_out=6), tmp_path, True)().metrics] \
         == ['accuracy', 'top_k_accuracy']
 
 
@@ -557,12 +557,12 @@ from conftest import make_data, make_mlp
 from minifast import smith
 from minifast.cli import main
 
-def fake_data(args, s):
+def fake_data(args, s, cmd='smith'):
     data = make_data(n_train=s['n_train'], n_valid=32, bs=16, n_out=6, seed=args.seed)
     data.device = 'cpu'
     return data, 'tiny set'
 smith.make_data = fake_data
-smith._model_fn = lambda arch, c: (lambda: make_mlp(n_out=c))
+smith.model_fn = lambda arch, c: (lambda: make_mlp(n_out=c))
 smith.step_data = lambda data, out: None
 
 class WaitForCtrlC(smith.WeightSnapshots):

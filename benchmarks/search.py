@@ -56,6 +56,8 @@ def main(argv=None):
     print(f'{args.trials} trials of fit_one_cycle({args.epochs}) on the built-in set ({args.n_train} training, '
           f'{args.n_valid} validation images), ResNet-8, random sampler (seed {args.sampler_seed}), '
           f'{torch.get_num_threads()} threads', flush=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # torch's first-fit warm-up, outside both timings
+        Learner(data, cifar_resnet(8, data.c), silent=True, channels_last=True).fit(1, 1e-3)
     out = {}
     for name, pruner in (('no pruner', None), ('median pruner', 'median')):
         r = out[name] = one_search(data, pruner, args)

@@ -219,22 +219,20 @@ def rows(res):
     return [{k: v for k, v in r.items() if k != 'seconds'} for r in res.rows()]
 
 
-@pytest.mark.slow
 def test_three_workers_run_every_slot_once_and_match_one_worker(tmp_path):
     script, n = worker_script(tmp_path), 6
     many, one = f'sqlite:///{tmp_path}/many.db', f'sqlite:///{tmp_path}/one.db'
     t0 = time.perf_counter()
-    finish([start(script, many, 0.02, n, 2, tmp_path / 'ck') for _ in range(3)])
+    finish([start(script, many, 0.1, n, 2, tmp_path / 'ck') for _ in range(3)])  # ~1.5 s a trial: all join
     finish([start(script, one, 0, n, 2, tmp_path / 'ck1')])
     a, b = SearchResult.from_storage(many), SearchResult.from_storage(one)
     check_exactly_once(a, n)
     assert rows(a) == rows(b) and [strip(r) for r in a.runs] == [strip(r) for r in b.runs]
-    workers = {t.user_attrs['record']['trial'] for t in a.study.trials if 'record' in t.user_attrs}
-    assert len(workers) == n
+    trials = {t.user_attrs['record']['trial'] for t in a.study.trials if 'record' in t.user_attrs}
+    assert len(trials) == n and len({r['worker'] for r in a.runs}) >= 2  # shared, not one worker doing it all
     print(f'3 workers + 1 worker: {time.perf_counter() - t0:.1f} s')
 
 
-@pytest.mark.slow
 def test_a_killed_worker_trial_completes_in_another_worker_from_its_checkpoint(tmp_path):
     script, url, ck = worker_script(tmp_path), f'sqlite:///{tmp_path}/study.db', tmp_path / 'ck'
     slow = start(script, url, 0.25, 1, 3, ck)  # 6 batches of 0.25 s per epoch
@@ -269,7 +267,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_workers_on_a_postgresql_server(tmp_path):
     pytest.importorskip('psycopg2')
     bin_ = _pg_bin()

@@ -87,7 +87,8 @@ def test_peer_rules_follow_their_documented_behaviour():
 
 def test_search_benchmark_smoke_runs_both_searches_on_the_same_configs(capsys):
     pytest.importorskip('optuna')
-    out = _load('search').main(['--trials', '3', '--epochs', '2', '--n-train', '64', '--n-valid', '32', '--bs', '32'])
+    out = _load('search').main(['--trials', '3', '--epochs', '2', '--n-train', '64', '--n-valid', '32', '--bs', '32',
+                                '--rounds', '1'])
     full, pruned = out['no pruner'], out['median pruner']
     assert [r['config'] for r in full['res'].runs] == [r['config'] for r in pruned['res'].runs]  # the same draws
     assert full['epochs'] == 6 and pruned['epochs'] <= 6 and full['res'].n_pruned == 0

@@ -840,7 +840,8 @@ def run(args):
 def _storage(args, out):
     """The Optuna storage the grids are shared through: --storage, or with --workers N > 1 sqlite:///OUT/study.db;
     None for a plain run. SystemExit for --grid-worker without a storage."""
-    workers = getattr(args, 'workers', 1) or 1
+    workers = getattr(args, 'workers', None)
+    workers = 1 if workers is None else workers  # (not `or 1`: --workers 0 must be refused, not run as 1)
     refuse_small('smith', {'workers': workers}, workers=1)
     storage = getattr(args, 'storage', None) or (f"sqlite:///{out / 'study.db'}" if workers > 1 else None)
     if getattr(args, 'grid_worker', False) and storage is None:

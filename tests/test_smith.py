@@ -1004,7 +1004,9 @@ def test_smith_main_and_a_grid_worker_process_train_each_run_once_as_one_process
     url = f"sqlite:///{tmp_path / 'study.db'}"
     common = ['smith', '--quick', '--quiet', '--n-train', '64', '--num-it', '8', '--epochs', '2', '--grid-epochs',
               '1', '--max-lr', '1e-2', '--storage', url]  # as plain_tiny_run
-    worker = subprocess.Popen([sys.executable, '-c', code, *common, '--out', str(tmp_path / 'w'), '--grid-worker'],
+    # the worker without --max-lr: it waits for the main's, published in the storage after its step 2
+    worker = subprocess.Popen([sys.executable, '-c', code, *common[:-4], *common[-2:], '--out', str(tmp_path / 'w'),
+                               '--grid-worker'],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     main_proc = subprocess.Popen([sys.executable, '-c', code, *common, '--out', str(tmp_path / 'main')],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
@@ -1012,7 +1014,7 @@ def test_smith_main_and_a_grid_worker_process_train_each_run_once_as_one_process
     w_out = worker.communicate(timeout=300)[0]
     assert main_proc.returncode == 0, m_out
     assert worker.returncode == 0, w_out
-    assert 'grid worker: max_lr = 0.01' in w_out and not (tmp_path / 'w' / 'report.md').exists()
+    assert "waiting for the main invocation's max_lr" in w_out and 'grid worker: max_lr = 0.01' in w_out and not (tmp_path / 'w' / 'report.md').exists()
     recs = read_log(tmp_path / 'main' / 'runs.jsonl')
     grid = [r for r in recs if r['name'] != 'final']
     keys = [json.dumps(r['key'], sort_keys=True) for r in grid]

@@ -163,7 +163,8 @@ def test_search_again_on_the_same_storage_trains_nothing(tmp_path, monkeypatch, 
     second = capsys.readouterr().out
     assert len(fits) == 4, 'the second run trained again'
     assert (tmp_path / 'run' / 'runs.jsonl').read_text() == log1  # nothing appended twice
-    best = lambda text: next(ln for ln in text.splitlines() if ln.startswith('search: best:')).split('; took')[0]  # noqa: E731
+    def best(text):
+        return next(ln for ln in text.splitlines() if ln.startswith('search: best:')).split('; took')[0]
     assert best(second) == best(first)
     res = SearchResult.from_storage(url, 'minifast-search')
     assert [r['slot'] for r in res.runs] == [0, 1, 2, 3] and res.n_complete == 4

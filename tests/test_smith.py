@@ -823,7 +823,8 @@ def test_smith_tracker_missing_library_exits_naming_the_extra(tmp_path, monkeypa
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real(name, *a))
     with pytest.raises(SystemExit) as e:
         smith.run(_args(tmp_path, tracker='wandb'))
-    assert str(e.value.code) == 'smith: --tracker wandb: the wandb package is not installed; pip install minifast[track]'
+    assert str(e.value.code) == ('smith: --tracker wandb: the wandb package is not installed; pip install '
+                                 'minifast[track]')
     assert not (tmp_path / 'runs.jsonl').exists() and not (tmp_path / 'lr_find.json').exists()
 
 
@@ -957,7 +958,8 @@ def test_smith_grid_worker_waits_for_the_published_max_lr(tmp_path, monkeypatch,
         setup = []
         while not setup and time.monotonic() < deadline:  # the worker creates the study it waits in
             time.sleep(0.1)
-            setup = [s.study_name for s in optuna.get_all_study_summaries(url) if s.study_name.startswith('smith setup')]
+            setup = [s.study_name for s in optuna.get_all_study_summaries(url)
+                     if s.study_name.startswith('smith setup')]
         assert setup and t.is_alive() and not (tmp_path / 'w' / 'runs.jsonl').exists()
         smith.publish(url, setup[0], 'max_lr', 0.02)
     finally:
@@ -1014,7 +1016,8 @@ def test_smith_main_and_a_grid_worker_process_train_each_run_once_as_one_process
     w_out = worker.communicate(timeout=300)[0]
     assert main_proc.returncode == 0, m_out
     assert worker.returncode == 0, w_out
-    assert "waiting for the main invocation's max_lr" in w_out and 'grid worker: max_lr = 0.01' in w_out and not (tmp_path / 'w' / 'report.md').exists()
+    assert "waiting for the main invocation's max_lr" in w_out and 'grid worker: max_lr = 0.01' in w_out
+    assert not (tmp_path / 'w' / 'report.md').exists()
     recs = read_log(tmp_path / 'main' / 'runs.jsonl')
     grid = [r for r in recs if r['name'] != 'final']
     keys = [json.dumps(r['key'], sort_keys=True) for r in grid]

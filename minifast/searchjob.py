@@ -49,18 +49,20 @@ def parse_space(specs):
         if kind == 'choice':
             values = [tuple(_number(x, spec) for x in v.split(',')) if ',' in v else _number(v, spec)
                       for v in args.split('/')]
-            space[key] = Choice(values)
+            dim = Choice(values)
         elif kind in KINDS:
             bounds = args.split(':')
             if len(bounds) != 2:
                 raise SystemExit(f'search: --space {spec!r}: {kind} takes two bounds, LOW:HIGH')
             low, high = (_number(b, spec) for b in bounds)
-            try:
-                space[key] = KINDS[kind](low, high)
-            except (TypeError, ValueError) as e:
-                raise SystemExit(f'search: --space {spec!r}: {e}') from None
+            dim = KINDS[kind](low, high)
         else:
             raise SystemExit(f"search: --space {spec!r}: unknown kind {kind!r}; use log, uniform, int or choice")
+        try:  # the constructors check nothing: bad bounds (low >= high, ...) would fail later, as a traceback
+            dim.check(key)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"search: --space {spec!r}: {str(e).removeprefix('search: ')}") from None
+        space[key] = dim
     return space
 
 
@@ -109,6 +111,8 @@ def _run(args, s, space, out):
     _say(f"{what}; {s['arch']}, bs {s['bs']}, {data.device}; {args.trials} trials of {s['epochs']} epochs, sampler "
          f"{args.sampler}, pruner {args.pruner}" + (f', {args.folds}-fold cross-validation' if args.folds else '')
          + f"; storage {storage or 'in memory'}, study {args.study!r}; run folder {out}")
+    # before the other workers start: a missing tracker library exits here, not after they began training
+    tracker = make_tracker(args.tracker, out, f'search {args.study}', cmd='search')
     helpers = []
     for i in range(1, args.workers):  # this process is worker 0
         cmd = worker_argv(getattr(args, 'argv', None) or sys.argv[1:], storage, out / 'workers' / str(i))
@@ -117,7 +121,6 @@ def _run(args, s, space, out):
             helpers.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
     if helpers:
         _say(f'started {len(helpers)} more worker(s) on this machine: PIDs {[p.pid for p in helpers]}')
-    tracker = make_tracker(args.tracker, out, f'search {args.study}', cmd='search')
     t0 = time.perf_counter()
     try:
         res = search(make_learner, space, n_trials=args.trials, sampler=args.sampler,

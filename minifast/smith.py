@@ -135,7 +135,15 @@ def make_tracker(kind, out, name, cmd='smith'):
     try:
         if kind == 'tensorboard':
             # one folder per invocation: a second one replays the reused runs, which must not add to the first's
-            return TensorBoardLogger(out / 'tensorboard' / time.strftime('%Y%m%d-%H%M%S'))
+            # (made here, with a suffix when taken: a reused invocation can start within the second of the last)
+            stamp, n = time.strftime('%Y%m%d-%H%M%S'), 1
+            while True:
+                folder = out / 'tensorboard' / (stamp if n == 1 else f'{stamp}-{n}')
+                try:
+                    folder.mkdir(parents=True)
+                    return TensorBoardLogger(folder)
+                except FileExistsError:
+                    n += 1
         if kind == 'mlflow':
             return MLflowLogger(experiment=name, tracking_uri=os.environ.get('MLFLOW_TRACKING_URI')
                                 or f"sqlite:///{out / 'mlflow.db'}", artifact_location=str(out / 'mlruns'),
@@ -327,7 +335,8 @@ def step_lr_find(make_learner, out, seed, num_it, key, max_lr=None, tracker=None
         res = learn.lr_find(num_it=num_it)
         save_plot(learn.recorder.plot(suggestion=True), png, f'LR range test ({len(res.lrs)} steps)')
         if tracker is not None:  # lr_find hides the learner's callbacks: its curve and suggestions are logged here
-            with tracker.child('LR range test', {'num_it': num_it, 'seed': seed}) as t:
+            with tracker.child('LR range test') as t:
+                t.log_params({'num_it': num_it, 'seed': seed})  # a child logs its params only in a fit
                 if res.max_lr:
                     t.log_metrics({'lr_find/max_lr': res.max_lr}, step=0)
                 t.log_figure(learn.recorder.plot(suggestion=True), 'lr_find')
@@ -817,6 +826,10 @@ def run(args):
     helpers = _start_workers(args, storage, out) if not getattr(args, 'grid_worker', False) else []
     try:
         return _run_steps(args, s, out, t_start, storage)
+    except BaseException:
+        for p in helpers:  # they may wait for a max_lr this invocation never publishes: waiting for them hangs
+            p.terminate()
+        raise
     finally:
         release(out)
         codes = [p.wait() for p in helpers]  # they exit once the grids are done
@@ -827,7 +840,8 @@ def run(args):
 def _storage(args, out):
     """The Optuna storage the grids are shared through: --storage, or with --workers N > 1 sqlite:///OUT/study.db;
     None for a plain run. SystemExit for --grid-worker without a storage."""
-    workers = getattr(args, 'workers', 1) or 1
+    workers = getattr(args, 'workers', None)
+    workers = 1 if workers is None else workers  # (not `or 1`: --workers 0 must be refused, not run as 1)
     refuse_small('smith', {'workers': workers}, workers=1)
     storage = getattr(args, 'storage', None) or (f"sqlite:///{out / 'study.db'}" if workers > 1 else None)
     if getattr(args, 'grid_worker', False) and storage is None:

@@ -129,3 +129,54 @@ def test_demo_fewer_training_images_than_a_batch_is_one_line(tmp_path):
         main(['demo', '--n-train', '10', '--out', str(tmp_path), '--quiet'])
     assert str(e.value.code) == ('demo: the built-in 32x32 shapes set (10 training images, 10 classes): 10 training '
                                  'images, fewer than one batch (--bs 64); lower --bs or raise --n-train')
+
+
+# ---- minifast search: the command line (issue 20) ---------------------------------------------------------------
+def test_search_help_lists_its_flags_and_neither_help_nor_the_modules_import_the_engines():
+    """`minifast search --help` answers before torch is imported; importing the search command's modules imports
+    none of the optional engines (they are imported when a search or tracker runs)."""
+    import subprocess
+    import sys
+    code = ('import sys\n'
+            'from minifast.cli import main\n'
+            'try:\n'
+            '    main(["search", "--help"])\n'
+            'except SystemExit:\n'
+            '    pass\n'
+            'assert "torch" not in sys.modules\n'
+            'import minifast.searchjob, minifast.smith\n'
+            'print("engines", [m for m in ("optuna", "mlflow", "tensorboard", "wandb") if m in sys.modules])\n')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    for flag in ('--space', '--trials', '--sampler', '--pruner', '--storage', '--workers', '--folds', '--tracker',
+                 '--study', '--monitor'):
+        assert flag in proc.stdout, flag
+    assert proc.stdout.strip().splitlines()[-1] == 'engines []'
+
+
+def test_search_and_smith_refuse_too_few_workers_trials_or_folds(tmp_path):
+    import pytest
+    for argv, words in ((['search', '--workers', '0'], '--workers 0: it must be at least 1'),
+                        (['search', '--trials', '0'], '--trials 0: it must be at least 1'),
+                        (['search', '--folds', '1'], '--folds 1: it must be at least 2'),
+                        (['smith', '--workers', '0'], '--workers 0: it must be at least 1')):
+        with pytest.raises(SystemExit, match=words):
+            main([*argv, '--quick', '--quiet', '--out', str(tmp_path / 'run')])
+        assert not (tmp_path / 'run' / 'runs.jsonl').exists()
+
+
+def test_ctrl_c_in_search_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import pytest
+    from minifast import searchjob
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(searchjob, '_run', interrupted)
+    argv = ['search', '--quick', '--quiet', '--out', str(tmp_path)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ['search: interrupted; run the same command again to go on (finished trials are '
+                                        'kept in the storage; with an in-memory study, without --storage or '
+                                        '--workers, they are lost)']
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, '--debug'])

@@ -702,3 +702,330 @@ def test_report_says_how_wd_is_applied_and_marks_decay_that_never_acted(smith_ru
     assert bool(noop) == ('No-op in this grid' in report)
     for r in noop:
         assert f"{r['config']['wd']:g}" in report.split('No-op in this grid')[1].split('\n')[0]
+
+
+# ------------------------------------------------------------------------------------------------ smith: issue 20
+FAST = dict(grid_epochs=1, epochs=2)  # the least the workflow takes: 1-epoch grid runs, 2 epochs of final fit
+
+
+def _child_runs(client, exp_name):
+    """{parent run: [its child runs]} of the MLflow experiment `exp_name`, parents oldest first."""
+    runs = client.search_runs([client.get_experiment_by_name(exp_name).experiment_id])
+    parents = sorted((r for r in runs if 'mlflow.parentRunId' not in r.data.tags), key=lambda r: r.info.start_time)
+    return [(p, [r for r in runs if r.data.tags.get('mlflow.parentRunId') == p.info.run_id]) for p in parents]
+
+
+def _expected_children(recs):
+    """The child run names a tracker shows for one smith invocation's runs.jsonl records: each grid run once per
+    grid it is in ('<name> seed N'; step 4 shows step 3's 1cycle run again as 'moms=(0.95, 0.85) seed N'), and
+    'final'; {name: the record}."""
+    want = {}
+    for r in recs:
+        if r['name'] == 'final':
+            want['final'] = r
+        else:
+            want[f"{r['name']} seed {r['seed']}"] = r
+            if r['config'].get('policy') == 'one_cycle':
+                want[f"moms=({', '.join(map(str, r['config']['moms']))}) seed {r['seed']}"] = r
+    return want
+
+
+@pytest.fixture(scope='module')
+def mlflow_db(tmp_path_factory):
+    """An SQLite MLflow store with its tables made (MLflow's migrations take seconds per new store)."""
+    from mlflow import MlflowClient
+    db = tmp_path_factory.mktemp('mlflow') / 'mlflow.db'
+    MlflowClient(tracking_uri=f'sqlite:///{db}').search_experiments()
+    return db
+
+
+@pytest.mark.slow  # 10-20 s here (MLflow's SQLite store, two figures per run); the fast variants: the TensorBoard
+# tests below (the same children and replays) and test_searchjob's MLflow test (parent, children, artifacts)
+def test_smith_tracker_mlflow_mirrors_every_run_and_a_second_invocation_replays_them(tmp_path, monkeypatch,
+                                                                                   mlflow_db):
+    from mlflow import MlflowClient
+    _tiny_smith(monkeypatch)
+    monkeypatch.delenv('MLFLOW_TRACKING_URI', raising=False)
+    shutil.copy(mlflow_db, tmp_path / 'mlflow.db')  # OUT/mlflow.db, the default store (tables already made)
+    assert smith.run(_args(tmp_path, tracker='mlflow', **FAST)) == 0
+    recs = read_log(tmp_path / 'runs.jsonl')
+    assert smith.run(_args(tmp_path, tracker='mlflow', **FAST)) == 0  # everything reused
+    assert read_log(tmp_path / 'runs.jsonl') == recs
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (p1, kids1), (p2, kids2) = _child_runs(c, 'minifast smith')
+    want = _expected_children(recs)
+    assert len(want) == N_GRID + 2
+    assert sorted(k.info.run_name for k in kids1) == sorted([*want, 'LR range test'])
+    assert sorted(k.info.run_name for k in kids2) == sorted(want)  # the LR range test is a cache, not a run
+    pngs = {p.name for p in tmp_path.glob('*.png')}
+    for parent, kids in ((p1, kids1), (p2, kids2)):
+        assert parent.info.run_name.startswith('minifast smith ') and parent.info.status == 'FINISHED'
+        assert {a.path for a in c.list_artifacts(parent.info.run_id)} == {'report.md', *pngs}
+        for k in kids:
+            assert k.info.status == 'FINISHED', k.info.run_name
+            if k.info.run_name == 'LR range test':
+                assert {a.path for a in c.list_artifacts(k.info.run_id)} == {'lr_find.png'}
+                continue
+            r = want[k.info.run_name]
+            for key in ('train_loss', 'valid_loss', 'accuracy'):
+                hist = sorted(c.get_metric_history(k.info.run_id, key), key=lambda m: m.step)
+                assert [m.value for m in hist] == [e[key] for e in r['epochs']], (k.info.run_name, key)
+            assert k.data.params['seed'] == str(r['seed'])
+    lr_kid = next(k for k in kids1 if k.info.run_name == 'LR range test')
+    assert lr_kid.data.params['num_it'] == '8'
+
+
+def _tb(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder), size_guidance={'scalars': 0, 'images': 0})
+    acc.Reload()
+    return acc
+
+
+def test_smith_tracker_tensorboard_one_folder_per_invocation_holding_every_run(tmp_path, monkeypatch):
+    _tiny_smith(monkeypatch)
+    assert smith.run(_args(tmp_path, tracker='tensorboard', **FAST)) == 0
+    assert smith.run(_args(tmp_path, tracker='tensorboard', **FAST)) == 0
+    recs = read_log(tmp_path / 'runs.jsonl')
+    want = _expected_children(recs)
+    first, second = sorted((tmp_path / 'tensorboard').iterdir())
+    for folder, extra in ((first, {'LR range test'}), (second, set())):
+        kids = {p.name for p in folder.iterdir() if p.is_dir() and p.name != 'artifacts'}
+        assert kids == set(want) | extra, folder
+        assert {p.name for p in (folder / 'artifacts').iterdir()} == {'report.md', *(p.name for p in
+                                                                               tmp_path.glob('*.png'))}
+        for name, r in want.items():
+            got = [(e.step, e.value) for e in _tb(folder / name).Scalars('valid_loss')]
+            assert [s for s, _ in got] == [e['epoch'] for e in r['epochs']], name
+            assert [v for _, v in got] == pytest.approx([e['valid_loss'] for e in r['epochs']], rel=1e-6), name
+    assert set(_tb(first / 'LR range test').Tags()['images']) == {'lr_find'}
+
+
+def test_smith_tracker_tensorboard_two_invocations_in_one_second_get_two_folders(tmp_path, monkeypatch):
+    """The folder was named by the second only: a reused invocation takes under a second, and the next one then
+    wrote its replayed runs into the same folder, each run twice."""
+    _tiny_smith(monkeypatch)
+    assert smith.run(_args(tmp_path, **FAST)) == 0
+    monkeypatch.setattr(smith.time, 'strftime', lambda *a: '20260101-120000')
+    for _ in range(2):
+        assert smith.run(_args(tmp_path, tracker='tensorboard', **FAST)) == 0
+    folders = sorted(p.name for p in (tmp_path / 'tensorboard').iterdir())
+    assert len(folders) == 2 and folders[0] == '20260101-120000', folders
+    for f in folders:
+        got = _tb(tmp_path / 'tensorboard' / f / 'final').Scalars('valid_loss')
+        assert [e.step for e in got] == [0, 1], f
+
+
+def test_smith_tracker_missing_library_exits_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+    _tiny_smith(monkeypatch)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        smith.run(_args(tmp_path, tracker='wandb'))
+    assert str(e.value.code) == ('smith: --tracker wandb: the wandb package is not installed; pip install '
+                                 'minifast[track]')
+    assert not (tmp_path / 'runs.jsonl').exists() and not (tmp_path / 'lr_find.json').exists()
+
+
+class _FakeWorker:
+    """A grid worker process that waits (for a max_lr) until it is terminated."""
+    pid = 4242
+
+    def __init__(self, *a, **k):
+        self.terminated = False
+        STARTED.append(self)
+
+    def terminate(self):
+        self.terminated = True
+
+    def wait(self, timeout=None):
+        assert self.terminated, 'the main invocation waited for a grid worker it never told to stop: it hangs'
+        return -15
+
+
+STARTED = []
+
+
+def test_smith_failing_main_stops_its_grid_workers_instead_of_waiting_for_them(tmp_path, monkeypatch):
+    """--workers 2 and a main invocation that stops before it publishes max_lr (here a missing tracker library; a
+    data error or a failing step likewise): its grid workers wait for max_lr for ever, and the main waited for them."""
+    import importlib.util
+    _tiny_smith(monkeypatch)
+    STARTED.clear()
+    monkeypatch.setattr(smith.subprocess, 'Popen', _FakeWorker)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real(name, *a))
+    with pytest.raises(SystemExit, match='pip install minifast'):
+        smith.run(_args(tmp_path, tracker='wandb', workers=2, argv=['smith', '--quick']))
+    assert len(STARTED) == 1 and STARTED[0].terminated
+
+
+# ---- --storage: the grids through an Optuna study ---------------------------------------------------------------
+def _search_module():
+    import importlib
+    return importlib.import_module('minifast.search')  # the module (minifast.search is also the function)
+
+
+def _count_grid_fits(monkeypatch):
+    fits, mod = [], _search_module()
+    real = mod.fit_run
+    monkeypatch.setattr(mod, 'fit_run', lambda *a, **k: (fits.append(a[2]), real(*a, **k))[1])
+    return fits
+
+
+def _finals(recs):
+    return {json.dumps(r['key'], sort_keys=True): r['final'] for r in recs}
+
+
+def _report_sans_times(out):
+    text = (out / 'report.md').read_text()
+    text = re.sub(r'\b\d+\.\d(?=\s+(done|diverged|pruned)\b)', 'T', text)  # the tables' seconds column
+    return re.sub(r'\d+\.\d s\b', 'T s', text)
+
+
+@pytest.fixture(scope='module')
+def plain_tiny_run(tmp_path_factory):
+    """The tiny smith without --storage: its run folder."""
+    mp = pytest.MonkeyPatch()
+    try:
+        _tiny_smith(mp)
+        out = tmp_path_factory.mktemp('plain')
+        assert smith.run(_args(out, **FAST)) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def test_smith_storage_grids_go_through_the_study_and_choose_as_a_plain_run(tmp_path, monkeypatch, plain_tiny_run):
+    import optuna
+    _tiny_smith(monkeypatch)
+    fits = _count_grid_fits(monkeypatch)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert smith.run(_args(tmp_path / 'run', storage=url, **FAST)) == 0
+    assert len(fits) == N_GRID
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(url))
+    setup = [n for n in names if n.startswith('smith setup ')]
+    grids = [n for n in names if not n.startswith('smith setup ')]
+    assert len(setup) == 1 and smith.wait_for(url, setup[0], 'max_lr', timeout=0) == 1e-2
+    # a study per grid and seed (steps 3, 4, 5 coarse and fine; step 4's first pair is step 3's run, from the log)
+    assert len(grids) == 4 and all(re.fullmatch(r'smith [0-9a-f]{10} seed 0', n) for n in grids), names
+    from minifast.search import SearchResult
+    stored = [r for n in grids for r in SearchResult.from_storage(url, n).runs]
+    assert len(stored) == N_GRID and len({json.dumps(r['key'], sort_keys=True) for r in stored}) == N_GRID
+    recs, plain_recs = read_log(tmp_path / 'run' / 'runs.jsonl'), read_log(plain_tiny_run / 'runs.jsonl')
+    assert len(recs) == len(plain_recs) == N_GRID + 1
+    assert _finals(recs) == _finals(plain_recs) == {**_finals(stored), **_finals([recs[-1]])}  # bit-identical runs
+    assert _report_sans_times(tmp_path / 'run') == _report_sans_times(plain_tiny_run)  # choices, tables, verdicts
+
+
+def test_smith_grid_worker_needs_a_storage(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(smith, 'make_data', lambda *a, **k: made.append(a))
+    with pytest.raises(SystemExit) as e:
+        smith.run(_args(tmp_path / 'run', grid_worker=True))
+    assert '--grid-worker' in str(e.value.code) and '--storage' in str(e.value.code)
+    assert not made and not (tmp_path / 'run' / 'runs.jsonl').exists()
+
+
+def test_smith_grid_worker_runs_steps_3_to_5_and_the_main_then_trains_no_grid_run(tmp_path, monkeypatch, capsys):
+    _tiny_smith(monkeypatch)
+    fits = _count_grid_fits(monkeypatch)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert smith.run(_args(tmp_path / 'w', grid_worker=True, storage=url, **FAST)) == 0  # --max-lr: no waiting
+    out = capsys.readouterr().out
+    assert len(fits) == N_GRID and 'grid worker: steps 3 to 5 done' in out and '6/7' not in out
+    assert not (tmp_path / 'w' / 'report.md').exists() and not (tmp_path / 'w' / 'lr_find.json').exists()
+    assert len(read_log(tmp_path / 'w' / 'runs.jsonl')) == N_GRID
+    assert smith.run(_args(tmp_path / 'main', storage=url, **FAST)) == 0
+    assert len(fits) == N_GRID  # every grid run came from the study
+    recs = read_log(tmp_path / 'main' / 'runs.jsonl')
+    assert len(recs) == N_GRID + 1 and (tmp_path / 'main' / 'report.md').exists()
+    assert _finals(recs[:-1]) == _finals(read_log(tmp_path / 'w' / 'runs.jsonl'))
+
+
+def test_smith_grid_worker_waits_for_the_published_max_lr(tmp_path, monkeypatch, capsys):
+    import threading
+    import optuna
+    _tiny_smith(monkeypatch)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = []
+    t = threading.Thread(target=lambda: result.append(
+        smith.run(_args(tmp_path / 'w', grid_worker=True, storage=url, max_lr=None, **FAST))))
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        setup = []
+        while not setup and time.monotonic() < deadline:  # the worker creates the study it waits in
+            time.sleep(0.1)
+            setup = [s.study_name for s in optuna.get_all_study_summaries(url)
+                     if s.study_name.startswith('smith setup')]
+        assert setup and t.is_alive() and not (tmp_path / 'w' / 'runs.jsonl').exists()
+        smith.publish(url, setup[0], 'max_lr', 0.02)
+    finally:
+        t.join(120)
+    assert result == [0]
+    out = capsys.readouterr().out
+    assert "waiting for the main invocation's max_lr" in out and 'grid worker: max_lr = 0.02' in out
+    recs = read_log(tmp_path / 'w' / 'runs.jsonl')
+    assert len(recs) == N_GRID and {r['key']['max_lr'] for r in recs} == {0.02}
+
+
+def test_wait_for_times_out_naming_the_study_and_the_key(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"no 'max_lr' in study 'smith setup x' of sqlite:///.*study.db after 0.3 s"):
+        smith.wait_for(url, 'smith setup x', 'max_lr', poll=0.05, timeout=0.3)
+    assert time.monotonic() - t0 < 10
+    smith.publish(url, 'smith setup x', 'max_lr', 0.5)
+    assert smith.wait_for(url, 'smith setup x', 'max_lr', timeout=0) == 0.5
+
+
+TINY_CHILD = '''
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import make_data, make_mlp
+from minifast import smith
+from minifast.cli import main
+
+def fake_data(args, s, cmd='smith'):
+    data = make_data(n_train=s['n_train'], n_valid=32, bs=16, n_out=6, seed=args.seed)
+    data.device = 'cpu'
+    return data, f"tiny set ({{s['n_train']}} training rows)"
+smith.make_data = fake_data
+smith.model_fn = lambda arch, c: (lambda: make_mlp(n_out=c))
+smith.step_data = lambda data, out: None
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow  # two processes importing torch at once (15-25 s here); the in-process grid worker tests are fast
+# (this one shares the grids between two processes; the main's --workers 2 starts the same grid worker command)
+def test_smith_main_and_a_grid_worker_process_train_each_run_once_as_one_process_does(tmp_path, plain_tiny_run):
+    code = TINY_CHILD.format(tests=str(Path(__file__).parent))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ['smith', '--quick', '--quiet', '--n-train', '64', '--num-it', '8', '--epochs', '2', '--grid-epochs',
+              '1', '--max-lr', '1e-2', '--storage', url]  # as plain_tiny_run
+    # the worker without --max-lr: it waits for the main's, published in the storage after its step 2
+    worker = subprocess.Popen([sys.executable, '-c', code, *common[:-4], *common[-2:], '--out', str(tmp_path / 'w'),
+                               '--grid-worker'],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    main_proc = subprocess.Popen([sys.executable, '-c', code, *common, '--out', str(tmp_path / 'main')],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    m_out = main_proc.communicate(timeout=300)[0]
+    w_out = worker.communicate(timeout=300)[0]
+    assert main_proc.returncode == 0, m_out
+    assert worker.returncode == 0, w_out
+    assert "waiting for the main invocation's max_lr" in w_out and 'grid worker: max_lr = 0.01' in w_out
+    assert not (tmp_path / 'w' / 'report.md').exists()
+    recs = read_log(tmp_path / 'main' / 'runs.jsonl')
+    grid = [r for r in recs if r['name'] != 'final']
+    keys = [json.dumps(r['key'], sort_keys=True) for r in grid]
+    assert len(keys) == len(set(keys)) == N_GRID  # each run once in the export
+    pids = {r['worker'].rsplit(':', 1)[1] for r in grid}  # who trained each run: the main or the grid worker
+    assert pids <= {str(main_proc.pid), str(worker.pid)}, pids
+    print('runs trained by the main:', sum(r['worker'].endswith(f':{main_proc.pid}') for r in grid), 'by the worker:',
+          sum(r['worker'].endswith(f':{worker.pid}') for r in grid))
+    assert _finals(read_log(tmp_path / 'w' / 'runs.jsonl')) == _finals(grid)  # the worker saw the same records
+    assert _finals(recs) == _finals(read_log(plain_tiny_run / 'runs.jsonl'))  # as one process without a storage
+    assert _report_sans_times(tmp_path / 'main') == _report_sans_times(plain_tiny_run)

@@ -442,11 +442,17 @@ class GridResult:
                 ax.fill_between(ep, [min(per_epoch[e]) for e in ep], [max(per_epoch[e]) for e in ep],
                                 color=line.get_color(), alpha=0.15)
         n = max((len(c['runs']) for c in summ), default=1)
+        ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if ys and min(ys) > 0 and max(ys) / min(ys) > 20:  # a diverging run would flatten every other line
+            ax.set_yscale('log')
         ax.set_xlabel('Epoch')
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric + (' (log scale)' if ax.get_yscale() == 'log' else ''))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title or f'{metric} per epoch' + (f' (mean of {n} seeds, range shaded)' if n > 1 else ''))
-        if ax.get_legend_handles_labels()[0]:  # every run diverged: nothing to name
+        handles = ax.get_legend_handles_labels()[0]
+        if len(handles) > 6:  # many configs (a search): the legend beside the axes, not over the lines
+            ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+        elif handles:  # every run diverged: nothing to name
             ax.legend(fontsize=8)
         return fig
 

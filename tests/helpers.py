@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from minifast import DataBunch, Learner, lock
-from conftest import make_mlp
+from conftest import make_data, make_mlp
 
 
 def snapshot(model):
@@ -81,3 +81,14 @@ def lock_holder(folder, mode='wait'):
                          text=True)
     assert p.stdout.readline().strip() == 'held'
     return p
+
+
+def patch_tiny_task(monkeypatch, module, cmd):
+    """`module` (minifast.smith or minifast.searchjob) with a tiny MLP task in place of images and ResNets: its
+    make_data and model_fn are replaced; everything else (steps, caches, storage, outputs) is the real thing."""
+    def fake_data(args, s, cmd=cmd):
+        data = make_data(n_train=s['n_train'], n_valid=32, bs=16, n_out=6, seed=args.seed)
+        data.device = 'cpu'  # images' DataBunch has it; the tensor one does not
+        return data, f"tiny set ({s['n_train']} training rows)"
+    monkeypatch.setattr(module, 'make_data', fake_data)
+    monkeypatch.setattr(module, 'model_fn', lambda arch, c, cmd=cmd: (lambda: make_mlp(n_out=c)))

@@ -92,4 +92,4 @@ def test_search_benchmark_smoke_runs_both_searches_on_the_same_configs(capsys):
     full, pruned = out['no pruner'], out['median pruner']
     assert [r['config'] for r in full['res'].runs] == [r['config'] for r in pruned['res'].runs]  # the same draws
     assert full['epochs'] == 6 and pruned['epochs'] <= 6 and full['res'].n_pruned == 0
-    assert 'RESULT pruned/unpruned wall time' in capsys.readouterr().out
+    assert 'pruned/unpruned wall time' in capsys.readouterr().out

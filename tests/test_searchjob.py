@@ -17,7 +17,7 @@ from minifast import searchjob
 from minifast.cli import main
 from minifast.options import worker_argv
 from minifast.search import Choice, IntRange, LogUniform, SearchResult, Uniform
-from conftest import make_data, make_mlp
+from helpers import patch_tiny_task
 
 optuna = pytest.importorskip('optuna')
 search_mod = importlib.import_module('minifast.search')  # the module (minifast.search is also the function)
@@ -99,12 +99,7 @@ def test_worker_argv_replaces_workers_storage_out_and_drops_tracker_in_both_form
 # ---- an in-process search on a tiny task ------------------------------------------------------------------------
 def _tiny(monkeypatch):
     """searchjob with a tiny MLP task in place of images and ResNets (the search, storage and outputs are real)."""
-    def fake_data(args, s, cmd='search'):
-        data = make_data(n_train=s['n_train'], n_valid=32, bs=16, n_out=6, seed=args.seed)
-        data.device = 'cpu'  # images' DataBunch has it; the tensor one does not
-        return data, f"tiny set ({s['n_train']} training rows)"
-    monkeypatch.setattr(searchjob, 'make_data', fake_data)
-    monkeypatch.setattr(searchjob, 'model_fn', lambda arch, c, cmd='search': (lambda: make_mlp(n_out=c)))
+    patch_tiny_task(monkeypatch, searchjob, 'search')
 
 
 def _count_fits(monkeypatch):

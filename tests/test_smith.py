@@ -18,7 +18,7 @@ from minifast.cli import main
 from minifast.grid import read_log
 from minifast.lock import LOCK_FILE, holds
 from conftest import make_data, make_mlp
-from helpers import lock_holder
+from helpers import lock_holder, patch_tiny_task
 
 
 PNGS = ('batch.png', 'lr_find.png', 'superconvergence.png', 'momentum.png', 'wd.png', 'wd_fine.png',
@@ -166,12 +166,7 @@ def test_smith_final_fit_with_new_wd_is_trained_with_that_wd(tmp_path):
 # ------------------------------------------------------------------------------------------------ smith: caches
 def _tiny_smith(monkeypatch):
     """smith.run with a tiny MLP task in place of images and ResNets (the steps and caches are the real ones)."""
-    def fake_data(args, s, cmd='smith'):
-        data = make_data(n_train=s['n_train'], n_valid=32, bs=16, n_out=6, seed=args.seed)
-        data.device = 'cpu'  # images' DataBunch has it; the tensor one does not
-        return data, f"tiny set ({s['n_train']} training rows)"
-    monkeypatch.setattr(smith, 'make_data', fake_data)
-    monkeypatch.setattr(smith, 'model_fn', lambda arch, c: (lambda: make_mlp(n_out=c)))
+    patch_tiny_task(monkeypatch, smith, 'smith')
     monkeypatch.setattr(smith, 'step_data', lambda data, out: None)
 
 

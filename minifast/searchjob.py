@@ -13,7 +13,7 @@ from .grid import FIT_KEYS, append_record, logged_runs
 from .lock import FolderLockedError, acquire, release
 from .options import refuse_small, worker_argv
 from .search import Choice, IntRange, LogUniform, Uniform, search
-from .smith import SIZES, learner_factory, make_data, make_tracker, model_fn, save_plot
+from .smith import SIZES, learner_factory, make_data, make_tracker, model_fn, replace_with, save_plot
 
 __all__ = ['run', 'parse_space', 'DEFAULT_SPACE']
 
@@ -128,6 +128,10 @@ def _run(args, s, space, out):
                      monitor=args.monitor, storage=storage, study_name=args.study,
                      tracker=tracker, folds=args.folds, data=data if args.folds else None,
                      checkpoints=out / 'checkpoints', silent=args.quiet or None)
+    except BaseException:  # an error or Ctrl-C here: the workers this invocation started stop with it (their
+        for p in helpers:  # trials go stale and run again in the next invocation, resumed from their checkpoints)
+            p.terminate()
+        raise
     finally:
         codes = [p.wait() for p in helpers]
     if any(codes):
@@ -136,8 +140,9 @@ def _run(args, s, space, out):
     print(res.table(), flush=True)
     print(res.verdicts(), flush=True)
     save_plot(res.plot(args.monitor), out / 'search.png', f'{args.monitor} per epoch, one line per trial')
-    (out / 'search.md').write_text(f"# minifast search {args.study}\n\n```\n{res!r}\n```\n\n```\n{res.verdicts()}\n"
-                                   f"```\n\n![search](search.png)\n")
+    text = (f"# minifast search {args.study}\n\n```\n{res!r}\n```\n\n```\n{res.verdicts()}\n```\n\n"
+            f"![search](search.png)\n")
+    replace_with(out / 'search.md', lambda tmp: Path(tmp).write_text(text))  # never half a report
     if tracker is not None:
         tracker.log_artifact(out / 'search.md')
         tracker.log_artifact(out / 'search.png')

@@ -54,7 +54,8 @@ from .optim import least_acting_wd
 from .resume import checkpoint_info, find_checkpoint, is_finished
 from .options import add_arguments, refuse_small, worker_argv  # re-exported: smith.add_arguments was their home
 
-__all__ = ['run', 'add_arguments', 'SIZES', 'make_data', 'model_fn', 'learner_factory', 'save_plot', 'make_tracker']
+__all__ = ['run', 'add_arguments', 'SIZES', 'make_data', 'model_fn', 'learner_factory', 'save_plot', 'make_tracker',
+           'replace_with']
 
 # sizes per mode: the built-in default (< 5 minutes on a 2-core CPU), --quick (tests), and a real dataset
 SIZES = {
@@ -90,7 +91,7 @@ def _sizes(args):
     return s
 
 
-def _replace_with(file, write):
+def replace_with(file, write):
     """Call `write(tmp)` on a temporary path of this call's own in `file`'s folder (two writers never share one),
     then atomically replace `file` with it: `file` is the old or the new one, never a mix (an interrupt never
     leaves half a file), and a failed write leaves no temporary file."""
@@ -106,9 +107,9 @@ def _replace_with(file, write):
 
 
 def _save(fig, file):
-    """Write `fig` to `file` (its format from the suffix) through _replace_with, and close it."""
+    """Write `fig` to `file` (its format from the suffix) through replace_with, and close it."""
     try:
-        _replace_with(file, lambda tmp: fig.savefig(tmp, format=Path(file).suffix[1:], dpi=90, bbox_inches='tight'))
+        replace_with(file, lambda tmp: fig.savefig(tmp, format=Path(file).suffix[1:], dpi=90, bbox_inches='tight'))
     finally:
         plt.close(fig)
 
@@ -233,13 +234,13 @@ def _num(v, none=True, finite=False):
 
 
 def _write_json(file, obj):
-    """Write `obj` to `file` as JSON through _replace_with (atomic, a temporary file of this call's own)."""
+    """Write `obj` to `file` as JSON through replace_with (atomic, a temporary file of this call's own)."""
     text = json.dumps(plain(obj), indent=1)  # non-finite numbers as null: strict JSON
 
     def write(tmp):
         with open(tmp, 'x') as f:  # 'x': never another writer's file
             f.write(text)
-    _replace_with(file, write)
+    replace_with(file, write)
 
 
 def _fmt_wd(v):

@@ -208,9 +208,13 @@ def test_search_tracker_mlflow_one_child_per_trial_under_one_parent(tmp_path, mo
 
 class FakeProc:
     pid = 12345
+    terminated = False
 
     def wait(self):
         return 0
+
+    def terminate(self):
+        self.terminated = True
 
 
 def test_search_missing_tracker_library_exits_before_starting_workers(tmp_path, monkeypatch):
@@ -226,6 +230,22 @@ def test_search_missing_tracker_library_exits_before_starting_workers(tmp_path, 
     assert str(e.value.code) == ('search: --tracker mlflow: the mlflow package is not installed; pip install '
                                  'minifast[track]')
     assert started == [] and not (tmp_path / 'runs.jsonl').exists()
+
+
+def test_a_failing_main_search_stops_the_workers_it_started(tmp_path, monkeypatch):
+    """An error (or Ctrl-C) in the main invocation's search terminates its extra workers instead of waiting for them
+    to train the whole study."""
+    _tiny(monkeypatch)
+    procs = []
+    monkeypatch.setattr(searchjob.subprocess, 'Popen', lambda *a, **k: procs.append(FakeProc()) or procs[-1])
+
+    def broken(*a, **k):
+        raise RuntimeError('a bug in the main worker')
+    monkeypatch.setattr(searchjob, 'search', broken)
+    with pytest.raises(RuntimeError, match='a bug in the main worker'):
+        main(_argv(tmp_path, '--workers', '3'))
+    assert len(procs) == 2 and all(p.terminated for p in procs)
+    assert not (tmp_path / 'search.md').exists()
 
 
 # ---- --workers 2: real processes --------------------------------------------------------------------------------

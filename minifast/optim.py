@@ -97,7 +97,7 @@ def lr_per_group(lr, n, name='lr'):
             return [lr.stop / 10] * (n - 1) + [lr.stop]
         if n == 1:
             return [lr.stop]
-        return list(np.geomspace(lr.start, lr.stop, n))
+        return [float(x) for x in np.geomspace(lr.start, lr.stop, n)]  # plain floats: a checkpoint holds them
     if isinstance(lr, (list, tuple, np.ndarray)):
         if len(lr) != n:
             raise ValueError(f'lr has {len(lr)} values but the learner has {n} layer groups')

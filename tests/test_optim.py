@@ -543,3 +543,18 @@ def test_head_wd_refuses_a_head_with_its_own_wd_and_bad_values():
     for bad in (-1, float('nan'), 'x'):
         with pytest.raises(ValueError, match=r'Learner: head_wd must be a finite number >= 0'):
             Learner(make_data(), bn_net(), head_wd=bad)
+
+
+def test_a_slice_of_lrs_gives_plain_floats_so_a_checkpoint_of_the_fit_loads_weights_only(tmp_path):
+    from minifast import Checkpoint, DataBunch, Learner
+    from minifast.optim import lr_per_group
+    lrs = lr_per_group(slice(1e-3, 1e-1), 3)
+    assert [type(x) for x in lrs] == [float] * 3 and lrs == pytest.approx([1e-3, 1e-2, 1e-1])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    data = DataBunch.from_tensors(torch.randn(32, 4), torch.randint(0, 2, (32,)), bs=8)
+    learn = Learner(data, model, silent=True, layer_groups=[model[0], model[2]], path=tmp_path)
+    learn.fit_one_cycle(2, slice(1e-3, 1e-2), callbacks=[Checkpoint(path='ck')])
+    (first,) = sorted((tmp_path / 'ck').glob('*epoch0*.pth'))
+    state = torch.load(first, weights_only=True)  # numpy scalars among the recorded lrs made this refuse the file
+    assert all(type(v) is float for row in state['callbacks']['Recorder']['group_lrs'] for v in row)

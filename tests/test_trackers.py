@@ -340,3 +340,23 @@ def test_wandb_offline_history_config_and_summary_equal_the_recorder(tmp_path, m
     assert run.display_name == 'one' and run.run_group == 'one'
     assert [x.exit.exit_code for x in recs if x.WhichOneof('record_type') == 'exit'] == [0]
     assert os.environ.get('WANDB_MODE') == 'offline'
+
+
+def test_a_fit_resumed_into_the_same_run_keeps_its_step_numbers_and_writes_the_checkpointed_steps_once(tmp_path):
+    from minifast import Checkpoint
+    learn = make_learner(tmp_path)
+    tb = TensorBoardLogger(tmp_path / 'tb')
+    ck = Checkpoint(path=tmp_path / 'ck', every='epoch')
+    with pytest.raises(KeyboardInterrupt):  # at epoch 1's second batch; the checkpoint of epoch 0 is on disk
+        learn.fit_one_cycle(3, slice(1e-3, 1e-2), callbacks=[tb, ck, Boom(KeyboardInterrupt())])
+    shutil.copytree(tmp_path / 'ck', tmp_path / 'ck_at_interrupt')
+    learn.fit_one_cycle(3, slice(1e-3, 1e-2), callbacks=[tb, ck], resume=tmp_path / 'ck')
+    steps = [s for s, _ in tb_series(tb_reader(tmp_path / 'tb'), 'loss/raw')]
+    assert max(steps) == 11 and set(steps) == set(range(12))  # 3 epochs of 4 steps, numbered as one fit
+    assert all(steps.count(i) == 1 for i in range(4))  # epoch 0 (before the checkpoint): written once
+    epochs = [e for e, _ in tb_series(tb_reader(tmp_path / 'tb'), 'valid_loss')]
+    assert sorted(epochs) == [0, 1, 2]
+    # a new tracker resuming from that checkpoint writes the whole history into its own run
+    tb2 = TensorBoardLogger(tmp_path / 'tb2')
+    learn.fit_one_cycle(3, slice(1e-3, 1e-2), callbacks=[tb2], resume=tmp_path / 'ck_at_interrupt')
+    assert [s for s, _ in tb_series(tb_reader(tmp_path / 'tb2'), 'loss/raw')] == list(range(12))

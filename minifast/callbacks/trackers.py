@@ -7,6 +7,7 @@ import functools
 import importlib
 import math
 import re
+import uuid
 import shutil
 import time
 from numbers import Number
@@ -127,6 +128,7 @@ class Tracker(Callback):
         self._open_run = False
         self._logged = {}  # every parameter written to the run, by name
         self._step = self._epoch = self._fits = 0  # where the next fit's steps and epochs start, fits so far
+        self._uid = uuid.uuid4().hex  # which tracker (hence which run) a checkpoint's state was written by
 
     # ---- what a backend writes -----------------------------------------------------------------------------------
     def _open(self):
@@ -278,6 +280,20 @@ class Tracker(Callback):
         self._sweep = any(isinstance(cb, LRFinder) for cb in learn.hooks.cbs)
         self._ensure_open()
         self.log_params({**fit_params(learn), **self.params})
+
+    def state_dict(self):
+        """What a checkpoint keeps: this tracker's identity, where this fit's steps and epochs start in its run and how
+        many of them are written."""
+        return {'tracker': self._uid, 'step': self._step, 'epoch': self._epoch,
+                'done_steps': getattr(self, '_done_steps', 0), 'done_epochs': getattr(self, '_done_epochs', 0)}
+
+    def load_state_dict(self, state):
+        """Resuming a fit this tracker wrote (the same run): its steps and epochs keep their numbers, and those
+        written before the checkpoint are not written again (a later fit of another tracker writes them all, into its
+        own run: they are part of that run's history)."""
+        if state.get('tracker') == self._uid:
+            self._step, self._epoch = state['step'], state['epoch']
+            self._done_steps, self._done_epochs = state['done_steps'], state['done_epochs']
 
     def _write_steps(self, r):
         """The Recorder's steps not yet written (its lists are host floats at epoch end: no sync here)."""

@@ -14,8 +14,8 @@ from .callbacks.recorder import new_figure
 from .data.core import DataBunch, TensorDataLoader
 from .data.images import ImageDataBunch
 from .determinism import set_seed
-from .grid import (POLICIES, config_name, diagnose, fit_run, fresh_learner, initial_weights, plain, record_problem,
-                   run_record, split_config)
+from .grid import (POLICIES, config_name, diagnose, fit_run, fresh_learner, initial_weights, mean_sd, plain,
+                   record_problem, run_record, split_config)
 
 __all__ = ['kfold_indices', 'fold_data', 'kfold_data', 'cross_validate', 'CVResult']
 
@@ -227,14 +227,6 @@ def _finite(v):
     return isinstance(v, numbers.Number) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _mean_sd(xs):
-    """(mean, sample sd) with numpy; mean None without values, sd None with fewer than two."""
-    if not xs:
-        return None, None
-    a = np.asarray(xs, dtype=np.float64)
-    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
-
-
 class CVResult:
     """The k fold records of a cross-validation (`folds`, run records with 'fold': i), with `mean` and `sd`
     ({name: value} of train_loss, valid_loss and every metric over the folds, sd the sample sd), a table, a plot and
@@ -258,7 +250,7 @@ class CVResult:
         return done or self.folds
 
     def _stats(self):
-        return {n: _mean_sd([r['final'][n] for r in self._counted() if _finite(r['final'].get(n))])
+        return {n: mean_sd([r['final'][n] for r in self._counted() if _finite(r['final'].get(n))])
                 for n in self.names}
 
     @property
@@ -288,7 +280,7 @@ class CVResult:
         for e in range(max((len(r['epochs']) for r in runs), default=0)):
             rows = [r['epochs'][e] for r in runs if e < len(r['epochs'])]
             keys = dict.fromkeys(k for row in rows for k in row if k != 'epoch')
-            out.append({'epoch': e, **{k: _mean_sd([row[k] for row in rows if _finite(row.get(k))])[0]
+            out.append({'epoch': e, **{k: mean_sd([row[k] for row in rows if _finite(row.get(k))])[0]
                                        for k in keys}})
         return out
 

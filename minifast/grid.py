@@ -26,7 +26,7 @@ from .optim import decay_acts
 __all__ = ['grid_search', 'GridResult', 'diagnose', 'run_record', 'read_log', 'run_records', 'record_problem',
            'append_record', 'plain', 'FIT_KEYS', 'paired_tie', 'decay_record', 'decay_noop', 'config_name',
            'initial_weights', 'fresh_learner', 'fit_run', 'tracked', 'split_config', 'run_key', 'as_shown',
-           'logged_runs']
+           'logged_runs', 'mean_sd']
 
 # config keys that go to the fit call; every other key goes to make_learner(**keys)
 FIT_KEYS = ('policy', 'epochs', 'max_lr', 'lr', 'moms', 'wd', 'div_factor', 'pct_start', 'final_div')
@@ -227,7 +227,7 @@ def _diff(d):
     return f'{d:+.4f}' if abs(d) >= 5e-5 or d == 0 else f'{d:+.1e}'
 
 
-def _mean_sd(xs):
+def mean_sd(xs):
     """(mean, sample sd) of the numbers `xs`; sd None for fewer than two, mean None for none."""
     if not xs:
         return None, None
@@ -264,7 +264,7 @@ def paired_tie(a, b, monitor):
         return None
     if all(x == 0 for x in d):
         return True
-    m, sd = _mean_sd(d)
+    m, sd = mean_sd(d)
     return sd is not None and abs(m) <= _t95(len(d) - 1) * sd / math.sqrt(len(d))
 
 
@@ -316,11 +316,11 @@ class GridResult:
             done = [r for r in runs if r['status'] == 'done']
             keys = list(dict.fromkeys(k for r in runs for k in r['final']))
             # a config none of whose runs finished still shows what its runs ended at
-            stats = {k: _mean_sd([r['final'][k] for r in done or runs if _is_num(r['final'].get(k), none=False)])
+            stats = {k: mean_sd([r['final'][k] for r in done or runs if _is_num(r['final'].get(k), none=False)])
                      for k in keys}
             n_ep = max(len(r['epochs']) for r in runs)
-            curve = [_mean_sd([r['epochs'][e]['valid_loss'] for r in done if e < len(r['epochs']) and
-                               _is_num(r['epochs'][e].get('valid_loss'), none=False)])[0] for e in range(n_ep)]
+            curve = [mean_sd([r['epochs'][e]['valid_loss'] for r in done if e < len(r['epochs']) and
+                              _is_num(r['epochs'][e].get('valid_loss'), none=False)])[0] for e in range(n_ep)]
             word, why = diagnose(curve) if len(runs) > 1 else (runs[0]['verdict'], runs[0]['diagnosis'])
             words = [r['verdict'] for r in runs]
             if len(set(words)) > 1:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .callbacks.tracking import Checkpoint, monitor_mode
+from .callbacks.tracking import Checkpoint, monitor_mode, monitored_values
 from .core import Callback, CancelFitException
 from .determinism import set_seed
 from .distributed import launched
@@ -267,16 +267,6 @@ def _pruner(pruner, epochs):
     raise ValueError(f'search: pruner must be one of {PRUNERS} or an optuna pruner, got {pruner!r}')
 
 
-def _epoch_values(recorder, monitor):
-    """The recorded value of `monitor` at each epoch so far (None where it was not computed)."""
-    if monitor == 'train_loss':
-        return list(recorder.train_losses)
-    if monitor == 'valid_loss':
-        return list(recorder.val_losses)
-    i = recorder.metrics_names.index(monitor)
-    return [row[i] if i < len(row) else None for row in recorder.metrics]
-
-
 class OptunaPruning(Callback):
     """Reports `monitor` to the Optuna `trial` after each epoch (step = epoch) and stops the fit
     (CancelFitException) when the study's pruner says the trial is hopeless; `pruned` then says so. A resumed fit
@@ -290,7 +280,7 @@ class OptunaPruning(Callback):
         self.pruned = False
 
     def after_epoch(self, learn):
-        for e, v in enumerate(_epoch_values(learn.recorder, self.monitor)):
+        for e, v in enumerate(monitored_values(learn.recorder, self.monitor)):
             if e not in self.reported and v is not None and math.isfinite(v):
                 self.trial.report(float(v), e)
                 self.reported.add(e)
@@ -310,9 +300,8 @@ def open_storage(storage, heartbeat_interval=10, grace_period=30):
         return optuna.storages.InMemoryStorage()
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
-    text = str(storage)
-    if text.startswith('journal:') or (text.endswith('.log') and '://' not in text):
-        path = Path(text[len('journal:'):] if text.startswith('journal:') else text)
+    text, path = str(storage), _journal_file(storage)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if '://' not in text:
@@ -331,14 +320,20 @@ def open_storage(storage, heartbeat_interval=10, grace_period=30):
             time.sleep(0.2 + random.random())
 
 
+def _journal_file(storage):
+    """The file of a journal storage ('journal:PATH', or a path ending in .log), else None."""
+    text = str(storage) if isinstance(storage, (str, Path)) else ''
+    if text.startswith('journal:'):
+        return Path(text[len('journal:'):])
+    return Path(text) if text.endswith('.log') and '://' not in text else None
+
+
 def _storage_file(storage):
     """The file of a SQLite or journal storage (where checkpoints go by default), else None."""
     text = str(storage) if isinstance(storage, (str, Path)) else ''
     if text.startswith('sqlite:///') and len(text) > len('sqlite:///'):
         return Path(text[len('sqlite:///'):])
-    if text.startswith('journal:') or (text.endswith('.log') and '://' not in text):
-        return Path(text[len('journal:'):] if text.startswith('journal:') else text)
-    return None
+    return _journal_file(storage)
 
 
 @contextlib.contextmanager

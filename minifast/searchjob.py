@@ -2,8 +2,6 @@
 smith`, with pruning, one study shared by any number of workers (processes here with --workers, machines with the
 same --storage URL), an optional tracker, and the results table read from the storage."""
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,9 +9,9 @@ import matplotlib
 
 from .grid import FIT_KEYS, append_record, logged_runs
 from .lock import FolderLockedError, acquire, release
-from .options import refuse_small, worker_argv
+from .options import refuse_small
 from .search import Choice, IntRange, LogUniform, Uniform, search
-from .smith import SIZES, learner_factory, make_data, make_tracker, model_fn, replace_with, save_plot
+from .smith import SIZES, learner_factory, local_workers, make_data, make_tracker, model_fn, replace_with, save_plot
 
 __all__ = ['run', 'parse_space', 'DEFAULT_SPACE']
 
@@ -113,27 +111,18 @@ def _run(args, s, space, out):
          + f"; storage {storage or 'in memory'}, study {args.study!r}; run folder {out}")
     # before the other workers start: a missing tracker library exits here, not after they began training
     tracker = make_tracker(args.tracker, out, f'search {args.study}', cmd='search')
-    helpers = []
-    for i in range(1, args.workers):  # this process is worker 0
-        cmd = worker_argv(getattr(args, 'argv', None) or sys.argv[1:], storage, out / 'workers' / str(i))
-        (out / 'workers').mkdir(parents=True, exist_ok=True)
-        with open(out / 'workers' / f'{i}.log', 'w') as f:
-            helpers.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
-    if helpers:
-        _say(f'started {len(helpers)} more worker(s) on this machine: PIDs {[p.pid for p in helpers]}')
     t0 = time.perf_counter()
-    try:
+    # this process is worker 0; an error or Ctrl-C here stops the others too (their trials go stale and run again in
+    # the next invocation, resumed from their checkpoints)
+    with local_workers(getattr(args, 'argv', None), args.workers, storage, out) as helpers:
+        if helpers:
+            _say(f'started {len(helpers)} more worker(s) on this machine: PIDs {[p.pid for p in helpers]}')
         res = search(make_learner, space, n_trials=args.trials, sampler=args.sampler,
                      pruner=None if args.pruner == 'none' else args.pruner, epochs=s['epochs'], seed=args.seed,
                      monitor=args.monitor, storage=storage, study_name=args.study,
                      tracker=tracker, folds=args.folds, data=data if args.folds else None,
                      checkpoints=out / 'checkpoints', silent=args.quiet or None)
-    except BaseException:  # an error or Ctrl-C here: the workers this invocation started stop with it (their
-        for p in helpers:  # trials go stale and run again in the next invocation, resumed from their checkpoints)
-            p.terminate()
-        raise
-    finally:
-        codes = [p.wait() for p in helpers]
+    codes = [p.returncode for p in helpers]
     if any(codes):
         _say(f'warning: worker exit codes {codes}: their trials, if any were cut short, are retried by the next run')
     _export(res, out / 'runs.jsonl')

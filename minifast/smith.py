@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from numbers import Number
 from pathlib import Path
 
@@ -55,7 +55,7 @@ from .resume import checkpoint_info, find_checkpoint, is_finished
 from .options import add_arguments, refuse_small, worker_argv  # re-exported: smith.add_arguments was their home
 
 __all__ = ['run', 'add_arguments', 'SIZES', 'make_data', 'model_fn', 'learner_factory', 'save_plot', 'make_tracker',
-           'replace_with']
+           'replace_with', 'local_workers']
 
 # sizes per mode: the built-in default (< 5 minutes on a 2-core CPU), --quick (tests), and a real dataset
 SIZES = {
@@ -131,27 +131,24 @@ def make_tracker(kind, out, name, cmd='smith'):
     from runs.jsonl replayed); None for None. A missing library exits with the line that installs it."""
     if kind is None:
         return None
-    if importlib.util.find_spec(kind) is None:  # the logger imports it at its first write: say it before any training
+    if importlib.util.find_spec(kind) is None:  # the logger imports it at its first write: say so before training
         raise SystemExit(f'{cmd}: --tracker {kind}: the {kind} package is not installed; pip install minifast[track]')
-    try:
-        if kind == 'tensorboard':
-            # one folder per invocation: a second one replays the reused runs, which must not add to the first's
-            # (made here, with a suffix when taken: a reused invocation can start within the second of the last)
-            stamp, n = time.strftime('%Y%m%d-%H%M%S'), 1
-            while True:
-                folder = out / 'tensorboard' / (stamp if n == 1 else f'{stamp}-{n}')
-                try:
-                    folder.mkdir(parents=True)
-                    return TensorBoardLogger(folder)
-                except FileExistsError:
-                    n += 1
-        if kind == 'mlflow':
-            return MLflowLogger(experiment=name, tracking_uri=os.environ.get('MLFLOW_TRACKING_URI')
-                                or f"sqlite:///{out / 'mlflow.db'}", artifact_location=str(out / 'mlruns'),
-                                run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        return WandbLogger(project='minifast', name=name, dir=str(out), mode=os.environ.get('WANDB_MODE', 'offline'))
-    except ImportError as e:
-        raise SystemExit(f'{cmd}: --tracker {kind}: {e}') from None
+    if kind == 'tensorboard':
+        # one folder per invocation: a second one replays the reused runs, which must not add to the first's
+        # (made here, with a suffix when taken: a reused invocation can start within the second of the last)
+        stamp, n = time.strftime('%Y%m%d-%H%M%S'), 1
+        while True:
+            folder = out / 'tensorboard' / (stamp if n == 1 else f'{stamp}-{n}')
+            try:
+                folder.mkdir(parents=True)
+                return TensorBoardLogger(folder)
+            except FileExistsError:
+                n += 1
+    if kind == 'mlflow':
+        return MLflowLogger(experiment=name, tracking_uri=os.environ.get('MLFLOW_TRACKING_URI')
+                            or f"sqlite:///{out / 'mlflow.db'}", artifact_location=str(out / 'mlruns'),
+                            run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return WandbLogger(project='minifast', name=name, dir=str(out), mode=os.environ.get('WANDB_MODE', 'offline'))
 
 
 def metrics_for(n_classes, k=5):
@@ -824,18 +821,19 @@ def run(args):
     except FolderLockedError as e:
         raise SystemExit(str(e)) from None
     storage = _storage(args, out)
-    helpers = _start_workers(args, storage, out) if not getattr(args, 'grid_worker', False) else []
-    try:
-        return _run_steps(args, s, out, t_start, storage)
-    except BaseException:
-        for p in helpers:  # they may wait for a max_lr this invocation never publishes: waiting for them hangs
-            p.terminate()
-        raise
-    finally:
-        release(out)
-        codes = [p.wait() for p in helpers]  # they exit once the grids are done
-        if any(codes):
-            _say(f'warning: grid workers exited with {codes} (their logs: {out / "workers"})')
+    n = 1 if getattr(args, 'grid_worker', False) else getattr(args, 'workers', 1) or 1
+    # grid workers exit once the grids are done; they wait for a max_lr a failing invocation never publishes
+    with local_workers(getattr(args, 'argv', None), n, storage, out, extra=['--grid-worker']) as helpers:
+        if helpers:
+            _say(f'{n - 1} grid worker(s) started on {storage} (PIDs {[p.pid for p in helpers]}; logs in '
+                 f'{out / "workers"})')
+        try:
+            return _run_steps(args, s, out, t_start, storage)
+        finally:
+            release(out)
+    codes = [p.returncode for p in helpers]
+    if any(codes):
+        _say(f'warning: grid workers exited with {codes} (their logs: {out / "workers"})')
 
 
 def _storage(args, out):
@@ -851,21 +849,29 @@ def _storage(args, out):
     return storage
 
 
-def _start_workers(args, storage, out):
-    """--workers N: N - 1 more processes on this machine, each `minifast smith ... --grid-worker` on the same
-    storage in its own folder OUT/workers/i (its output in OUT/workers/i.log); returns their Popen objects."""
-    n = getattr(args, 'workers', 1) or 1
-    if n <= 1:
-        return []
+@contextmanager
+def local_workers(argv, n, storage, out, extra=()):
+    """--workers n: n - 1 more processes on this machine running this invocation's command line `argv` (default
+    sys.argv[1:]) as workers of `storage` (see options.worker_argv, with the flags `extra`), each in its own folder
+    OUT/workers/i with its output in OUT/workers/i.log, for the body of a with statement (which gets their Popen
+    objects). An error or Ctrl-C in the body terminates them (they may wait for what it never finishes); the end of
+    the with statement waits for them, so their returncode is set."""
     procs = []
-    for i in range(1, n):
-        folder = out / 'workers' / str(i)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(out / 'workers' / f'{i}.log', 'w') as f:
-            procs.append(subprocess.Popen(worker_argv(getattr(args, 'argv', None) or sys.argv[1:], storage, folder,
-                                                      extra=['--grid-worker']), stdout=f, stderr=subprocess.STDOUT))
-    _say(f'{n - 1} grid worker(s) started on {storage} (PIDs {[p.pid for p in procs]}; logs in {out / "workers"})')
-    return procs
+    try:
+        for i in range(1, n):
+            folder = out / 'workers' / str(i)
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(out / 'workers' / f'{i}.log', 'w') as f:
+                procs.append(subprocess.Popen(worker_argv(argv or sys.argv[1:], storage, folder, extra=extra),
+                                              stdout=f, stderr=subprocess.STDOUT))
+        yield procs
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    finally:
+        for p in procs:
+            p.wait()
 
 
 def _run_steps(args, s, out, t_start, storage=None):

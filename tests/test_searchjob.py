@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import minifast
-from minifast import searchjob
+from minifast import searchjob, smith
 from minifast.cli import main
 from minifast.options import worker_argv
 from minifast.search import Choice, IntRange, LogUniform, SearchResult, Uniform
@@ -207,7 +207,7 @@ def test_search_tracker_mlflow_one_child_per_trial_under_one_parent(tmp_path, mo
 
 
 class FakeProc:
-    pid = 12345
+    pid, returncode = 12345, 0
     terminated = False
 
     def wait(self):
@@ -224,7 +224,7 @@ def test_search_missing_tracker_library_exits_before_starting_workers(tmp_path, 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'mlflow' else real(name, *a))
     started = []
-    monkeypatch.setattr(searchjob.subprocess, 'Popen', lambda *a, **k: started.append(a) or FakeProc())
+    monkeypatch.setattr(smith.subprocess, 'Popen', lambda *a, **k: started.append(a) or FakeProc())
     with pytest.raises(SystemExit) as e:
         main(_argv(tmp_path, '--workers', '2', '--tracker', 'mlflow'))
     assert str(e.value.code) == ('search: --tracker mlflow: the mlflow package is not installed; pip install '
@@ -237,7 +237,7 @@ def test_a_failing_main_search_stops_the_workers_it_started(tmp_path, monkeypatc
     to train the whole study."""
     _tiny(monkeypatch)
     procs = []
-    monkeypatch.setattr(searchjob.subprocess, 'Popen', lambda *a, **k: procs.append(FakeProc()) or procs[-1])
+    monkeypatch.setattr(smith.subprocess, 'Popen', lambda *a, **k: procs.append(FakeProc()) or procs[-1])
 
     def broken(*a, **k):
         raise RuntimeError('a bug in the main worker')

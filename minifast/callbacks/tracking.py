@@ -15,7 +15,7 @@ from ..core import Callback, CancelEpochException, CancelTrainException, Diverge
 from ..resume import CHECKPOINT_FILE, list_checkpoints, training_state
 from ..state import LiveCopy
 
-__all__ = ['Checkpoint', 'DivergenceGuard', 'monitored_value', 'monitor_mode']
+__all__ = ['Checkpoint', 'DivergenceGuard', 'monitored_value', 'monitored_values', 'monitor_mode']
 
 
 def monitor_mode(monitor, mode='auto'):
@@ -41,16 +41,20 @@ def check_monitor(learn, monitor, who):
                          f"(data.valid_dl is None); monitor 'train_loss' instead")
 
 
+def monitored_values(recorder, monitor):
+    """The recorded value of `monitor` at each epoch so far (None where it was not computed, e.g. a cancelled
+    validation)."""
+    if monitor == 'train_loss':
+        return list(recorder.train_losses)
+    if monitor == 'valid_loss':
+        return list(recorder.val_losses)
+    i = recorder.metrics_names.index(monitor)
+    return [row[i] if i < len(row) else None for row in recorder.metrics]
+
+
 def monitored_value(learn, monitor):
     """This epoch's value of `monitor` from the Recorder (nan when it was not computed, e.g. a cancelled validation)."""
-    r = learn.recorder
-    if monitor == 'train_loss':
-        v = r.train_losses[-1]
-    elif monitor == 'valid_loss':
-        v = r.val_losses[-1]
-    else:
-        i, row = r.metrics_names.index(monitor), r.metrics[-1]
-        v = row[i] if i < len(row) else None
+    v = monitored_values(learn.recorder, monitor)[-1]
     return float('nan') if v is None else float(v)
 
 

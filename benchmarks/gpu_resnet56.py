@@ -20,9 +20,14 @@ target (>= 0.95x), and minifast's time for the epochs is the other target (15 ep
 
     python benchmarks/gpu_resnet56.py                         # CUDA: 15 epochs, 50,000 + 10,000 images, bs 256
     python benchmarks/gpu_resnet56.py --compile               # with torch.compile (warm-up outside the timing)
+    python benchmarks/gpu_resnet56.py --compile --compile-mode reduce-overhead --variants no-guard,one-group,no-pred \
+        --profile profile.txt                                 # what a gap to the hand-written loop comes from
+    python benchmarks/gpu_resnet56.py --compile --compile-mode reduce-overhead --runners minifast --bs 1024 \
+        --max-lr 2e-2                                         # minifast alone at a larger batch
     python benchmarks/gpu_resnet56.py --tiny                  # CPU smoke run in seconds (CI runs this)
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minifast import Learner, accuracy  # noqa: E402
+from minifast import Callback, Learner, accuracy  # noqa: E402
 from minifast.data.augment import cifar_transforms  # noqa: E402
 from minifast.data.datasets import synthetic_images  # noqa: E402
 from minifast.data.images import ImageDataBunch  # noqa: E402
@@ -63,11 +68,30 @@ def parse(argv):
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument('--device', default=None)
     p.add_argument('--json', default=None, help='write the results here as JSON')
+    p.add_argument('--runners', default='hand-written,minifast',
+                   help="which of the timed runners to run, comma-separated (e.g. 'minifast' for a batch-size "
+                        "search); the ratio is printed when both ran")
+    p.add_argument('--variants', default='',
+                   help="minifast runners beside the default one, comma-separated, to find what a gap to the "
+                        "hand-written loop comes from: 'no-guard' (check_finite=False), 'one-group' (one parameter "
+                        "group: one fused optimizer call per step), 'no-pred' (learn.pred dropped after the loss)")
+    p.add_argument('--profile', default=None, metavar='FILE',
+                   help='after the timed runs, one more epoch of each runner (compiled and warm) under '
+                        'torch.profiler: per step, the wall time, the kernel time and the launches and copies the '
+                        'host made, and the busiest ops, written here')
     p.add_argument('--tiny', action='store_true', help='CPU, 128 + 40 images, ResNet-8, 1 epoch, 0 workers')
     a = p.parse_args(argv)
     if a.tiny:
         a.epochs, a.bs, a.n_train, a.n_valid, a.classes, a.depth = 1, 32, 128, 40, 10, 8
         a.baseline_epochs, a.workers, a.device, a.no_bf16 = 1, 0, a.device or 'cpu', True  # CPU bf16 convs are slow
+    a.runners = [r.strip() for r in a.runners.split(',') if r.strip()]
+    if not a.runners or set(a.runners) - {'hand-written', 'minifast'}:
+        p.error(f"--runners: give hand-written and/or minifast, got {','.join(a.runners) or 'nothing'}")
+    a.variants = [v.strip() for v in a.variants.split(',') if v.strip()]
+    if set(a.variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(set(a.variants) - set(VARIANTS))}; give some of {', '.join(VARIANTS)}")
+    if a.variants and 'minifast' not in a.runners:
+        p.error('--variants are variants of the minifast runner: include minifast in --runners')
     a.device = torch.device(a.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     return a
 
@@ -114,7 +138,7 @@ def crop_flip(x, pad=4):
     return torch.where(flip, out.flip(3), out)
 
 
-def hand_written(a, data, seed):
+def hand_written(a, data, seed, profile=None):
     dev, bf16 = a.device, not a.no_bf16
     xt, yt, xv, yv = (t.to(dev) for t in data)
     mean, std = (s.to(dev).view(1, 3, 1, 1) for s in stats(data[0]))
@@ -151,10 +175,7 @@ def hand_written(a, data, seed):
         model.load_state_dict(state)
         opt.zero_grad(set_to_none=True)
         sync(dev)
-    torch.manual_seed(seed)
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(a.epochs):
+    def epoch():
         model.train()
         perm = torch.randperm(len(xt), device=dev)
         tot = torch.zeros((), device=dev)
@@ -172,30 +193,104 @@ def hand_written(a, data, seed):
                 out = fwd(prep(xv[i:i + vbs]))
                 vloss += F.cross_entropy(out.float(), yv[i:i + vbs], reduction='sum')
                 correct += (out.argmax(1) == yv[i:i + vbs]).sum()
-        res = torch.stack([tot / steps, vloss / len(xv), correct / len(xv)]).tolist()  # the epoch's one host read
+        return torch.stack([tot / steps, vloss / len(xv), correct / len(xv)]).tolist()  # the epoch's one host read
+
+    torch.manual_seed(seed)
     sync(dev)
-    return time.perf_counter() - t0, {'train_loss': res[0], 'valid_loss': res[1], 'accuracy': res[2]}
+    t0, accs = time.perf_counter(), []
+    for _ in range(a.epochs):
+        res = epoch()
+        accs.append(res[2])
+    sync(dev)
+    t = time.perf_counter() - t0
+    if profile is not None:  # one more epoch, on a fresh one-epoch schedule
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.max_lr, total_steps=steps, pct_start=0.3, div_factor=25.,
+                                                    final_div_factor=1e4, base_momentum=0.85, max_momentum=0.95)
+        profile(epoch, 'hand-written')
+    return t, {'train_loss': res[0], 'valid_loss': res[1], 'accuracy': res[2]}, accs
 
 
 # ---- minifast ------------------------------------------------------------------------------------------------------
-def with_minifast(a, data, seed):
+VARIANTS = ('no-guard', 'one-group', 'no-pred')
+
+
+class _DropPred(Callback):
+    """The 'no-pred' variant: learn.pred is let go once the loss is computed (minifast keeps it for the step's
+    callbacks), so no output of a replayed CUDA graph is alive when the next step's forward replays it."""
+    order = 100
+
+    def after_loss(self, learn):
+        if learn.training:
+            learn.pred = None
+
+
+def with_minifast(a, data, seed, variant=None, profile=None):
     torch.manual_seed(seed)
     bunch = ImageDataBunch.from_tensors(*data, classes=[str(i) for i in range(a.classes)], tfms=cifar_transforms(),
                                         bs=a.bs, device=a.device).normalize(tuple(s.tolist() for s in stats(data[0])))
     torch.manual_seed(seed)
     model = cifar_resnet(a.depth, a.classes)
     learn = Learner(bunch, model, metrics=[accuracy], bf16=not a.no_bf16, device=a.device, silent=True,
-                    compile=compile_opts(a) if a.compile else False)
+                    compile=compile_opts(a) if a.compile else False, check_finite=variant != 'no-guard',
+                    layer_groups=[model] if variant == 'one-group' else None)
+    cbs = [_DropPred()] if variant == 'no-pred' else []
     if a.compile:
         learn.warmup()
     torch.manual_seed(seed)
     sync(a.device)
     t0 = time.perf_counter()
-    learn.fit_one_cycle(a.epochs, a.max_lr)
+    learn.fit_one_cycle(a.epochs, a.max_lr, callbacks=cbs)
     sync(a.device)
     t = time.perf_counter() - t0
     r = learn.recorder
-    return t, {'train_loss': r.train_losses[-1], 'valid_loss': r.val_losses[-1], 'accuracy': r.metrics[-1][0]}
+    if profile is not None:  # one more epoch of the warm learner
+        name = 'minifast' + (f'[{variant}]' if variant else '')
+        profile(lambda: learn.fit_one_cycle(1, a.max_lr, callbacks=cbs), name)
+    return t, {'train_loss': r.train_losses[-1], 'valid_loss': r.val_losses[-1], 'accuracy': r.metrics[-1][0]}, \
+        [float(m[0]) for m in r.metrics]
+
+
+class Profiles:
+    """--profile: runs a runner's extra epoch under torch.profiler and collects, per step, the wall time, the
+    kernel time and the host's kernel launches, graph launches and copies, plus its busiest ops."""
+
+    HOST_CALLS = ('cudaLaunchKernel', 'cudaGraphLaunch', 'cudaMemcpyAsync', 'aten::copy_', 'cudaStreamSynchronize',
+                  'cudaDeviceSynchronize', 'aten::_local_scalar_dense')
+    BY_SHAPE = ('aten::copy_', 'aten::_to_copy', 'aten::fill_', 'aten::mul', 'aten::add', 'aten::_foreach_copy_',
+                'aten::_foreach_add_', 'aten::_fused_adamw_', 'aten::index')  # which tensors the per-step copies move
+
+    def __init__(self, a):
+        self.a, self.summary, self.tables = a, [], []
+
+    def __call__(self, fn, name):
+        from torch.profiler import ProfilerActivity, profile
+        a = self.a
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.type == 'cuda' else [])
+        sync(a.device)
+        t0 = time.perf_counter()
+        with profile(activities=acts, record_shapes=True) as prof:
+            fn()
+            sync(a.device)
+        wall = time.perf_counter() - t0
+        steps = a.n_train // a.bs
+        ka = prof.key_averages()
+        kernel_us = sum(getattr(e, 'self_device_time_total', 0.) for e in ka
+                        if str(getattr(e, 'device_type', '')).endswith('CUDA'))  # kernels and device copies only
+        calls = {e.key: e.count for e in ka if e.key in self.HOST_CALLS}
+        per_step = '  '.join(f'{k} {calls.get(k, 0) / steps:.1f}' for k in self.HOST_CALLS)
+        self.summary.append(f'{name:24s} wall {wall / steps * 1e3:7.3f} ms/step  kernels '
+                            f'{kernel_us / 1e3 / steps:7.3f} ms/step  {per_step}')
+        by_shape = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key in self.BY_SHAPE),
+                          key=lambda e: -e.count)[:12]
+        self.tables.append(f'== {name}: busiest host ops (one epoch: {steps} steps + validation)\n'
+                           + ka.table(sort_by='self_cpu_time_total', row_limit=25) + '\n'
+                           + '\n'.join(f'{e.count / steps:8.2f}/step  {e.key}  {e.input_shapes}' for e in by_shape))
+
+    def write(self, path):
+        head = ['one extra epoch of each runner under torch.profiler (its overhead inflates the walls; compare '
+                'the runners), per training step:'] + self.summary
+        Path(path).write_text('\n'.join(head + [''] + self.tables))
+        print('\n'.join(head) + f'\n(tables in {path})', flush=True)
 
 
 # ---- (b) the plain fp32 loop over a torch DataLoader -------------------------------------------------------------
@@ -276,19 +371,25 @@ def main(argv=None):
           f'to make); ResNet-{a.depth}, bs {a.bs}, {a.epochs} epochs, bf16 {not a.no_bf16}, compile {a.compile}',
           flush=True)
     imgs = a.epochs * (a.n_train // a.bs) * a.bs
-    runs = {'hand-written': [], 'minifast': []}
-    fns = {'hand-written': hand_written, 'minifast': with_minifast}
+    fns = {k: v for k, v in (('hand-written', hand_written), ('minifast', with_minifast)) if k in a.runners}
+    for v in a.variants:
+        fns[f'minifast[{v}]'] = functools.partial(with_minifast, variant=v)
+    runs = {k: [] for k in fns}
+    profiles = Profiles(a) if a.profile else None
     for r in range(a.repeats):
         order = list(fns) if r % 2 == 0 else list(fns)[::-1]
         for name in order:
-            secs, res = fns[name](a, data, seed=r)
-            runs[name].append((secs, res))
-            print(f'  round {r} {name:13s} {secs:7.2f} s  {imgs / secs:9.0f} img/s  ' +
+            last = r == a.repeats - 1
+            secs, res, accs = fns[name](a, data, seed=r, profile=profiles if last else None)
+            runs[name].append((secs, res, accs))
+            print(f'  round {r} {name:20s} {secs:7.2f} s  {imgs / secs:9.0f} img/s  ' +
                   '  '.join(f'{k} {v:.4f}' for k, v in res.items()), flush=True)
+            print(f'  {"":21s}accuracy by epoch: ' + ' '.join(f'{v:.3f}' for v in accs), flush=True)
     out = {'env': env, 'args': {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(a).items()}}
-    best = {k: min(s for s, _ in v) for k, v in runs.items()}
+    best = {k: min(s for s, _, _ in v) for k, v in runs.items()}
     for k in runs:
-        out[k] = {'seconds': best[k], 'img_per_s': imgs / best[k], 'final': runs[k][-1][1]}
+        out[k] = {'seconds': best[k], 'img_per_s': imgs / best[k], 'final': runs[k][-1][1],
+                  'accuracy_by_epoch': runs[k][-1][2]}
     if a.baseline_epochs:
         secs, res = plain_fp32(a, data, seed=0)
         bimgs = a.baseline_epochs * (a.n_train // a.bs) * a.bs
@@ -296,20 +397,27 @@ def main(argv=None):
                              'seconds_for_epochs_estimate': secs * a.epochs / a.baseline_epochs}
         print(f'  plain fp32    {secs:7.2f} s for {a.baseline_epochs} epoch(s)  {bimgs / secs:9.0f} img/s  ' +
               '  '.join(f'{k} {v:.4f}' for k, v in res.items()), flush=True)
-    ratio = out['minifast']['img_per_s'] / out['hand-written']['img_per_s']
-    out['ratio_minifast_vs_hand_written'] = ratio
-    print(f'\n{"runner":14s} {"best s":>8s} {"img/s":>9s} {"vs hand":>8s}')
-    for k in ('hand-written', 'minifast', 'plain fp32'):
+    ref = 'hand-written' if 'hand-written' in out else 'minifast'
+    print(f'\n{"runner":20s} {"best s":>8s} {"img/s":>9s} {"vs " + ref.split("-")[0]:>9s}')
+    for k in [*fns, 'plain fp32']:
         if k in out:
             v = out[k]
             note = f'  ({v["epochs"]} epochs; {a.epochs} would take ~{v["seconds_for_epochs_estimate"]:.0f} s)' \
                 if k == 'plain fp32' else ''
-            print(f'{k:14s} {v["seconds"]:8.2f} {v["img_per_s"]:9.0f} '
-                  f'{v["img_per_s"] / out["hand-written"]["img_per_s"]:7.3f}x{note}')
-    print(f'RESULT minifast/hand-written = {ratio:.3f}x images/s (target >= 0.95x); minifast {a.epochs} epochs in '
-          f'{best["minifast"]:.1f} s (target < 60 s for 15 epochs on one H100)')
+            print(f'{k:20s} {v["seconds"]:8.2f} {v["img_per_s"]:9.0f} '
+                  f'{v["img_per_s"] / out[ref]["img_per_s"]:8.3f}x{note}')
+    if 'hand-written' in out and 'minifast' in out:
+        ratio = out['minifast']['img_per_s'] / out['hand-written']['img_per_s']
+        out['ratio_minifast_vs_hand_written'] = ratio
+        print(f'RESULT minifast/hand-written = {ratio:.3f}x images/s (target >= 0.97x); minifast {a.epochs} epochs '
+              f'in {best["minifast"]:.1f} s')
+    elif 'minifast' in out:
+        print(f'RESULT minifast {a.epochs} epochs in {best["minifast"]:.1f} s at bs {a.bs}, max_lr {a.max_lr:g}: '
+              f'final accuracy {out["minifast"]["final"]["accuracy"]:.4f}')
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
+    if profiles is not None:
+        profiles.write(a.profile)
     assert all(math.isfinite(v['final']['train_loss']) for k, v in out.items() if isinstance(v, dict) and 'final' in v)
     return out
 

@@ -878,26 +878,30 @@ def _run_steps(args, s, out, t_start, storage=None):
     """run's steps 1 to 7 and the report, in the run folder `out` (which this process holds); with --tracker, every
     run mirrored to the tracker and the report and plots logged to it at the end."""
     _remove_stale_tmp(out)
+    t = time.perf_counter()
     data, what = make_data(args, s)
     new_model = model_fn(s['arch'], data.c)
     make_learner = learner_factory(data, new_model, out, args.quiet)
     n_params = sum(p.numel() for p in new_model().parameters())
-    _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out}")
+    t_setup = time.perf_counter() - t
+    _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out} (made in "
+         f"{t_setup:.1f} s)")
     tracker = make_tracker(getattr(args, 'tracker', None), out, 'minifast smith')
     try:
-        return _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, storage)
+        return _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, storage, t_setup)
     finally:
         if tracker is not None:
             tracker.close()
 
 
-def _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, storage):
-    """_run_steps's steps, reporting to `tracker` (or None), the grids shared through `storage` (or None)."""
+def _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, storage, t_setup=0.):
+    """_run_steps's steps (after `t_setup` seconds of making the data and model), reporting to `tracker` (or None),
+    the grids shared through `storage` (or None)."""
     log = out / 'runs.jsonl'
     scale = {'tracker': tracker, 'storage': storage}
     if getattr(args, 'grid_worker', False):
         return _grid_worker(args, s, out, what, make_learner, log, scale)
-    times = {}  # step -> seconds this invocation spent on it, or None where it reused an earlier one's result
+    times = {'setup': t_setup}  # step -> seconds this invocation spent on it, or None where it reused a result
 
     t = time.perf_counter()
     step_data(data, out)
@@ -936,12 +940,13 @@ def _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, s
     _say(f"7/7 interpolation {_took(times['interpolation'], 'interpolation.json')}: "
          + next((ln for ln in interp.summary().splitlines() if ln.startswith('valid:')), ''))
 
+    t = time.perf_counter()
     write_report(out, dict(what=what, arch=s['arch'], n_params=n_params, bs=s['bs'], seed=args.seed,
                            device=data.device, grid_epochs=s['grid_epochs'], default_wd=make_learner().wd,
                            epochs=s['epochs'], num_it=s['num_it'], lr=lf, **grids, final=final, final_what=final_what,
                            interp=interp, snap=snap))
-    total = time.perf_counter() - t_start
-    _say(f'done in {total:.1f} s (this invocation: '
+    times['report'] = time.perf_counter() - t
+    _say(f'done in {time.perf_counter() - t_start:.1f} s (this invocation: '
          + ', '.join(f"{k} {'reused' if v is None else f'{v:.1f} s'}" for k, v in times.items())
          + f'); {trained} grid run(s) trained, {skipped_runs} skipped (reused from runs.jsonl)')
     if tracker is not None:

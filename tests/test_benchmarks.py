@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,29 @@ def test_gpu_resnet56_tiny_runs_all_three_runners(tmp_path, capsys):
     assert out['ratio_minifast_vs_hand_written'] == out['minifast']['img_per_s'] / out['hand-written']['img_per_s']
     assert json.loads((tmp_path / 'r.json').read_text())['env']['device']
     assert 'RESULT minifast/hand-written' in capsys.readouterr().out
+
+
+def test_gpu_resnet56_variants_and_profiles(tmp_path, capsys):
+    """The diagnostic variants run beside minifast and train the same model (same losses: the variants change how
+    the loop runs, not what it computes); --profile writes one summary line per runner."""
+    mod = _load('gpu_resnet56')
+    out = mod.main(['--tiny', '--baseline-epochs', '0', '--variants', 'no-guard,one-group,no-pred',
+                    '--profile', str(tmp_path / 'p.txt')])
+    names = ['hand-written', 'minifast', 'minifast[no-guard]', 'minifast[one-group]', 'minifast[no-pred]']
+    assert [k for k in out if k in names] == names
+    for v in names[2:]:
+        assert out[v]['final']['train_loss'] == pytest.approx(out['minifast']['final']['train_loss'], rel=1e-5)
+        assert out[v]['accuracy_by_epoch'] == pytest.approx(out['minifast']['accuracy_by_epoch'])
+    text = (tmp_path / 'p.txt').read_text()
+    for name in names:
+        assert re.search(rf'^{re.escape(name)} +wall +\d+\.\d+ ms/step', text, re.M), name
+    assert 'aten::copy_' in text
+    only = mod.main(['--tiny', '--baseline-epochs', '0', '--runners', 'minifast'])
+    assert 'hand-written' not in only and 'ratio_minifast_vs_hand_written' not in only
+    assert 'RESULT minifast 1 epochs in' in capsys.readouterr().out
+    for bad in (['--variants', 'fast'], ['--runners', 'hand-written', '--variants', 'no-guard']):
+        with pytest.raises(SystemExit):
+            mod.main(['--tiny', *bad])
 
 
 def test_crop_flip_is_a_per_sample_shifted_window():

@@ -410,8 +410,12 @@ def test_step_lines_say_what_took_how_long_and_what_was_reused(smith_run):
     for step in ('1/7 data', '2/7 LR range test', '7/7 interpolation'):
         assert re.search(rf'{step}.*took \d+\.\d s', first['out']), step
     assert not re.search(r'\d\.\d{3,} ?s\b', '\n'.join(lines))  # no 12.3456 s
-    assert re.search(r'smith: done in \d+\.\d s \(this invocation: data \d+\.\d s, LR range test \d+\.\d s',
-                     first['out'])
+    done = re.search(r'smith: done in (\d+\.\d) s \(this invocation: (setup \d+\.\d s, data \d+\.\d s, LR range '
+                     r'test \d+\.\d s, grids \d+\.\d s, final fit \d+\.\d s, interpolation \d+\.\d s, report '
+                     r'\d+\.\d s)\)', first['out'])
+    assert done, first['out']
+    parts = sum(float(x) for x in re.findall(r'(\d+\.\d) s', done[2]))  # the parts account for the whole time
+    assert float(done[1]) - 0.5 <= parts <= float(done[1]) + 0.1 * 7, (done[0], parts)
     for words in ('2/7 LR range test skipped (reused from lr_find.json)',
                   '6/7 final fit skipped (reused from runs.jsonl',
                   '7/7 interpolation skipped (reused from interpolation.json)',

@@ -884,8 +884,8 @@ def _run_steps(args, s, out, t_start, storage=None):
     make_learner = learner_factory(data, new_model, out, args.quiet)
     n_params = sum(p.numel() for p in new_model().parameters())
     t_setup = time.perf_counter() - t
-    _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out} (made in "
-         f"{t_setup:.1f} s)")
+    _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out} (data and "
+         f"model made in {t_setup:.1f} s)")
     tracker = make_tracker(getattr(args, 'tracker', None), out, 'minifast smith')
     try:
         return _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, storage, t_setup)

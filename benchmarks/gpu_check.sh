@@ -7,8 +7,9 @@
 #                                                        # and a profile of each runner (about 6 minutes on an H200)
 #   bash benchmarks/gpu_check.sh bigbatch OUT [SECONDS]  # minifast alone at bs 512 and 1024 (lr x sqrt of the batch
 #                                                        # ratio): the 15-epochs-in-15-s target (about 3 minutes)
-#   bash benchmarks/gpu_check.sh smith OUT [SECONDS]     # the CUDA tests, and beside them `minifast smith` with
-#                                                        # ResNet-56 on a CIFAR-sized generated set (about 6 minutes)
+#   bash benchmarks/gpu_check.sh smith OUT [SECONDS]     # the CUDA tests, then `minifast smith --compile` with
+#                                                        # ResNet-56 on a CIFAR-sized generated set (SMITH_FLAGS=
+#                                                        # replaces --compile; eagerly it took 334 s on an H200)
 #
 # Needs fastprogress: with no package index there, carry its wheel and put it on PYTHONPATH first.
 set -u
@@ -59,16 +60,13 @@ case $what in
 ratio) run_ratio ;;
 bigbatch) run_bigbatch ;;
 smith)
-    timeout -k 5 "$(left)" $py -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_augment.py \
-        tests/test_fastpath.py tests/test_mixup.py >"$OUT/tests.log" 2>&1 &
-    tests=$!
+    stage tests 150 $py -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_augment.py \
+        tests/test_fastpath.py tests/test_mixup.py
+    tail -n 3 "$OUT/tests.log"
     stage smith 9999 $py -m minifast smith --arch resnet56 --n-train 50000 --n-valid 10000 --bs 256 --epochs 15 \
-        --quiet --out /tmp/smith_run
+        --quiet --out /tmp/smith_run ${SMITH_FLAGS---compile}
     grep -E '^smith:' "$OUT/smith.log"
     cp /tmp/smith_run/report.md "$OUT/smith_report.md" 2>/dev/null
-    wait $tests
-    echo "== tests: exit $?"
-    tail -n 15 "$OUT/tests.log"
     ;;
 *)
     echo "unknown check $what (give ratio, bigbatch or smith)" >&2

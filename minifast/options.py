@@ -39,6 +39,10 @@ def add_arguments(p):
     p.add_argument('--quiet', action='store_true', help='no progress bars or epoch tables (step lines still print)')
     p.add_argument('--quick', action='store_true',
                    help='tiny sizes, for tests and a first look (seconds on a 2-core CPU)')
+    p.add_argument('--compile', action='store_true',
+                   help="train with torch.compile, on a GPU with CUDA graphs ('reduce-overhead') and in bf16: compiled "
+                        "once (about a minute for a ResNet-56), then every run of the workflow reuses it. For a GPU; "
+                        "its runs are recorded apart from those without it")
     _add_scale(p, 'every run of the workflow')
     p.add_argument('--grid-worker', action='store_true',
                    help='with --storage: only help with the grids of steps 3 to 5 (run them, then exit); start it '

@@ -881,11 +881,11 @@ def _run_steps(args, s, out, t_start, storage=None):
     t = time.perf_counter()
     data, what = make_data(args, s)
     new_model = model_fn(s['arch'], data.c)
-    make_learner = learner_factory(data, new_model, out, args.quiet)
+    make_learner = learner_factory(data, new_model, out, args.quiet, getattr(args, 'compile', False))
     n_params = sum(p.numel() for p in new_model().parameters())
     t_setup = time.perf_counter() - t
-    _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}; run folder {out} (data and "
-         f"model made in {t_setup:.1f} s)")
+    _say(f"{what}; {s['arch']} ({n_params:,} parameters), bs {s['bs']}, {data.device}{_compiled(make_learner)}; run "
+         f"folder {out} (data and model made in {t_setup:.1f} s)")
     tracker = make_tracker(getattr(args, 'tracker', None), out, 'minifast smith')
     try:
         return _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, storage, t_setup)
@@ -941,10 +941,10 @@ def _steps(args, s, out, t_start, data, what, make_learner, n_params, tracker, s
          + next((ln for ln in interp.summary().splitlines() if ln.startswith('valid:')), ''))
 
     t = time.perf_counter()
-    write_report(out, dict(what=what, arch=s['arch'], n_params=n_params, bs=s['bs'], seed=args.seed,
-                           device=data.device, grid_epochs=s['grid_epochs'], default_wd=make_learner().wd,
-                           epochs=s['epochs'], num_it=s['num_it'], lr=lf, **grids, final=final, final_what=final_what,
-                           interp=interp, snap=snap))
+    write_report(out, dict(what=what, arch=s['arch'], n_params=n_params, bs=s['bs'], seed=args.seed, lr=lf,
+                           device=f'{data.device}{_compiled(make_learner)}', grid_epochs=s['grid_epochs'], **grids,
+                           default_wd=make_learner().wd, epochs=s['epochs'], num_it=s['num_it'], final=final,
+                           final_what=final_what, interp=interp, snap=snap))
     times['report'] = time.perf_counter() - t
     _say(f'done in {time.perf_counter() - t_start:.1f} s (this invocation: '
          + ', '.join(f"{k} {'reused' if v is None else f'{v:.1f} s'}" for k, v in times.items())
@@ -961,21 +961,34 @@ def _took(seconds, cache):
     return f'skipped (reused from {cache})' if seconds is None else f'took {seconds:.1f} s'
 
 
-def learner_factory(data, new_model, out, quiet):
+def learner_factory(data, new_model, out, quiet, compile=False):
     """make_learner() for every step: a fresh Learner on `data` (or the `data=` given, e.g. a cross-validation fold)
-    with a new new_model() and the workflow's metrics."""
+    with a new new_model() and the workflow's metrics. `compile`: torch.compile, with CUDA graphs and bf16 on a GPU;
+    the learners' models are new objects of one architecture, so dynamo compiles the first and reuses that code."""
     cpu = torch.device(data.device).type == 'cpu' if hasattr(data, 'device') else not torch.cuda.is_available()
+    fast = {'compile': True if cpu else 'reduce-overhead', 'bf16': not cpu} if compile else {}
 
     def make_learner(data=data):  # channels_last: also on CPU (faster conv kernels there); on CUDA the default
         return Learner(data, new_model(), metrics=metrics_for(data.c), path=out, silent=quiet,
-                       channels_last=True if cpu else None)
+                       channels_last=True if cpu else None, **fast)
+    make_learner.fast = fast
     return make_learner
+
+
+def _compiled(make_learner):
+    """', compiled (...)' when make_learner's learners compile, else ''."""
+    fast = getattr(make_learner, 'fast', {})
+    if not fast:
+        return ''
+    return ', compiled' + (' with CUDA graphs, bf16' if fast['compile'] == 'reduce-overhead' else '')
 
 
 def _set_tag(args, s, what):
     """TAG: what make_learner builds (data, model, batch size, image size)."""
     TAG.clear()
     TAG.update({'data': what, 'arch': s['arch'], 'bs': s['bs'], 'size': getattr(args, 'size', None)})
+    if getattr(args, 'compile', False):  # bf16 on a GPU trains other numbers: its runs are not the fp32 ones
+        TAG['compile'] = True
 
 
 def _grid_worker(args, s, out, what, make_learner, log, scale):

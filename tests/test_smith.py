@@ -447,6 +447,44 @@ def test_smith_workflow_metrics_leave_out_top_k_with_few_classes(tmp_path):
         == ['accuracy', 'top_k_accuracy']
 
 
+def test_smith_compile_builds_compiled_learners_and_keeps_its_runs_apart(tmp_path):
+    data = make_data()
+    plain, fast = (smith.learner_factory(data, make_mlp, tmp_path, True, compile=c) for c in (False, True))
+    assert plain().compile is False and plain().stepper.precision == 'fp32'
+    assert fast().compile is True and fast().stepper.precision == 'fp32'  # on CPU: no CUDA graphs, no bf16
+    assert smith._compiled(plain) == '' and smith._compiled(fast) == ', compiled'
+    tags = []
+    for compile in (False, True):
+        smith._set_tag(_args(tmp_path, compile=compile), {'arch': 'resnet8', 'bs': 32}, 'data')
+        tags.append(dict(smith.TAG))
+    assert tags[0] == {'data': 'data', 'arch': 'resnet8', 'bs': 32, 'size': 32}  # the keys of runs made without it
+    assert tags[1] == {**tags[0], 'compile': True}  # bf16 on a GPU trains other numbers: not reused across
+
+
+def test_smith_compile_compiles_once_for_every_run(tmp_path, monkeypatch):
+    """`smith --compile` makes a new model for every run (17 in --quick); dynamo compiles the first model's
+    training and validation forwards and every later model of the architecture reuses them."""
+    import torch
+    from torch._dynamo.utils import counters
+    made = []
+    real = smith.Learner
+
+    def counting(*a, **kw):
+        made.append(kw.get('compile'))
+        return real(*a, **kw)
+    monkeypatch.setattr(smith, 'Learner', counting)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert smith.run(_args(tmp_path, compile=True)) == 0
+        graphs = counters['stats']['unique_graphs']
+    finally:
+        torch._dynamo.reset()
+    assert len(made) >= 10 and set(made) == {True}
+    assert 1 <= graphs <= 3, graphs  # training and validation graphs, not one per run
+    assert 'device cpu, compiled;' in (tmp_path / 'report.md').read_text()
+
+
 # ---- data errors: one line naming the problem, with a fix that exists on the command line ------------------------
 def _smith_exit(tmp_path, *flags):
     with pytest.raises(SystemExit) as e:

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,19 +30,26 @@ def ddp(tmp_path_factory):
     """Run tests/ddp_worker.py on 2 processes once for the whole module; (rank 0's result, rank 1's, the folder)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip('torch.distributed with gloo is not available')
-    out = tmp_path_factory.mktemp('ddp')
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
                                                           'MASTER_PORT', 'MINIFAST_DISTRIBUTED')}
     env.update(OMP_NUM_THREADS='1', MPLBACKEND='Agg', CUDA_VISIBLE_DEVICES='', MINIFAST_DIST_TIMEOUT='1',
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get('PYTHONPATH')])]))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           str(HERE / 'ddp_worker.py'), str(out)]
-    try:
-        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b'')[-4000:]
-        pytest.fail(f'torchrun did not finish in {e.timeout}s; stderr tail:\n'
-                    f'{tail.decode(errors="replace") if isinstance(tail, bytes) else tail}')
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp('ddp')  # a fresh folder: the worker resumes from what it finds
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               str(HERE / 'ddp_worker.py'), str(out)]
+        try:
+            p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stderr or b'')[-4000:]
+            pytest.fail(f'torchrun did not finish in {e.timeout}s; stderr tail:\n'
+                        f'{tail.decode(errors="replace") if isinstance(tail, bytes) else tail}')
+        # once in many runs (2026-12-04, not reproduced in 6 more) a gloo rank aborted in C++ with this and nothing
+        # from Python; that one case gets a second launch, named in a warning, and everything else fails at once
+        if p.returncode == 0 or attempt == 2 or 'terminate called without an active exception' not in p.stderr:
+            break
+        warnings.warn(f'torchrun: a rank aborted in C++ (terminate called without an active exception); launched '
+                      f'again. stderr tail:\n{p.stderr[-1500:]}')
     if p.returncode != 0:
         pytest.fail(f'torchrun exited with {p.returncode}; stderr tail:\n{p.stderr[-6000:]}\nstdout tail:\n'
                     f'{p.stdout[-2000:]}')

@@ -138,6 +138,13 @@ def crop_flip(x, pad=4):
     return torch.where(flip, out.flip(3), out)
 
 
+def one_cycle(opt, a, total_steps):
+    """torch's OneCycleLR with fit_one_cycle's defaults (div 25, pct_start 0.3, final div 1e4, momentum 0.95 ->
+    0.85) at a.max_lr: the schedule of the runners that are not minifast."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, a.max_lr, total_steps=total_steps, pct_start=0.3, div_factor=25.,
+                                               final_div_factor=1e4, base_momentum=0.85, max_momentum=0.95)
+
+
 def hand_written(a, data, seed, profile=None):
     dev, bf16 = a.device, not a.no_bf16
     xt, yt, xv, yv = (t.to(dev) for t in data)
@@ -147,9 +154,7 @@ def hand_written(a, data, seed, profile=None):
     opt = torch.optim.AdamW(model.parameters(), lr=a.max_lr, betas=(0.95, 0.99), weight_decay=1e-2,
                             **({'fused': True} if dev.type == 'cuda' else {}))
     steps = a.n_train // a.bs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.max_lr, total_steps=a.epochs * steps, pct_start=0.3,
-                                                div_factor=25., final_div_factor=1e4, base_momentum=0.85,
-                                                max_momentum=0.95)
+    sched = one_cycle(opt, a, a.epochs * steps)
     opts = compile_opts(a)
     fwd = model if opts is None else torch.compile(model, **opts)
 
@@ -204,8 +209,7 @@ def hand_written(a, data, seed, profile=None):
     sync(dev)
     t = time.perf_counter() - t0
     if profile is not None:  # one more epoch, on a fresh one-epoch schedule
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.max_lr, total_steps=steps, pct_start=0.3, div_factor=25.,
-                                                    final_div_factor=1e4, base_momentum=0.85, max_momentum=0.95)
+        sched = one_cycle(opt, a, steps)
         profile(epoch, 'hand-written')
     return t, {'train_loss': res[0], 'valid_loss': res[1], 'accuracy': res[2]}, accs
 
@@ -318,9 +322,7 @@ def plain_fp32(a, data, seed):
     torch.manual_seed(seed)
     model = cifar_resnet(a.depth, a.classes).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.max_lr, betas=(0.95, 0.99), weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.max_lr, total_steps=a.baseline_epochs * len(train),
-                                                pct_start=0.3, div_factor=25., final_div_factor=1e4,
-                                                base_momentum=0.85, max_momentum=0.95)
+    sched = one_cycle(opt, a, a.baseline_epochs * len(train))
     sync(dev)
     t0 = time.perf_counter()
     for _ in range(a.baseline_epochs):
